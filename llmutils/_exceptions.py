@@ -1,0 +1,119 @@
+"""Every exception llmutils raises, under one base class.
+
+The tree::
+
+    LLMUtilsError
+    ├── ConfigError (ValueError)            a bad config key, value or file
+    ├── InvalidRequestError (ValueError)    a request that can never succeed; never retried
+    │   ├── AuthenticationError             HTTP 401/403, or no key configured
+    │   ├── ContentFilterError              the provider's content filter refused the request
+    │   ├── QuotaExceededError              HTTP 429 with code ``insufficient_quota``
+    │   └── CacheMissError                  replay mode and the answer is not in the cache
+    ├── NonTerminalError                    a failure that a retry may fix (429, 408, 409, 5xx,
+    │   │                                   timeouts, connection errors, a 200 that is not JSON)
+    │   └── RateLimitError                  HTTP 429
+    ├── RetriesExhaustedError               every attempt failed; ``attempts`` and the last
+    │   │                                   error (``__cause__``) tell why
+    │   └── TotalTimeoutError               the ``total_timeout`` bound ran out first
+    ├── TemplateError                       a prompt template is missing, broken or under-filled
+    └── OutputParseError (ValueError)       a model answer could not be coerced to ``output_type``
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LLMUtilsError",
+    "ConfigError",
+    "InvalidRequestError",
+    "AuthenticationError",
+    "ContentFilterError",
+    "QuotaExceededError",
+    "CacheMissError",
+    "NonTerminalError",
+    "RateLimitError",
+    "RetriesExhaustedError",
+    "TotalTimeoutError",
+    "TemplateError",
+    "OutputParseError",
+]
+
+
+class LLMUtilsError(Exception):
+    """Base class of every error llmutils raises.
+
+    ``status_code`` and ``request_id`` are set when an HTTP response caused the error;
+    ``attempts`` is the number of HTTP attempts made when the error was raised.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.request_id = request_id
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(LLMUtilsError, ValueError):
+    """A configuration key, value or file is wrong."""
+
+
+class InvalidRequestError(LLMUtilsError, ValueError):
+    """The request can never succeed as sent (bad input, HTTP 400/404/422); it is not retried."""
+
+
+class AuthenticationError(InvalidRequestError):
+    """The endpoint rejected the credentials (HTTP 401/403), or none were configured."""
+
+
+class ContentFilterError(InvalidRequestError):
+    """The provider's content filter refused the prompt or the answer."""
+
+
+class QuotaExceededError(InvalidRequestError):
+    """HTTP 429 with ``insufficient_quota``: the account is out of credit, so waiting cannot help."""
+
+
+class CacheMissError(InvalidRequestError):
+    """The cache is in replay mode and holds no answer for this request; nothing was sent."""
+
+
+class NonTerminalError(LLMUtilsError):
+    """A failure that may pass if the request is tried again (429, 408, 409, 5xx, timeouts)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **context: object) -> None:
+        super().__init__(message, **context)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class RateLimitError(NonTerminalError):
+    """HTTP 429: the provider asks the client to slow down."""
+
+
+class RetriesExhaustedError(LLMUtilsError):
+    """Every attempt failed with a retryable error; the last one is chained as ``__cause__``."""
+
+
+class TotalTimeoutError(RetriesExhaustedError):
+    """The ``total_timeout`` of one call ran out before an attempt succeeded."""
+
+
+class TemplateError(LLMUtilsError):
+    """A prompt template could not be found, parsed or rendered."""
+
+
+class OutputParseError(LLMUtilsError, ValueError):
+    """A model's answer could not be coerced to the requested ``output_type``; ``raw`` holds it."""
+
+    def __init__(self, message: str, *, raw: str | None = None) -> None:
+        super().__init__(message)
+        self.raw = raw
