@@ -1,5 +1,19 @@
-"""llmutils: a synchronous, thread-safe client library for the OpenAI and Azure OpenAI APIs."""
+"""llmutils: a synchronous, thread-safe client library for the OpenAI and Azure OpenAI APIs.
 
+>>> import llmutils
+>>> llmutils.force_api_type("mock")        # offline; "openai" (default) or "azure" for real calls
+>>> llmutils.client().send_message([{"role": "user", "content": "Hello"}])
+{'role': 'assistant', 'content': 'echo: Hello'}
+
+Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
+"""
+
+from ._clients import AzureClient as AzureClient
+from ._clients import MockClient as MockClient
+from ._clients import OpenAIClient as OpenAIClient
+from ._config import DEFAULTS as DEFAULTS
+from ._config import force_default_value as force_default_value
+from ._config import override_defaults as override_defaults
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import CacheMissError as CacheMissError
 from ._exceptions import ConfigError as ConfigError
@@ -13,5 +27,39 @@ from ._exceptions import RateLimitError as RateLimitError
 from ._exceptions import RetriesExhaustedError as RetriesExhaustedError
 from ._exceptions import TemplateError as TemplateError
 from ._exceptions import TotalTimeoutError as TotalTimeoutError
+from ._registry import client as client
+from ._registry import force_api_cache as force_api_cache
+from ._registry import force_api_type as force_api_type
+from ._registry import register_client as register_client
+from ._registry import registered_api_types as registered_api_types
+from ._retry import RetryPolicy as RetryPolicy
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "AzureClient",
+    "CacheMissError",
+    "ConfigError",
+    "ContentFilterError",
+    "DEFAULTS",
+    "InvalidRequestError",
+    "LLMUtilsError",
+    "MockClient",
+    "NonTerminalError",
+    "OpenAIClient",
+    "OutputParseError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "RetriesExhaustedError",
+    "RetryPolicy",
+    "TemplateError",
+    "TotalTimeoutError",
+    "client",
+    "force_api_cache",
+    "force_api_type",
+    "force_default_value",
+    "override_defaults",
+    "register_client",
+    "registered_api_types",
+]

@@ -1,0 +1,687 @@
+"""The client family: :class:`OpenAIClient`, :class:`AzureClient` and the offline :class:`MockClient`.
+
+One client is meant to be shared by every thread of a process. Each call resolves its settings
+(config file, environment, forced values, context overrides, call arguments), looks in the cache,
+and otherwise sends the request through the SDK with the retry policy. The SDK (and its connection
+pool) is created once per client, on first use, and again in a child after ``os.fork``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+from email.utils import parsedate_to_datetime
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._config import api_key_from_env, resolve, validate
+from ._exceptions import (
+    AuthenticationError,
+    CacheMissError,
+    ConfigError,
+    ContentFilterError,
+    InvalidRequestError,
+    LLMUtilsError,
+    NonTerminalError,
+    QuotaExceededError,
+    RateLimitError,
+)
+from ._retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from ._cache import CacheStats, SQLiteCache
+
+__all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message"]
+
+logger = logging.getLogger("llmutils")
+
+Message = dict[str, Any]
+
+# Parameters that change the answer of a chat call. Anything else the caller passes through
+# (**more) changes it too; only these transport settings are left out of the cache key.
+_TRANSPORT_PARAMS = frozenset({"timeout", "total_timeout", "max_attempts", "waiting_time", "exponential_backoff_factor"})
+# Parameters reasoning models (o1, o3, o4, gpt-5) reject.
+_SAMPLING_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "max_tokens")
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)(?!.*-chat)", re.IGNORECASE)
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+def is_reasoning_model(model: str, configured: str | None = None) -> bool:
+    """Whether ``model`` takes reasoning parameters (o1/o3/o4/gpt-5 families, or the configured one)."""
+    return model == configured or bool(_REASONING_MODEL.match(model))
+
+
+def _check_messages(messages: Any) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError(
+            f"messages must be a non-empty list of dicts like {{'role': 'user', 'content': '...'}}, "
+            f"got {type(messages).__name__}"
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise InvalidRequestError(f"messages[{i}] has no 'role' (a string such as 'user'): {message!r:.80}")
+    return messages
+
+
+def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise InvalidRequestError(f"{name} must be {expected}, got {value!r:.60}")
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``), if it did."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    seconds = headers.get("retry-after")
+    if seconds:
+        try:
+            return float(seconds)
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(seconds).timestamp() - time.time())
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+class OpenAIClient:
+    """A thread-safe client for the OpenAI API or any OpenAI-compatible endpoint.
+
+    >>> client = OpenAIClient()                      # key from OPENAI_API_KEY
+    >>> client.send_message([{"role": "user", "content": "Hello"}], temperature=0)
+    {'role': 'assistant', 'content': 'Hi! How can I help?'}
+    >>> local = OpenAIClient(base_url="http://localhost:11434/v1", model="llama3.2")  # Ollama
+
+    Constructor arguments apply to this client above config files, the environment and forced or
+    context defaults; per-call arguments apply above them. ``retry`` injects a whole
+    :class:`RetryPolicy`; ``sleep`` only replaces how it waits (tests record the waits).
+    """
+
+    api_type = "openai"
+    _key_env_vars: tuple[str, ...] = ("OPENAI_API_KEY",)
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        organization: str | None = None,
+        model: str | None = None,
+        embedding_model: str | None = None,
+        cache_api_calls: bool | None = None,
+        cache_file_name: str | os.PathLike[str] | None = None,
+        cache_mode: str | None = None,
+        cache_ttl: float | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] | None = None,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._organization = organization
+        self._default_headers = dict(default_headers or {})
+        self._retry = retry
+        self._sleep = sleep
+        given = {}
+        for name, value in (
+            ("BASE_URL", base_url),
+            ("MODEL", model),
+            ("EMBEDDING_MODEL", embedding_model),
+            ("CACHE_API_CALLS", cache_api_calls),
+            ("CACHE_FILE_NAME", os.fspath(cache_file_name) if cache_file_name is not None else None),
+            ("CACHE_MODE", cache_mode),
+            ("CACHE_TTL", cache_ttl),
+        ):
+            if value is not None:
+                given[name] = value
+        self._client_settings = validate(given, f"{type(self).__name__}()")
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._sdk_clients: dict[tuple[Any, ...], Any] = {}
+        self._caches: dict[tuple[str, str, float | None], SQLiteCache] = {}
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def set_api_cache(self, cache_api_calls: bool, cache_file_name: str | os.PathLike[str] | None = None) -> None:
+        """Turn this client's cache on or off (and choose its file), as the old module did."""
+        values: dict[str, Any] = {"CACHE_API_CALLS": bool(cache_api_calls)}
+        if cache_file_name is not None:
+            values["CACHE_FILE_NAME"] = os.fspath(cache_file_name)
+        self._client_settings = {**self._client_settings, **validate(values, "set_api_cache()")}
+
+    def settings(self) -> dict[str, Any]:
+        """The settings this client would use for a call made now (no per-call arguments)."""
+        return resolve(self._client_settings)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} endpoint={self._endpoint(self.settings())!r}>"
+
+    # -- the public calls ----------------------------------------------------------------------
+
+    def send_message(
+        self,
+        messages: list[Message],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        top_p: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        waiting_time: float | None = None,
+        exponential_backoff_factor: float | None = None,
+        n: int = 1,
+        *,
+        total_timeout: float | None = None,
+        **more: Any,
+    ) -> Message | list[Message]:
+        """Send a chat request and return the assistant message as a plain dict.
+
+        With ``n > 1`` the result is a list of ``n`` message dicts, in choice order. ``**more`` is
+        passed to the API as is (``response_format``, ``seed``, ``tools``, ``tool_choice``,
+        ``max_completion_tokens``, ``reasoning_effort``, ...). Unset arguments come from the
+        configuration. Raises an :class:`LLMUtilsError` subclass on failure, never returns None.
+        """
+        _check_messages(messages)
+        for name, value, kinds in (
+            ("model", model, (str,)),
+            ("temperature", temperature, (int, float)),
+            ("max_tokens", max_tokens, (int,)),
+            ("top_p", top_p, (int, float)),
+            ("frequency_penalty", frequency_penalty, (int, float)),
+            ("presence_penalty", presence_penalty, (int, float)),
+            ("stop", stop, (str, list)),
+            ("timeout", timeout, (int, float)),
+            ("total_timeout", total_timeout, (int, float)),
+            ("max_attempts", max_attempts, (int,)),
+            ("n", n, (int,)),
+        ):
+            _check_type(name, value, kinds)
+        if n < 1:
+            raise InvalidRequestError(f"n must be >= 1, got {n}")
+        if more.get("stream"):
+            raise InvalidRequestError("stream=True is not supported by send_message; it returns whole answers")
+        settings = self.settings()
+        model = model or settings["MODEL"]
+        params: dict[str, Any] = {"model": model, "messages": messages}
+        if is_reasoning_model(model, settings["REASONING_MODEL"]):
+            budget = more.pop("max_completion_tokens", None) or max_tokens or settings["MAX_COMPLETION_TOKENS"]
+            if budget is not None:
+                params["max_completion_tokens"] = budget
+            effort = more.pop("reasoning_effort", None) or settings["REASONING_EFFORT"]
+            if effort is not None:
+                params["reasoning_effort"] = effort
+            given = (temperature, top_p, frequency_penalty, presence_penalty)
+            ignored = [name for name, value in zip(_SAMPLING_PARAMS, given) if value is not None]
+            if ignored:
+                logger.debug("llmutils: %s is a reasoning model; not sending %s", model, ", ".join(ignored))
+        else:
+            for name, value, key in (
+                ("temperature", temperature, "TEMPERATURE"),
+                ("top_p", top_p, "TOP_P"),
+                ("frequency_penalty", frequency_penalty, "FREQ_PENALTY"),
+                ("presence_penalty", presence_penalty, "PRESENCE_PENALTY"),
+            ):
+                value = settings[key] if value is None else value
+                if value is not None:
+                    params[name] = value
+            if "max_completion_tokens" not in more:
+                budget = settings["MAX_TOKENS"] if max_tokens is None else max_tokens
+                if budget is not None:
+                    params["max_tokens"] = budget
+        if stop is not None:
+            params["stop"] = stop
+        if n != 1:
+            params["n"] = n
+        params.update(more)
+        policy = self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        response = self._cached_call("chat", params, settings, policy, timeout_s, self._chat_completion)
+        return _extract_messages(response, n)
+
+    def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
+        """Return the embedding vector of ``text`` (cached like chat calls when the cache is on)."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"text must be a str, got {type(text).__name__}; use get_embeddings() for a list")
+        return self.get_embeddings([text], model=model, **more)[0]
+
+    def get_embeddings(self, texts: Sequence[str], model: str | None = None, **more: Any) -> list[list[float]]:
+        """Return one embedding vector per text, in order, in one request."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not texts:
+            raise InvalidRequestError("texts must be a non-empty list of str")
+        _check_type("model", model, (str,))
+        timeout = more.pop("timeout", None)
+        total_timeout = more.pop("total_timeout", None)
+        max_attempts = more.pop("max_attempts", None)
+        settings = self.settings()
+        params: dict[str, Any] = {"model": model or settings["EMBEDDING_MODEL"], "input": list(texts), **more}
+        params.setdefault("encoding_format", "float")
+        policy = self._policy(settings, timeout, total_timeout, max_attempts, None, None)
+        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        response = self._cached_call("embedding", params, settings, policy, timeout_s, self._embedding)
+        data = sorted(response.get("data") or [], key=lambda item: item.get("index", 0))
+        if len(data) != len(texts):
+            raise NonTerminalError(f"expected {len(texts)} embeddings, the response has {len(data)}")
+        return [item["embedding"] for item in data]
+
+    # -- cache ---------------------------------------------------------------------------------
+
+    def cache_stats(self) -> CacheStats:
+        """Hits, misses, writes and errors of this client's cache so far (all zero when off)."""
+        from ._cache import CacheStats
+
+        total = CacheStats()
+        with self._lock:
+            caches = list(self._caches.values())
+        for cache in caches:
+            stats = cache.stats()
+            total = CacheStats(
+                hits=total.hits + stats.hits,
+                misses=total.misses + stats.misses,
+                writes=total.writes + stats.writes,
+                errors=total.errors + stats.errors,
+            )
+        return total
+
+    def _cache(self, settings: Mapping[str, Any]) -> SQLiteCache | None:
+        if not settings["CACHE_API_CALLS"] or settings["CACHE_MODE"] == "off":
+            return None
+        key = (os.path.abspath(settings["CACHE_FILE_NAME"]), settings["CACHE_MODE"], settings["CACHE_TTL"])
+        cache = self._caches.get(key)
+        if cache is None:
+            from ._cache import SQLiteCache
+
+            with self._lock:
+                cache = self._caches.get(key)
+                if cache is None:
+                    cache = SQLiteCache(key[0], mode=key[1], ttl=key[2])
+                    self._caches[key] = cache
+        return cache
+
+    def _cache_key(self, kind: str, params: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+        from ._cache import make_key
+
+        payload = {"kind": kind, "api": self.api_type, "endpoint": self._endpoint(settings), "params": params}
+        try:
+            return make_key(payload)
+        except TypeError as exc:
+            raise InvalidRequestError(f"request parameters must be JSON values to be cached: {exc}") from None
+
+    def _cached_call(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        settings: Mapping[str, Any],
+        policy: RetryPolicy,
+        timeout: float,
+        send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any]:
+        cache = self._cache(settings)
+        key = None
+        if cache is not None:
+            key = self._cache_key(kind, params, settings)
+            hit = cache.get(key)
+            if hit is not None:
+                logger.debug("llmutils: cache hit for %s %s", kind, params.get("model"))
+                return hit
+            if cache.mode == "replay" and not cache.disabled:
+                raise CacheMissError(
+                    f"replay mode: no cached answer in {cache.path} for this {kind} request to "
+                    f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
+                )
+
+        def attempt(time_left: float | None) -> dict[str, Any]:
+            limit = timeout if time_left is None else max(0.001, min(timeout, time_left))
+            return send(params, limit, settings)
+
+        response = policy.call(attempt)
+        if cache is not None and key is not None:
+            cache.set(key, response)
+        return response
+
+    def _policy(
+        self,
+        settings: Mapping[str, Any],
+        timeout: float | None,
+        total_timeout: float | None,
+        max_attempts: int | None,
+        waiting_time: float | None,
+        backoff: float | None,
+    ) -> RetryPolicy:
+        base = self._retry or RetryPolicy(
+            max_attempts=settings["MAX_ATTEMPTS"],
+            waiting_time=settings["WAITING_TIME"],
+            backoff_factor=settings["EXPONENTIAL_BACKOFF_FACTOR"],
+            max_wait=settings["MAX_WAIT"],
+            total_timeout=settings["TOTAL_TIMEOUT"],
+        )
+        return base.with_values(
+            max_attempts=max_attempts,
+            waiting_time=waiting_time,
+            backoff_factor=backoff,
+            total_timeout=total_timeout,
+            sleep=self._sleep,
+        )
+
+    # -- transport (overridden by subclasses) --------------------------------------------------
+
+    def _endpoint(self, settings: Mapping[str, Any]) -> str:
+        """The endpoint identity: part of the cache key, and named in errors."""
+        return settings["BASE_URL"] or "https://api.openai.com/v1"
+
+    def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """The SDK's credential arguments and a description of where they came from (never the key)."""
+        if self._api_key:
+            return {"api_key": self._api_key}, "the api_key argument"
+        key, var = api_key_from_env(self._key_env_vars)
+        if key:
+            return {"api_key": key}, f"the {var} environment variable"
+        if settings["BASE_URL"]:
+            return {"api_key": "unused"}, "no key (none is needed by many local servers)"
+        raise AuthenticationError(
+            "No OpenAI API key found: set the OPENAI_API_KEY environment variable, pass "
+            "api_key=..., or use API_TYPE=mock to work offline."
+        )
+
+    def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
+        import openai
+
+        return openai.OpenAI(
+            base_url=settings["BASE_URL"],
+            organization=self._organization,
+            max_retries=0,
+            default_headers=self._default_headers or None,
+            **credentials,
+        )
+
+    def _sdk(self, settings: Mapping[str, Any]) -> tuple[Any, str]:
+        """The SDK client for these settings, created once (and again in a forked child)."""
+        credentials, source = self._credentials(settings)
+        identity = (self._endpoint(settings), settings["AZURE_API_VERSION"], *sorted(credentials.items(), key=lambda kv: kv[0]))
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._sdk_clients = {}  # the parent's connections are not ours to use or close
+                    self._caches = {}
+                    self._pid = os.getpid()
+        sdk = self._sdk_clients.get(identity)
+        if sdk is None:
+            with self._lock:
+                sdk = self._sdk_clients.get(identity)
+                if sdk is None:
+                    sdk = self._new_sdk_client(settings, credentials)
+                    self._sdk_clients[identity] = sdk
+        return sdk, source
+
+    def _request(self, create: Callable[..., Any], params: Mapping[str, Any], timeout: float, source: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Send through the SDK's raw-response API and return the decoded JSON body."""
+        import openai
+
+        try:
+            raw = create(**params, timeout=timeout)
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, source, settings) from exc
+        except openai.APITimeoutError as exc:
+            raise NonTerminalError(f"request timed out after {timeout:g}s ({self._endpoint(settings)})") from exc
+        except openai.APIConnectionError as exc:
+            raise NonTerminalError(f"connection error to {self._endpoint(settings)}: {exc.__cause__ or exc}") from exc
+        except openai.OpenAIError as exc:
+            raise InvalidRequestError(f"the openai SDK refused the request: {exc}") from exc
+        http = raw.http_response
+        request_id = http.headers.get("x-request-id")
+        try:
+            body = json.loads(http.content)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise NonTerminalError(
+                f"HTTP {http.status_code} from {self._endpoint(settings)} with a body that is not JSON",
+                status_code=http.status_code,
+                request_id=request_id,
+            ) from exc
+        if not isinstance(body, dict):
+            raise NonTerminalError("the response body is not a JSON object", request_id=request_id)
+        return body
+
+    def _status_error(self, exc: Any, source: str, settings: Mapping[str, Any]) -> LLMUtilsError:
+        status = exc.status_code
+        request_id = exc.request_id
+        code = exc.code or ""
+        where = self._endpoint(settings)
+        detail = f"HTTP {status} from {where}: {exc.message}"
+        context: dict[str, Any] = {"status_code": status, "request_id": request_id}
+        if status in (401, 403):
+            return AuthenticationError(f"Authentication failed ({detail}). Credentials used: {source}.", **context)
+        if status == 429:
+            if code == "insufficient_quota":
+                return QuotaExceededError(f"Quota exhausted; waiting will not help ({detail})", **context)
+            return RateLimitError(detail, retry_after=_retry_after(exc.response.headers), **context)
+        if status in _RETRYABLE_STATUS or status >= 500:
+            return NonTerminalError(detail, retry_after=_retry_after(exc.response.headers), **context)
+        if code == "content_filter" or "content_filter" in str(exc.body):
+            return ContentFilterError(f"Refused by the content filter ({detail})", **context)
+        return InvalidRequestError(detail, **context)
+
+    def _chat_completion(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+        sdk, source = self._sdk(settings)
+        return self._request(sdk.chat.completions.with_raw_response.create, params, timeout, source, settings)
+
+    def _embedding(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+        sdk, source = self._sdk(settings)
+        return self._request(sdk.embeddings.with_raw_response.create, params, timeout, source, settings)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the SDK connection pools and the cache files this client opened."""
+        with self._lock:
+            sdks, self._sdk_clients = list(self._sdk_clients.values()), {}
+            caches, self._caches = list(self._caches.values()), {}
+        if self._pid == os.getpid():
+            for sdk in sdks:
+                sdk.close()
+        for cache in caches:
+            cache.close()
+
+    def __enter__(self) -> OpenAIClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _extract_messages(response: Mapping[str, Any], n: int) -> Message | list[Message]:
+    """The assistant message dict(s) of a chat completion (new dicts: the response is never shared)."""
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise NonTerminalError("the response has no choices")
+    messages = []
+    for choice in sorted(choices, key=lambda c: c.get("index", 0)):
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise NonTerminalError("a choice in the response has no message")
+        if choice.get("finish_reason") == "content_filter" and not message.get("content"):
+            raise ContentFilterError("The answer was withheld by the content filter (finish_reason=content_filter)")
+        cleaned = {k: v for k, v in message.items() if v is not None}
+        cleaned.setdefault("role", "assistant")
+        cleaned.setdefault("content", None)
+        messages.append(cleaned)
+    if n == 1:
+        return messages[0]
+    return messages
+
+
+class AzureClient(OpenAIClient):
+    """A client for Azure OpenAI: ``model`` is the deployment name.
+
+    Credentials: ``api_key``, else ``AZURE_OPENAI_API_KEY`` (or the older ``AZURE_OPENAI_KEY``), else
+    a Microsoft Entra ID token provider: ``azure_ad_token_provider`` (any callable returning a token),
+    or ``DefaultAzureCredential`` when the ``azure`` extra (azure-identity) is installed.
+
+    >>> AzureClient(azure_endpoint="https://my.openai.azure.com", model="my-gpt4o-deployment")
+    """
+
+    api_type = "azure"
+    _key_env_vars = ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_KEY")
+
+    def __init__(
+        self,
+        *,
+        azure_endpoint: str | None = None,
+        api_version: str | None = None,
+        azure_ad_token_provider: Callable[[], str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._azure_endpoint = azure_endpoint
+        self._api_version = api_version
+        self._token_provider = azure_ad_token_provider
+        super().__init__(**kwargs)
+
+    def _endpoint(self, settings: Mapping[str, Any]) -> str:
+        endpoint = self._azure_endpoint or settings["AZURE_ENDPOINT"]
+        if not endpoint:
+            raise ConfigError(
+                "No Azure OpenAI endpoint: set AZURE_OPENAI_ENDPOINT, the AZURE_ENDPOINT config key, "
+                "or pass azure_endpoint=..."
+            )
+        return endpoint.rstrip("/")
+
+    def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        if self._api_key:
+            return {"api_key": self._api_key}, "the api_key argument"
+        key, var = api_key_from_env(self._key_env_vars)
+        if key:
+            return {"api_key": key}, f"the {var} environment variable"
+        if self._token_provider is not None:
+            return {"azure_ad_token_provider": self._token_provider}, "the azure_ad_token_provider argument"
+        try:
+            from azure.identity import DefaultAzureCredential, get_bearer_token_provider
+        except ImportError:
+            raise AuthenticationError(
+                "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY, pass api_key=... or "
+                "azure_ad_token_provider=..., or install llmutils[azure] for Entra ID sign-in."
+            ) from None
+        with self._lock:
+            if self._token_provider is None:
+                self._token_provider = get_bearer_token_provider(
+                    DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default"
+                )
+        return {"azure_ad_token_provider": self._token_provider}, "Entra ID (DefaultAzureCredential)"
+
+    def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
+        import openai
+
+        return openai.AzureOpenAI(
+            azure_endpoint=self._endpoint(settings),
+            api_version=self._api_version or settings["AZURE_API_VERSION"],
+            organization=self._organization,
+            max_retries=0,
+            default_headers=self._default_headers or None,
+            **credentials,
+        )
+
+
+def _last_user_text(messages: Iterable[Mapping[str, Any]]) -> str:
+    for message in reversed(list(messages)):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+            return "" if content is None else str(content)
+    return ""
+
+
+def _fake_embedding(text: str, dimensions: int = 8) -> list[float]:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return [round(digest[i % len(digest)] / 127.5 - 1.0, 6) for i in range(dimensions)]
+
+
+class MockClient(OpenAIClient):
+    """An offline client: same return shapes, cache and retries, no network and no key.
+
+    It answers ``"echo: <last user message>"``, or the scripted ``answers`` in order (strings or
+    message dicts), or whatever ``handler(messages, params)`` returns. Embeddings are deterministic
+    vectors derived from a hash of the text.
+
+    >>> MockClient(answers=["yes", "no"]).send_message([{"role": "user", "content": "?"}])
+    {'role': 'assistant', 'content': 'yes'}
+    """
+
+    api_type = "mock"
+
+    def __init__(
+        self,
+        *,
+        answers: Iterable[str | Message] | None = None,
+        handler: Callable[[list[Message], dict[str, Any]], str | Message] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._answers = list(answers or [])
+        self._handler = handler
+        self.calls = 0
+
+    def script(self, *answers: str | Message) -> None:
+        """Queue answers to return, in order, before falling back to the echo."""
+        with self._lock:
+            self._answers.extend(answers)
+
+    def _endpoint(self, settings: Mapping[str, Any]) -> str:
+        return "mock://"
+
+    def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        return {}, "none (mock)"
+
+    def _chat_completion(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+        messages = params["messages"]
+        with self._lock:
+            self.calls += 1
+            scripted = self._answers.pop(0) if self._answers else None
+        if scripted is None and self._handler is not None:
+            scripted = self._handler(messages, params)
+        text = _last_user_text(messages)
+        choices = []
+        for i in range(params.get("n", 1)):
+            answer = scripted if scripted is not None else f"echo: {text}" + (f" [{i}]" if i else "")
+            message = dict(answer) if isinstance(answer, Mapping) else {"role": "assistant", "content": answer}
+            if isinstance(params.get("response_format"), Mapping) and isinstance(message.get("content"), str) and scripted is None:
+                message["content"] = json.dumps({"echo": text})
+            choices.append({"index": i, "message": message, "finish_reason": "stop"})
+        prompt_tokens = sum(math.ceil(len(str(m.get("content", ""))) / 4) + 3 for m in messages) + 3
+        completion_tokens = sum(math.ceil(len(str(c["message"].get("content") or "")) / 4) for c in choices)
+        return {
+            "id": f"mock-{self.calls}",
+            "object": "chat.completion",
+            "model": params["model"],
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def _embedding(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            self.calls += 1
+        dimensions = int(params.get("dimensions") or 8)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _fake_embedding(text, dimensions)}
+            for i, text in enumerate(params["input"])
+        ]
+        tokens = sum(math.ceil(len(t) / 4) for t in params["input"])
+        return {"object": "list", "data": data, "model": params["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -1,0 +1,301 @@
+"""Configuration: every setting, its default, and the one place that reads files and the environment.
+
+Precedence, later wins:
+
+1. ``DEFAULTS`` shipped in this module;
+2. the ``[OpenAI]`` section of a ``config.ini`` at ``$LLMUTILS_CONFIG`` or ``./config.ini``;
+3. environment variables (``OPENAI_BASE_URL``, ``AZURE_OPENAI_ENDPOINT``, ``OPENAI_API_VERSION``,
+   and ``LLMUTILS_<KEY>`` for any key);
+4. :func:`force_default_value` (process-wide);
+5. :func:`override_defaults` (a context manager: this thread / context only);
+6. the arguments of each call.
+
+Nothing is read at import: :func:`resolve` reads at call time, re-parsing the file only when its
+modification time changes.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import contextvars
+import difflib
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._exceptions import ConfigError
+
+__all__ = [
+    "DEFAULTS",
+    "CONFIG_SECTION",
+    "resolve",
+    "validate",
+    "force_default_value",
+    "reset_forced_values",
+    "override_defaults",
+    "config_file_path",
+    "api_key_from_env",
+]
+
+CONFIG_SECTION = "OpenAI"
+
+DEFAULT_API_TYPE = "openai"
+DEFAULT_MODEL = "gpt-4.1-mini"
+DEFAULT_REASONING_MODEL = "o4-mini"
+DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
+DEFAULT_CACHE_FILE_NAME = "llmutils_cache.sqlite"
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false, yes/no, on/off or 1/0")
+
+
+def _parse_aliases(text: str) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for item in text.replace("\n", ",").split(","):
+        if not item.strip():
+            continue
+        name, sep, model = item.partition("=")
+        if not sep or not name.strip() or not model.strip():
+            raise ValueError("expected 'alias=model' pairs separated by commas")
+        aliases[name.strip()] = model.strip()
+    return aliases
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One configuration key: its type, default, whether None is allowed, and a one-line doc."""
+
+    kind: type
+    default: Any
+    optional: bool = False
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+    def parse(self, value: Any) -> Any:
+        """Turn a string (or an already typed value) into this key's type; raise ValueError if it cannot."""
+        if isinstance(value, str):
+            text = value.strip()
+            if self.optional and text.lower() in ("", "none", "null"):
+                return None
+            if self.kind is bool:
+                parsed: Any = _parse_bool(text)
+            elif self.kind is dict:
+                parsed = _parse_aliases(text)
+            elif self.kind is int:
+                parsed = int(text)
+            elif self.kind is float:
+                parsed = float(text)
+            else:
+                parsed = text
+        elif value is None:
+            if not self.optional:
+                raise ValueError("a value is required")
+            return None
+        elif self.kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            parsed = float(value)
+        elif isinstance(value, self.kind) and not (self.kind is int and isinstance(value, bool)):
+            parsed = value
+        else:
+            raise ValueError(f"expected {self.kind.__name__}, got {type(value).__name__}")
+        if self.choices and parsed not in self.choices:
+            raise ValueError(f"expected one of {', '.join(self.choices)}")
+        if self.kind in (int, float) and parsed < 0:
+            raise ValueError("expected a number >= 0")
+        return parsed
+
+
+_KEYS: dict[str, _Key] = {
+    "API_TYPE": _Key(str, DEFAULT_API_TYPE, doc="which registered client client() returns"),
+    "MODEL": _Key(str, DEFAULT_MODEL, doc="chat model (or Azure deployment)"),
+    "REASONING_MODEL": _Key(str, DEFAULT_REASONING_MODEL, doc="a model treated as a reasoning model"),
+    "EMBEDDING_MODEL": _Key(str, DEFAULT_EMBEDDING_MODEL, doc="model for get_embedding"),
+    "MAX_TOKENS": _Key(int, 1024, optional=True, doc="max output tokens (non-reasoning models)"),
+    "MAX_COMPLETION_TOKENS": _Key(int, None, optional=True, doc="max output tokens for reasoning models"),
+    "TEMPERATURE": _Key(float, 1.0, optional=True),
+    "TOP_P": _Key(float, 1.0, optional=True),
+    "FREQ_PENALTY": _Key(float, 0.0, optional=True),
+    "PRESENCE_PENALTY": _Key(float, 0.0, optional=True),
+    "REASONING_EFFORT": _Key(str, None, optional=True, choices=("minimal", "low", "medium", "high")),
+    "TIMEOUT": _Key(float, 60.0, doc="seconds for one HTTP attempt"),
+    "TOTAL_TIMEOUT": _Key(float, None, optional=True, doc="seconds for a whole call, retries included"),
+    "MAX_ATTEMPTS": _Key(int, 5, doc="HTTP attempts per call, the first included"),
+    "WAITING_TIME": _Key(float, 1.0, doc="first backoff wait, seconds"),
+    "EXPONENTIAL_BACKOFF_FACTOR": _Key(float, 2.0, doc="backoff multiplier per attempt"),
+    "MAX_WAIT": _Key(float, 60.0, doc="cap on one backoff wait, Retry-After included"),
+    "CACHE_API_CALLS": _Key(bool, False),
+    "CACHE_FILE_NAME": _Key(str, DEFAULT_CACHE_FILE_NAME),
+    "CACHE_MODE": _Key(str, "readwrite", choices=("off", "readwrite", "readonly", "replay", "refresh")),
+    "CACHE_TTL": _Key(float, None, optional=True, doc="seconds an entry stays valid"),
+    "BASE_URL": _Key(str, None, optional=True, doc="OpenAI-compatible endpoint"),
+    "AZURE_ENDPOINT": _Key(str, None, optional=True),
+    "AZURE_API_VERSION": _Key(str, DEFAULT_AZURE_API_VERSION),
+    "MODEL_ALIASES": _Key(dict, {}, doc="alias=model pairs (Azure deployments) for token counting"),
+    "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),
+    "TPM": _Key(float, None, optional=True, doc="client-side tokens per minute limit"),
+    "MAX_CONCURRENT_MODEL_CALLS": _Key(int, None, optional=True, doc="calls in flight per client"),
+}
+
+DEFAULTS: Mapping[str, Any] = {name: key.default for name, key in _KEYS.items()}
+
+# Standard environment variables and the key each one sets (LLMUTILS_<KEY> covers every key).
+_ENV_ALIASES = {
+    "OPENAI_BASE_URL": "BASE_URL",
+    "AZURE_OPENAI_ENDPOINT": "AZURE_ENDPOINT",
+    "OPENAI_API_VERSION": "AZURE_API_VERSION",
+}
+
+_forced: dict[str, Any] = {}
+_forced_lock = threading.Lock()
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("llmutils_overrides", default={})
+_file_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def _key_name(key: str) -> str:
+    """Normalise a key (``model`` or ``MODEL``) and fail with a suggestion when it is unknown."""
+    if not isinstance(key, str):
+        raise ConfigError(f"Config keys are strings, got {key!r}")
+    name = key.upper()
+    if name not in _KEYS:
+        close = difflib.get_close_matches(name, _KEYS, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"Unknown config key {key!r}.{hint} Known keys: {', '.join(_KEYS)}")
+    return name
+
+
+def _parse(name: str, value: Any, source: str) -> Any:
+    try:
+        return _KEYS[name].parse(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"Bad value {value!r} for config key {name} in {source}: {exc}") from None
+
+
+def config_file_path() -> Path | None:
+    """The config file that applies now: ``$LLMUTILS_CONFIG`` (must exist) or ``./config.ini`` if present."""
+    explicit = os.environ.get("LLMUTILS_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"LLMUTILS_CONFIG points to {path}, which is not a file")
+        return path
+    local = Path("config.ini")
+    return local if local.is_file() else None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """Parse the ``[OpenAI]`` section of ``path``, cached until the file changes."""
+    path = path.resolve()
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cache_key = str(path)
+    cached = _file_cache.get(cache_key)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        raise ConfigError(f"Cannot parse config file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    if parser.has_section(CONFIG_SECTION):
+        for raw_key, raw_value in parser.items(CONFIG_SECTION):
+            try:
+                name = _key_name(raw_key)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (in [{CONFIG_SECTION}] of {path})") from None
+            values[name] = _parse(name, raw_value, str(path))
+    _file_cache[cache_key] = (stamp, values)
+    return values
+
+
+def _read_env() -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for var, name in _ENV_ALIASES.items():
+        raw = os.environ.get(var)
+        if raw:
+            values[name] = _parse(name, raw, f"environment variable {var}")
+    for name in _KEYS:
+        raw = os.environ.get("LLMUTILS_" + name)
+        if raw is not None:
+            values[name] = _parse(name, raw, f"environment variable LLMUTILS_{name}")
+    return values
+
+
+def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings in force now, as a new dict with UPPERCASE keys, every layer applied.
+
+    ``overrides`` (config keys, either case) is applied last, as per-call arguments are.
+    """
+    settings = dict(DEFAULTS)
+    path = config_file_path()
+    if path is not None:
+        settings.update(_read_file(path))
+    settings.update(_read_env())
+    if _forced:
+        settings.update(_forced)
+    settings.update(_context.get())
+    if overrides:
+        settings.update(validate(overrides, "the call's arguments"))
+    return settings
+
+
+def validate(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check and convert ``values`` (config keys, either case) without reading any file."""
+    parsed = {}
+    for key, value in values.items():
+        name = _key_name(key)
+        parsed[name] = _parse(name, value, source)
+    return parsed
+
+
+def force_default_value(key: str, value: Any) -> None:
+    """Set a default for the whole process, above config files and the environment.
+
+    >>> force_default_value("MODEL", "gpt-4o-mini")
+    """
+    name = _key_name(key)
+    parsed = _parse(name, value, "force_default_value()")
+    with _forced_lock:
+        _forced[name] = parsed
+
+
+def reset_forced_values() -> None:
+    """Forget every :func:`force_default_value` (useful between tests)."""
+    with _forced_lock:
+        _forced.clear()
+
+
+@contextlib.contextmanager
+def override_defaults(**values: Any) -> Iterator[dict[str, Any]]:
+    """Override defaults for the current thread / context only, e.g. inside one web request.
+
+    >>> with override_defaults(model="gpt-4o", temperature=0):
+    ...     client().send_message([{"role": "user", "content": "hi"}])
+    """
+    parsed = validate(values, "override_defaults()")
+    token = _context.set({**_context.get(), **parsed})
+    try:
+        yield parsed
+    finally:
+        _context.reset(token)
+
+
+def api_key_from_env(names: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """The first non-empty environment variable among ``names``: ``(value, variable name)``."""
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value, name
+    return None, None
+

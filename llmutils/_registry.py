@@ -1,0 +1,88 @@
+"""The client registry: which client :func:`client` returns, and the process-wide switches.
+
+``openai``, ``azure`` and ``mock`` are registered at import (creating a client reads nothing and
+opens nothing). Register your own for any OpenAI-compatible endpoint::
+
+    register_client("ollama", OpenAIClient(base_url="http://localhost:11434/v1", model="llama3.2"))
+    force_api_type("ollama")
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Protocol, runtime_checkable
+
+from ._clients import AzureClient, MockClient, OpenAIClient
+from ._config import force_default_value, resolve
+from ._exceptions import ConfigError
+
+__all__ = ["register_client", "client", "registered_api_types", "force_api_type", "force_api_cache"]
+
+
+@runtime_checkable
+class _Client(Protocol):
+    def send_message(self, messages: list[dict[str, Any]], *args: Any, **kwargs: Any) -> Any: ...
+
+
+_lock = threading.Lock()
+_clients: dict[str, Any] = {}
+
+
+def register_client(api_type: str, client: Any) -> None:
+    """Make ``client`` the one :func:`client` returns when ``API_TYPE`` is ``api_type``."""
+    if not isinstance(api_type, str) or not api_type:
+        raise ConfigError(f"api_type must be a non-empty string, got {api_type!r}")
+    if not isinstance(client, _Client):
+        raise ConfigError(f"{client!r} has no send_message method, so it cannot be registered as {api_type!r}")
+    with _lock:
+        _clients[api_type] = client
+
+
+def registered_api_types() -> list[str]:
+    """The API types that have a registered client."""
+    with _lock:
+        return sorted(_clients)
+
+
+def client() -> Any:
+    """The client registered for the configured ``API_TYPE`` (``openai`` unless configured)."""
+    api_type = resolve()["API_TYPE"]
+    found = _clients.get(api_type)
+    if found is None:
+        raise ConfigError(
+            f"No client registered for API_TYPE {api_type!r}; registered: {', '.join(registered_api_types())}. "
+            "Use register_client() first."
+        )
+    return found
+
+
+def force_api_type(api_type: str) -> None:
+    """Make :func:`client` return the client registered for ``api_type``, for the whole process."""
+    if api_type not in _clients:
+        raise ConfigError(
+            f"Unknown api type {api_type!r}; registered: {', '.join(registered_api_types())}. "
+            "Use register_client() first."
+        )
+    force_default_value("API_TYPE", api_type)
+
+
+def force_api_cache(cache_api_calls: bool, cache_file_name: str | os.PathLike[str] | None = None) -> None:
+    """Turn the cache on or off (and choose its file) for every client that follows the config."""
+    force_default_value("CACHE_API_CALLS", bool(cache_api_calls))
+    if cache_file_name is not None:
+        force_default_value("CACHE_FILE_NAME", os.fspath(cache_file_name))
+
+
+def _register_defaults() -> None:
+    """Register fresh ``openai``, ``azure`` and ``mock`` clients (also used to reset between tests)."""
+    with _lock:
+        for old in _clients.values():
+            close = getattr(old, "close", None)
+            if close is not None:
+                close()
+        _clients.clear()
+        _clients.update(openai=OpenAIClient(), azure=AzureClient(), mock=MockClient())
+
+
+_register_defaults()

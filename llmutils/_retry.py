@@ -1,0 +1,151 @@
+"""The retry policy: tenacity's stop, wait and retry pieces, composed in one place.
+
+Only :class:`~llmutils.NonTerminalError` is retried. The wait grows from ``waiting_time`` by
+``backoff_factor`` per attempt, plus jitter, capped at ``max_wait``; a server's ``Retry-After``
+replaces it (still capped). ``total_timeout`` bounds the whole call: a wait that would end past it
+stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import tenacity
+from tenacity import (
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+)
+from tenacity.wait import wait_base
+
+from ._exceptions import LLMUtilsError, NonTerminalError, RetriesExhaustedError, TotalTimeoutError
+
+__all__ = ["RetryPolicy", "wait_retry_after"]
+
+logger = logging.getLogger("llmutils")
+
+T = TypeVar("T")
+
+
+class wait_retry_after(wait_base):
+    """Wait what the server asked for (``Retry-After``) if it did, else ``fallback``; never above ``cap``."""
+
+    def __init__(self, fallback: wait_base, cap: float) -> None:
+        self.fallback = fallback
+        self.cap = cap
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None and outcome.failed else None
+        asked = getattr(exc, "retry_after", None)
+        wait = float(asked) if asked is not None else self.fallback(retry_state)
+        return max(0.0, min(wait, self.cap))
+
+
+class _wait_jitter(wait_base):
+    """Add up to ``fraction`` of the base wait at random, so clients that failed together spread out."""
+
+    def __init__(self, base: wait_base, fraction: float) -> None:
+        self.base = base
+        self.fraction = fraction
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = self.base(retry_state)
+        return wait + random.uniform(0, wait * self.fraction) if self.fraction else wait
+
+
+def _log_retry(retry_state: RetryCallState) -> None:
+    exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+    logger.warning(
+        "llmutils: attempt %d failed (%s); retrying in %.2f s",
+        retry_state.attempt_number,
+        exc,
+        retry_state.upcoming_sleep,
+    )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a call is retried. Built from settings per call; inject one to change the pieces.
+
+    >>> policy = RetryPolicy(max_attempts=3, waiting_time=0.5, sleep=recorded.append)
+    """
+
+    max_attempts: int = 5
+    waiting_time: float = 1.0
+    backoff_factor: float = 2.0
+    max_wait: float = 60.0
+    total_timeout: float | None = None
+    jitter: float = 0.25
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+
+    def with_values(self, **values: Any) -> RetryPolicy:
+        """A copy with the given fields changed (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def retrying(self) -> tenacity.Retrying:
+        """The tenacity ``Retrying`` object for one call."""
+        stop = stop_after_attempt(max(1, self.max_attempts))
+        if self.total_timeout is not None:
+            stop = stop | stop_before_delay(self.total_timeout)
+        backoff = wait_exponential(multiplier=self.waiting_time, exp_base=self.backoff_factor, max=self.max_wait)
+        return tenacity.Retrying(
+            stop=stop,
+            wait=wait_retry_after(_wait_jitter(backoff, self.jitter), cap=self.max_wait),
+            retry=retry_if_exception_type(NonTerminalError),
+            before_sleep=_log_retry,
+            sleep=self.sleep,
+            reraise=False,
+        )
+
+    def call(self, attempt: Callable[[float | None], T]) -> T:
+        """Run ``attempt(time_left)`` until it succeeds or the policy gives up.
+
+        ``time_left`` is what remains of ``total_timeout`` (None when unbounded), so one HTTP
+        attempt never outlives the whole call. Terminal errors pass through untouched; when the
+        retries run out, :class:`RetriesExhaustedError` (or :class:`TotalTimeoutError`) chains the last
+        error and carries ``attempts``.
+        """
+        start = time.monotonic()
+        attempts = 0
+
+        def one_attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            left = None
+            if self.total_timeout is not None:
+                left = self.total_timeout - (time.monotonic() - start)
+                if left <= 0:
+                    raise NonTerminalError(f"no time left of total_timeout={self.total_timeout:g}s")
+            try:
+                return attempt(left)
+            except LLMUtilsError as exc:
+                exc.attempts = attempts
+                raise
+
+        try:
+            return self.retrying()(one_attempt)
+        except tenacity.RetryError as exc:
+            last = exc.last_attempt.exception()
+            timed_out = self.total_timeout is not None and attempts < self.max_attempts
+            if timed_out:
+                error: RetriesExhaustedError = TotalTimeoutError(
+                    f"Gave up after {attempts} attempt(s): total_timeout={self.total_timeout:g}s would be "
+                    f"exceeded. Last error: {last}",
+                    attempts=attempts,
+                )
+            else:
+                error = RetriesExhaustedError(
+                    f"Gave up after {attempts} attempt(s). Last error: {last}", attempts=attempts
+                )
+            if isinstance(last, LLMUtilsError):
+                error.status_code = last.status_code
+                error.request_id = last.request_id
+            raise error from last

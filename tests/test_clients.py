@@ -1,0 +1,313 @@
+"""The clients against the local OpenAI-wire server: round trips, errors, retries, threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+import llmutils
+from llmutils import (
+    AuthenticationError,
+    AzureClient,
+    ContentFilterError,
+    InvalidRequestError,
+    NonTerminalError,
+    OpenAIClient,
+    QuotaExceededError,
+    RateLimitError,
+    RetriesExhaustedError,
+    RetryPolicy,
+    TotalTimeoutError,
+)
+from llmutils.testing import Fault, OpenAITestServer
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def waits() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def oai(server: OpenAITestServer, waits: list[float]) -> Iterator[OpenAIClient]:
+    """An OpenAI client on the local server whose backoff is recorded, not slept, and has no jitter."""
+    policy = RetryPolicy(max_attempts=4, waiting_time=1.0, backoff_factor=2.0, jitter=0, sleep=waits.append)
+    with OpenAIClient(base_url=server.base_url, api_key="sk-test-secret", retry=policy) as client:
+        yield client
+
+
+@pytest.fixture
+def azure(server: OpenAITestServer) -> Iterator[AzureClient]:
+    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="az-secret", model="my-deployment") as client:
+        yield client
+
+
+def test_openai_round_trip(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    assert oai.send_message(HELLO, temperature=0.2, seed=7) == {"role": "assistant", "content": "echo: hello"}
+    request = server.requests[-1]
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-test-secret"
+    assert request.body["temperature"] == 0.2 and request.body["seed"] == 7
+    assert request.body["model"] == llmutils.DEFAULTS["MODEL"]
+
+
+def test_embedding_round_trip(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    vector = oai.get_embedding("some text")
+    assert isinstance(vector, list) and len(vector) == 8 and all(isinstance(x, float) for x in vector)
+    assert server.requests[-1].body["model"] == "text-embedding-3-small"
+    assert oai.get_embeddings(["a", "some text"])[1] == vector
+
+
+def test_azure_round_trip_uses_deployment_path(azure: AzureClient, server: OpenAITestServer) -> None:
+    assert azure.send_message(HELLO)["content"] == "echo: hello"
+    request = server.requests[-1]
+    assert request.deployment == "my-deployment"
+    assert request.query["api-version"] == llmutils.DEFAULTS["AZURE_API_VERSION"]
+    assert request.headers["api-key"] == "az-secret"
+    assert len(azure.get_embedding("x", model="emb-deployment")) == 8
+    assert server.requests[-1].deployment == "emb-deployment"
+
+
+def test_azure_token_provider_without_key(server: OpenAITestServer) -> None:
+    with AzureClient(azure_endpoint=server.azure_endpoint, azure_ad_token_provider=lambda: "entra-token") as client:
+        client.send_message(HELLO)
+    assert server.requests[-1].headers["authorization"] == "Bearer entra-token"
+
+
+def test_azure_key_from_older_env_var(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_KEY", "old-name-key")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
+    monkeypatch.setenv("OPENAI_API_VERSION", "2025-01-01-preview")
+    with AzureClient() as client:
+        client.send_message(HELLO)
+    assert server.requests[-1].headers["api-key"] == "old-name-key"
+    assert server.requests[-1].query["api-version"] == "2025-01-01-preview"
+
+
+def test_n_greater_than_one_returns_every_choice(oai: OpenAIClient) -> None:
+    answers = oai.send_message(HELLO, n=3)
+    assert [a["content"] for a in answers] == ["echo: hello", "echo: hello [1]", "echo: hello [2]"]
+
+
+def test_tool_calls_are_returned(oai: OpenAIClient) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+    message = oai.send_message([{"role": "user", "content": "call it"}], tools=tools)
+    assert message["content"] is None
+    assert message["tool_calls"][0]["function"]["name"] == "lookup"
+
+
+def test_reasoning_model_gets_only_what_it_accepts(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    oai.send_message(HELLO, model="o4-mini", temperature=0.5, max_tokens=300, reasoning_effort="low")
+    body = server.requests[-1].body
+    assert body["max_completion_tokens"] == 300 and body["reasoning_effort"] == "low"
+    for rejected in ("temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty"):
+        assert rejected not in body
+
+
+def test_json_mode_passes_response_format(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    message = oai.send_message(HELLO, response_format={"type": "json_object"})
+    assert message["content"] == '{"echo": "hello"}'
+    assert server.requests[-1].body["response_format"] == {"type": "json_object"}
+
+
+@pytest.mark.parametrize(
+    "bad, culprit",
+    [
+        ("hello", "got str"),
+        ([], "non-empty list"),
+        (["hello"], "messages[0] must be a dict"),
+        ([{"content": "no role"}], "messages[0] has no 'role'"),
+    ],
+)
+def test_bad_messages_fail_before_any_request(oai: OpenAIClient, server: OpenAITestServer, bad: object, culprit: str) -> None:
+    with pytest.raises(InvalidRequestError, match=culprit.replace("[", r"\[").replace("]", r"\]")):
+        oai.send_message(bad)  # type: ignore[arg-type]
+    assert server.request_count == 0
+
+
+def test_bad_parameter_type_fails_before_any_request(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        oai.send_message(HELLO, temperature="hot")  # type: ignore[arg-type]
+    assert server.request_count == 0
+
+
+@pytest.mark.parametrize("fault", [Fault.rate_limit(), Fault.server_error(), Fault.server_error(503), Fault.status(408), Fault.not_json(), Fault.html()])
+def test_retryable_failure_then_success(oai: OpenAIClient, server: OpenAITestServer, waits: list[float], fault: Fault) -> None:
+    server.script(fault)
+    assert oai.send_message(HELLO)["content"] == "echo: hello"
+    assert server.request_count == 2
+    assert waits == [1.0]
+
+
+def test_timeout_is_retried(server: OpenAITestServer, waits: list[float]) -> None:
+    server.script(Fault.slow(2.0))
+    policy = RetryPolicy(max_attempts=2, jitter=0, sleep=waits.append)
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as client:
+        assert client.send_message(HELLO, timeout=0.3)["content"] == "echo: hello"
+    assert server.request_count == 2
+
+
+def test_backoff_grows_and_is_capped(oai: OpenAIClient, server: OpenAITestServer, waits: list[float]) -> None:
+    server.script(*[Fault.server_error()] * 3)
+    oai.send_message(HELLO, waiting_time=2, exponential_backoff_factor=3)
+    assert waits == [2.0, 6.0, 18.0]
+
+
+@pytest.mark.parametrize(
+    "fault, error",
+    [
+        (Fault.bad_request(), InvalidRequestError),
+        (Fault.status(404), InvalidRequestError),
+        (Fault.status(422), InvalidRequestError),
+        (Fault.unauthorized(), AuthenticationError),
+        (Fault.status(403), AuthenticationError),
+        (Fault.insufficient_quota(), QuotaExceededError),
+        (Fault.content_filter(), ContentFilterError),
+    ],
+)
+def test_terminal_errors_send_exactly_one_request(oai: OpenAIClient, server: OpenAITestServer, waits: list[float], fault: Fault, error: type) -> None:
+    server.script(fault)
+    with pytest.raises(error) as info:
+        oai.send_message(HELLO)
+    assert server.request_count == 1 and waits == []
+    assert info.value.status_code == fault.status_code
+    assert info.value.request_id and info.value.request_id.startswith("req_")
+    assert info.value.attempts == 1
+
+
+def test_authentication_error_names_the_source_never_the_key(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.unauthorized())
+    with pytest.raises(AuthenticationError) as info:
+        oai.send_message(HELLO)
+    text = str(info.value)
+    assert "api_key argument" in text and server.base_url in text
+    assert "sk-test-secret" not in text and "sk-test-secret" not in repr(oai)
+
+
+def test_missing_key_fails_before_any_request(server: OpenAITestServer) -> None:
+    with pytest.raises(AuthenticationError, match="OPENAI_API_KEY"):
+        OpenAIClient().send_message(HELLO)
+    assert server.request_count == 0
+
+
+def test_retry_after_is_honoured(oai: OpenAIClient, server: OpenAITestServer, waits: list[float]) -> None:
+    server.script(Fault.rate_limit(retry_after=7), Fault.rate_limit(retry_after_ms=250))
+    oai.send_message(HELLO)
+    assert waits == [7.0, 0.25]
+
+
+def test_retry_after_is_capped_by_max_wait(server: OpenAITestServer, waits: list[float]) -> None:
+    server.script(Fault.rate_limit(retry_after=500))
+    policy = RetryPolicy(max_wait=20, jitter=0, sleep=waits.append)
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as client:
+        client.send_message(HELLO)
+    assert waits == [20.0]
+
+
+def test_retry_after_beyond_total_timeout_fails_at_once(oai: OpenAIClient, server: OpenAITestServer, waits: list[float]) -> None:
+    server.script(Fault.rate_limit(retry_after=30))
+    with pytest.raises(TotalTimeoutError) as info:
+        oai.send_message(HELLO, total_timeout=5)
+    assert server.request_count == 1 and waits == []
+    assert isinstance(info.value.__cause__, RateLimitError)
+
+
+def test_total_timeout_bounds_slow_attempts(server: OpenAITestServer) -> None:
+    server.script(Fault.slow(5), Fault.slow(5), Fault.slow(5))
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=RetryPolicy(max_attempts=10, waiting_time=0.01, jitter=0)) as client:
+        with pytest.raises(TotalTimeoutError) as info:
+            client.send_message(HELLO, timeout=60, total_timeout=0.5)
+    assert isinstance(info.value, RetriesExhaustedError)
+    assert info.value.attempts is not None and info.value.attempts < 10
+
+
+def test_retries_exhausted_chains_the_last_error(oai: OpenAIClient, server: OpenAITestServer, waits: list[float]) -> None:
+    server.script(*[Fault.server_error(502)] * 4)
+    with pytest.raises(RetriesExhaustedError) as info:
+        oai.send_message(HELLO)
+    assert info.value.attempts == 4 and server.request_count == 4
+    assert isinstance(info.value.__cause__, NonTerminalError)
+    assert info.value.__cause__.status_code == 502
+    assert waits == [1.0, 2.0, 4.0]
+
+
+def test_each_retry_logs_a_warning(oai: OpenAIClient, server: OpenAITestServer, caplog: pytest.LogCaptureFixture) -> None:
+    server.script(Fault.server_error(), Fault.rate_limit())
+    with caplog.at_level("WARNING", logger="llmutils"):
+        oai.send_message(HELLO)
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert [r.getMessage().split()[2] for r in retries] == ["1", "2"]
+    assert "429" in retries[1].getMessage()
+
+
+def test_sixteen_threads_share_one_client(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    results: dict[int, object] = {}
+    barrier = threading.Barrier(16)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        for j in range(5):
+            answer = oai.send_message([{"role": "user", "content": f"question {i}-{j}"}])
+            results[(i, j)] = answer["content"]  # type: ignore[index]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {(i, j): f"echo: question {i}-{j}" for i in range(16) for j in range(5)}
+    assert server.request_count == 80
+    assert len(oai._sdk_clients) == 1
+
+
+def test_sdk_client_is_not_shared_across_fork(oai: OpenAIClient) -> None:
+    oai.send_message(HELLO)
+    parent_sdk = next(iter(oai._sdk_clients.values()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # child: must build its own SDK client and still work
+        code = 1
+        try:
+            answer = oai.send_message([{"role": "user", "content": "from child"}])
+            fresh = next(iter(oai._sdk_clients.values())) is not parent_sdk
+            code = 0 if answer["content"] == "echo: from child" and fresh else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert oai.send_message(HELLO)["content"] == "echo: hello"
+
+
+def test_import_does_not_import_openai_or_tiktoken() -> None:
+    code = "import sys, llmutils; print('openai' in sys.modules, 'tiktoken' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_stream_is_refused(oai: OpenAIClient) -> None:
+    with pytest.raises(InvalidRequestError, match="stream"):
+        oai.send_message(HELLO, stream=True)
+
+
+def test_custom_compatible_endpoint_needs_no_key(server: OpenAITestServer) -> None:
+    with OpenAIClient(base_url=server.base_url, model="llama3.2") as local:
+        assert local.send_message(HELLO)["content"] == "echo: hello"
+    assert server.requests[-1].body["model"] == "llama3.2"
+
+
+def test_mock_client_echoes_and_scripts() -> None:
+    mock = llmutils.MockClient(answers=["first", {"role": "assistant", "content": "second"}])
+    assert mock.send_message(HELLO)["content"] == "first"
+    assert mock.send_message(HELLO)["content"] == "second"
+    assert mock.send_message(HELLO) == {"role": "assistant", "content": "echo: hello"}
+    assert [m["content"] for m in mock.send_message(HELLO, n=2)] == ["echo: hello", "echo: hello [1]"]
+    assert mock.get_embedding("x") == mock.get_embedding("x")
+    assert mock.calls == 6
