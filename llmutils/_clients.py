@@ -18,6 +18,7 @@ from email.utils import parsedate_to_datetime
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._config import api_key_from_env, resolve, validate
@@ -32,12 +33,14 @@ from ._exceptions import (
     QuotaExceededError,
     RateLimitError,
 )
+from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
+from ._usage import UsageTracker
 
 if TYPE_CHECKING:
     from ._cache import CacheStats, SQLiteCache
 
-__all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message"]
+__all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo"]
 
 logger = logging.getLogger("llmutils")
 
@@ -99,6 +102,24 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class CallInfo:
+    """What happened in one call: served from the cache or not, the model, and the API's usage."""
+
+    kind: str
+    model: str
+    cached: bool
+    usage: Mapping[str, Any] | None
+
+
+class _Flight:
+    """One request in flight; identical requests wait for it instead of calling the API too."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.response: dict[str, Any] | None = None
+
+
 class OpenAIClient:
     """A thread-safe client for the OpenAI API or any OpenAI-compatible endpoint.
 
@@ -127,9 +148,13 @@ class OpenAIClient:
         cache_file_name: str | os.PathLike[str] | None = None,
         cache_mode: str | None = None,
         cache_ttl: float | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        max_concurrent_calls: int | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] | None = None,
         default_headers: Mapping[str, str] | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self._api_key = api_key
         self._organization = organization
@@ -145,6 +170,9 @@ class OpenAIClient:
             ("CACHE_FILE_NAME", os.fspath(cache_file_name) if cache_file_name is not None else None),
             ("CACHE_MODE", cache_mode),
             ("CACHE_TTL", cache_ttl),
+            ("RPM", rpm),
+            ("TPM", tpm),
+            ("MAX_CONCURRENT_MODEL_CALLS", max_concurrent_calls),
         ):
             if value is not None:
                 given[name] = value
@@ -153,6 +181,11 @@ class OpenAIClient:
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
         self._caches: dict[tuple[str, str, float | None], SQLiteCache] = {}
+        self._limits: tuple[tuple[Any, ...], RateLimiter, ConcurrencyLimiter] | None = None
+        self._inflight: dict[str, _Flight] = {}
+        self._local = threading.local()
+        self.usage = UsageTracker(prices=prices)
+        """Requests and tokens per model, billed and served from cache apart (see UsageTracker)."""
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -162,6 +195,11 @@ class OpenAIClient:
         if cache_file_name is not None:
             values["CACHE_FILE_NAME"] = os.fspath(cache_file_name)
         self._client_settings = {**self._client_settings, **validate(values, "set_api_cache()")}
+
+    @property
+    def last_call(self) -> CallInfo | None:
+        """What the calling thread's most recent call did (cached or not, usage), or None."""
+        return getattr(self._local, "info", None)
 
     def settings(self) -> dict[str, Any]:
         """The settings this client would use for a call made now (no per-call arguments)."""
@@ -332,28 +370,103 @@ class OpenAIClient:
         timeout: float,
         send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
     ) -> dict[str, Any]:
+        """Serve from the cache, or send (rate-limited, retried, single-flight) and store."""
         cache = self._cache(settings)
-        key = None
-        if cache is not None:
-            key = self._cache_key(kind, params, settings)
-            hit = cache.get(key)
-            if hit is not None:
-                logger.debug("llmutils: cache hit for %s %s", kind, params.get("model"))
-                return hit
-            if cache.mode == "replay" and not cache.disabled:
-                raise CacheMissError(
-                    f"replay mode: no cached answer in {cache.path} for this {kind} request to "
-                    f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
-                )
+        if cache is None:
+            response = self._send_with_retries(params, settings, policy, timeout, send)
+            return self._finish(kind, params, response, cached=False)
+        key = self._cache_key(kind, params, settings)
+        hit = cache.get(key)
+        if hit is not None:
+            logger.debug("llmutils: cache hit for %s %s", kind, params.get("model"))
+            return self._finish(kind, params, hit, cached=True)
+        if cache.mode == "replay" and not cache.disabled:
+            raise CacheMissError(
+                f"replay mode: no cached answer in {cache.path} for this {kind} request to "
+                f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
+            )
+        with self._lock:
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._inflight[key] = _Flight()
+        assert flight is not None
+        if not leader:
+            flight.done.wait()
+            if flight.response is not None:
+                return self._finish(kind, params, json.loads(json.dumps(flight.response)), cached=True)
+            response = self._send_with_retries(params, settings, policy, timeout, send)
+            cache.set(key, response)
+            return self._finish(kind, params, response, cached=False)
+        try:
+            response = self._send_with_retries(params, settings, policy, timeout, send)
+            cache.set(key, response)
+            flight.response = response
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+            flight.done.set()
+        return self._finish(kind, params, json.loads(json.dumps(response)), cached=False)
+
+    def _finish(self, kind: str, params: Mapping[str, Any], response: dict[str, Any], *, cached: bool) -> dict[str, Any]:
+        """Record usage and the thread's call info for a response about to be returned."""
+        model = str(response.get("model") or params.get("model"))
+        usage = response.get("usage")
+        self.usage.record(model, usage, cached=cached)
+        self._local.info = CallInfo(kind=kind, model=model, cached=cached, usage=usage)
+        return response
+
+    def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter, ConcurrencyLimiter]:
+        """This client's rate and concurrency limiters, rebuilt only when their settings change."""
+        wanted = (settings["RPM"], settings["TPM"], settings["MAX_CONCURRENT_MODEL_CALLS"])
+        limits = self._limits
+        if limits is None or limits[0] != wanted:
+            with self._lock:
+                limits = self._limits
+                if limits is None or limits[0] != wanted:
+                    limits = self._limits = (wanted, RateLimiter(rpm=wanted[0], tpm=wanted[1]), ConcurrencyLimiter(wanted[2]))
+        return limits[1], limits[2]
+
+    def _send_with_retries(
+        self,
+        params: dict[str, Any],
+        settings: Mapping[str, Any],
+        policy: RetryPolicy,
+        timeout: float,
+        send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any]:
+        limiter, in_flight = self._limiters(settings)
+        estimate = self._estimate_tokens(params) if limiter.tpm else 0
 
         def attempt(time_left: float | None) -> dict[str, Any]:
+            reservation = limiter.acquire(estimate, timeout=time_left)
             limit = timeout if time_left is None else max(0.001, min(timeout, time_left))
-            return send(params, limit, settings)
+            try:
+                with in_flight:
+                    response = send(params, limit, settings)
+            except RateLimitError as exc:
+                if exc.retry_after and limiter.enabled:  # hold the other threads too
+                    limiter.pause(min(exc.retry_after, policy.max_wait))
+                raise
+            usage = response.get("usage")
+            if isinstance(usage, Mapping) and isinstance(usage.get("total_tokens"), int):
+                # Providers charge the estimate (prompt + max output) against TPM when they admit a
+                # request, so only a larger actual count is debited; unused budget is not refunded.
+                reservation.reconcile(max(usage["total_tokens"], estimate))
+            return response
 
-        response = policy.call(attempt)
-        if cache is not None and key is not None:
-            cache.set(key, response)
-        return response
+        return policy.call(attempt)
+
+    @staticmethod
+    def _estimate_tokens(params: Mapping[str, Any]) -> int:
+        """Prompt tokens plus the output budget: what a request may cost, for the TPM limiter."""
+        from ._tokens import count_tokens
+
+        model = str(params.get("model"))
+        if "input" in params:
+            return sum(count_tokens(text, model) for text in params["input"])
+        budget = params.get("max_completion_tokens") or params.get("max_tokens") or 0
+        return int(count_tokens(params["messages"], model)) + int(budget) * int(params.get("n", 1))
 
     def _policy(
         self,

@@ -1,0 +1,736 @@
+"""A local HTTP server that speaks the OpenAI wire format, for tests and benchmarks.
+
+It answers chat completions and embeddings (plain OpenAI and Azure OpenAI paths) with
+deterministic results, records every request, and can be scripted to fail in the ways the
+real services fail (429 with ``Retry-After``, 5xx, content filter, slow or non-JSON answers).
+Stdlib only: a threaded ``http.server`` on a background thread.
+
+Usage::
+
+    import openai
+    from llmutils.testing import Fault, OpenAITestServer
+
+    with OpenAITestServer() as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+        answer = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert answer.choices[0].message.content == "echo: hi"
+
+        srv.script(Fault.rate_limit(retry_after=1))  # the next request gets a 429
+        client.close()
+
+Azure clients use ``openai.AzureOpenAI(azure_endpoint=srv.azure_endpoint, api_version=...)``.
+From a shell: ``python -m llmutils.testing --port 8000 [--latency 0.05]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import email.utils
+import hashlib
+import http
+import json
+import logging
+import re
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+__all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "main"]
+
+logger = logging.getLogger("llmutils")
+
+_V1_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+_AZURE_ROUTE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)$")
+_JSON_FORMATS = ("json_object", "json_schema")
+_DEFAULT_EMBEDDING_DIMENSIONS = 8
+_STOP_JOIN_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the server received, kept so tests can assert on what the client sent."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+    deployment: str | None = None
+    request_id: str = ""
+
+
+def _error_body(
+    message: str, type_: str | None, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """Build an error body shaped like OpenAI's, so the SDK fills ``message`` and ``code``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A scripted misbehaviour for one request; build it with the classmethods.
+
+    ``status_code`` None means "answer normally" (after ``delay`` seconds, if any). ``body`` is a
+    dict (sent as JSON), or str/bytes sent as-is with ``content_type``.
+    """
+
+    status_code: int | None = None
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+    delay: float = 0.0
+
+    @classmethod
+    def status(cls, code: int, body: Any = None, headers: Mapping[str, str] | None = None) -> Fault:
+        """Answer with any status; ``body`` None gives an OpenAI error body named after the status."""
+        if body is None:
+            phrase = _reason(code)
+            body = _error_body(f"{code} {phrase}", "invalid_request_error" if code < 500 else "server_error")
+        return cls(status_code=code, body=body, headers=dict(headers or {}))
+
+    @classmethod
+    def rate_limit(
+        cls,
+        retry_after: float | None = None,
+        retry_after_ms: int | None = None,
+        code: str | None = "rate_limit_exceeded",
+    ) -> Fault:
+        """Answer 429, with ``Retry-After`` / ``retry-after-ms`` headers when given."""
+        headers: dict[str, str] = {}
+        if retry_after is not None:
+            headers["Retry-After"] = _format_number(retry_after)
+        if retry_after_ms is not None:
+            headers["retry-after-ms"] = str(int(retry_after_ms))
+        body = _error_body("Rate limit reached for requests. Please try again later.", "requests", code)
+        return cls(status_code=429, body=body, headers=headers)
+
+    @classmethod
+    def insufficient_quota(cls) -> Fault:
+        """Answer 429 with code ``insufficient_quota`` (billing, not worth retrying)."""
+        body = _error_body(
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+            "insufficient_quota",
+        )
+        return cls(status_code=429, body=body)
+
+    @classmethod
+    def server_error(cls, code: int = 500) -> Fault:
+        """Answer a 5xx with OpenAI's generic server-error body."""
+        body = _error_body(
+            "The server had an error while processing your request. Sorry about that!", "server_error"
+        )
+        return cls(status_code=code, body=body)
+
+    @classmethod
+    def bad_request(
+        cls, message: str = "Invalid request (scripted fault).", code: str | None = None
+    ) -> Fault:
+        """Answer 400 ``invalid_request_error`` with the given message and code."""
+        return cls(status_code=400, body=_error_body(message, "invalid_request_error", code))
+
+    @classmethod
+    def unauthorized(cls) -> Fault:
+        """Answer 401 ``invalid_api_key``, as for a wrong key."""
+        return cls(status_code=401, body=_invalid_key_body())
+
+    @classmethod
+    def content_filter(cls) -> Fault:
+        """Answer 400 with code ``content_filter``, as Azure does for a filtered prompt."""
+        body = _error_body(
+            "The response was filtered due to the prompt triggering content management policy.",
+            "invalid_request_error",
+            "content_filter",
+            "prompt",
+        )
+        body["error"]["innererror"] = {"code": "ResponsibleAIPolicyViolation"}
+        return cls(status_code=400, body=body)
+
+    @classmethod
+    def slow(cls, seconds: float) -> Fault:
+        """Wait ``seconds`` then answer normally; used to run past a client's timeout."""
+        return cls(delay=float(seconds))
+
+    @classmethod
+    def not_json(cls) -> Fault:
+        """Answer 200 labelled ``application/json`` whose body is not JSON."""
+        return cls(status_code=200, body=b"this is not JSON {", content_type="application/json")
+
+    @classmethod
+    def html(cls) -> Fault:
+        """Answer 200 with an HTML page, as a captive portal or proxy error page would."""
+        page = b"<!DOCTYPE html><html><body><h1>Gateway says hello</h1></body></html>"
+        return cls(status_code=200, body=page, content_type="text/html; charset=utf-8")
+
+
+@dataclass
+class _Response:
+    """A response ready to encode; ``body`` is a dict (JSON) or raw bytes."""
+
+    status: int
+    body: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+class _RequestError(Exception):
+    """Raised inside request handling to answer with an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.response = _Response(status, _error_body(message, "invalid_request_error", code, param))
+
+
+def _reason(code: int) -> str:
+    """Return the standard reason phrase of an HTTP status code."""
+    try:
+        return http.HTTPStatus(code).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def _format_number(value: float) -> str:
+    """Format seconds for a header: ``2`` rather than ``2.0``."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _invalid_key_body() -> dict[str, Any]:
+    """Return the body OpenAI sends for a wrong API key."""
+    return _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+
+
+def _content_text(content: Any) -> str:
+    """Return the text of a message content: a string or a list of ``{"type": "text"}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return " ".join(t for t in texts if isinstance(t, str))
+    return ""
+
+
+def _count_words(text: str) -> int:
+    """Estimate tokens deterministically as whitespace-separated words."""
+    return len(text.split())
+
+
+def _embedding(text: str, dimensions: int) -> list[float]:
+    """Return a deterministic vector in [-1, 1) from sha256 of ``text``; exact in float32."""
+    seed = hashlib.sha256(text.encode("utf-8")).digest()
+    stream = b""
+    block = 0
+    while len(stream) < 2 * dimensions:
+        stream += hashlib.sha256(seed + block.to_bytes(4, "big")).digest()
+        block += 1
+    values = struct.unpack(f">{dimensions}H", stream[: 2 * dimensions])
+    return [v / 32768.0 - 1.0 for v in values]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Parses one HTTP/1.1 request at a time and writes each response in a single write."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # StreamRequestHandler sets TCP_NODELAY in setup()
+    server_version = "llmutils-testserver"
+    sys_version = ""
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        """Register the connection so stop() can close idle keep-alive sockets."""
+        super().setup()
+        self.server.owner._track(self.connection, threading.current_thread(), add=True)
+
+    def finish(self) -> None:
+        """Unregister the connection."""
+        try:
+            super().finish()
+        finally:
+            self.server.owner._track(self.connection, threading.current_thread(), add=False)
+
+    def handle(self) -> None:
+        """Serve requests until the client goes away; disconnects are not errors here."""
+        try:
+            super().handle()
+        except (OSError, ValueError) as exc:  # BrokenPipe, ConnectionReset, socket closed by stop()
+            logger.debug("test server: connection ended: %r", exc)
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        """Silence the default per-request stderr logging."""
+
+    def _read_body(self) -> bytes:
+        """Read the request body (Content-Length or chunked) so keep-alive stays in sync."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError("negative Content-Length")
+        return self.rfile.read(length) if length else b""
+
+    def _dispatch(self) -> None:
+        """Record the request, compute the answer and send it."""
+        owner = self.server.owner
+        request_id = owner._next_request_id()
+        try:
+            raw = self._read_body()
+        except ValueError:
+            self.close_connection = True
+            error_body = _error_body("Malformed request body.", "invalid_request_error")
+            self._send(_Response(400, error_body), request_id)
+            return
+        url = urlsplit(self.path)
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        body: Any = None
+        body_is_json = True
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body_is_json = False
+        match = _AZURE_ROUTE.match(url.path)
+        record = RecordedRequest(
+            method=self.command,
+            path=url.path,
+            query=dict(parse_qsl(url.query, keep_blank_values=True)),
+            headers=headers,
+            body=body,
+            deployment=match.group(1) if match else None,
+            request_id=request_id,
+        )
+        owner._record(record)
+        response = owner._answer(record, body_is_json)
+        if response is None:  # the server is stopping: drop the connection without answering
+            self.close_connection = True
+            return
+        self._send(response, request_id)
+
+    def _send(self, response: _Response, request_id: str) -> None:
+        """Encode status line, headers and body and write them in one call (no Nagle stall)."""
+        if isinstance(response.body, (bytes, bytearray)):
+            payload = bytes(response.body)
+        elif isinstance(response.body, str):
+            payload = response.body.encode("utf-8")
+        else:
+            payload = json.dumps(response.body).encode("utf-8")
+        headers: dict[str, tuple[str, str]] = {}
+        for name, value in (
+            ("Server", self.server_version),
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Content-Type", response.content_type),
+            ("x-request-id", request_id),
+            *response.headers.items(),
+        ):
+            headers[name.lower()] = (name, str(value))
+        headers["content-length"] = ("Content-Length", str(len(payload)))
+        if self.close_connection:
+            headers["connection"] = ("Connection", "close")
+        lines = [f"{self.protocol_version} {response.status} {_reason(response.status)}"]
+        lines += [f"{name}: {value}" for name, value in headers.values()]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head + payload)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with daemon threads, no reverse DNS, and quiet error handling."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], owner: OpenAITestServer) -> None:
+        self.owner = owner
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's getfqdn() call, which can stall on reverse DNS."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Log handler errors at debug level instead of printing tracebacks to stderr."""
+        logger.debug("test server: error serving %s", client_address, exc_info=True)
+
+
+class OpenAITestServer:
+    """A real HTTP server on 127.0.0.1 that answers like the OpenAI and Azure OpenAI APIs.
+
+    Example::
+
+        with OpenAITestServer(latency=0.01) as srv:
+            client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
+            srv.script(Fault.server_error(), Fault.slow(5))  # next two requests misbehave
+            srv.chat_handler = lambda body: "scripted answer"  # or return a full response dict
+
+    Parameters: ``port`` 0 picks a free port; ``latency`` seconds are waited before every
+    answer; with ``api_key`` set, requests whose ``Authorization: Bearer`` or ``api-key``
+    header differ get a 401. Chat answers echo the last user message (``"echo: <text>"``).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        api_key: str | None = None,
+    ) -> None:
+        self.host = host
+        self.latency = latency
+        self.api_key = api_key
+        self.chat_handler: Callable[[dict[str, Any]], str | dict[str, Any]] | None = None
+        self._requested_port = port
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._faults: deque[Fault] = deque()
+        self._counter = 0
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> OpenAITestServer:
+        """Bind the port and serve on a daemon thread; returns self."""
+        if self._httpd is not None:
+            raise RuntimeError("OpenAITestServer is already running; call stop() first.")
+        self._stopping = threading.Event()
+        httpd = _HTTPServer((self.host, self._requested_port), self)
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"OpenAITestServer:{httpd.server_port}",
+            daemon=True,
+        )
+        self._thread.start()
+        logger.debug("test server: serving at %s", self.base_url)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, wake pending waits, close open connections and join the threads."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()
+        with self._lock:
+            connections = dict(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        httpd.server_close()
+        if thread is not None:
+            thread.join(_STOP_JOIN_TIMEOUT)
+        deadline = time.monotonic() + _STOP_JOIN_TIMEOUT
+        for handler_thread in connections.values():
+            handler_thread.join(max(0.0, deadline - time.monotonic()))
+        self._httpd = None
+        self._thread = None
+        logger.debug("test server: stopped")
+
+    def __enter__(self) -> OpenAITestServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.base_url if self._httpd is not None else "stopped"
+        return f"<OpenAITestServer {where}>"
+
+    # -- public state ------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with ``port=0``)."""
+        if self._httpd is None:
+            raise RuntimeError("OpenAITestServer is not running; call start() or use `with`.")
+        return self._httpd.server_port
+
+    @property
+    def azure_endpoint(self) -> str:
+        """The value for ``openai.AzureOpenAI(azure_endpoint=...)``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The value for ``openai.OpenAI(base_url=...)``."""
+        return f"{self.azure_endpoint}/v1"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """A snapshot of the requests received so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def request_count(self) -> int:
+        """How many requests were received since the last reset()."""
+        with self._lock:
+            return len(self._requests)
+
+    @property
+    def pending_faults(self) -> int:
+        """How many scripted faults have not been consumed yet."""
+        with self._lock:
+            return len(self._faults)
+
+    def script(self, *faults: Fault) -> None:
+        """Queue faults, consumed first-in first-out, one per chat/embeddings request."""
+        for fault in faults:
+            if not isinstance(fault, Fault):
+                raise TypeError(
+                    f"script() takes Fault objects, got {type(fault).__name__}; "
+                    "build them with Fault.status(...), Fault.rate_limit(...), etc."
+                )
+        with self._lock:
+            self._faults.extend(faults)
+
+    def reset(self) -> None:
+        """Forget recorded requests and pending faults."""
+        with self._lock:
+            self._requests.clear()
+            self._faults.clear()
+
+    # -- internals used by the handler -------------------------------------------------------
+
+    def _next_request_id(self) -> str:
+        """Return a new ``req_<n>`` id (never reused within the server's life)."""
+        with self._lock:
+            self._counter += 1
+            return f"req_{self._counter}"
+
+    def _record(self, request: RecordedRequest) -> None:
+        """Append a request to the record."""
+        with self._lock:
+            self._requests.append(request)
+
+    def _track(self, conn: socket.socket, thread: threading.Thread, *, add: bool) -> None:
+        """Add or remove an open connection and the thread serving it."""
+        with self._lock:
+            if add:
+                self._connections[conn] = thread
+            else:
+                self._connections.pop(conn, None)
+
+    def _pop_fault(self) -> Fault | None:
+        """Take the next scripted fault, if any."""
+        with self._lock:
+            return self._faults.popleft() if self._faults else None
+
+    def _answer(self, request: RecordedRequest, body_is_json: bool) -> _Response | None:
+        """Compute the response to a request; None when the server stopped while waiting."""
+        if self.latency > 0 and self._stopping.wait(self.latency):
+            return None
+        if request.deployment is not None:
+            kind: str | None = "chat" if request.path.endswith("/chat/completions") else "embeddings"
+        else:
+            kind = _V1_ROUTES.get(request.path)
+        if kind is None or request.method != "POST":
+            message = f"Invalid URL ({request.method} {request.path})"
+            return _Response(404, _error_body(message, "invalid_request_error"))
+        if self.api_key is not None and not self._authorized(request.headers):
+            return _Response(401, _invalid_key_body())
+        if request.deployment is not None and not request.query.get("api-version"):
+            message = "Missing required query parameter 'api-version'; pass api_version= to AzureOpenAI."
+            body = _error_body(message, "invalid_request_error", "missing_api_version", "api-version")
+            return _Response(400, body)
+        fault = self._pop_fault()
+        if fault is not None:
+            logger.debug("test server: %s gets scripted %r", request.request_id, fault)
+            if fault.delay > 0 and self._stopping.wait(fault.delay):
+                return None
+            if fault.status_code is not None:
+                return _Response(fault.status_code, fault.body, fault.headers, fault.content_type)
+        try:
+            if not body_is_json or not isinstance(request.body, dict):
+                raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
+            if kind == "chat":
+                return _Response(200, self._chat(request))
+            return _Response(200, self._embeddings(request))
+        except _RequestError as exc:
+            return exc.response
+        except Exception:
+            logger.exception("test server: chat_handler failed for %s", request.request_id)
+            body = _error_body("The test server's chat_handler raised; see the log.", "server_error")
+            return _Response(500, body)
+
+    def _authorized(self, headers: Mapping[str, str]) -> bool:
+        """Return whether the Bearer token or Azure ``api-key`` header matches ``api_key``."""
+        bearer = headers.get("authorization", "")
+        return bearer == f"Bearer {self.api_key}" or headers.get("api-key") == self.api_key
+
+    def _chat(self, request: RecordedRequest) -> dict[str, Any]:
+        """Build a ChatCompletion: the chat_handler's answer, a tool call, JSON, or an echo."""
+        body: dict[str, Any] = request.body
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            error = "Missing required parameter: 'messages'."
+            raise _RequestError(400, error, "missing_required_parameter", "messages")
+        if body.get("stream"):
+            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
+        n = body.get("n") or 1
+        if not isinstance(n, int) or not 1 <= n <= 128:
+            raise _RequestError(400, "'n' must be an integer between 1 and 128.", "invalid_value", "n")
+        model = body.get("model") or request.deployment or "unknown"
+        user_messages = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        text = _content_text(user_messages[-1].get("content")) if user_messages else ""
+        number = request.request_id.removeprefix("req_")
+
+        contents: list[str | None]
+        tool_calls: list[dict[str, Any]] | None = None
+        if self.chat_handler is not None:
+            answer = self.chat_handler(body)
+            if isinstance(answer, dict):
+                return answer
+            contents = [str(answer)] * n
+        else:
+            suffixes = [""] + [f" [{i}]" for i in range(1, n)]
+            tools = body.get("tools")
+            response_format = body.get("response_format")
+            if tools and text.startswith("call "):
+                function = (tools[0] or {}).get("function") or {}
+                tool_calls = [
+                    {
+                        "id": f"call_{number}",
+                        "type": "function",
+                        "function": {"name": function.get("name", "function"), "arguments": "{}"},
+                    }
+                ]
+                contents = [None] * n
+            elif isinstance(response_format, dict) and response_format.get("type") in _JSON_FORMATS:
+                contents = [json.dumps({"echo": text + s}) for s in suffixes]
+            else:
+                contents = [f"echo: {text}{s}" for s in suffixes]
+
+        choices = []
+        for index, content in enumerate(contents):
+            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+            if tool_calls is not None:
+                message["tool_calls"] = tool_calls
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": "tool_calls" if tool_calls is not None else "stop",
+                }
+            )
+        prompt_tokens = sum(
+            _count_words(_content_text(m.get("content"))) for m in messages if isinstance(m, dict)
+        )
+        completion_tokens = sum(_count_words(c) if c is not None else 1 for c in contents)
+        return {
+            "id": f"chatcmpl-{number}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": None,
+        }
+
+    def _embeddings(self, request: RecordedRequest) -> dict[str, Any]:
+        """Build an embeddings response with deterministic sha256-derived vectors."""
+        body: dict[str, Any] = request.body
+        raw_input = body.get("input")
+        texts: list[str]
+        if isinstance(raw_input, str):
+            texts = [raw_input]
+        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, str) for x in raw_input):
+            texts = list(raw_input)
+        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, int) for x in raw_input):
+            texts = [" ".join(map(str, raw_input))]  # one input given as token ids
+        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, list) for x in raw_input):
+            texts = [" ".join(map(str, x)) for x in raw_input]
+        else:
+            message = "'input' must be a string or a non-empty list of strings."
+            raise _RequestError(400, message, "invalid_value", "input")
+        dimensions = body.get("dimensions") or _DEFAULT_EMBEDDING_DIMENSIONS
+        if not isinstance(dimensions, int) or dimensions < 1:
+            message = "'dimensions' must be a positive integer."
+            raise _RequestError(400, message, "invalid_value", "dimensions")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            message = "'encoding_format' must be 'float' or 'base64'."
+            raise _RequestError(400, message, "invalid_value", "encoding_format")
+        data = []
+        for index, text in enumerate(texts):
+            vector = _embedding(text, dimensions)
+            embedding: Any = vector
+            if encoding == "base64":  # the SDK asks for base64 by default and decodes float32
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(_count_words(t) for t in texts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.get("model") or request.deployment or "unknown",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until Ctrl-C: ``python -m llmutils.testing --port 8000 [--latency 0.05]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m llmutils.testing",
+        description="Run a local fake of the OpenAI / Azure OpenAI HTTP API.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
+    parser.add_argument("--api-key", default=None, help="require this API key (401 otherwise)")
+    args = parser.parse_args(argv)
+    server = OpenAITestServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key)
+    try:
+        server.start()
+    except OSError as exc:
+        parser.exit(1, f"cannot listen on {args.host}:{args.port}: {exc}\n")
+    print(f"serving at {server.base_url} (Azure: {server.azure_endpoint}); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
