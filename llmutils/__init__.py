@@ -9,6 +9,7 @@ Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``
 """
 
 from ._clients import AzureClient as AzureClient
+from ._clients import CallInfo as CallInfo
 from ._clients import MockClient as MockClient
 from ._clients import OpenAIClient as OpenAIClient
 from ._config import DEFAULTS as DEFAULTS
@@ -32,34 +33,57 @@ from ._registry import force_api_cache as force_api_cache
 from ._registry import force_api_type as force_api_type
 from ._registry import register_client as register_client
 from ._registry import registered_api_types as registered_api_types
+from ._ratelimit import RateLimiter as RateLimiter
 from ._retry import RetryPolicy as RetryPolicy
+from ._templates import LLMCall as LLMCall
+from ._templates import compose_messages as compose_messages
+from ._templates import render_template as render_template
+from ._templates import template_search_path as template_search_path
+from ._tokens import TokenCount as TokenCount
+from ._tokens import count_text_tokens as count_text_tokens
+from ._tokens import count_tokens as count_tokens
+from ._usage import ModelUsage as ModelUsage
+from ._usage import UsageTracker as UsageTracker
+from ._usage import set_prices as set_prices
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
     "AzureClient",
+    "CallInfo",
     "CacheMissError",
     "ConfigError",
     "ContentFilterError",
     "DEFAULTS",
     "InvalidRequestError",
+    "LLMCall",
     "LLMUtilsError",
     "MockClient",
+    "ModelUsage",
     "NonTerminalError",
     "OpenAIClient",
     "OutputParseError",
     "QuotaExceededError",
     "RateLimitError",
+    "RateLimiter",
     "RetriesExhaustedError",
     "RetryPolicy",
     "TemplateError",
+    "TokenCount",
     "TotalTimeoutError",
+    "UsageTracker",
     "client",
+    "compose_messages",
+    "count_text_tokens",
+    "count_tokens",
     "force_api_cache",
     "force_api_type",
     "force_default_value",
     "override_defaults",
     "register_client",
     "registered_api_types",
+    "render_template",
+    "set_prices",
+    "template_search_path",
 ]

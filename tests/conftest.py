@@ -42,7 +42,8 @@ def server(_server_session: OpenAITestServer) -> OpenAITestServer:
 def _reset_llmutils() -> Iterator[None]:
     """Forget forced values and re-register fresh default clients after each test."""
     yield
-    from llmutils import _config, _registry
+    from llmutils import _config, _registry, _tokens
 
     _config.reset_forced_values()
     _registry._register_defaults()
+    _tokens._reset_for_tests()

@@ -1,0 +1,22 @@
+"""The public surface is exactly what ``__all__`` declares, and every name in it exists."""
+
+from __future__ import annotations
+
+import llmutils
+
+
+def test_all_is_exactly_the_public_surface() -> None:
+    public = {name for name in vars(llmutils) if not name.startswith("_")}
+    modules = {"testing", "cli"}  # importable submodules, not re-exported names
+    assert public - modules - {"annotations"} == set(llmutils.__all__)
+
+
+def test_old_module_names_are_kept() -> None:
+    for name in ("OpenAIClient", "AzureClient", "register_client", "client", "force_api_type", "force_api_cache", "force_default_value", "LLMCall"):
+        assert name in llmutils.__all__
+
+
+def test_every_exception_derives_from_the_base() -> None:
+    errors = [getattr(llmutils, n) for n in llmutils.__all__ if n.endswith("Error")]
+    assert len(errors) >= 12
+    assert all(issubclass(e, llmutils.LLMUtilsError) for e in errors)
