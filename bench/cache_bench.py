@@ -1,0 +1,323 @@
+"""Benchmark: what the SQLite cache store costs, measured in one run.
+
+Run: ``.venv/bin/python bench/cache_bench.py`` (about a minute on 2 cores). Prints figures only;
+it asserts nothing. Parts:
+
+1. a cache hit: the store's ``get`` beside a raw ``sqlite3`` SELECT of the same row from the same
+   file and a bare sqlitedict get (median µs, ratio to the raw SELECT). A full ``send_message``
+   hit belongs in :func:`part1_hit` too: add it to the ``candidates`` list there;
+2. write cost per new entry with 1,000 vs 50,000 entries stored, beside the old whole-dict pickle;
+3. 8 threads x 2,000 writes on one cache; 4 processes x 2,000 writes while 2 processes read;
+4. cold open of a 50,000-entry file, and its size on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import pickle
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from sqlitedict import SqliteDict
+
+from llmutils._cache import TABLE, SQLiteCache, make_key
+
+__all__ = ["main", "part1_hit", "part2_writes", "part3_concurrency", "part4_cold_open"]
+
+
+def response(i: int) -> dict[str, Any]:
+    """A chat completion shaped like the API's (about 700 bytes of JSON)."""
+    return {
+        "id": f"chatcmpl-{i:08d}",
+        "object": "chat.completion",
+        "created": 1_700_000_000 + i,
+        "model": "gpt-4.1-mini-2025-04-14",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"Answer number {i}: " + "lorem ipsum " * 30, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 42, "completion_tokens": 96, "total_tokens": 138},
+        "system_fingerprint": "fp_0123456789",
+    }
+
+
+def request(i: int) -> dict[str, Any]:
+    """The key payload of request ``i``, as the client builds it."""
+    return {"kind": "chat", "api": "openai", "params": {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": f"q{i}"}]}}
+
+
+def fill(path: Path, start: int, count: int) -> list[str]:
+    """Add ``count`` entries in one transaction, in the store's own format; return their keys."""
+    with SQLiteCache(path) as cache:
+        cache.set(make_key(request(start)), response(start))  # the store creates the file, schema, WAL
+    now = time.time()
+    rows = [
+        (make_key(request(i)), json.dumps({"value": response(i), "created": now, "expires": None}, ensure_ascii=False, separators=(",", ":")))
+        for i in range(start, start + count)
+    ]
+    with closing(sqlite3.connect(path)) as conn:
+        with conn:
+            conn.executemany(f'INSERT OR REPLACE INTO "{TABLE}" (key, value) VALUES (?, ?)', rows)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return [k for k, _ in rows]
+
+
+def timed(candidates: list[tuple[str, Callable[[], Any]]], n: int, rounds: int = 5, warmup: int = 50) -> list[float]:
+    """Median seconds per call of each candidate, measured in interleaved rounds so drift hits all alike."""
+    samples: list[list[float]] = [[] for _ in candidates]
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for (_, fn), out in zip(candidates, samples):
+            for _ in range(warmup):
+                fn()
+            for _ in range(n // rounds):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+    return [statistics.median(s) for s in samples]
+
+
+def part1_hit(workdir: Path, n: int = 5000) -> None:
+    """Median cost of one cache hit, beside a raw SELECT of the same row."""
+    print("1. cache hit (1,000 entries in the file; median of %d calls)" % n)
+    path = workdir / "hit.sqlite"
+    keys = fill(path, 0, 1000)
+    key = keys[500]
+    payload = request(500)
+    raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    select = f'SELECT value FROM "{TABLE}" WHERE key = ?'
+    bare = SqliteDict(str(path), tablename=TABLE, journal_mode="WAL", autocommit=True, decode=json.loads)
+    bare_fast = SqliteDict(str(path), tablename=TABLE, journal_mode="WAL", autocommit=True, decode=json.loads, outer_stack=False)
+    store = SQLiteCache(path)
+    assert store.get(key) == response(500)
+    try:
+        candidates: list[tuple[str, Callable[[], Any]]] = [
+            ("raw sqlite3 SELECT (fetchone, no decode)", lambda: raw.execute(select, (key,)).fetchone()),
+            ("raw sqlite3 SELECT + json.loads", lambda: json.loads(raw.execute(select, (key,)).fetchone()[0])),
+            ("bare sqlitedict get (outer_stack=True)", lambda: bare[key]),
+            ("bare sqlitedict get (outer_stack=False)", lambda: bare_fast[key]),
+            ("SQLiteCache.get", lambda: store.get(key)),
+            ("make_key + SQLiteCache.get", lambda: store.get(make_key(payload))),
+            # The lead adds here: ("send_message hit", lambda: client.send_message(...)),
+        ]
+        medians = timed(candidates, n)
+        for (name, _), median in zip(candidates, medians):
+            print(f"   {name:<44} {median * 1e6:8.1f} µs   x{median / medians[0]:5.1f} raw")
+    finally:
+        store.close()
+        bare.close()
+        bare_fast.close()
+        raw.close()
+
+
+def _old_pickle_write(cache: dict[str, Any], path: Path, key: str, value: Any) -> None:
+    """What the replaced module did on every call: add the entry, rewrite the whole pickle."""
+    cache[key] = value
+    with open(path, "wb") as f:
+        pickle.dump(cache, f)
+
+
+def part2_writes(workdir: Path, sizes: tuple[int, int] = (1000, 50_000), writes: int = 500) -> Path:
+    """Cost of one new entry with few vs many stored, ours vs the old whole-file pickle."""
+    print(f"2. write cost per new entry (median of {writes} writes each, interleaved; old pickle: median of a few)")
+    paths = [workdir / f"w{size}.sqlite" for size in sizes]
+    caches = []
+    for size, path in zip(sizes, paths):
+        fill(path, 0, size)
+        cache = SQLiteCache(path)
+        cache.set("warm", 1)  # start the writer thread outside the timing
+        caches.append(cache)
+    counter = iter(range(10**9, 10**10))
+
+    def writer(cache: SQLiteCache) -> Callable[[], None]:
+        def write() -> None:
+            i = next(counter)
+            cache.set(make_key(request(i)), response(i))
+
+        return write
+
+    try:
+        medians = timed([(str(size), writer(cache)) for size, cache in zip(sizes, caches)], writes, warmup=10)
+        errors = [cache.stats().errors for cache in caches]
+    finally:
+        for cache in caches:
+            cache.close()
+    for size, median, err in zip(sizes, medians, errors):
+        print(f"   SQLiteCache.set with {size:>6,} stored: {median * 1e3:7.3f} ms/write  (errors {err})")
+    small, large = sizes
+    print(f"   ratio {large:,} / {small:,}: {medians[1] / medians[0]:.2f}  (target <= 1.5)")
+    for size, reps in ((small, 20), (large, 3)):
+        old = {f"old-{i}": json.loads(json.dumps(response(i))) for i in range(size)}
+        target = workdir / f"old{size}.pickle"
+        counter = iter(range(10**9, 10**10))
+        [median] = timed([("old", lambda: _old_pickle_write(old, target, f"new-{next(counter)}", response(0)))], reps, rounds=1, warmup=1)
+        print(f"   old whole-dict pickle with {size:>6,} stored: {median * 1e3:7.1f} ms/write  (file {target.stat().st_size / 1e6:.1f} MB)")
+        target.unlink()
+        del old
+    return paths[-1]
+
+
+def _thread_round(path: Path, threads: int, per_thread: int) -> None:
+    errors: list[BaseException] = []
+    with SQLiteCache(path) as cache:
+
+        def work(t: int) -> None:
+            for i in range(per_thread):
+                try:
+                    cache.set(f"t{t}-{i}", response(i))
+                except Exception as exc:
+                    errors.append(exc)
+
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        t0 = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        wall = time.perf_counter() - t0
+        swallowed = cache.stats().errors
+    with closing(sqlite3.connect(path)) as conn:
+        stored = conn.execute(f'SELECT COUNT(*) FROM "{TABLE}" WHERE key LIKE \'t%\'').fetchone()[0]
+    total = threads * per_thread
+    print(
+        f"   {threads} threads x {per_thread:,} writes, one cache: errors raised {len(errors)}, "
+        f"faults logged {swallowed}, lost {total - stored}, wall {wall:.2f} s ({wall / total * 1e6:.0f} µs/write)"
+    )
+
+
+def _proc_writer(path: str, wid: int, n: int, out: Any) -> None:
+    raised = 0
+    with SQLiteCache(path) as cache:
+        for i in range(n):
+            try:
+                cache.set(f"p{wid}-{i}", response(i))
+            except Exception:
+                raised += 1
+        out.put(("writer", raised, cache.stats().errors, n))
+
+
+def _proc_reader(path: str, stop: Any, out: Any) -> None:
+    raised = reads = 0
+    with SQLiteCache(path) as cache:
+        while not stop.is_set():
+            try:
+                cache.get(f"p{reads % 4}-{reads % 2000}")
+            except Exception:
+                raised += 1
+            reads += 1
+        stats = cache.stats()
+        out.put(("reader", raised, stats.errors, reads, stats.hits))
+
+
+def _process_round(path: Path, writers: int, per_writer: int, readers: int) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    stop = ctx.Event()
+    rs = [ctx.Process(target=_proc_reader, args=(str(path), stop, out)) for _ in range(readers)]
+    ws = [ctx.Process(target=_proc_writer, args=(str(path), w, per_writer, out)) for w in range(writers)]
+    for p in rs:
+        p.start()
+    t0 = time.perf_counter()
+    for p in ws:
+        p.start()
+    for p in ws:
+        p.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    for p in rs:
+        p.join()
+    results = [out.get(timeout=60) for _ in range(writers + readers)]
+    raised = sum(r[1] for r in results)
+    faults = sum(r[2] for r in results)
+    reads = sum(r[3] for r in results if r[0] == "reader")
+    with closing(sqlite3.connect(path)) as conn:
+        stored = conn.execute(f'SELECT COUNT(*) FROM "{TABLE}" WHERE key LIKE \'p%\'').fetchone()[0]
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    total = writers * per_writer
+    print(
+        f"   {writers} processes x {per_writer:,} writes + {readers} reading ({reads:,} reads): errors raised {raised}, "
+        f"faults logged {faults}, lost {total - stored}, integrity {integrity}, wall {wall:.2f} s (incl. process start)"
+    )
+
+
+def part3_concurrency(workdir: Path) -> None:
+    """Threads and processes writing one file at once: nothing raised, nothing lost."""
+    print("3. concurrency (target: 0 errors, 0 lost)")
+    _thread_round(workdir / "threads.sqlite", 8, 2000)
+    _process_round(workdir / "procs.sqlite", 4, 2000, 2)
+
+
+COLD = """
+import sys, time
+t0 = time.perf_counter()
+from llmutils._cache import SQLiteCache
+t1 = time.perf_counter()
+cache = SQLiteCache(sys.argv[1])
+hit = cache.get(sys.argv[2])
+t2 = time.perf_counter()
+cache.set("cold-write", 1)
+t3 = time.perf_counter()
+cache.close()
+print((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, hit is not None)
+"""
+
+
+def part4_cold_open(path: Path) -> None:
+    """Open a big file from a fresh process: first hit, first write, size on disk."""
+    print("4. cold open")
+    with closing(sqlite3.connect(path)) as conn:
+        entries = conn.execute(f'SELECT COUNT(*) FROM "{TABLE}"').fetchone()[0]
+        key = conn.execute(f'SELECT key FROM "{TABLE}" LIMIT 1 OFFSET ?', (entries // 2,)).fetchone()[0]
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = sum(os.stat(f"{path}{s}").st_size for s in ("", "-wal") if os.path.exists(f"{path}{s}"))
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", COLD, str(path), key], capture_output=True, text=True, timeout=120, check=True)
+        runs.append([float(x) for x in out.stdout.split()[:3]] + [out.stdout.split()[3] == "True"])
+    imp, first_get, first_set = (statistics.median(r[i] for r in runs) for i in range(3))
+    t0 = time.perf_counter()
+    with SQLiteCache(path) as cache:
+        hit = cache.get(key)
+        t1 = time.perf_counter()
+    assert hit is not None and all(r[3] for r in runs)
+    print(
+        f"   {entries:,} entries, {size / 1e6:.1f} MB on disk ({size / entries:.0f} B/entry); fresh process (median of 3): "
+        f"import {imp:.1f} ms, open + first hit {first_get:.2f} ms, first write {first_set:.2f} ms; "
+        f"in-process open + first hit {(t1 - t0) * 1e3:.2f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every part in a temporary directory and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--large", type=int, default=50_000, help="entries in the big file (parts 2 and 4)")
+    args = parser.parse_args(argv)
+    print(f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus")
+    with tempfile.TemporaryDirectory(prefix="llmutils-cache-bench-") as tmp:
+        workdir = Path(tmp)
+        t0 = time.perf_counter()
+        part1_hit(workdir)
+        big = part2_writes(workdir, sizes=(1000, args.large))
+        part3_concurrency(workdir)
+        part4_cold_open(big)
+        print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,871 @@
+"""The response cache: one SQLite file of JSON values, shared by threads, processes and forks.
+
+On disk (readable with the ``sqlite3`` shell)::
+
+    responses(key TEXT PRIMARY KEY, value BLOB)   -- written by sqlitedict; value is JSON text:
+        {"value": <the response>, "created": <unix time>, "expires": <unix time or null>}
+    llmutils_meta(key TEXT PRIMARY KEY, value TEXT)  -- schema_version, format, created_by
+
+    $ sqlite3 llmutils_cache.sqlite "select key, json_extract(value, '$.value.model') from responses"
+
+Writes go through one :class:`sqlitedict.SqliteDict` per cache object and process (autocommit, WAL,
+JSON, never pickle); reads go through plain ``sqlite3`` connections from a small pool, which is
+what keeps a hit near the cost of a raw ``SELECT``. Every fault (a file that is not a cache, an
+unwritable place, a full disk, a lock held past ``busy_timeout``) logs one WARNING naming the file
+and turns the cache off for that object: calls go on without it and the file is left as it is.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import stat
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+from sqlitedict import SqliteDict
+
+from ._exceptions import ConfigError
+
+__all__ = [
+    "CACHE_MODES",
+    "KEY_VERSION",
+    "SCHEMA_VERSION",
+    "TABLE",
+    "META_TABLE",
+    "CacheStats",
+    "SQLiteCache",
+    "make_key",
+    "import_pickle_cache",
+]
+
+logger = logging.getLogger("llmutils")
+
+CACHE_MODES = ("off", "readwrite", "readonly", "replay", "refresh")
+KEY_VERSION = 1  # part of every key: bump it and no old entry can ever match again
+SCHEMA_VERSION = 1  # layout of the file; a file with a newer one is left alone
+TABLE = "responses"
+META_TABLE = "llmutils_meta"
+VALUE_FORMAT = '{"value": <response>, "created": <unix time>, "expires": <unix time or null>}'
+
+_READ_MODES = frozenset({"readwrite", "readonly", "replay"})
+_WRITE_MODES = frozenset({"readwrite", "refresh"})
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_SELECT = f'SELECT value FROM "{TABLE}" WHERE key = ?'
+_CREATE_TABLE = f'CREATE TABLE IF NOT EXISTS "{TABLE}" (key TEXT PRIMARY KEY, value BLOB)'  # sqlitedict's DDL
+_CREATE_META = f'CREATE TABLE IF NOT EXISTS "{META_TABLE}" (key TEXT PRIMARY KEY, value TEXT)'
+
+
+# -- keys and values ---------------------------------------------------------------------------
+
+
+def _check_json(obj: Any, where: str) -> None:
+    """Raise TypeError unless ``obj`` is plain JSON (str-keyed dicts, lists, finite numbers...)."""
+    problem = _non_json(obj)
+    if problem is not None:
+        raise TypeError(f"{where}{problem}")
+
+
+def _non_json(obj: Any) -> str | None:
+    """Where and why ``obj`` is not plain JSON, or None; builds no text unless something is wrong."""
+    kind = type(obj)
+    if kind is str or kind is int or kind is bool or obj is None:
+        return None
+    if kind is dict or isinstance(obj, dict):
+        for k, v in obj.items():
+            if type(k) is not str and not isinstance(k, str):
+                return f" has a key {k!r} of type {type(k).__name__}; JSON keys must be str"
+            problem = _non_json(v)
+            if problem is not None:
+                return f"[{k!r}]{problem}"
+        return None
+    if kind is list or isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            problem = _non_json(v)
+            if problem is not None:
+                return f"[{i}]{problem}"
+        return None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else f" is {obj!r}, which JSON cannot represent"
+    if isinstance(obj, (str, int)):
+        return None
+    return f" is a {kind.__name__}, not a JSON value"
+
+
+# Built once: json.dumps() with options builds a new encoder on every call.
+_KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_VALUE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def make_key(payload: Mapping[str, Any]) -> str:
+    """Return the SHA-256 hex of canonical JSON of ``{"v": KEY_VERSION, **payload}``: same request, same key, anywhere.
+
+    Canonical means sorted keys, compact separators and ``ensure_ascii=False``, so the key does not
+    depend on dict order, the process, the run or the Python version. Anything that is not plain
+    JSON (bytes, sets, objects, NaN, non-str dict keys) raises TypeError rather than being str()-ed.
+    """
+    if not isinstance(payload, Mapping):
+        raise TypeError(f"payload must be a mapping, not {type(payload).__name__}")
+    if "v" in payload:
+        raise ValueError("payload key 'v' is reserved for KEY_VERSION")
+    doc = {"v": KEY_VERSION, **payload}
+    _check_json(doc, "payload")
+    return hashlib.sha256(_KEY_JSON(doc).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of one cache's counters: lookups served (hits), not served (misses), writes, faults."""
+
+    hits: int = 0
+    misses: int = 0
+    writes: int = 0
+    errors: int = 0
+
+
+class _Fault(Exception):
+    """Internal: the cache cannot be used; the message says why, for the one WARNING."""
+
+
+def _as_is(text: str) -> str:
+    """sqlitedict encoder: values arrive already encoded as JSON text."""
+    return text
+
+
+# -- process-wide bookkeeping: sqlitedict's log noise, forks, exit -------------------------------
+
+_QUIET_THREADS: set[int] = set()  # threads whose sqlitedict ERROR lines our one WARNING replaces
+
+
+class _QuietSqliteDict(logging.Filter):
+    """Drop sqlitedict's multi-line ERROR logs for failures that llmutils reports itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in _QUIET_THREADS
+
+
+_sqlitedict_log = logging.getLogger("sqlitedict.SqliteMultithread")
+if not any(isinstance(f, _QuietSqliteDict) for f in _sqlitedict_log.filters):
+    _sqlitedict_log.addFilter(_QuietSqliteDict())
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence sqlitedict's own error logging for the calling thread while it runs our write."""
+    ident = threading.get_ident()
+    _QUIET_THREADS.add(ident)
+    try:
+        yield
+    finally:
+        _QUIET_THREADS.discard(ident)
+
+
+_LIVE: weakref.WeakSet[SQLiteCache] = weakref.WeakSet()
+_FORKING: list[SQLiteCache] = []
+_ABANDONED: list[Any] = []  # connections inherited through a fork without our hooks: never used, never closed
+
+
+def _before_fork() -> None:
+    """Quiesce and close every cache so no SQLite connection or writer thread crosses the fork."""
+    _FORKING[:] = list(_LIVE)
+    for cache in _FORKING:
+        cache._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    """Let the parent's caches run again; they reopen on next use."""
+    for cache in _FORKING:
+        cache._after_fork(child=False)
+    _FORKING.clear()
+
+
+def _after_fork_in_child() -> None:
+    """Give the child's caches fresh locks; they open their own connections on first use."""
+    for cache in _FORKING:
+        cache._after_fork(child=True)
+    _FORKING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    """Close caches the program left open, while sqlitedict's worker threads still run."""
+    for cache in list(_LIVE):
+        try:
+            cache.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+class SQLiteCache:
+    """A response cache in one SQLite file, safe to share across threads, processes and forks.
+
+    Usage::
+
+        with SQLiteCache("llmutils_cache.sqlite", ttl=86400) as cache:
+            key = make_key({"model": "gpt-4.1-mini", "messages": messages})
+            response = cache.get(key)
+            if response is None:
+                response = call_the_api()
+                cache.set(key, response)
+
+    ``mode`` is one of CACHE_MODES: ``readwrite`` (default), ``readonly``, ``replay`` (reads
+    only; the client raises CacheMissError on a miss), ``refresh`` (never reads, overwrites) or
+    ``off`` (never touches the file). ``ttl`` (seconds) is the lifetime given to entries this object
+    writes, None for no expiry. ``busy_timeout`` is how long SQLite waits for another process's lock.
+    Nothing touches the file before the first call; ``close()`` (or ``with``) releases it.
+    ``stats()`` counts a miss for every lookup not served from the file (refresh mode and a
+    disabled cache included) and an error for every fault or unreadable entry.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: str = "readwrite",
+        ttl: float | None = None,
+        busy_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if mode not in CACHE_MODES:
+            raise ConfigError(f"cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}")
+        if not isinstance(busy_timeout, (int, float)) or isinstance(busy_timeout, bool) or not 0 <= busy_timeout < math.inf:
+            raise ConfigError(f"busy_timeout {busy_timeout!r} must be a number of seconds >= 0")
+        self.path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+        self.mode = mode
+        self.ttl = _check_ttl(ttl)
+        self.busy_timeout = float(busy_timeout)
+        self._clock = clock
+        self._lock = threading.Lock()  # open/close/fork and every write
+        self._stats_lock = threading.Lock()
+        self._pool_lock = threading.Lock()  # read connections
+        self._pool_cv = threading.Condition(self._pool_lock)  # waits for in-flight reads before a fork
+        self._pool: list[tuple[int, sqlite3.Connection]] = []
+        self._busy = 0  # read connections checked out
+        self._frozen = False  # a fork is under way: no new reads
+        self._gen = 0  # bumped on close/fork: older read connections are closed, not pooled
+        self._ready = False
+        self._db: SqliteDict | None = None
+        self._pid = os.getpid()
+        self._disabled = False
+        self._warned_rows = False
+        self._hits = self._misses = self._writes = self._errors = 0
+        _LIVE.add(self)
+
+    def __repr__(self) -> str:
+        return f"SQLiteCache({str(self.path)!r}, mode={self.mode!r})"
+
+    def __enter__(self) -> SQLiteCache:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def disabled(self) -> bool:
+        """True once a fault turned this cache off (one WARNING naming the file was logged)."""
+        return self._disabled
+
+    # -- lookups and writes -------------------------------------------------------------------
+
+    def get(self, key: str) -> Any | None:
+        """Return a fresh copy of the stored value, or None on a miss, an expired entry or a fault."""
+        if type(key) is not str and not isinstance(key, str):
+            raise TypeError(f"cache key must be str, not {type(key).__name__}")
+        mode = self.mode
+        if mode == "off":
+            return None
+        if mode == "refresh" or self._disabled or not (self._ready and self._pid == os.getpid()) and not self._open():
+            self._count(misses=1)
+            return None
+        item = self._checkout()
+        if item is None:
+            self._count(misses=1)
+            return None
+        try:
+            row = item[1].execute(_SELECT, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            self._checkin(item, keep=False)
+            self._fault(f"reading failed ({type(exc).__name__}: {exc})", exc)
+            self._count(misses=1)
+            return None
+        self._checkin(item)
+        if row is None:
+            self._count(misses=1)
+            return None
+        try:
+            entry = json.loads(row[0])
+            value = entry["value"]
+            expires = entry.get("expires")
+            expired = expires is not None and self._clock() >= expires
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            self._bad_row(key, exc)
+            return None
+        if expired:
+            self._count(misses=1)
+            return None
+        self._count(hits=1)
+        return value
+
+    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store ``value`` (plain JSON, else TypeError) under ``key``; a no-op in off/readonly/replay."""
+        if self.mode not in _WRITE_MODES:
+            return
+        self._put(key, value, ttl)
+
+    def _put(self, key: str, value: Any, ttl: float | None) -> bool:
+        """Write one entry; True if it was committed (faults are logged and counted, never raised)."""
+        if not isinstance(key, str):
+            raise TypeError(f"cache key must be str, not {type(key).__name__}")
+        ttl = self.ttl if ttl is None else _check_ttl(ttl)
+        _check_json(value, "value")
+        now = self._clock()
+        text = _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl})
+        if self._disabled:
+            return False
+        with self._lock:
+            db = self._writer()
+            if db is None:
+                return False
+            with _quiet():
+                try:
+                    db[key] = text  # autocommit=True: blocks until committed, raises the write's own error
+                except Exception as exc:
+                    self._close_writer()
+                    self._fault(f"writing failed ({type(exc).__name__}: {exc})", exc)
+                    return False
+        self._count(writes=1)
+        return True
+
+    # -- counters -----------------------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        """Return a snapshot of this object's hits, misses, writes and errors."""
+        with self._stats_lock:
+            return CacheStats(self._hits, self._misses, self._writes, self._errors)
+
+    def reset_stats(self) -> None:
+        """Set every counter back to zero."""
+        with self._stats_lock:
+            self._hits = self._misses = self._writes = self._errors = 0
+
+    def _count(self, hits: int = 0, misses: int = 0, writes: int = 0, errors: int = 0) -> None:
+        with self._stats_lock:
+            self._hits += hits
+            self._misses += misses
+            self._writes += writes
+            self._errors += errors
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Number of stored entries, expired ones included (0 when off or disabled)."""
+        rows = self._query(f'SELECT COUNT(*) FROM "{TABLE}"')
+        return rows[0][0] if rows else 0
+
+    def info(self) -> dict[str, Any]:
+        """Path, entries, size on disk (file plus WAL), mode, key and schema versions, disabled."""
+        size = 0
+        for suffix in ("", "-wal"):
+            try:
+                size += os.stat(f"{self.path}{suffix}").st_size
+            except OSError:
+                pass
+        return {
+            "path": str(self.path),
+            "entries": len(self),
+            "size_bytes": size,
+            "mode": self.mode,
+            "ttl": self.ttl,
+            "key_version": KEY_VERSION,
+            "schema_version": SCHEMA_VERSION,
+            "disabled": self._disabled,
+        }
+
+    def clear(self) -> None:
+        """Delete every entry (the file, its schema marker and its WAL setting stay)."""
+        self._require_writable("clear()")
+        with self._lock:
+            db = self._writer()
+            if db is None:
+                return
+            with _quiet():
+                try:
+                    db.clear()
+                except Exception as exc:
+                    self._close_writer()
+                    self._fault(f"clearing failed ({type(exc).__name__}: {exc})", exc)
+
+    def purge_expired(self) -> int:
+        """Delete entries whose TTL has run out; return how many were deleted."""
+        self._require_writable("purge_expired()")
+        now = self._clock()
+        expired: list[str] = []
+        for key, text in self._query(f'SELECT key, value FROM "{TABLE}"'):
+            try:
+                expires = json.loads(text).get("expires")
+            except (TypeError, ValueError, AttributeError):
+                continue
+            if isinstance(expires, (int, float)) and now >= expires:
+                expired.append(key)
+        if not expired:
+            return 0
+        with self._lock:
+            db = self._writer()
+            if db is None:
+                return 0
+            with _quiet():
+                try:
+                    for key in expired:
+                        db.conn.execute(f'DELETE FROM "{TABLE}" WHERE key = ?', (key,))
+                    db.commit()  # blocking: surfaces any error of the deletes here
+                except Exception as exc:
+                    self._close_writer()
+                    self._fault(f"purging failed ({type(exc).__name__}: {exc})", exc)
+                    return 0
+        return len(expired)
+
+    def vacuum(self) -> None:
+        """Rebuild the file to give back the space of deleted entries, and truncate the WAL."""
+        self._require_writable("vacuum()")
+        if self._disabled or not self._open():
+            return
+        with self._lock:
+            try:
+                conn = self._connect(readonly=False)
+                try:
+                    conn.execute("VACUUM")
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                self._fault(f"vacuum failed ({type(exc).__name__}: {exc})", exc)
+
+    def close(self) -> None:
+        """Close every connection and the writer thread; safe to call twice; later calls reopen."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._forget_inherited()
+                return
+            self._drain_pool()
+            self._close_writer()
+            self._ready = False
+
+    # -- internals: opening ------------------------------------------------------------------
+
+    def _open(self) -> bool:
+        """Check and prepare the file once per (re)open; on a fault degrade and return False."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._forget_inherited()
+            if self._disabled:
+                return False
+            if self._ready:
+                return True
+            try:
+                self._prepare()
+            except _Fault as fault:
+                self._fault(str(fault), fault.__cause__)
+                return False
+            self._ready = True
+            return True
+
+    def _prepare(self) -> None:
+        """Refuse what is not our cache file, else create it (WAL, schema marker) if we may write."""
+        writable = self.mode in _WRITE_MODES
+        path = self.path
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise _Fault(f"cannot be reached ({exc})") from exc
+        if st is None:
+            if not writable:
+                raise _Fault(f"does not exist, so mode {self.mode!r} has nothing to read")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _Fault(f"cannot be created ({exc})") from exc
+        elif stat.S_ISDIR(st.st_mode):
+            raise _Fault("is a directory, not a cache file")
+        elif not stat.S_ISREG(st.st_mode):
+            raise _Fault("is not a regular file")
+        elif st.st_size > 0:
+            try:
+                with open(path, "rb") as f:
+                    header = f.read(len(_SQLITE_HEADER))
+            except OSError as exc:
+                raise _Fault(f"cannot be read ({exc})") from exc
+            if header != _SQLITE_HEADER:
+                raise _Fault("is not an SQLite database (it does not start with the SQLite header)")
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn = self._connect(readonly=not writable, create=writable)
+                try:
+                    self._init_schema(conn, writable)
+                finally:
+                    conn.close()
+                return
+            except sqlite3.OperationalError as exc:
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(0.01)  # some paths (e.g. switching to WAL) return BUSY without waiting
+                    continue
+                raise _Fault(_describe(exc, self.busy_timeout)) from exc
+            except sqlite3.Error as exc:
+                raise _Fault(_describe(exc, self.busy_timeout)) from exc
+
+    def _init_schema(self, conn: sqlite3.Connection, writable: bool) -> None:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if META_TABLE in tables:
+            row = conn.execute(f'SELECT value FROM "{META_TABLE}" WHERE key = ?', ("schema_version",)).fetchone()
+            try:
+                version = int(row[0])
+            except (TypeError, ValueError):
+                raise _Fault(f"has an {META_TABLE} table without a valid schema_version") from None
+            if version > SCHEMA_VERSION:
+                raise _Fault(
+                    f"was written by a newer llmutils (schema {version}; this one reads {SCHEMA_VERSION}): "
+                    "upgrade llmutils or use another cache file"
+                )
+            if TABLE in tables:
+                if writable:
+                    self._ensure_wal(conn)
+                return
+        elif tables:
+            raise _Fault(f"is an SQLite database but not an llmutils cache (its tables: {', '.join(sorted(tables))})")
+        if not writable:
+            raise _Fault(f"holds no cache yet, so mode {self.mode!r} has nothing to read")
+        self._ensure_wal(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_CREATE_META)
+            conn.executemany(
+                f'INSERT OR IGNORE INTO "{META_TABLE}" (key, value) VALUES (?, ?)',
+                [
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("format", f"table {TABLE}: key = make_key() sha256 hex, value = JSON {VALUE_FORMAT}"),
+                    ("created_by", "llmutils"),
+                ],
+            )
+            conn.execute(_CREATE_TABLE)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _ensure_wal(conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":  # pragma: no cover - file systems without shared memory
+                logger.debug("llmutils cache: WAL is not available here (journal_mode=%s)", mode)
+
+    def _connect(self, *, readonly: bool, create: bool = False) -> sqlite3.Connection:
+        """A plain connection: read-only (mode=ro), or read-write without creating the file unless ``create``."""
+        flag = "ro" if readonly else ("rwc" if create else "rw")
+        uri = f"file:{quote(str(self.path))}?mode={flag}"
+        return sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+
+    def _writer(self) -> SqliteDict | None:
+        """The process's sqlitedict for this file, opened on first write (caller holds ``_lock``)."""
+        if self._pid != os.getpid():
+            self._forget_inherited()
+        if self._disabled:
+            return None
+        if not self._ready:
+            try:
+                self._prepare()
+            except _Fault as fault:
+                self._fault(str(fault), fault.__cause__)
+                return None
+            self._ready = True
+        if self._db is None:
+            with _quiet():
+                try:
+                    db = SqliteDict(
+                        str(self.path),
+                        tablename=TABLE,
+                        flag="c",
+                        autocommit=True,  # the default (False) drops every uncommitted write
+                        journal_mode="WAL",  # anything else switches the file back to DELETE
+                        encode=_as_is,
+                        decode=json.loads,
+                        outer_stack=False,
+                    )
+                except Exception as exc:
+                    self._fault(f"opening the writer failed ({type(exc).__name__}: {exc})", exc)
+                    return None
+                _QUIET_THREADS.add(db.conn.ident)
+                try:
+                    # sqlitedict's timeout= is its thread start-up wait and it sets synchronous=OFF.
+                    db.conn.select_one(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                    db.conn.select_one("PRAGMA synchronous = NORMAL")
+                except Exception as exc:
+                    self._db = db
+                    self._close_writer()
+                    self._fault(f"opening the writer failed ({type(exc).__name__}: {exc})", exc)
+                    return None
+            self._db = db
+        return self._db
+
+    # -- internals: read connections ---------------------------------------------------------
+
+    def _checkout(self) -> tuple[int, sqlite3.Connection] | None:
+        with self._pool_lock:
+            while self._frozen:
+                self._pool_cv.wait()
+            self._busy += 1
+            if self._pool:
+                return self._pool.pop()
+            gen = self._gen
+        try:
+            conn = self._connect(readonly=self.mode not in _WRITE_MODES)
+            try:
+                conn.execute("PRAGMA query_only = ON")  # readers never write, whatever the mode
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as exc:
+            self._checkin(None)
+            self._fault(f"opening a reader failed ({type(exc).__name__}: {exc})", exc)
+            return None
+        return gen, conn
+
+    def _checkin(self, item: tuple[int, sqlite3.Connection] | None, keep: bool = True) -> None:
+        with self._pool_lock:
+            self._busy -= 1
+            if item is not None:
+                if keep and item[0] == self._gen and not self._disabled:
+                    self._pool.append(item)
+                else:
+                    item[1].close()
+            if self._frozen and self._busy == 0:
+                self._pool_cv.notify_all()
+
+    def _drain_pool(self) -> None:
+        """Close idle read connections; ones in use close when they come back."""
+        with self._pool_lock:
+            self._gen += 1
+            items, self._pool = self._pool, []
+            for _, conn in items:
+                conn.close()
+
+    def _query(self, sql: str) -> list[Any]:
+        """All rows of a maintenance query through a pooled reader; [] when off, disabled or on a fault."""
+        if self.mode == "off" or self._disabled or not (self._ready and self._pid == os.getpid()) and not self._open():
+            return []
+        item = self._checkout()
+        if item is None:
+            return []
+        try:
+            rows = item[1].execute(sql).fetchall()
+        except sqlite3.Error as exc:
+            self._checkin(item, keep=False)
+            self._fault(f"reading failed ({type(exc).__name__}: {exc})", exc)
+            return []
+        self._checkin(item)
+        return rows
+
+    # -- internals: faults, closing, forks ---------------------------------------------------
+
+    def _fault(self, reason: str, exc: BaseException | None = None) -> None:
+        """Count the error, turn the cache off, and log one WARNING naming the file (the first time)."""
+        with self._stats_lock:
+            self._errors += 1
+            first = not self._disabled
+            self._disabled = True
+        if first:
+            logger.warning(
+                "llmutils cache %s %s; calls go on without the cache and the file is left as it is",
+                self.path,
+                reason,
+            )
+            logger.debug("llmutils cache %s fault detail", self.path, exc_info=exc)
+        else:
+            logger.debug("llmutils cache %s (already off) %s", self.path, reason)
+        self._drain_pool()
+
+    def _bad_row(self, key: str, exc: BaseException) -> None:
+        """A stored value that is not our JSON envelope: a miss and an error, but the cache stays on."""
+        self._count(misses=1, errors=1)
+        level = logging.DEBUG if self._warned_rows else logging.WARNING
+        self._warned_rows = True
+        logger.log(level, "llmutils cache %s: entry %s is not a valid cache value (%s); treated as a miss", self.path, key, exc)
+
+    def _require_writable(self, what: str) -> None:
+        if self.mode not in _WRITE_MODES:
+            raise ConfigError(f"{what} writes to the cache, but {self.path} is open in mode {self.mode!r}; use 'readwrite'")
+
+    def _close_writer(self) -> None:
+        """Stop this object's sqlitedict thread (caller holds ``_lock``); never hangs on a dead thread."""
+        db, self._db = self._db, None
+        if db is None:
+            return
+        worker = db.conn
+        with _quiet():
+            try:
+                if worker is not None and worker.is_alive():
+                    db.close(do_log=False)
+                else:
+                    db.close(do_log=False, force=True)
+            except Exception:
+                try:
+                    db.close(do_log=False, force=True)
+                except Exception:  # pragma: no cover
+                    pass
+        if worker is not None:
+            worker.join(timeout=max(self.busy_timeout, 1.0))
+            _QUIET_THREADS.discard(worker.ident or 0)
+
+    def _forget_inherited(self) -> None:
+        """In a child forked without our hooks: drop the parent's connections unused and unclosed."""
+        db, self._db = self._db, None
+        if db is not None:
+            _ABANDONED.append(db.conn)
+            db.conn = None  # its __del__/close() would otherwise talk to a thread that is gone
+        with self._pool_lock:
+            _ABANDONED.extend(self._pool)
+            self._pool = []
+            self._gen += 1
+            self._busy = 0
+        self._ready = False
+        self._pid = os.getpid()
+
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+        self._pool_cv.acquire()
+        self._frozen = True
+        try:
+            while self._busy:
+                self._pool_cv.wait()
+            self._gen += 1
+            items, self._pool = self._pool, []
+            for _, conn in items:
+                conn.close()
+            self._close_writer()
+            self._ready = False
+        except Exception:  # pragma: no cover - never let a fork fail because of the cache
+            logger.debug("llmutils cache %s: closing before fork failed", self.path, exc_info=True)
+
+    def _after_fork(self, *, child: bool) -> None:
+        self._frozen = False
+        if child:
+            # Only this thread survives the fork: fresh locks are safe and cannot be stuck.
+            self._lock = threading.Lock()
+            self._stats_lock = threading.Lock()
+            self._pool_lock = threading.Lock()
+            self._pool_cv = threading.Condition(self._pool_lock)
+            self._busy = 0
+            self._pid = os.getpid()
+            return
+        self._pool_cv.notify_all()
+        self._pool_cv.release()
+        self._lock.release()
+
+
+def _check_ttl(ttl: float | None) -> float | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
+        raise ConfigError(f"cache ttl {ttl!r} must be a number of seconds > 0, or None for no expiry")
+    return float(ttl)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _describe(exc: sqlite3.Error, busy_timeout: float) -> str:
+    if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+        return f"stayed locked by another connection for more than busy_timeout={busy_timeout:g}s ({exc})"
+    return f"could not be opened as a cache ({type(exc).__name__}: {exc})"
+
+
+# -- migration from the old pickle cache ---------------------------------------------------------
+
+
+def _to_json_value(obj: Any) -> Any:
+    """An old cached response as plain JSON: pydantic/openai objects are dumped, dicts kept."""
+    methods = (("model_dump", {"mode": "json"}), ("to_dict_recursive", {}), ("to_dict", {}), ("dict", {}))
+    for name, kwargs in methods:
+        method = getattr(obj, name, None)
+        if callable(method):
+            try:
+                return method(**kwargs)
+            except TypeError:
+                continue
+    return obj
+
+
+def import_pickle_cache(
+    pickle_path: str | os.PathLike[str],
+    cache: SQLiteCache,
+    *,
+    trusted: bool = False,
+    key_prefix: str = "legacy:",
+) -> int:
+    """Copy an old ``openai_api_cache.pickle`` ({str key: response}) into ``cache``; return entries written.
+
+    Unpickling runs whatever code the file contains, so this refuses unless ``trusted=True`` says
+    the file is your own. Responses are stored as JSON (``model_dump()``/``to_dict()`` when they
+    have it); entries that are not JSON-able are skipped with one WARNING. The old keys cannot be
+    turned into new request keys, so they are kept as ``key_prefix + old key``.
+    """
+    path = Path(os.fspath(pickle_path))
+    if not trusted:
+        raise ConfigError(
+            f"refusing to read {path}: loading a pickle file runs any code it contains. "
+            "Pass trusted=True (CLI: --trusted) only for a file you or your own program wrote."
+        )
+    if cache.mode not in _WRITE_MODES:
+        raise ConfigError(f"import needs a cache open for writing, but {cache.path} is in mode {cache.mode!r}")
+    import pickle  # only here, behind trusted=True: the store itself never unpickles
+
+    with open(path, "rb") as f:
+        data = pickle.load(f)  # noqa: S301 - the caller vouched for this file
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not the dict of an old llmutils cache")
+    written = 0
+    skipped: list[str] = []
+    for old_key, obj in data.items():
+        if not isinstance(old_key, str):
+            skipped.append(repr(old_key))
+            continue
+        try:
+            ok = cache._put(key_prefix + old_key, _to_json_value(obj), None)
+        except TypeError:
+            skipped.append(old_key)
+            continue
+        if ok:
+            written += 1
+    if skipped:
+        logger.warning(
+            "llmutils cache import from %s: skipped %d entries that are not JSON values (first: %s)",
+            path,
+            len(skipped),
+            skipped[0],
+        )
+    return written
