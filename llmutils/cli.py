@@ -1,0 +1,659 @@
+"""The ``llmutils`` command: chat, batch over JSONL, render templates, count tokens, manage the cache.
+
+Runs offline on the ``mock`` backend when no API key, base URL or API type is configured::
+
+    llmutils batch examples/prompts.jsonl out.jsonl --template summarize
+    llmutils chat "Say hello"
+    llmutils --help
+
+Exit codes: 0 success; 1 a runtime error, or (``batch``) at least one item failed; 2 a usage
+error; 130 interrupted (Ctrl-C). Errors are one line on stderr, ``llmutils: error: ...``;
+``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from . import _config
+from ._exceptions import ConfigError, LLMUtilsError
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("llmutils")
+
+PROG = "llmutils"
+API_TYPES = ("openai", "azure", "mock")
+_OPENAI_KEY_VARS = ("OPENAI_API_KEY",)
+_AZURE_KEY_VARS = ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_KEY")
+_OFFLINE_NOTICE = (
+    "llmutils: no API key, base URL or API type configured; running offline on the mock backend "
+    "(answers are echoes). For real answers set OPENAI_API_KEY, or pass --base-url URL "
+    "(any OpenAI-compatible server) or --api-type openai|azure."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: ``llmutils: error: ... (see --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _fail(message: str) -> NoReturn:
+    """Stop the command with a one-line runtime error (exit code 1)."""
+    raise SystemExit(_one_line_error(message))
+
+
+def _one_line_error(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 1
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def _add_common(parser: argparse.ArgumentParser, *, connection: bool, cache: bool | str, model: bool) -> None:
+    """Add the shared options (``cache``: True for all cache options, "file" for --cache-file only); absent ones stay unset."""
+    s = argparse.SUPPRESS
+    group = parser.add_argument_group("common options")
+    if connection:
+        group.add_argument(
+            "--api-type",
+            choices=API_TYPES,
+            default=s,
+            help="backend to call (default: the configured API_TYPE; 'azure' when only an Azure endpoint "
+            "or key is set; 'mock' when no API key, base URL, Azure endpoint or API type is configured)",
+        )
+        group.add_argument(
+            "--base-url", metavar="URL", default=s, help="an OpenAI-compatible endpoint, e.g. http://localhost:11434/v1"
+        )
+    if model:
+        group.add_argument(
+            "--model", metavar="NAME", default=s, help="model (Azure: deployment) name; default: the configured MODEL"
+        )
+    if cache is True:
+        group.add_argument(
+            "--cache",
+            action=argparse.BooleanOptionalAction,
+            default=s,
+            help="cache answers in a SQLite file (default: on for 'batch', the configured CACHE_API_CALLS otherwise)",
+        )
+    if cache:
+        group.add_argument(
+            "--cache-file",
+            metavar="PATH",
+            default=s,
+            help="cache file (default: the configured CACHE_FILE_NAME, ./llmutils_cache.sqlite)",
+        )
+    if cache is True:
+        group.add_argument(
+            "--cache-mode",
+            choices=("readwrite", "readonly", "replay", "refresh", "off"),
+            default=s,
+            help="readwrite (default), readonly, replay (fail on a miss, never send), refresh (send and overwrite), off",
+        )
+    group.add_argument("-v", "--verbose", action="count", default=s, help="log to stderr: -v INFO, -vv DEBUG; show tracebacks")
+
+
+def _add_template_options(parser: argparse.ArgumentParser, *, user_default: str | None) -> None:
+    default = f" (default: {user_default}, which sends the 'prompt' variable)" if user_default else ""
+    parser.add_argument("--template", "-t", metavar="NAME", help=f"user-message template, e.g. summarize, classify{default}")
+    parser.add_argument("--system-template", metavar="NAME", help="system-message template, e.g. system_default (default: none)")
+    parser.add_argument("--template-dir", metavar="DIR", action="append", help="search DIR for templates first (repeatable)")
+
+
+def _add_var_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--var",
+        metavar="K=V",
+        action="append",
+        default=[],
+        help="template variable: K=V is text, K:=JSON is a JSON value (numbers, lists); repeatable",
+    )
+
+
+def _add_model_params(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, help="sampling temperature")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="maximum output tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``llmutils`` command."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "Call the OpenAI / Azure OpenAI APIs (or any OpenAI-compatible server) from the shell, "
+            "with retries and a SQLite cache."
+        ),
+        epilog=(
+            "examples:\n"
+            "  llmutils batch examples/prompts.jsonl out.jsonl --template summarize\n"
+            "  llmutils chat 'Write a haiku about caches'\n"
+            "  llmutils chat --template summarize --var text=\"$(cat notes.txt)\" --var max_words:=30\n"
+            "  llmutils render --template classify --var text=hi --var 'labels:=[\"a\",\"b\"]'\n"
+            "  llmutils tokens --file notes.txt --model gpt-4o\n"
+            "  llmutils cache stats\n\n"
+            "Without OPENAI_API_KEY, a base URL or API_TYPE, calls go to the offline 'mock' backend.\n"
+            "Exit codes: 0 ok, 1 error (batch: an item failed), 2 usage error, 130 interrupted."
+        ),
+        formatter_class=fmt,
+    )
+    _add_common(parser, connection=True, cache=True, model=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    chat = commands.add_parser(
+        "chat",
+        help="send one prompt and print the answer",
+        description="Send one prompt (the arguments, else stdin), or a template with --var values, and print the answer.",
+        epilog="examples:\n  llmutils chat 'Say hello'\n  echo 'Say hello' | llmutils chat\n"
+        "  llmutils chat --template summarize --var text=\"$(cat notes.txt)\"",
+        formatter_class=fmt,
+    )
+    chat.add_argument("prompt", nargs="*", help="the prompt (default: read stdin); with --template, sets the 'prompt' variable")
+    _add_template_options(chat, user_default=None)
+    _add_var_option(chat)
+    _add_model_params(chat)
+    _add_common(chat, connection=True, cache=True, model=True)
+    chat.set_defaults(func=_cmd_chat, parser=chat)
+
+    batch = commands.add_parser(
+        "batch",
+        help="answer every line of a JSONL file, in parallel, into another JSONL file",
+        description=(
+            "Send one request per line of IN (JSONL) on a pool of threads and write one line per\n"
+            "item to OUT, in input order. An input line is a JSON object of template variables\n"
+            '(e.g. {"text": "..."} with --template summarize; {"prompt": "..."} by default), or\n'
+            '{"messages": [...]} (sent as is; other keys are ignored), or a list of messages.\n'
+            'An output line is {"index", "input", "output", "cached"}, or {"index", "input",\n'
+            '"error": {"type", "message"}} for an item that failed; one failure never stops the rest.\n\n'
+            "The cache is ON by default here: answers are stored as they arrive, so running the\n"
+            "same command again (after Ctrl-C, or to retry failed items) sends only what is missing.\n"
+            "A progress bar and a summary line go to stderr. Exit code 0 when every item succeeded,\n"
+            "1 when any failed, 130 when interrupted (nothing is written to OUT then)."
+        ),
+        epilog="examples:\n  llmutils batch examples/prompts.jsonl out.jsonl --template summarize\n"
+        "  llmutils --base-url http://localhost:11434/v1 --model llama3.2 batch in.jsonl out.jsonl --workers 4\n"
+        "  llmutils batch in.jsonl - --rpm 500 --tpm 200000 > out.jsonl",
+        formatter_class=fmt,
+    )
+    batch.add_argument("input", metavar="IN", help="input JSONL file ('-' for stdin)")
+    batch.add_argument("output", metavar="OUT", help="output JSONL file, written when the batch ends ('-' for stdout)")
+    batch.add_argument("--workers", "-w", type=int, default=8, metavar="N", help="parallel requests (default: 8)")
+    batch.add_argument("--rpm", type=float, metavar="N", help="client-side limit: requests per minute")
+    batch.add_argument("--tpm", type=float, metavar="N", help="client-side limit: tokens per minute")
+    batch.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar on stderr (default: on)"
+    )
+    _add_template_options(batch, user_default="user_default")
+    _add_model_params(batch)
+    _add_common(batch, connection=True, cache=True, model=True)
+    batch.set_defaults(func=_cmd_batch, parser=batch)
+
+    render = commands.add_parser(
+        "render",
+        help="print the messages a template renders to, as JSON (nothing is sent)",
+        description="Render --system-template and/or --template with --var values and print the messages as JSON.",
+        epilog="example:\n  llmutils render --template summarize --var text='A long story.' --var max_words:=20",
+        formatter_class=fmt,
+    )
+    _add_template_options(render, user_default=None)
+    _add_var_option(render)
+    _add_common(render, connection=False, cache=False, model=False)
+    render.set_defaults(func=_cmd_render, parser=render)
+
+    tokens = commands.add_parser(
+        "tokens",
+        help="count the tokens of a text, a file, stdin or a rendered template",
+        description=(
+            "Count tokens with tiktoken for --model (default: the configured MODEL). Text (arguments,\n"
+            "--file or stdin) is counted as plain text; a template is counted as chat messages,\n"
+            "with their per-message overhead. Says whether the count is exact or an offline estimate."
+        ),
+        epilog="examples:\n  llmutils tokens 'How many tokens is this?'\n  llmutils tokens --file notes.txt --model gpt-4o\n"
+        "  llmutils tokens --template summarize --var text=\"$(cat notes.txt)\"",
+        formatter_class=fmt,
+    )
+    tokens.add_argument("text", nargs="*", help="text to count (default: --file, a template, or stdin)")
+    tokens.add_argument("--file", "-f", metavar="PATH", help="count the text of this file")
+    _add_template_options(tokens, user_default=None)
+    _add_var_option(tokens)
+    _add_common(tokens, connection=False, cache=False, model=True)
+    tokens.set_defaults(func=_cmd_tokens, parser=tokens)
+
+    cache = commands.add_parser(
+        "cache",
+        help="inspect or maintain the cache file",
+        description="Inspect or maintain the SQLite cache file (--cache-file, default: the configured CACHE_FILE_NAME).",
+        formatter_class=fmt,
+    )
+    _add_common(cache, connection=False, cache="file", model=False)
+    actions = cache.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    for name, text in (
+        ("stats", "print the path, entries, size and versions of the cache file"),
+        ("clear", "delete every entry (the file stays)"),
+        ("vacuum", "give the space of deleted entries back to the disk"),
+    ):
+        sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _add_common(sub, connection=False, cache="file", model=False)
+        sub.set_defaults(func=_cmd_cache, parser=sub)
+    imp = actions.add_parser(
+        "import-pickle",
+        help="copy an old pickle cache (openai_api_cache.pickle) into the cache file",
+        description=(
+            "Copy an old pickle cache into the SQLite cache file. Loading a pickle runs any code it\n"
+            "contains, so --trusted is required: pass it only for a file you or your program wrote."
+        ),
+        formatter_class=fmt,
+    )
+    imp.add_argument("pickle", metavar="PICKLE", help="the old cache file")
+    imp.add_argument("--trusted", action="store_true", help="confirm the pickle file is your own (required)")
+    _add_common(imp, connection=False, cache="file", model=False)
+    imp.set_defaults(func=_cmd_cache, parser=imp)
+    cache.set_defaults(func=None, parser=cache)
+    return parser
+
+
+# -- settings and the client ---------------------------------------------------------------------
+
+
+def _opt(args: argparse.Namespace, name: str, default: Any = None) -> Any:
+    return getattr(args, name, default)
+
+
+def _overrides(args: argparse.Namespace, *, cache_default: bool | None = None) -> dict[str, Any]:
+    """Config values set by the command line; they win over config files and the environment."""
+    values: dict[str, Any] = {}
+    for option, key in (
+        ("base_url", "BASE_URL"),
+        ("model", "MODEL"),
+        ("cache_file", "CACHE_FILE_NAME"),
+        ("cache_mode", "CACHE_MODE"),
+        ("rpm", "RPM"),
+        ("tpm", "TPM"),
+    ):
+        value = _opt(args, option)
+        if value is not None:
+            values[key] = value
+    cache = _opt(args, "cache", cache_default)
+    if cache is not None:
+        values["CACHE_API_CALLS"] = cache
+    return values
+
+
+def _api_type_configured() -> bool:
+    """Whether API_TYPE was set anywhere: the environment, the config file, or in-process."""
+    if os.environ.get("LLMUTILS_API_TYPE") or _config.resolve()["API_TYPE"] != _config.DEFAULTS["API_TYPE"]:
+        return True
+    path = _config.config_file_path()
+    return path is not None and "API_TYPE" in _config._read_file(path)
+
+
+def _choose_api_type(args: argparse.Namespace) -> str:
+    """--api-type; else API_TYPE if configured, or when a base URL or OPENAI_API_KEY is set; else
+    ``azure`` when an Azure endpoint or key is set; else ``mock`` (with a one-line notice)."""
+    explicit = _opt(args, "api_type")
+    if explicit:
+        return str(explicit)
+    settings = _config.resolve()
+    if _api_type_configured() or settings["BASE_URL"] or _config.api_key_from_env(_OPENAI_KEY_VARS)[0]:
+        return str(settings["API_TYPE"])
+    if settings["AZURE_ENDPOINT"] or _config.api_key_from_env(_AZURE_KEY_VARS)[0]:
+        return "azure"
+    print(_OFFLINE_NOTICE, file=sys.stderr)
+    return "mock"
+
+
+def _new_client(api_type: str) -> Any:
+    from ._clients import AzureClient, MockClient, OpenAIClient
+
+    classes = {"openai": OpenAIClient, "azure": AzureClient, "mock": MockClient}
+    if api_type not in classes:
+        raise ConfigError(
+            f"API_TYPE {api_type!r} is not one the command line knows; use --api-type with one of {', '.join(API_TYPES)}"
+        )
+    return classes[api_type]()
+
+
+@contextmanager
+def _client(args: argparse.Namespace, *, cache_default: bool | None = None) -> Iterator[Any]:
+    """A fresh client for the chosen API type, with the command line's settings in force."""
+    with _config.override_defaults(**_overrides(args, cache_default=cache_default)):
+        client = _new_client(_choose_api_type(args))
+        with client:
+            yield client
+
+
+def _model_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if _opt(args, "temperature") is not None:
+        params["temperature"] = args.temperature
+    if _opt(args, "max_tokens") is not None:
+        params["max_tokens"] = args.max_tokens
+    return params
+
+
+# -- templates and input -------------------------------------------------------------------------
+
+
+def _parse_vars(args: argparse.Namespace) -> dict[str, Any]:
+    """``--var K=V`` (text) and ``--var K:=JSON`` (a JSON value) as a dict."""
+    variables: dict[str, Any] = {}
+    for spec in _opt(args, "var") or []:
+        name, sep, value = spec.partition("=")
+        if not sep or not name.rstrip(":").strip():
+            args.parser.error(f"--var {spec!r}: expected K=V (text) or K:=JSON")
+        if name.endswith(":"):
+            name = name[:-1]
+            try:
+                variables[name.strip()] = json.loads(value)
+            except ValueError as exc:
+                args.parser.error(f"--var {spec!r}: the value after ':=' is not valid JSON ({exc})")
+        else:
+            variables[name.strip()] = value
+    return variables
+
+
+def _has_template(args: argparse.Namespace) -> bool:
+    return bool(args.template or args.system_template)
+
+
+def _render(args: argparse.Namespace, variables: dict[str, Any]) -> list[dict[str, Any]]:
+    from ._templates import compose_messages
+
+    return compose_messages(args.system_template, args.template, template_dirs=args.template_dir, **variables)
+
+
+def _read_stdin(what: str) -> str:
+    if sys.stdin is None:
+        return ""
+    if sys.stdin.isatty():
+        print(f"{PROG}: reading {what} from stdin; end with Ctrl-D", file=sys.stderr)
+    return sys.stdin.read()
+
+
+def _read_text(path: str) -> str:
+    if path == "-":
+        return _read_stdin("the input")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {path}: {exc}")
+
+
+def _read_jsonl(path: str) -> list[Any]:
+    """The items of a JSONL file; a line that is not JSON stops everything before anything is sent."""
+    items = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except ValueError as exc:
+            _fail(f"{path} line {number} is not valid JSON ({exc}); each line must be one JSON object")
+    return items
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _print_answer(answer: Any) -> None:
+    messages = answer if isinstance(answer, list) else [answer]
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str) and set(message) <= {"role", "content"}:
+            print(content)
+        else:
+            print(json.dumps(message, ensure_ascii=False, indent=2))
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    """Send one prompt and print the answer."""
+    variables = _parse_vars(args)
+    prompt = " ".join(args.prompt)
+    if _has_template(args):
+        if prompt:
+            variables.setdefault("prompt", prompt)
+        messages = _render(args, variables)
+    else:
+        if variables:
+            args.parser.error("--var needs --template or --system-template")
+        if not prompt:
+            prompt = _read_stdin("the prompt").strip()
+        if not prompt:
+            args.parser.error("no prompt: give it as arguments, on stdin, or use --template")
+        messages = [{"role": "user", "content": prompt}]
+    with _client(args) as client:
+        answer = client.send_message(messages, **_model_params(args))
+    _print_answer(answer)
+    return 0
+
+
+def _plain_output(output: Any) -> Any:
+    """The answer's text when the message is plain text, else the whole message (or list)."""
+    if isinstance(output, dict) and isinstance(output.get("content"), str) and set(output) <= {"role", "content"}:
+        return output["content"]
+    return output
+
+
+def _record(result: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {"index": result.index, "input": result.input}
+    if result.ok:
+        record["output"] = _plain_output(result.output)
+        record["cached"] = result.cached
+    else:
+        error = result.error
+        record["error"] = {"type": type(error).__name__, "message": str(error)}
+        if getattr(error, "status_code", None) is not None:
+            record["error"]["status_code"] = error.status_code
+    return record
+
+
+def _write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
+    """Write the lines to ``path`` at once (a temporary file renamed into place), or to stdout."""
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if path == "-":
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".llmutils-", suffix=".jsonl", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(lines)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc}")
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    """Answer every line of IN into OUT; exit 1 if any item failed."""
+    from ._batch import batch
+
+    if args.workers < 1:
+        args.parser.error(f"--workers must be >= 1, got {args.workers}")
+    items = _read_jsonl(args.input)
+    started = time.monotonic()
+    with _client(args, cache_default=True) as client:
+        settings = client.settings()
+        cache_on = settings["CACHE_API_CALLS"] and settings["CACHE_MODE"] != "off"
+        try:
+            results = batch(
+                items,
+                client=client,
+                workers=args.workers,
+                system_template=args.system_template,
+                user_template=args.template or (None if args.system_template else "user_default"),
+                template_dirs=args.template_dir,
+                progress=args.progress,
+                **_model_params(args),
+            )
+        except KeyboardInterrupt:
+            path = os.path.abspath(settings["CACHE_FILE_NAME"])
+            where = f"in the cache ({path}): run the same command again to resume" if cache_on else "lost (the cache is off)"
+            print(
+                f"{PROG}: interrupted; nothing was written to {args.output}. Answers received so far are {where}.",
+                file=sys.stderr,
+            )
+            return 130
+    _write_jsonl(args.output, [_record(r) for r in results])
+    failed = [r for r in results if not r.ok]
+    cached = sum(r.cached for r in results)
+    tokens = sum(r.tokens for r in results if not r.cached)
+    seconds = time.monotonic() - started
+    print(
+        f"{PROG}: {len(results)} items: {len(results) - len(failed)} ok, {len(failed)} failed, "
+        f"{cached} cached, {tokens} tokens, {seconds:.2f}s -> {args.output}",
+        file=sys.stderr,
+    )
+    if failed:
+        first = failed[0]
+        print(f"{PROG}: first failure: item {first.index}: {type(first.error).__name__}: {first.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    """Print the rendered messages as JSON."""
+    if not _has_template(args):
+        args.parser.error("give --template and/or --system-template")
+    print(json.dumps(_render(args, _parse_vars(args)), ensure_ascii=False, indent=2))
+    return 0
+
+
+def _cmd_tokens(args: argparse.Namespace) -> int:
+    """Count tokens of a text, a file, stdin or a rendered template."""
+    from ._tokens import count_tokens, encoding_name_for_model
+
+    with _config.override_defaults(**_overrides(args)):
+        model = _config.resolve()["MODEL"]
+        sources = sum(bool(x) for x in (args.text, args.file, _has_template(args)))
+        if sources > 1:
+            args.parser.error("give text arguments, --file or a template, not several")
+        what: Any
+        if _has_template(args):
+            what = _render(args, _parse_vars(args))
+        elif args.file:
+            what = _read_text(args.file)
+        elif args.text:
+            what = " ".join(args.text)
+        else:
+            what = _read_stdin("the text")
+        count = count_tokens(what, model)
+        encoding = encoding_name_for_model(model)
+    shape = "text" if isinstance(what, str) else f"{len(what)} message{'s' if len(what) != 1 else ''}"
+    if count.exact:
+        print(f"{int(count)} tokens (exact; {shape}, model {model}, encoding {encoding})")
+    else:
+        print(f"~{int(count)} tokens (estimate: tiktoken could not load {encoding}; {shape}, model {model})")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    """stats, clear, vacuum or import-pickle on the cache file."""
+    from ._cache import SQLiteCache, import_pickle_cache
+
+    with _config.override_defaults(**_overrides(args)):
+        path = os.path.abspath(_config.resolve()["CACHE_FILE_NAME"])
+    if args.action != "import-pickle" and not os.path.exists(path):
+        _fail(f"no cache file at {path}; choose one with --cache-file PATH or the CACHE_FILE_NAME setting")
+    if args.action == "import-pickle" and not args.trusted:
+        _fail(
+            f"refusing to load {args.pickle} without --trusted: loading a pickle runs any code it contains; "
+            "pass --trusted only for a file you or your own program wrote"
+        )
+    with SQLiteCache(path, mode="readwrite") as cache:
+        if args.action == "stats":
+            for name, value in cache.info().items():
+                print(f"{name}: {value}")
+        elif args.action == "clear":
+            entries = len(cache)
+            cache.clear()
+            print(f"cleared {entries} entries from {path}")
+        elif args.action == "vacuum":
+            before = cache.info()["size_bytes"]
+            cache.vacuum()
+            print(f"vacuumed {path}: {before} -> {cache.info()['size_bytes']} bytes")
+        else:
+            try:
+                written = import_pickle_cache(args.pickle, cache, trusted=True)
+            except OSError as exc:
+                _fail(f"cannot read {args.pickle}: {exc}")
+            print(f"imported {written} entries from {args.pickle} into {path}")
+        if cache.disabled:
+            _fail(f"the cache file {path} could not be used (see the warning above)")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _logging(verbosity: int) -> Iterator[logging.Handler]:
+    """Send llmutils' log records to stderr for this command: WARNING, or INFO (-v) / DEBUG (-vv)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``llmutils`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.func is None:  # "llmutils cache" without an action
+        args.parser.print_help(sys.stderr)
+        return 2
+    verbosity = _opt(args, "verbose", 0) or 0
+    with _logging(verbosity):
+        try:
+            return int(args.func(args))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 1
+        except LLMUtilsError as exc:
+            if verbosity:
+                traceback.print_exc(file=sys.stderr)
+            return _one_line_error(str(exc))
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            # stdout was closed early (| head): stop quietly, and keep Python from complaining at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""batch() and map_calls(): input order, per-item errors, the cache on re-runs, threads, Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmutils import ConfigError, InvalidRequestError, MockClient, OpenAIClient, TemplateError, override_defaults
+from llmutils._batch import BatchResult, batch, map_calls
+from llmutils.testing import Fault, OpenAITestServer
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _batch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("llmutils-batch-")]
+
+
+def _join_batch_threads() -> None:
+    """Wait for the workers to exit (Ctrl-C may have come while one was still being started)."""
+    deadline = time.monotonic() + 5
+    while _batch_threads() and time.monotonic() < deadline:
+        for thread in _batch_threads():
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except RuntimeError:  # "cannot join thread before it is started": it is starting now
+                pass
+    assert not _batch_threads(), "batch worker threads are still running"
+
+
+def test_results_come_back_in_input_order_whatever_the_finishing_order() -> None:
+    third_done = threading.Event()
+
+    def handler(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        text = messages[-1]["content"]
+        if text == "0":
+            assert third_done.wait(5)  # item 0 finishes after item 3
+        if text == "3":
+            third_done.set()
+        return f"answer {text}"
+
+    client = MockClient(handler=handler)
+    finishing: list[int] = []
+    results = map_calls(
+        lambda text: client.send_message(_user(text)),
+        [str(i) for i in range(8)],
+        workers=4,
+        client=client,
+        on_result=lambda r: finishing.append(r.index),
+    )
+    assert [r.index for r in results] == list(range(8))
+    assert [r.content for r in results] == [f"answer {i}" for i in range(8)]
+    assert finishing.index(3) < finishing.index(0)
+    assert all(r.ok and not r.cached and r.tokens > 0 for r in results)
+
+
+def test_item_shapes_messages_dict_and_template_variables() -> None:
+    client = MockClient()
+    results = batch(
+        [_user("plain"), {"messages": _user("wrapped"), "id": "x"}, {"text": "A story.", "max_words": 5}],
+        client=client,
+        user_template="summarize",
+    )
+    assert [r.ok for r in results] == [True, True, True]
+    assert results[0].output == {"role": "assistant", "content": "echo: plain"}
+    assert results[1].content == "echo: wrapped"
+    assert results[2].content is not None and "at most 5 words" in results[2].content
+    assert results[2].input == {"text": "A story.", "max_words": 5}
+
+
+def test_bad_items_are_kept_as_errors_and_the_rest_goes_on() -> None:
+    results = batch(
+        [{"text": "no template given"}, 42, {"messages": "not a list"}, _user("fine")],
+        client=MockClient(),
+    )
+    assert [type(r.error) for r in results] == [InvalidRequestError, InvalidRequestError, InvalidRequestError, type(None)]
+    assert "no template was given" in str(results[0].error)
+    assert results[3].ok and results[3].content == "echo: fine"
+    missing = batch([{"text": "x"}, {"wrong": "x"}], client=MockClient(), user_template="summarize")
+    assert missing[0].ok and isinstance(missing[1].error, TemplateError) and missing[1].output is None
+
+
+def test_a_failing_request_is_kept_and_the_others_succeed() -> None:
+    def handler(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        if messages[-1]["content"] == "bad":
+            raise InvalidRequestError("scripted failure")
+        return "ok"
+
+    results = batch([_user("a"), _user("bad"), _user("c")], client=MockClient(handler=handler), workers=3)
+    assert [r.ok for r in results] == [True, False, True]
+    assert isinstance(results[1].error, InvalidRequestError) and str(results[1].error) == "scripted failure"
+    assert results[1].index == 1 and results[1].input == _user("bad")
+
+
+def test_http_error_on_one_item_against_the_server(server: OpenAITestServer) -> None:
+    server.script(Fault.bad_request("no such thing"))
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        results = batch([_user("first"), _user("second")], client=client, workers=1)
+    assert isinstance(results[0].error, InvalidRequestError) and results[0].error.status_code == 400
+    assert results[1].content == "echo: second"
+    assert server.request_count == 2
+
+
+def test_a_bug_that_is_not_an_llmutils_error_propagates() -> None:
+    def handler(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        batch([_user(str(i)) for i in range(20)], client=MockClient(handler=handler), workers=2)
+    _join_batch_threads()
+
+
+def test_rerun_with_the_cache_on_makes_no_network_call(server: OpenAITestServer, tmp_path: Path) -> None:
+    items = [_user(f"question {i}") for i in range(10)]
+    cache_file = tmp_path / "cache.sqlite"
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file) as client:
+        first = batch(items, client=client, workers=4, temperature=0)
+    assert server.request_count == 10
+    assert all(r.ok and not r.cached and r.tokens > 0 for r in first)
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file) as client:
+        second = batch(items, client=client, workers=4, temperature=0)
+        assert client.usage.totals().cached_requests == 10 and client.usage.totals().requests == 0
+    assert server.request_count == 10
+    assert all(r.cached for r in second)
+    assert [r.output for r in second] == [r.output for r in first]
+
+
+def test_workers_run_at_the_same_time() -> None:
+    workers = 4
+    barrier = threading.Barrier(workers, timeout=5)  # broken (an error) unless all 4 are inside at once
+
+    def handler(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        barrier.wait()
+        return "together"
+
+    results = batch([_user(str(i)) for i in range(workers)], client=MockClient(handler=handler), workers=workers)
+    assert [r.content for r in results] == ["together"] * workers
+
+
+def test_workers_see_the_callers_context_overrides() -> None:
+    models: list[str] = []
+
+    def handler(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        models.append(params["model"])
+        return "ok"
+
+    with override_defaults(model="context-model"):
+        batch([_user("a"), _user("b")], client=MockClient(handler=handler), workers=2)
+    assert models == ["context-model", "context-model"]
+
+
+def test_progress_is_off_by_default_and_on_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    batch([_user("a")], client=MockClient())
+    assert capsys.readouterr().err == ""
+    batch([_user("a"), _user("a")], client=MockClient(), progress=True)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "cached=0" in err and "failed=0" in err and "tokens=" in err
+
+
+def test_stop_from_the_calling_thread_drops_items_not_started() -> None:
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def handler(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        calls.append(messages[-1]["content"])
+        if len(calls) > 1:
+            assert gate.wait(5)  # in flight while the calling thread stops the run
+        return "ok"
+
+    client = MockClient(handler=handler)
+
+    def interrupt(result: BatchResult) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            map_calls(client.send_message, [_user(str(i)) for i in range(50)], workers=1, client=client, on_result=interrupt)
+    finally:
+        gate.set()
+    _join_batch_threads()
+    assert calls == ["0", "1"]  # the first item, and the one in flight when Ctrl-C came; no more
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pthread_kill is POSIX")
+def test_ctrl_c_returns_promptly_while_requests_hang() -> None:
+    release = threading.Event()
+    started: list[str] = []
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def handler(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        started.append(messages[-1]["content"])
+        if len(started) == 1:
+            signal.pthread_kill(main, signal.SIGINT)  # a real Ctrl-C, delivered to the calling thread
+        release.wait(10)
+        return "late"
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            batch([_user(str(i)) for i in range(20)], client=MockClient(handler=handler), workers=2)
+        assert time.monotonic() - t0 < 3  # did not wait for the hanging requests
+    finally:
+        release.set()
+    _join_batch_threads()
+    assert len(started) <= 2  # nothing new started after Ctrl-C
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="workers"):
+        batch([_user("a")], client=MockClient(), workers=0)
+    assert batch([], client=MockClient()) == []
+
+
+def test_default_client_is_the_configured_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMUTILS_API_TYPE", "mock")
+    assert batch([_user("hi")])[0].content == "echo: hi"

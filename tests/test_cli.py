@@ -1,0 +1,327 @@
+"""The llmutils command: the offline mock run and its cached re-run, every subcommand, errors, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import llmutils._tokens as tokens_module
+from llmutils.cli import main
+from llmutils.testing import Fault, OpenAITestServer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "prompts.jsonl"
+_ENV_PREFIXES = ("OPENAI_", "AZURE_", "LLMUTILS_", "TIKTOKEN_")
+
+
+def _env() -> dict[str, str]:
+    """The environment of a fresh machine: no key, no base URL, no llmutils settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES)}
+
+
+def _run(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmutils", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("llmutils: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# -- the README's main command, end to end, in a fresh process -------------------------------------
+
+
+def test_readme_batch_offline_then_again_from_cache(tmp_path: Path) -> None:
+    first = _run("batch", str(EXAMPLES), "out.jsonl", "--template", "summarize", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "running offline on the mock backend" in first.stderr
+    assert "20/20" in first.stderr  # the progress bar
+    assert "20 items: 20 ok, 0 failed, 0 cached" in first.stderr
+    records = _lines(tmp_path / "out.jsonl")
+    assert [r["index"] for r in records] == list(range(20))
+    assert all(r["cached"] is False and isinstance(r["output"], str) for r in records)
+    assert records[0]["output"].startswith("echo: Summarize the following text in at most 25 words")
+    assert (tmp_path / "llmutils_cache.sqlite").exists()
+
+    second = _run("batch", str(EXAMPLES), "out.jsonl", "--template", "summarize", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "20 items: 20 ok, 0 failed, 20 cached, 0 tokens" in second.stderr
+    again = _lines(tmp_path / "out.jsonl")
+    assert all(r["cached"] is True for r in again)
+    assert [r["output"] for r in again] == [r["output"] for r in records]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_stops_a_batch_at_once_and_says_how_to_resume(server: OpenAITestServer, tmp_path: Path) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(body: dict[str, Any]) -> str:
+        entered.set()
+        release.wait(20)
+        return "too late"
+
+    server.chat_handler = hang
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": str(i)}) + "\n" for i in range(5)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert entered.wait(20), "the batch never reached the server"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        assert time.monotonic() - t0 < 5  # did not wait for the hanging requests
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted; nothing was written to out.jsonl" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# -- batch, in process ---------------------------------------------------------------------------
+
+
+def test_batch_against_a_base_url_with_one_failed_item(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text(
+        '{"prompt": "first"}\n\n{"messages": [{"role": "user", "content": "second"}]}\n[{"role": "user", "content": "third"}]\n'
+    )
+    server.script(Fault.bad_request("scripted 400"))
+    code = main(["batch", "in.jsonl", "out.jsonl", "--base-url", server.base_url, "--model", "m-1", "-w", "1", "--no-progress", "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "offline" not in err
+    assert "3 items: 2 ok, 1 failed, 0 cached" in err and "first failure: item 0: InvalidRequestError" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert records[0]["error"]["type"] == "InvalidRequestError" and records[0]["error"]["status_code"] == 400
+    assert "scripted 400" in records[0]["error"]["message"] and records[0]["input"] == {"prompt": "first"}
+    assert records[1] == {"index": 1, "input": {"messages": [{"role": "user", "content": "second"}]}, "output": "echo: second", "cached": False}
+    assert records[2]["output"] == "echo: third"
+    assert {r.body["model"] for r in server.requests} == {"m-1"}
+    assert {r.body["temperature"] for r in server.requests} == {0}
+
+    # Re-running sends only the item that failed: the others come from the cache.
+    assert main(["batch", "in.jsonl", "out.jsonl", "--base-url", server.base_url, "--model", "m-1", "-w", "1", "--no-progress", "--temperature", "0"]) == 0
+    assert server.request_count == 4
+    assert [r["cached"] for r in _lines(tmp_path / "out.jsonl")] == [False, True, True]
+
+
+def test_batch_no_cache_stdout_and_template_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text('{"text": "hello"}\n{"txet": "typo"}\n')
+    code = main(["--api-type", "mock", "batch", "in.jsonl", "-", "--template", "summarize", "--no-cache", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert "echo: Summarize" in records[0]["output"]
+    assert records[1]["error"]["type"] == "TemplateError"
+    assert not (tmp_path / "llmutils_cache.sqlite").exists()
+    assert "offline" not in captured.err  # --api-type mock was explicit
+
+
+def test_batch_input_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["batch", "missing.jsonl", "out.jsonl"]) == 1
+    assert "cannot read missing.jsonl" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{not json}\n')
+    assert main(["batch", "bad.jsonl", "out.jsonl"]) == 1
+    assert "bad.jsonl line 2 is not valid JSON" in _one_error_line(capsys.readouterr().err)
+    assert main(["batch", "bad.jsonl", "out.jsonl", "--workers", "0"]) == 2
+    assert "--workers must be >= 1" in _one_error_line(capsys.readouterr().err)
+
+
+# -- chat, render, tokens ------------------------------------------------------------------------
+
+
+def test_chat_offline_from_args_and_stdin(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chat", "hello", "there"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "echo: hello there\n"
+    assert "running offline on the mock backend" in captured.err and "OPENAI_API_KEY" in captured.err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("from stdin\n"))
+    assert main(["chat"]) == 0
+    assert capsys.readouterr().out == "echo: from stdin\n"
+
+
+def test_chat_with_a_template_and_vars(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chat", "--template", "summarize", "--var", "text=A long story.", "--var", "max_words:=7"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("echo: Summarize the following text in at most 7 words") and "A long story." in out
+
+
+def test_chat_against_a_base_url(server: OpenAITestServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--base-url", server.base_url, "chat", "hi", "--max-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "echo: hi\n" and captured.err == ""
+    assert server.request_count == 1 and server.requests[0].body["max_tokens"] == 5
+
+
+def test_chat_with_the_base_url_from_the_environment(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    assert main(["chat", "hi"]) == 0
+    assert capsys.readouterr().out == "echo: hi\n" and server.request_count == 1
+
+
+def test_auto_api_type_picks_azure_or_a_configured_type(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "az-key")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
+    assert main(["chat", "hi", "--model", "my-deployment"]) == 0
+    assert capsys.readouterr().out == "echo: hi\n"
+    assert server.requests[0].deployment == "my-deployment" and server.requests[0].headers["api-key"] == "az-key"
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY")
+    monkeypatch.delenv("AZURE_OPENAI_ENDPOINT")
+    monkeypatch.setenv("LLMUTILS_API_TYPE", "openai")  # configured: no silent fallback to mock
+    assert main(["chat", "hi"]) == 1
+    assert "No OpenAI API key found" in _one_error_line(capsys.readouterr().err)
+    monkeypatch.delenv("LLMUTILS_API_TYPE")
+    Path("config.ini").write_text("[OpenAI]\nAPI_TYPE = openai\n")  # configured in the file: the same
+    assert main(["chat", "hi"]) == 1
+    assert "No OpenAI API key found" in _one_error_line(capsys.readouterr().err)
+
+
+def test_runtime_errors_are_one_line_and_verbose_shows_the_traceback(server: OpenAITestServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--api-type", "openai", "chat", "hi"]) == 1
+    assert "No OpenAI API key found" in _one_error_line(capsys.readouterr().err)
+    server.script(Fault.unauthorized())
+    assert main(["chat", "hi", "--base-url", server.base_url]) == 1
+    assert "Authentication failed" in _one_error_line(capsys.readouterr().err)
+    assert main(["-v", "--api-type", "openai", "chat", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("llmutils: error: No OpenAI API key found")
+
+
+def test_render_prints_messages_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["render", "--system-template", "system_default", "--template", "classify", "--var", "text=I love it", "--var", 'labels:=["positive", "negative"]']
+    assert main(args) == 0
+    messages = json.loads(capsys.readouterr().out)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "positive, negative" in messages[1]["content"] and "I love it" in messages[1]["content"]
+    assert main(["render", "--template", "no_such_template"]) == 1
+    assert "no_such_template" in _one_error_line(capsys.readouterr().err)
+
+
+def test_tokens_exact_and_estimate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    class WordEncoding:
+        def encode_ordinary(self, text: str) -> list[str]:
+            return text.split()
+
+    monkeypatch.setattr(tokens_module, "_get_encoding", lambda name: WordEncoding())
+    assert main(["tokens", "one two three", "four"]) == 0
+    assert capsys.readouterr().out.startswith("4 tokens (exact; text, model gpt-4.1-mini")
+    (tmp_path / "notes.txt").write_text("a b c", encoding="utf-8")
+    assert main(["tokens", "--file", "notes.txt", "--model", "gpt-4o"]) == 0
+    assert capsys.readouterr().out.startswith("3 tokens (exact; text, model gpt-4o, encoding o200k_base)")
+    assert main(["tokens", "--template", "user_default", "--var", "prompt=x y"]) == 0
+    assert capsys.readouterr().out.startswith("9 tokens (exact; 1 message,")  # "x y" 2 + "user" 1 + 3 per message + 3 priming
+
+    monkeypatch.setattr(tokens_module, "_get_encoding", lambda name: None)
+    assert main(["tokens", "hello world"]) == 0
+    assert capsys.readouterr().out.startswith("~2 tokens (estimate: tiktoken could not load o200k_base")
+    assert main(["tokens", "a", "--file", "notes.txt"]) == 2
+    _one_error_line(capsys.readouterr().err)
+
+
+# -- cache -----------------------------------------------------------------------------------------
+
+
+def test_cache_stats_clear_vacuum(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cache", "stats"]) == 1
+    assert "no cache file at" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert main(["batch", "in.jsonl", "out.jsonl", "--no-progress", "--cache-file", "c.sqlite"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "stats", "--cache-file", "c.sqlite"]) == 0
+    out = capsys.readouterr().out
+    assert "entries: 2" in out and str(tmp_path / "c.sqlite") in out
+    assert main(["cache", "--cache-file", "c.sqlite", "clear"]) == 0
+    assert capsys.readouterr().out.startswith("cleared 2 entries")
+    assert main(["cache", "vacuum", "--cache-file", "c.sqlite"]) == 0
+    assert capsys.readouterr().out.startswith("vacuumed")
+    assert main(["cache"]) == 2
+
+
+def test_cache_import_pickle_needs_trusted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = {"old-key": {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}}
+    (tmp_path / "old.pickle").write_bytes(pickle.dumps(old))
+    assert main(["cache", "import-pickle", "old.pickle"]) == 1
+    assert "--trusted" in _one_error_line(capsys.readouterr().err)
+    assert main(["cache", "import-pickle", "old.pickle", "--trusted"]) == 0
+    assert capsys.readouterr().out.startswith("imported 1 entries from old.pickle")
+    assert main(["cache", "stats"]) == 0
+    assert "entries: 1" in capsys.readouterr().out
+    assert main(["cache", "import-pickle", "missing.pickle", "--trusted"]) == 1
+    assert "cannot read missing.pickle" in _one_error_line(capsys.readouterr().err)
+
+
+# -- help and usage errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["chat"], ["batch"], ["render"], ["tokens"], ["cache"], ["cache", "stats"], ["cache", "clear"], ["cache", "vacuum"], ["cache", "import-pickle"]],
+)
+def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: llmutils {' '.join(command)}".rstrip())
+    assert "--verbose" in out
+
+
+def test_batch_help_documents_the_cache_default_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["batch", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The cache is ON by default here" in out and "Exit code 0 when every item succeeded, 1 when any failed" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["nosuch"],
+        ["batch"],
+        ["batch", "in.jsonl"],
+        ["--api-type", "nosuch", "chat", "x"],
+        ["chat", "--var", "novalue"],
+        ["chat", "--template", "user_default", "--var", "n:=not json"],
+        ["chat", "x", "--var", "a=b"],
+        ["render"],
+        ["batch", "in", "out", "--workers", "many"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err)
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: llmutils" in capsys.readouterr().err
+
+
+def test_python_dash_m_help_in_a_fresh_process(tmp_path: Path) -> None:
+    result = _run("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "batch" in result.stdout and "llmutils chat" in result.stdout
