@@ -8,6 +8,9 @@
 Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
 """
 
+from ._batch import BatchResult as BatchResult
+from ._batch import batch as batch
+from ._batch import map_calls as map_calls
 from ._clients import AzureClient as AzureClient
 from ._clients import CallInfo as CallInfo
 from ._clients import MockClient as MockClient
@@ -51,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "AzureClient",
+    "BatchResult",
     "CallInfo",
     "CacheMissError",
     "ConfigError",
@@ -73,6 +77,7 @@ __all__ = [
     "TokenCount",
     "TotalTimeoutError",
     "UsageTracker",
+    "batch",
     "client",
     "compose_messages",
     "count_text_tokens",
@@ -80,6 +85,7 @@ __all__ = [
     "force_api_cache",
     "force_api_type",
     "force_default_value",
+    "map_calls",
     "override_defaults",
     "register_client",
     "registered_api_types",

@@ -380,7 +380,7 @@ class OpenAIClient:
         if hit is not None:
             logger.debug("llmutils: cache hit for %s %s", kind, params.get("model"))
             return self._finish(kind, params, hit, cached=True)
-        if cache.mode == "replay" and not cache.disabled:
+        if cache.mode == "replay":  # even when the cache file is unusable: replay never sends
             raise CacheMissError(
                 f"replay mode: no cached answer in {cache.path} for this {kind} request to "
                 f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
