@@ -11,6 +11,9 @@ Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
+from ._cache import CacheStats as CacheStats
+from ._cache import SQLiteCache as SQLiteCache
+from ._cache import import_pickle_cache as import_pickle_cache
 from ._clients import AzureClient as AzureClient
 from ._clients import CallInfo as CallInfo
 from ._clients import MockClient as MockClient
@@ -57,6 +60,7 @@ __all__ = [
     "BatchResult",
     "CallInfo",
     "CacheMissError",
+    "CacheStats",
     "ConfigError",
     "ContentFilterError",
     "DEFAULTS",
@@ -73,6 +77,7 @@ __all__ = [
     "RateLimiter",
     "RetriesExhaustedError",
     "RetryPolicy",
+    "SQLiteCache",
     "TemplateError",
     "TokenCount",
     "TotalTimeoutError",
@@ -85,6 +90,7 @@ __all__ = [
     "force_api_cache",
     "force_api_type",
     "force_default_value",
+    "import_pickle_cache",
     "map_calls",
     "override_defaults",
     "register_client",
