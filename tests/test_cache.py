@@ -263,3 +263,17 @@ def test_identical_requests_in_flight_make_one_call(server: OpenAITestServer, ca
         assert client.usage.totals().requests == 1 and client.usage.totals().cached_requests == 7
     assert results == ["shared answer"] * 8
     assert server.request_count == 1
+
+
+def test_replay_from_cache_never_imports_openai(cached: OpenAIClient, server: OpenAITestServer, cache_file: Path) -> None:
+    cached.send_message(HELLO)
+    cached.get_embedding("text")
+    code = f"""
+import sys, llmutils
+c = llmutils.OpenAIClient(base_url={server.base_url!r}, api_key="k", cache_api_calls=True,
+                          cache_file_name={str(cache_file)!r}, cache_mode="replay")
+c.send_message({HELLO!r}); c.get_embedding("text"); c.close()
+print("openai" in sys.modules, "tiktoken" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "False"]
