@@ -498,13 +498,20 @@ class OpenAIClient:
         """The endpoint identity: part of the cache key, and named in errors."""
         return settings["BASE_URL"] or "https://api.openai.com/v1"
 
-    def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-        """The SDK's credential arguments and a description of where they came from (never the key)."""
+    def _given_key(self) -> tuple[dict[str, Any], str] | None:
+        """The ``api_key`` argument, else the first key environment variable that is set."""
         if self._api_key:
             return {"api_key": self._api_key}, "the api_key argument"
         key, var = api_key_from_env(self._key_env_vars)
         if key:
             return {"api_key": key}, f"the {var} environment variable"
+        return None
+
+    def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+        """The SDK's credential arguments and a description of where they came from (never the key)."""
+        given = self._given_key()
+        if given is not None:
+            return given
         if settings["BASE_URL"]:
             return {"api_key": "unused"}, "no key (none is needed by many local servers)"
         raise AuthenticationError(
@@ -674,11 +681,9 @@ class AzureClient(OpenAIClient):
         return endpoint.rstrip("/")
 
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-        if self._api_key:
-            return {"api_key": self._api_key}, "the api_key argument"
-        key, var = api_key_from_env(self._key_env_vars)
-        if key:
-            return {"api_key": key}, f"the {var} environment variable"
+        given = self._given_key()
+        if given is not None:
+            return given
         if self._token_provider is not None:
             return {"azure_ad_token_provider": self._token_provider}, "the azure_ad_token_provider argument"
         try:
