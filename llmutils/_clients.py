@@ -288,7 +288,9 @@ class OpenAIClient:
         if n != 1:
             params["n"] = n
         params.update(more)
-        policy = self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+        def policy() -> RetryPolicy:
+            return self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
         response = self._cached_call("chat", params, settings, policy, timeout_s, self._chat_completion)
         return _extract_messages(response, n)
@@ -310,7 +312,9 @@ class OpenAIClient:
         settings = self.settings()
         params: dict[str, Any] = {"model": model or settings["EMBEDDING_MODEL"], "input": list(texts), **more}
         params.setdefault("encoding_format", "float")
-        policy = self._policy(settings, timeout, total_timeout, max_attempts, None, None)
+        def policy() -> RetryPolicy:
+            return self._policy(settings, timeout, total_timeout, max_attempts, None, None)
+
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
         response = self._cached_call("embedding", params, settings, policy, timeout_s, self._embedding)
         data = sorted(response.get("data") or [], key=lambda item: item.get("index", 0))
@@ -366,7 +370,7 @@ class OpenAIClient:
         kind: str,
         params: dict[str, Any],
         settings: Mapping[str, Any],
-        policy: RetryPolicy,
+        policy: Callable[[], RetryPolicy],
         timeout: float,
         send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
     ) -> dict[str, Any]:
@@ -431,10 +435,11 @@ class OpenAIClient:
         self,
         params: dict[str, Any],
         settings: Mapping[str, Any],
-        policy: RetryPolicy,
+        make_policy: Callable[[], RetryPolicy],
         timeout: float,
         send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
     ) -> dict[str, Any]:
+        policy = make_policy()  # built only when a request is really sent
         limiter, in_flight = self._limiters(settings)
         estimate = self._estimate_tokens(params) if limiter.tpm else 0
 

@@ -219,16 +219,36 @@ def _read_file(path: Path) -> dict[str, Any]:
     return values
 
 
+# (variable, key, required-non-empty) for every environment variable that sets a key.
+_ENV_VARS = tuple((var, name, True) for var, name in _ENV_ALIASES.items()) + tuple(
+    ("LLMUTILS_" + name, name, False) for name in _KEYS
+)
+
+
+def _environ_get() -> Any:
+    """A fast ``get`` over the live environment: on POSIX ``os.environ`` encodes every lookup, and
+    this runs on every call, so look in its underlying bytes dict (still live) instead."""
+    data = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(data, dict):
+        encoded = {var: os.fsencode(var) for var, _, _ in _ENV_VARS}
+
+        def get(var: str) -> str | None:
+            raw = data.get(encoded[var])
+            return None if raw is None else os.fsdecode(raw)
+
+        return get
+    return os.environ.get
+
+
+_env_get = _environ_get()
+
+
 def _read_env() -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for var, name in _ENV_ALIASES.items():
-        raw = os.environ.get(var)
-        if raw:
+    for var, name, non_empty in _ENV_VARS:
+        raw = _env_get(var)
+        if raw is not None and (raw or not non_empty):
             values[name] = _parse(name, raw, f"environment variable {var}")
-    for name in _KEYS:
-        raw = os.environ.get("LLMUTILS_" + name)
-        if raw is not None:
-            values[name] = _parse(name, raw, f"environment variable LLMUTILS_{name}")
     return values
 
 
