@@ -503,3 +503,18 @@ def test_token_count_behaves_as_an_int() -> None:
     assert TokenCount(7).exact is True
     for clone in (copy.copy(count), pickle.loads(pickle.dumps(count))):
         assert (clone, clone.exact) == (42, False)
+
+
+def test_send_message_still_works_when_the_encoding_cannot_load(
+    offline: responses.RequestsMock, server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TPM limit makes send_message count tokens; offline, it estimates, warns once, and answers."""
+    import llmutils
+
+    with caplog.at_level(logging.WARNING, logger="llmutils"):
+        with llmutils.OpenAIClient(base_url=server.base_url, api_key="k", tpm=1_000_000) as client:
+            for _ in range(2):
+                assert client.send_message([{"role": "user", "content": "hi"}], model="gpt-4")["content"] == "echo: hi"
+    assert server.request_count == 2
+    assert len(warnings_of(caplog)) == 1
+    assert calls_to(offline, CL100K_URL) == 1
