@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlitedict import SqliteDict
 
+import llmutils
 from llmutils._cache import TABLE, SQLiteCache, make_key
 
 __all__ = ["main", "part1_hit", "part2_writes", "part3_concurrency", "part4_cold_open"]
@@ -106,6 +107,9 @@ def part1_hit(workdir: Path, n: int = 5000) -> None:
     bare_fast = SqliteDict(str(path), tablename=TABLE, journal_mode="WAL", autocommit=True, decode=json.loads, outer_stack=False)
     store = SQLiteCache(path)
     assert store.get(key) == response(500)
+    client = llmutils.MockClient(cache_api_calls=True, cache_file_name=path)
+    hello = [{"role": "user", "content": "hello from the benchmark"}]
+    client.send_message(hello)  # the one miss: stores the entry every later call hits
     try:
         candidates: list[tuple[str, Callable[[], Any]]] = [
             ("raw sqlite3 SELECT (fetchone, no decode)", lambda: raw.execute(select, (key,)).fetchone()),
@@ -114,16 +118,39 @@ def part1_hit(workdir: Path, n: int = 5000) -> None:
             ("bare sqlitedict get (outer_stack=False)", lambda: bare_fast[key]),
             ("SQLiteCache.get", lambda: store.get(key)),
             ("make_key + SQLiteCache.get", lambda: store.get(make_key(payload))),
-            # The lead adds here: ("send_message hit", lambda: client.send_message(...)),
+            ("full send_message hit (MockClient, cache on)", lambda: client.send_message(hello)),
         ]
         medians = timed(candidates, n)
         for (name, _), median in zip(candidates, medians):
             print(f"   {name:<44} {median * 1e6:8.1f} µs   x{median / medians[0]:5.1f} raw")
+        print(f"   send_message hits: {client.cache_stats().hits}, misses: {client.cache_stats().misses}")
+        print(f"   replay run from cache imports openai: {_replay_imports_openai(workdir)}")
     finally:
+        client.close()
         store.close()
         bare.close()
         bare_fast.close()
         raw.close()
+
+
+def _replay_imports_openai(workdir: Path) -> bool:
+    """Record one call with an OpenAIClient, replay it in a fresh process; was openai imported there?"""
+    from llmutils.testing import OpenAITestServer
+
+    path = workdir / "replay.sqlite"
+    hello = [{"role": "user", "content": "replay me"}]
+    with OpenAITestServer() as server:
+        with llmutils.OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=path) as rec:
+            rec.send_message(hello)
+        code = (
+            "import sys, llmutils\n"
+            f"c = llmutils.OpenAIClient(base_url={server.base_url!r}, api_key='k', cache_api_calls=True, "
+            f"cache_file_name={str(path)!r}, cache_mode='replay')\n"
+            f"c.send_message({hello!r}); c.close()\n"
+            "print('openai' in sys.modules)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.strip() == "True"
 
 
 def _old_pickle_write(cache: dict[str, Any], path: Path, key: str, value: Any) -> None:
