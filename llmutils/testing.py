@@ -507,7 +507,7 @@ class OpenAITestServer:
             return len(self._faults)
 
     def script(self, *faults: Fault) -> None:
-        """Queue faults, consumed first-in first-out, one per chat/embeddings request."""
+        """Queue faults, consumed FIFO, one per chat/embeddings request that passes the key/api-version checks."""
         for fault in faults:
             if not isinstance(fault, Fault):
                 raise TypeError(
