@@ -17,7 +17,7 @@ _ENV_PREFIXES = ("OPENAI_", "AZURE_", "LLMUTILS_", "TIKTOKEN_")
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Drop OPENAI_*, AZURE_*, LLMUTILS_*, TIKTOKEN_* vars and chdir to tmp_path: no stray key or ./config.ini."""
     for name in list(os.environ):
-        if name.startswith(_ENV_PREFIXES):
+        if name.startswith(_ENV_PREFIXES) or name.upper().endswith("_PROXY"):  # proxies would catch 127.0.0.1
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 
