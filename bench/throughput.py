@@ -1,0 +1,368 @@
+"""Benchmark: llmutils request throughput, cache replay and rate limiting, measured in one run.
+
+Run: ``.venv/bin/python bench/throughput.py`` (about 1.5 minutes on 2 cores; ``--quick`` for a
+short run). Prints figures only; it asserts nothing. The model is llmutils' own OpenAI-wire test
+server (``python -m llmutils.testing``) started in a subprocess by default, so the server does not
+share a GIL with the client threads being measured (``--server inprocess`` to compare). Parts:
+
+1. requests/s of ``OpenAIClient.send_message`` (cache off, unique prompts) with 1 worker and with
+   32 workers of a ``ThreadPoolExecutor``, against 50 ms of server latency;
+2. the raw ``openai.OpenAI(max_retries=0).chat.completions.create`` in the same thread pool, and an
+   ``openai.AsyncOpenAI`` baseline (``asyncio.gather`` bounded by a ``Semaphore(32)``), all sending
+   the same request body; each is measured ``--rounds`` times, interleaved, best round kept;
+3. a replay of cached items: a ``MockClient`` with the cache on writes the entries, then a
+   ``MockClient(cache_mode="replay")`` serves every ``send_message`` from the file (replay never
+   generates an answer; the hit path is the same code for every client class), 1 and 8 threads;
+4. the client-side rate limiter: 32 threads through ``OpenAIClient(rpm=600)`` against a server
+   with no latency for ``--rpm-seconds``, achieved rpm and its deviation from the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import openai
+
+import llmutils
+from llmutils.testing import OpenAITestServer
+
+__all__ = ["main"]
+
+MODEL = "gpt-4.1-mini"
+# The body llmutils sends by default (config DEFAULTS); the raw and async baselines send the same.
+SAMPLING = {"temperature": 1.0, "top_p": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "max_tokens": 1024}
+
+
+def messages(tag: str, i: int) -> list[dict[str, str]]:
+    """A unique one-message prompt, so no cache or single-flight can merge requests."""
+    return [{"role": "user", "content": f"benchmark {tag} prompt number {i}"}]
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def serve(latency: float, mode: str) -> Iterator[str]:
+    """Run an OpenAITestServer with ``latency``; yield its base URL."""
+    if mode == "inprocess":
+        with OpenAITestServer(latency=latency) as srv:
+            yield srv.base_url
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils.testing", "--port", "0", "--latency", str(latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"serving at (\S+)", line)
+        if match is None:
+            raise RuntimeError(f"the test server did not start: {line!r}")
+        yield match.group(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- part 1 and 2: request throughput ------------------------------------------------------------
+
+
+def in_pool(call: Callable[[int], Any], n: int, workers: int) -> tuple[float, int]:
+    """Run ``call(i)`` for i < n on a ThreadPoolExecutor; return (requests/s, failures)."""
+
+    def one(i: int) -> bool:
+        try:
+            call(i)
+            return True
+        except Exception:
+            return False
+
+    with ThreadPoolExecutor(workers) as pool:
+        start = time.perf_counter()
+        ok = sum(pool.map(one, range(n)))
+        elapsed = time.perf_counter() - start
+    return ok / elapsed, n - ok
+
+
+def llmutils_client(base_url: str, **kwargs: Any) -> llmutils.OpenAIClient:
+    return llmutils.OpenAIClient(base_url=base_url, api_key="bench", model=MODEL, cache_api_calls=False, **kwargs)
+
+
+def run_llmutils(client: llmutils.OpenAIClient, tag: str, n: int, workers: int) -> tuple[float, int]:
+    return in_pool(lambda i: client.send_message(messages(tag, i))["content"], n, workers)
+
+
+def run_raw(sdk: openai.OpenAI, tag: str, n: int, workers: int) -> tuple[float, int]:
+    create = sdk.chat.completions.create
+    return in_pool(lambda i: create(model=MODEL, messages=messages(tag, i), **SAMPLING).choices[0].message.content, n, workers)
+
+
+def run_batch(client: llmutils.OpenAIClient, tag: str, n: int, workers: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    results = llmutils.batch([messages(tag, i) for i in range(n)], client=client, workers=workers)
+    elapsed = time.perf_counter() - start
+    failed = sum(not r.ok for r in results)
+    return (n - failed) / elapsed, failed
+
+
+def run_async(base_url: str, tag: str, n: int, concurrency: int, warmup: int) -> tuple[float, int]:
+    """AsyncOpenAI with asyncio.gather bounded by a Semaphore(concurrency); one fresh event loop."""
+
+    async def go() -> tuple[float, int]:
+        sdk = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(i: int, prefix: str) -> bool:
+            async with limit:
+                try:
+                    answer = await sdk.chat.completions.create(model=MODEL, messages=messages(prefix, i), **SAMPLING)
+                    answer.choices[0].message.content
+                    return True
+                except Exception:
+                    return False
+
+        try:
+            await asyncio.gather(*(one(i, f"{tag}-warm") for i in range(warmup)))  # open the connections
+            start = time.perf_counter()
+            ok = sum(await asyncio.gather(*(one(i, tag) for i in range(n))))
+            elapsed = time.perf_counter() - start
+        finally:
+            await sdk.close()
+        return ok / elapsed, n - ok
+
+    return asyncio.run(go())
+
+
+def throughput(base_url: str, args: argparse.Namespace) -> dict[str, tuple[float, int]]:
+    """Parts 1 and 2: best requests/s of each way of sending, over interleaved rounds."""
+    workers = 32
+    client = llmutils_client(base_url)
+    sdk = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
+    best: dict[str, tuple[float, int]] = {}
+
+    def keep(name: str, figure: tuple[float, int]) -> None:
+        if name not in best or figure[0] > best[name][0]:
+            best[name] = figure
+
+    try:
+        # Warm-up: import paths, SDK clients, and 32 open keep-alive connections for each pool.
+        # Connection errors here are tolerated (the server's listen backlog is small).
+        run_llmutils(client, "warm", 2 * workers, workers)
+        run_raw(sdk, "warm", 2 * workers, workers)
+        keep("llmutils 1 worker", run_llmutils(client, "one", args.single, 1))
+        for r in range(args.rounds):
+            keep("llmutils 32 threads", run_llmutils(client, f"t{r}", args.requests, workers))
+            keep("raw SDK 32 threads", run_raw(sdk, f"r{r}", args.requests, workers))
+            keep("AsyncOpenAI 32 tasks", run_async(base_url, f"a{r}", args.requests, workers, 2 * workers))
+            keep("llmutils.batch 32", run_batch(client, f"b{r}", args.requests, workers))
+    finally:
+        client.close()
+        sdk.close()
+    return best
+
+
+# -- part 3: cache replay ------------------------------------------------------------------------
+
+
+def replay(items: int, threads: int, folder: Path) -> dict[str, float]:
+    """Fill a cache with ``items`` answers (MockClient, 8 threads), then replay them; items/s."""
+    path = folder / "replay.sqlite"
+    prompts = [messages("replay", i) for i in range(items)]
+    figures: dict[str, float] = {}
+    with llmutils.MockClient(cache_api_calls=True, cache_file_name=path, model=MODEL) as writer:
+        start = time.perf_counter()
+        results = llmutils.batch(prompts, client=writer, workers=8)
+        figures["fill"] = items / (time.perf_counter() - start)
+        assert all(r.ok for r in results)
+    for n_threads in (1, threads):
+        with llmutils.MockClient(cache_api_calls=True, cache_file_name=path, cache_mode="replay", model=MODEL) as reader:
+            reader.send_message(prompts[0])  # open the file outside the timing
+            chunks = [prompts[t::n_threads] for t in range(n_threads)]
+            errors: list[BaseException] = []
+
+            def read(chunk: list[list[dict[str, str]]]) -> None:
+                try:
+                    for prompt in chunk:
+                        reader.send_message(prompt)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+
+            pool = [threading.Thread(target=read, args=(chunk,)) for chunk in chunks]
+            start = time.perf_counter()
+            for thread in pool:
+                thread.start()
+            for thread in pool:
+                thread.join()
+            elapsed = time.perf_counter() - start
+            if errors:
+                raise errors[0]
+            stats = reader.cache_stats()
+            if stats.hits != items + 1 or reader.calls:
+                raise RuntimeError(f"replay was not all hits: {stats}, generated {reader.calls}")
+            figures[f"{n_threads} thread"] = items / elapsed
+    return figures
+
+
+# -- part 4: the rate limiter --------------------------------------------------------------------
+
+
+def rate_limited(base_url: str, rpm: float, threads: int, seconds: float) -> dict[str, float]:
+    """``threads`` threads send through one client with ``rpm`` for ``seconds``; what got through."""
+    client = llmutils_client(base_url, rpm=rpm)
+    client.send_message(messages("rpm-warm", 0))  # SDK ready; this takes the first slot
+    stamps: list[float] = []
+    failures: list[BaseException] = []
+    stopped = [0]
+    lock = threading.Lock()
+    begin = threading.Barrier(threads + 1)
+    t0 = 0.0
+
+    def worker(w: int) -> None:
+        begin.wait()
+        i = 0
+        while (left := t0 + seconds - time.monotonic()) > 0:
+            i += 1
+            try:
+                client.send_message(messages(f"rpm-{w}", i), total_timeout=left)
+            except llmutils.TotalTimeoutError:
+                with lock:
+                    stopped[0] += 1  # queued for a slot past the end of the window: expected
+                return
+            except llmutils.LLMUtilsError as exc:
+                with lock:
+                    failures.append(exc)
+                continue
+            done = time.monotonic() - t0
+            if done <= seconds:
+                with lock:
+                    stamps.append(done)
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for thread in pool:
+        thread.start()
+    t0 = time.monotonic()
+    begin.wait()
+    for thread in pool:
+        thread.join()
+    client.close()
+    stamps.sort()
+    best10 = 0
+    lo = 0
+    for hi, t in enumerate(stamps):
+        while t - stamps[lo] >= 10.0:
+            lo += 1
+        best10 = max(best10, hi - lo + 1)
+    achieved = len(stamps) / seconds * 60.0
+    return {
+        "achieved": achieved,
+        "deviation": (achieved - rpm) / rpm * 100.0,
+        "completed": len(stamps),
+        "failed": len(failures),
+        "stopped": stopped[0],
+        "max10": best10,
+    }
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def verdict(value: float, target: float) -> str:
+    return "met" if value >= target else "MISSED"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run every part, print one table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (about 25 s)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per 32-worker run")
+    parser.add_argument("--single", type=int, default=100, help="requests for the 1-worker run")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best is kept")
+    parser.add_argument("--latency", type=float, default=0.05, help="server latency, seconds")
+    parser.add_argument("--replay-items", type=int, default=10_000)
+    parser.add_argument("--rpm", type=float, default=600.0)
+    parser.add_argument("--rpm-seconds", type=float, default=30.0)
+    parser.add_argument("--server", choices=("subprocess", "inprocess"), default="subprocess")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.single, args.rounds, args.replay_items, args.rpm_seconds = 500, 30, 1, 2000, 6.0
+
+    print(
+        f"llmutils {llmutils.__version__}, openai {openai.__version__}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs; server: {args.server}, latency {args.latency * 1000:g} ms",
+        flush=True,
+    )
+    started = time.perf_counter()
+    with serve(args.latency, args.server) as url:
+        tp = throughput(url, args)
+    with tempfile.TemporaryDirectory() as folder:
+        rp = replay(args.replay_items, 8, Path(folder))
+    with serve(0.0, args.server) as url:
+        rl = rate_limited(url, args.rpm, 32, args.rpm_seconds)
+
+    one = tp["llmutils 1 worker"][0]
+    threads = tp["llmutils 32 threads"][0]
+    raw = tp["raw SDK 32 threads"][0]
+    aio = tp["AsyncOpenAI 32 tasks"][0]
+    n = args.requests
+    rows = [
+        (f"llmutils, 1 worker ({args.single} req)", f"{one:,.1f} req/s", "", "", ""),
+        (f"llmutils, 32 threads ({n} req)", f"{threads:,.1f} req/s", f"{threads / one:.1f}x 1 worker", ">= 20x", verdict(threads / one, 20)),
+        (f"raw openai.OpenAI, 32 threads ({n} req)", f"{raw:,.1f} req/s", "", "", ""),
+        ("  llmutils / raw SDK", "", f"{threads / raw:.3f}x", ">= 0.95x", verdict(threads / raw, 0.95)),
+        (f"AsyncOpenAI, Semaphore(32) ({n} req)", f"{aio:,.1f} req/s", "", "", ""),
+        ("  llmutils threads / asyncio", "", f"{threads / aio:.3f}x", ">= 0.9x", verdict(threads / aio, 0.9)),
+        (f"llmutils.batch(workers=32) ({n} req)", f"{tp['llmutils.batch 32'][0]:,.1f} req/s", f"{tp['llmutils.batch 32'][0] / raw:.3f}x raw", "", ""),
+        (f"cache fill, MockClient 8 thr ({args.replay_items:,})", f"{rp['fill']:,.0f} items/s", "", "", ""),
+        (f"cache replay, 1 thread ({args.replay_items:,})", f"{rp['1 thread']:,.0f} items/s", "", "", ""),
+        (f"cache replay, 8 threads ({args.replay_items:,})", f"{rp['8 thread']:,.0f} items/s", "", "", ""),
+        (
+            f"rate limit {args.rpm:g} rpm, 32 thr, {args.rpm_seconds:g} s",
+            f"{rl['achieved']:,.1f} rpm",
+            f"{rl['deviation']:+.2f}%",
+            "within 5%",
+            "met" if abs(rl["deviation"]) <= 5 else "MISSED",
+        ),
+    ]
+    header = ("measure", "value", "ratio", "target", "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print()
+    print(line.format(*header).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row).rstrip())
+    failures = {name: f for name, (_, f) in tp.items() if f}
+    print()
+    print(f"failed requests in the kept rounds: {failures or 'none'}; best of {args.rounds} interleaved round(s)")
+    print(
+        f"rate limiter: {rl['completed']:.0f} completed in the window, {rl['failed']:.0f} failed, "
+        f"{rl['stopped']:.0f} threads stopped by total_timeout at the end; max in any 10 s window "
+        f"{rl['max10']:.0f} (budget {args.rpm / 6:g})"
+    )
+    print(f"total time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
