@@ -4,7 +4,7 @@ Run it (works offline on a fresh machine: with no ``OPENAI_API_KEY`` and no base
 the app uses llmutils' ``mock`` client, which answers ``"echo: <prompt>"``)::
 
     pip install flask
-    flask --app examples/flask_app run --with-threads
+    flask --app examples/flask_app run         # threaded by default
     curl -s localhost:5000/ask -H 'Content-Type: application/json' -d '{"prompt": "Hello"}'
     # {"answer": "echo: Hello", "cached": false, "model": "gpt-4.1-mini"}
 
