@@ -8,7 +8,12 @@ it asserts nothing. Parts:
    hit belongs in :func:`part1_hit` too: add it to the ``candidates`` list there;
 2. write cost per new entry with 1,000 vs 50,000 entries stored, beside the old whole-dict pickle;
 3. 8 threads x 2,000 writes on one cache; 4 processes x 2,000 writes while 2 processes read;
-4. cold open of a 50,000-entry file, and its size on disk.
+4. cold open of a 50,000-entry file, and its size on disk;
+5. the Redis backend: a hit (``RedisCache.get`` and a full ``send_message`` hit) beside a raw
+   redis-py GET of the same key and ``SQLiteCache.get`` of the same entry; 4 processes x 2,000
+   writes while 2 processes read (errors, lost entries). Uses ``--redis-url`` (keys go under a
+   ``llmutils-bench:`` prefix, removed after), else starts ``redis-server`` on a free port, else
+   says it skipped. ``--parts 5`` runs only this part.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -35,7 +42,7 @@ from sqlitedict import SqliteDict
 import llmutils
 from llmutils._cache import TABLE, SQLiteCache, make_key
 
-__all__ = ["main", "part1_hit", "part2_writes", "part3_concurrency", "part4_cold_open"]
+__all__ = ["main", "part1_hit", "part2_writes", "part3_concurrency", "part4_cold_open", "part5_redis"]
 
 
 def response(i: int) -> dict[str, Any]:
@@ -330,19 +337,177 @@ def part4_cold_open(path: Path) -> None:
     )
 
 
+# -- 5. Redis -------------------------------------------------------------------------------------
+
+BENCH_PREFIX = "llmutils-bench:v1:"
+
+
+def _redis_writer(url: str, wid: int, n: int, out: Any) -> None:
+    from llmutils._cache_redis import RedisCache
+
+    raised = 0
+    with RedisCache(url, prefix=BENCH_PREFIX) as cache:
+        for i in range(n):
+            try:
+                cache.set(f"p{wid}-{i}", response(i))
+            except Exception:
+                raised += 1
+        out.put(("writer", raised, cache.stats().errors, n))
+
+
+def _redis_reader(url: str, stop: Any, out: Any) -> None:
+    from llmutils._cache_redis import RedisCache
+
+    raised = reads = 0
+    with RedisCache(url, prefix=BENCH_PREFIX) as cache:
+        while not stop.is_set():
+            try:
+                cache.get(f"p{reads % 4}-{reads % 2000}")
+            except Exception:
+                raised += 1
+            reads += 1
+        out.put(("reader", raised, cache.stats().errors, reads))
+
+
+def _start_redis(workdir: Path) -> tuple[str, subprocess.Popen[bytes]] | None:
+    """A throwaway redis-server on a free port (no persistence), or None when there is none to start."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:  # readiness: it answers PING
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0", proc
+        except OSError:
+            time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    return None
+
+
+def part5_redis(workdir: Path, url: str | None = None, n: int = 5000) -> None:
+    """The Redis backend: hit latency beside raw redis-py and SQLite; 4 processes writing at once."""
+    try:
+        import redis
+    except ImportError:
+        print("5. Redis: skipped (redis-py is not installed: pip install 'llmutils[redis]')")
+        return
+    from llmutils._cache_redis import RedisCache
+
+    started = None
+    if url is None:
+        started = _start_redis(workdir)
+        if started is None:
+            print("5. Redis: skipped (no --redis-url and no redis-server on PATH)")
+            return
+        url = started[0]
+    raw = redis.Redis.from_url(url)
+    try:
+        version = raw.info("server")["redis_version"]
+        print(f"5. Redis {version} at {'a redis-server started here' if started else 'the given URL'} (median of {n} calls)")
+        path = workdir / "redis-side.sqlite"
+        keys = fill(path, 0, 1000)
+        key = keys[500]
+        with raw.pipeline(transaction=False) as pipe:
+            now = time.time()
+            for i, k in enumerate(keys):
+                pipe.set(BENCH_PREFIX + k, json.dumps({"value": response(i), "created": now, "expires": None}, separators=(",", ":")))
+            pipe.execute()
+        store = RedisCache(url, prefix=BENCH_PREFIX)
+        sqlite_store = SQLiteCache(path)
+        hello = [{"role": "user", "content": "hello from the Redis benchmark"}]
+        client = llmutils.MockClient(cache_api_calls=True, cache_url=url)
+        client._cache(client.settings()).prefix = BENCH_PREFIX  # type: ignore[union-attr]  # removed after, like the rest
+        client.send_message(hello)  # the one miss
+        assert store.get(key) == response(500) == sqlite_store.get(key)
+        try:
+            candidates: list[tuple[str, Callable[[], Any]]] = [
+                ("raw redis-py GET (no decode)", lambda: raw.get(BENCH_PREFIX + key)),
+                ("raw redis-py GET + json.loads", lambda: json.loads(raw.get(BENCH_PREFIX + key))),
+                ("RedisCache.get", lambda: store.get(key)),
+                ("SQLiteCache.get (same entry)", lambda: sqlite_store.get(key)),
+                ("full send_message hit (MockClient, Redis)", lambda: client.send_message(hello)),
+            ]
+            medians = timed(candidates, n)
+            for (name, _), median in zip(candidates, medians):
+                print(f"   {name:<44} {median * 1e6:8.1f} µs   x{median / medians[0]:5.1f} raw GET")
+            print(f"   RedisCache errors: {store.stats().errors}; send_message hits {client.cache_stats().hits}")
+        finally:
+            client.close()
+            store.close()
+            sqlite_store.close()
+        _redis_process_round(url, raw, 4, 2000, 2)
+    finally:
+        for k in raw.scan_iter(match=BENCH_PREFIX + "*", count=1000):
+            raw.unlink(k)
+        raw.close()
+        if started is not None:
+            started[1].terminate()
+            started[1].wait(10)
+
+
+def _redis_process_round(url: str, raw: Any, writers: int, per_writer: int, readers: int) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    stop = ctx.Event()
+    rs = [ctx.Process(target=_redis_reader, args=(url, stop, out)) for _ in range(readers)]
+    ws = [ctx.Process(target=_redis_writer, args=(url, w, per_writer, out)) for w in range(writers)]
+    for p in rs:
+        p.start()
+    t0 = time.perf_counter()
+    for p in ws:
+        p.start()
+    for p in ws:
+        p.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    for p in rs:
+        p.join()
+    results = [out.get(timeout=60) for _ in range(writers + readers)]
+    raised = sum(r[1] for r in results)
+    faults = sum(r[2] for r in results)
+    reads = sum(r[3] for r in results if r[0] == "reader")
+    stored = sum(1 for _ in raw.scan_iter(match=BENCH_PREFIX + "p*", count=1000))
+    total = writers * per_writer
+    print(
+        f"   {writers} processes x {per_writer:,} writes + {readers} reading ({reads:,} reads): errors raised {raised}, "
+        f"faults logged {faults}, lost {total - stored}, wall {wall:.2f} s (incl. process start)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every part in a temporary directory and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", type=int, default=50_000, help="entries in the big file (parts 2 and 4)")
+    parser.add_argument("--redis-url", metavar="URL", help="a Redis for part 5 (default: start redis-server on a free port)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="which parts to run, e.g. 5 or 1,5 (default: all)")
     args = parser.parse_args(argv)
+    parts = {int(p) for p in args.parts.split(",") if p.strip()}
     print(f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus")
     with tempfile.TemporaryDirectory(prefix="llmutils-cache-bench-") as tmp:
         workdir = Path(tmp)
         t0 = time.perf_counter()
-        part1_hit(workdir)
-        big = part2_writes(workdir, sizes=(1000, args.large))
-        part3_concurrency(workdir)
-        part4_cold_open(big)
+        if 1 in parts:
+            part1_hit(workdir)
+        if 2 in parts or 4 in parts:
+            big = part2_writes(workdir, sizes=(1000, args.large))
+        if 3 in parts:
+            part3_concurrency(workdir)
+        if 4 in parts:
+            part4_cold_open(big)
+        if 5 in parts:
+            part5_redis(workdir, args.redis_url)
         print(f"total {time.perf_counter() - t0:.0f} s")
 
 

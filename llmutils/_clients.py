@@ -38,7 +38,8 @@ from ._retry import RetryPolicy
 from ._usage import UsageTracker
 
 if TYPE_CHECKING:
-    from ._cache import CacheStats, SQLiteCache
+    from ._cache import CacheStats
+    from ._cache_redis import CacheBackend
 
 __all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo"]
 
@@ -146,6 +147,7 @@ class OpenAIClient:
         embedding_model: str | None = None,
         cache_api_calls: bool | None = None,
         cache_file_name: str | os.PathLike[str] | None = None,
+        cache_url: str | None = None,
         cache_mode: str | None = None,
         cache_ttl: float | None = None,
         rpm: float | None = None,
@@ -168,6 +170,7 @@ class OpenAIClient:
             ("EMBEDDING_MODEL", embedding_model),
             ("CACHE_API_CALLS", cache_api_calls),
             ("CACHE_FILE_NAME", os.fspath(cache_file_name) if cache_file_name is not None else None),
+            ("CACHE_URL", cache_url),
             ("CACHE_MODE", cache_mode),
             ("CACHE_TTL", cache_ttl),
             ("RPM", rpm),
@@ -180,7 +183,7 @@ class OpenAIClient:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
-        self._caches: dict[tuple[str, str, float | None], SQLiteCache] = {}
+        self._caches: dict[tuple[str, str, float | None], CacheBackend] = {}
         self._limits: tuple[tuple[Any, ...], RateLimiter, ConcurrencyLimiter] | None = None
         self._inflight: dict[str, _Flight] = {}
         self._local = threading.local()
@@ -341,18 +344,22 @@ class OpenAIClient:
             )
         return total
 
-    def _cache(self, settings: Mapping[str, Any]) -> SQLiteCache | None:
+    def _cache(self, settings: Mapping[str, Any]) -> CacheBackend | None:
+        """The cache for these settings: CACHE_URL if set, else CACHE_FILE_NAME (a URL there is a URL too)."""
         if not settings["CACHE_API_CALLS"] or settings["CACHE_MODE"] == "off":
             return None
-        key = (os.path.abspath(settings["CACHE_FILE_NAME"]), settings["CACHE_MODE"], settings["CACHE_TTL"])
+        location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
+        if "://" not in location:
+            location = os.path.abspath(location)
+        key = (location, settings["CACHE_MODE"], settings["CACHE_TTL"])
         cache = self._caches.get(key)
         if cache is None:
-            from ._cache import SQLiteCache
+            from ._cache_redis import open_cache
 
             with self._lock:
                 cache = self._caches.get(key)
                 if cache is None:
-                    cache = SQLiteCache(key[0], mode=key[1], ttl=key[2])
+                    cache = open_cache(location, mode=key[1], ttl=key[2])
                     self._caches[key] = cache
         return cache
 
@@ -403,14 +410,18 @@ class OpenAIClient:
             cache.set(key, response)
             return self._finish(kind, params, response, cached=False)
         try:
-            response = self._send_with_retries(params, settings, policy, timeout, send)
-            cache.set(key, response)
+            shared = getattr(cache, "single_flight", None)
+            if shared is not None:  # Redis: one call for the same request across processes and machines
+                response, cached = shared(key, lambda: self._send_with_retries(params, settings, policy, timeout, send), lock_ttl=timeout)
+            else:
+                response, cached = self._send_with_retries(params, settings, policy, timeout, send), False
+                cache.set(key, response)
             flight.response = response
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
             flight.done.set()
-        return self._finish(kind, params, json.loads(json.dumps(response)), cached=False)
+        return self._finish(kind, params, json.loads(json.dumps(response)), cached=cached)
 
     def _finish(self, kind: str, params: Mapping[str, Any], response: dict[str, Any], *, cached: bool) -> dict[str, Any]:
         """Record usage and the thread's call info for a response about to be returned."""

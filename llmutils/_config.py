@@ -135,6 +135,12 @@ _KEYS: dict[str, _Key] = {
     "MAX_WAIT": _Key(float, 60.0, doc="cap on one backoff wait, Retry-After included"),
     "CACHE_API_CALLS": _Key(bool, False),
     "CACHE_FILE_NAME": _Key(str, DEFAULT_CACHE_FILE_NAME),
+    "CACHE_URL": _Key(
+        str,
+        None,
+        optional=True,
+        doc="shared cache, wins over CACHE_FILE_NAME: redis://[:password@]host:6379/0, rediss://, unix://, sqlite:///file",
+    ),
     "CACHE_MODE": _Key(str, "readwrite", choices=("off", "readwrite", "readonly", "replay", "refresh")),
     "CACHE_TTL": _Key(float, None, optional=True, doc="seconds an entry stays valid"),
     "BASE_URL": _Key(str, None, optional=True, doc="OpenAI-compatible endpoint"),

@@ -96,6 +96,12 @@ def _add_common(parser: argparse.ArgumentParser, *, connection: bool, cache: boo
             default=s,
             help="cache file (default: the configured CACHE_FILE_NAME, ./llmutils_cache.sqlite)",
         )
+        group.add_argument(
+            "--cache-url",
+            metavar="URL",
+            default=s,
+            help="shared cache instead of the file, e.g. redis://:PASSWORD@host:6379/0 (default: the configured CACHE_URL)",
+        )
     if cache is True:
         group.add_argument(
             "--cache-mode",
@@ -234,16 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser(
         "cache",
-        help="inspect or maintain the cache file",
-        description="Inspect or maintain the SQLite cache file (--cache-file, default: the configured CACHE_FILE_NAME).",
+        help="inspect or maintain the cache (SQLite file or Redis)",
+        description=(
+            "Inspect or maintain the cache: --cache-url (default: the configured CACHE_URL) when set, else the\n"
+            "SQLite file --cache-file (default: the configured CACHE_FILE_NAME)."
+        ),
+        epilog="examples:\n  llmutils cache stats\n  llmutils cache stats --cache-url redis://localhost:6379/0\n"
+        "  llmutils cache copy llmutils_cache.sqlite redis://localhost:6379/0",
         formatter_class=fmt,
     )
     _add_common(cache, connection=False, cache="file", model=False)
     actions = cache.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     for name, text in (
-        ("stats", "print the path, entries, size and versions of the cache file"),
-        ("clear", "delete every entry (the file stays)"),
-        ("vacuum", "give the space of deleted entries back to the disk"),
+        ("stats", "print the location, entries, size and versions of the cache"),
+        ("clear", "delete every entry (the file, or other keys on the Redis server, stay)"),
+        ("vacuum", "give the space of deleted entries back to the disk (SQLite only)"),
     ):
         sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _add_common(sub, connection=False, cache="file", model=False)
@@ -261,6 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--trusted", action="store_true", help="confirm the pickle file is your own (required)")
     _add_common(imp, connection=False, cache="file", model=False)
     imp.set_defaults(func=_cmd_cache, parser=imp)
+    copy = actions.add_parser(
+        "copy",
+        help="copy every entry of one cache into another, e.g. a SQLite file into Redis",
+        description=(
+            "Copy every live entry of SRC into DEST. Each is a SQLite file path (or sqlite:///file) or a\n"
+            "Redis URL (redis://[:PASSWORD@]host:6379/0, rediss://, unix://). Entries keep their JSON and\n"
+            "their remaining lifetime; expired ones are skipped; entries already in DEST are overwritten.\n"
+            "SRC is only read."
+        ),
+        epilog="example:\n  llmutils cache copy llmutils_cache.sqlite redis://:PASSWORD@cache.internal:6379/0",
+        formatter_class=fmt,
+    )
+    copy.add_argument("source", metavar="SRC", help="the cache to read: a file path or a URL")
+    copy.add_argument("dest", metavar="DEST", help="the cache to write: a Redis URL or a file path")
+    _add_common(copy, connection=False, cache=False, model=False)
+    copy.set_defaults(func=_cmd_cache_copy, parser=copy)
     cache.set_defaults(func=None, parser=cache)
     return parser
 
@@ -279,6 +306,7 @@ def _overrides(args: argparse.Namespace, *, cache_default: bool | None = None) -
         ("base_url", "BASE_URL"),
         ("model", "MODEL"),
         ("cache_file", "CACHE_FILE_NAME"),
+        ("cache_url", "CACHE_URL"),
         ("cache_mode", "CACHE_MODE"),
         ("rpm", "RPM"),
         ("tpm", "TPM"),
@@ -505,7 +533,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                 **_model_params(args),
             )
         except KeyboardInterrupt:
-            path = os.path.abspath(settings["CACHE_FILE_NAME"])
+            path = _shown_location(settings["CACHE_URL"] or settings["CACHE_FILE_NAME"])
             where = f"in the cache ({path}): run the same command again to resume" if cache_on else "lost (the cache is off)"
             print(
                 f"{PROG}: interrupted; nothing was written to {args.output}. Answers received so far are {where}.",
@@ -565,39 +593,72 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown_location(location: str) -> str:
+    """A cache location for messages: a URL with its password masked, or an absolute file path."""
+    from ._cache_redis import is_cache_url, mask_url
+
+    return mask_url(location) if is_cache_url(location) else os.path.abspath(location)
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
-    """stats, clear, vacuum or import-pickle on the cache file."""
+    """stats, clear, vacuum or import-pickle on the cache (a SQLite file or Redis)."""
     from ._cache import SQLiteCache, import_pickle_cache
+    from ._cache_redis import open_cache
 
     with _config.override_defaults(**_overrides(args)):
-        path = os.path.abspath(_config.resolve()["CACHE_FILE_NAME"])
-    if args.action != "import-pickle" and not os.path.exists(path):
-        _fail(f"no cache file at {path}; choose one with --cache-file PATH or the CACHE_FILE_NAME setting")
+        settings = _config.resolve()
+    location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
     if args.action == "import-pickle" and not args.trusted:
         _fail(
             f"refusing to load {args.pickle} without --trusted: loading a pickle runs any code it contains; "
             "pass --trusted only for a file you or your own program wrote"
         )
-    with SQLiteCache(path, mode="readwrite") as cache:
+    with open_cache(location, mode="readwrite") as cache:
+        is_file = isinstance(cache, SQLiteCache)
+        where = str(cache.path)
+        if is_file and args.action != "import-pickle" and not os.path.exists(where):
+            _fail(f"no cache file at {where}; choose one with --cache-file PATH, --cache-url URL or the CACHE_FILE_NAME setting")
         if args.action == "stats":
             for name, value in cache.info().items():
                 print(f"{name}: {value}")
         elif args.action == "clear":
             entries = len(cache)
             cache.clear()
-            print(f"cleared {entries} entries from {path}")
+            if not cache.disabled:
+                print(f"cleared {entries} entries from {where}")
         elif args.action == "vacuum":
+            if not isinstance(cache, SQLiteCache):
+                _fail(f"vacuum is for SQLite cache files; {where} is Redis, which gives memory back by itself")
             before = cache.info()["size_bytes"]
             cache.vacuum()
-            print(f"vacuumed {path}: {before} -> {cache.info()['size_bytes']} bytes")
+            print(f"vacuumed {where}: {before} -> {cache.info()['size_bytes']} bytes")
         else:
             try:
-                written = import_pickle_cache(args.pickle, cache, trusted=True)
+                written = import_pickle_cache(args.pickle, cache, trusted=True)  # type: ignore[arg-type]
             except OSError as exc:
                 _fail(f"cannot read {args.pickle}: {exc}")
-            print(f"imported {written} entries from {args.pickle} into {path}")
+            print(f"imported {written} entries from {args.pickle} into {where}")
         if cache.disabled:
-            _fail(f"the cache file {path} could not be used (see the warning above)")
+            what = "cache file" if is_file else "cache"
+            _fail(f"the {what} {where} could not be used (see the warning above)")
+    return 0
+
+
+def _cmd_cache_copy(args: argparse.Namespace) -> int:
+    """Copy every live entry of SRC into DEST (SQLite file -> Redis, or any other pair)."""
+    from ._cache import SQLiteCache
+    from ._cache_redis import copy_cache, open_cache
+
+    with open_cache(args.source, mode="readonly") as source, open_cache(args.dest, mode="readwrite") as dest:
+        if isinstance(source, SQLiteCache) and not os.path.exists(source.path):
+            _fail(f"no cache file at {source.path}")
+        if str(source.path) == str(dest.path):
+            _fail(f"SRC and DEST are the same cache ({source.path})")
+        result = copy_cache(source, dest)
+        if dest.disabled:
+            _fail(f"copying into {dest.path} failed after {result.copied} entries (see the warning above)")
+    skipped = f"; skipped {result.expired} expired" + (f", {result.invalid} unreadable" if result.invalid else "")
+    print(f"copied {result.copied} entries from {source.path} to {dest.path}{skipped}")
     return 0
 
 
