@@ -14,6 +14,10 @@ from ._batch import map_calls as map_calls
 from ._cache import CacheStats as CacheStats
 from ._cache import SQLiteCache as SQLiteCache
 from ._cache import import_pickle_cache as import_pickle_cache
+from ._cache_redis import CacheBackend as CacheBackend
+from ._cache_redis import RedisCache as RedisCache
+from ._cache_redis import copy_cache as copy_cache
+from ._cache_redis import open_cache as open_cache
 from ._clients import AzureClient as AzureClient
 from ._clients import CallInfo as CallInfo
 from ._clients import MockClient as MockClient
@@ -59,6 +63,7 @@ __all__ = [
     "AzureClient",
     "BatchResult",
     "CallInfo",
+    "CacheBackend",
     "CacheMissError",
     "CacheStats",
     "ConfigError",
@@ -75,6 +80,7 @@ __all__ = [
     "QuotaExceededError",
     "RateLimitError",
     "RateLimiter",
+    "RedisCache",
     "RetriesExhaustedError",
     "RetryPolicy",
     "SQLiteCache",
@@ -85,6 +91,7 @@ __all__ = [
     "batch",
     "client",
     "compose_messages",
+    "copy_cache",
     "count_text_tokens",
     "count_tokens",
     "force_api_cache",
@@ -92,6 +99,7 @@ __all__ = [
     "force_default_value",
     "import_pickle_cache",
     "map_calls",
+    "open_cache",
     "override_defaults",
     "register_client",
     "registered_api_types",
