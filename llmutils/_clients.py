@@ -183,7 +183,7 @@ class OpenAIClient:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
-        self._caches: dict[tuple[str, str, float | None], CacheBackend] = {}
+        self._caches: dict[tuple[str, str, str, float | None], CacheBackend] = {}
         self._limits: tuple[tuple[Any, ...], RateLimiter, ConcurrencyLimiter] | None = None
         self._inflight: dict[str, _Flight] = {}
         self._local = threading.local()
@@ -206,7 +206,7 @@ class OpenAIClient:
 
     def settings(self) -> dict[str, Any]:
         """The settings this client would use for a call made now (no per-call arguments)."""
-        return resolve(self._client_settings)
+        return resolve(self._client_settings, validated=True)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} endpoint={self._endpoint(self.settings())!r}>"
@@ -349,9 +349,9 @@ class OpenAIClient:
         if not settings["CACHE_API_CALLS"] or settings["CACHE_MODE"] == "off":
             return None
         location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
-        if "://" not in location:
-            location = os.path.abspath(location)
-        key = (location, settings["CACHE_MODE"], settings["CACHE_TTL"])
+        # A relative file name means a different file in another working directory.
+        where = "" if "://" in location or os.path.isabs(location) else os.getcwd()
+        key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"])
         cache = self._caches.get(key)
         if cache is None:
             from ._cache_redis import open_cache
@@ -359,7 +359,8 @@ class OpenAIClient:
             with self._lock:
                 cache = self._caches.get(key)
                 if cache is None:
-                    cache = open_cache(location, mode=key[1], ttl=key[2])
+                    target = os.path.join(where, location) if where else location
+                    cache = open_cache(target, mode=key[2], ttl=key[3])
                     self._caches[key] = cache
         return cache
 
@@ -368,8 +369,8 @@ class OpenAIClient:
 
         payload = {"kind": kind, "api": self.api_type, "endpoint": self._endpoint(settings), "params": params}
         try:
-            return make_key(payload)
-        except TypeError as exc:
+            return make_key(payload, check=False)
+        except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"request parameters must be JSON values to be cached: {exc}") from None
 
     def _cached_call(

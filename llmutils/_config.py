@@ -186,44 +186,22 @@ def _parse(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"Bad value {value!r} for config key {name} in {source}: {exc}") from None
 
 
-def config_file_path() -> Path | None:
-    """The config file that applies now: ``$LLMUTILS_CONFIG`` (must exist) or ``./config.ini`` if present."""
-    explicit = os.environ.get("LLMUTILS_CONFIG")
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"LLMUTILS_CONFIG points to {path}, which is not a file")
-        return path
-    local = Path("config.ini")
-    return local if local.is_file() else None
+def _environ_get() -> Any:
+    """A fast ``getenv`` over the live environment. On POSIX ``os.environ`` encodes the name on every
+    lookup, and settings are resolved on every call, so look in its underlying bytes dict (still live,
+    kept in step by ``os.environ``) instead."""
+    data = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(data, dict):
+
+        def get(var: str) -> str | None:
+            raw = data.get(var.encode())
+            return None if raw is None else os.fsdecode(raw)
+
+        return get
+    return os.environ.get
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    """Parse the ``[OpenAI]`` section of ``path``, cached until the file changes."""
-    path = path.resolve()
-    stat = path.stat()
-    stamp = (stat.st_mtime_ns, stat.st_size)
-    cache_key = str(path)
-    cached = _file_cache.get(cache_key)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    try:
-        parser.read(path, encoding="utf-8")
-    except configparser.Error as exc:
-        raise ConfigError(f"Cannot parse config file {path}: {exc}") from None
-    values: dict[str, Any] = {}
-    if parser.has_section(CONFIG_SECTION):
-        for raw_key, raw_value in parser.items(CONFIG_SECTION):
-            try:
-                name = _key_name(raw_key)
-            except ConfigError as exc:
-                raise ConfigError(f"{exc} (in [{CONFIG_SECTION}] of {path})") from None
-            values[name] = _parse(name, raw_value, str(path))
-    _file_cache[cache_key] = (stamp, values)
-    return values
-
+_getenv = _environ_get()
 
 # (variable, key, required-non-empty) for every environment variable that sets a key.
 _ENV_VARS = tuple((var, name, True) for var, name in _ENV_ALIASES.items()) + tuple(
@@ -231,37 +209,57 @@ _ENV_VARS = tuple((var, name, True) for var, name in _ENV_ALIASES.items()) + tup
 )
 
 
-def _environ_get() -> Any:
-    """A fast ``get`` over the live environment: on POSIX ``os.environ`` encodes every lookup, and
-    this runs on every call, so look in its underlying bytes dict (still live) instead."""
-    data = getattr(os.environ, "_data", None)
-    if os.name == "posix" and isinstance(data, dict):
-        encoded = {var: os.fsencode(var) for var, _, _ in _ENV_VARS}
-
-        def get(var: str) -> str | None:
-            raw = data.get(encoded[var])
-            return None if raw is None else os.fsdecode(raw)
-
-        return get
-    return os.environ.get
+def config_file_path() -> Path | None:
+    """The config file that applies now: ``$LLMUTILS_CONFIG`` (must exist) or ``./config.ini`` if present."""
+    explicit = _getenv("LLMUTILS_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"LLMUTILS_CONFIG points to {path}, which is not a file")
+        return path
+    return Path("config.ini") if os.path.isfile("config.ini") else None
 
 
-_env_get = _environ_get()
+def _read_file(path: Path) -> dict[str, Any]:
+    """Parse the ``[OpenAI]`` section of ``path``, cached until the file changes."""
+    name = os.path.abspath(path)
+    stat = os.stat(name)
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _file_cache.get(name)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read(name, encoding="utf-8")
+    except configparser.Error as exc:
+        raise ConfigError(f"Cannot parse config file {name}: {exc}") from None
+    values: dict[str, Any] = {}
+    if parser.has_section(CONFIG_SECTION):
+        for raw_key, raw_value in parser.items(CONFIG_SECTION):
+            try:
+                key = _key_name(raw_key)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (in [{CONFIG_SECTION}] of {name})") from None
+            values[key] = _parse(key, raw_value, name)
+    _file_cache[name] = (stamp, values)
+    return values
 
 
 def _read_env() -> dict[str, Any]:
     values: dict[str, Any] = {}
     for var, name, non_empty in _ENV_VARS:
-        raw = _env_get(var)
+        raw = _getenv(var)
         if raw is not None and (raw or not non_empty):
             values[name] = _parse(name, raw, f"environment variable {var}")
     return values
 
 
-def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resolve(overrides: Mapping[str, Any] | None = None, *, validated: bool = False) -> dict[str, Any]:
     """The settings in force now, as a new dict with UPPERCASE keys, every layer applied.
 
-    ``overrides`` (config keys, either case) is applied last, as per-call arguments are.
+    ``overrides`` (config keys, either case) is applied last, as per-call arguments are;
+    ``validated=True`` says they already went through :func:`validate`.
     """
     settings = dict(DEFAULTS)
     path = config_file_path()
@@ -272,7 +270,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         settings.update(_forced)
     settings.update(_context.get())
     if overrides:
-        settings.update(validate(overrides, "the call's arguments"))
+        settings.update(overrides if validated else validate(overrides, "the call's arguments"))
     return settings
 
 
@@ -320,7 +318,7 @@ def override_defaults(**values: Any) -> Iterator[dict[str, Any]]:
 def api_key_from_env(names: tuple[str, ...]) -> tuple[str | None, str | None]:
     """The first non-empty environment variable among ``names``: ``(value, variable name)``."""
     for name in names:
-        value = os.environ.get(name)
+        value = _getenv(name)
         if value:
             return value, name
     return None, None
