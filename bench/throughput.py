@@ -13,10 +13,11 @@ share a GIL with the client threads being measured (``--server inprocess`` to co
    (``llmutils.batch`` once, for information). With the openai SDK's CPU cost per request, the
    32-thread figures are bounded by one core of client CPU (the GIL), not by the server latency;
    another busy process on the machine shows up directly in them, so the load average is printed;
-3. a replay of cached items: a ``MockClient`` with the cache on writes the entries, then a
+3. llmutils' own CPU cost per call (a MockClient with the cache off: no SDK, no network);
+4. a replay of cached items: a ``MockClient`` with the cache on writes the entries, then a
    ``MockClient(cache_mode="replay")`` serves every ``send_message`` from the file (replay never
    generates an answer; the hit path is the same code for every client class), 1 and 8 threads;
-4. the client-side rate limiter: 32 threads through ``OpenAIClient(rpm=600)`` against a server
+5. the client-side rate limiter: 32 threads through ``OpenAIClient(rpm=600)`` against a server
    with no latency for ``--rpm-seconds``, achieved rpm and its deviation from the limit.
 """
 
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import openai
 
@@ -92,8 +93,26 @@ def serve(latency: float, mode: str) -> Iterator[str]:
 # -- part 1 and 2: request throughput ------------------------------------------------------------
 
 
-def in_pool(call: Callable[[int], Any], n: int, workers: int) -> tuple[float, int]:
-    """Run ``call(i)`` for i < n on a ThreadPoolExecutor; return (requests/s, failures)."""
+class Figure(NamedTuple):
+    """One timed run: requests/s, failed requests, and this process's CPU ms per request."""
+
+    rate: float
+    failed: int
+    cpu_ms: float
+
+
+@contextmanager
+def timed(n: int, out: list[Figure], failed: Callable[[], int]) -> Iterator[None]:
+    """Time the block (wall and process CPU, all threads) and append its Figure to ``out``."""
+    cpu, start = time.process_time(), time.perf_counter()
+    yield
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    bad = failed()
+    out.append(Figure((n - bad) / elapsed, bad, cpu / n * 1000))
+
+
+def in_pool(call: Callable[[int], Any], n: int, workers: int) -> Figure:
+    """Run ``call(i)`` for i < n on a ThreadPoolExecutor."""
 
     def one(i: int) -> bool:
         try:
@@ -102,38 +121,39 @@ def in_pool(call: Callable[[int], Any], n: int, workers: int) -> tuple[float, in
         except Exception:
             return False
 
-    with ThreadPoolExecutor(workers) as pool:
-        start = time.perf_counter()
-        ok = sum(pool.map(one, range(n)))
-        elapsed = time.perf_counter() - start
-    return ok / elapsed, n - ok
+    out: list[Figure] = []
+    ok = [0]
+    with ThreadPoolExecutor(workers) as pool, timed(n, out, lambda: n - ok[0]):
+        ok[0] = sum(pool.map(one, range(n)))
+    return out[0]
 
 
 def llmutils_client(base_url: str, **kwargs: Any) -> llmutils.OpenAIClient:
     return llmutils.OpenAIClient(base_url=base_url, api_key="bench", model=MODEL, cache_api_calls=False, **kwargs)
 
 
-def run_llmutils(client: llmutils.OpenAIClient, tag: str, n: int, workers: int) -> tuple[float, int]:
+def run_llmutils(client: llmutils.OpenAIClient, tag: str, n: int, workers: int) -> Figure:
     return in_pool(lambda i: client.send_message(messages(tag, i))["content"], n, workers)
 
 
-def run_raw(sdk: openai.OpenAI, tag: str, n: int, workers: int) -> tuple[float, int]:
+def run_raw(sdk: openai.OpenAI, tag: str, n: int, workers: int) -> Figure:
     create = sdk.chat.completions.create
     return in_pool(lambda i: create(model=MODEL, messages=messages(tag, i), **SAMPLING).choices[0].message.content, n, workers)
 
 
-def run_batch(client: llmutils.OpenAIClient, tag: str, n: int, workers: int) -> tuple[float, int]:
-    start = time.perf_counter()
-    results = llmutils.batch([messages(tag, i) for i in range(n)], client=client, workers=workers)
-    elapsed = time.perf_counter() - start
-    failed = sum(not r.ok for r in results)
-    return (n - failed) / elapsed, failed
+def run_batch(client: llmutils.OpenAIClient, tag: str, n: int, workers: int) -> Figure:
+    items = [messages(tag, i) for i in range(n)]
+    out: list[Figure] = []
+    results: list[llmutils.BatchResult] = []
+    with timed(n, out, lambda: sum(not r.ok for r in results)):
+        results = llmutils.batch(items, client=client, workers=workers)
+    return out[0]
 
 
-def run_async(base_url: str, tag: str, n: int, concurrency: int, warmup: int) -> tuple[float, int]:
+def run_async(base_url: str, tag: str, n: int, concurrency: int, warmup: int) -> Figure:
     """AsyncOpenAI with asyncio.gather bounded by a Semaphore(concurrency); one fresh event loop."""
 
-    async def go() -> tuple[float, int]:
+    async def go() -> Figure:
         sdk = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
         limit = asyncio.Semaphore(concurrency)
 
@@ -146,27 +166,28 @@ def run_async(base_url: str, tag: str, n: int, concurrency: int, warmup: int) ->
                 except Exception:
                     return False
 
+        out: list[Figure] = []
+        ok = 0
         try:
             await asyncio.gather(*(one(i, f"{tag}-warm") for i in range(warmup)))  # open the connections
-            start = time.perf_counter()
-            ok = sum(await asyncio.gather(*(one(i, tag) for i in range(n))))
-            elapsed = time.perf_counter() - start
+            with timed(n, out, lambda: n - ok):
+                ok = sum(await asyncio.gather(*(one(i, tag) for i in range(n))))
         finally:
             await sdk.close()
-        return ok / elapsed, n - ok
+        return out[0]
 
     return asyncio.run(go())
 
 
-def throughput(base_url: str, args: argparse.Namespace) -> dict[str, tuple[float, int]]:
+def throughput(base_url: str, args: argparse.Namespace) -> dict[str, Figure]:
     """Parts 1 and 2: best requests/s of each way of sending, over interleaved rounds."""
     workers = 32
     client = llmutils_client(base_url)
     sdk = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
-    best: dict[str, tuple[float, int]] = {}
+    best: dict[str, Figure] = {}
 
-    def keep(name: str, figure: tuple[float, int]) -> None:
-        if name not in best or figure[0] > best[name][0]:
+    def keep(name: str, figure: Figure) -> None:
+        if name not in best or figure.rate > best[name].rate:
             best[name] = figure
 
     def warm(r: int) -> None:
@@ -189,6 +210,22 @@ def throughput(base_url: str, args: argparse.Namespace) -> dict[str, tuple[float
     finally:
         client.close()
         sdk.close()
+    return best
+
+
+def own_overhead(calls: int = 5000) -> float:
+    """Microseconds of CPU per ``send_message`` of a MockClient, cache off: llmutils' own cost per call
+    (settings, retry policy, limiter, usage, result) without the SDK or any network."""
+    client = llmutils.MockClient(cache_api_calls=False, model=MODEL)
+    prompt = messages("overhead", 0)
+    for _ in range(500):
+        client.send_message(prompt)
+    best = float("inf")
+    for _ in range(3):
+        cpu = time.process_time()
+        for _ in range(calls):
+            client.send_message(prompt)
+        best = min(best, (time.process_time() - cpu) / calls * 1e6)
     return best
 
 
@@ -326,46 +363,55 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with serve(args.latency, args.server) as url:
         tp = throughput(url, args)
+    overhead = own_overhead()
     with tempfile.TemporaryDirectory() as folder:
         rp = replay(args.replay_items, 8, Path(folder))
     with serve(0.0, args.server) as url:
         rl = rate_limited(url, args.rpm, 32, args.rpm_seconds)
 
-    one = tp["llmutils 1 worker"][0]
-    threads = tp["llmutils 32 threads"][0]
-    raw = tp["raw SDK 32 threads"][0]
-    aio = tp["AsyncOpenAI 32 tasks"][0]
+    one, threads, raw, aio, bat = (
+        tp[k] for k in ("llmutils 1 worker", "llmutils 32 threads", "raw SDK 32 threads", "AsyncOpenAI 32 tasks", "llmutils.batch 32")
+    )
     n = args.requests
+
+    def cpu(f: Figure) -> str:
+        return f"{f.cpu_ms:.2f}"
+
     rows = [
-        (f"llmutils, 1 worker ({args.single} req)", f"{one:,.1f} req/s", "", "", ""),
-        (f"llmutils, 32 threads ({n} req)", f"{threads:,.1f} req/s", f"{threads / one:.1f}x 1 worker", ">= 20x", verdict(threads / one, 20)),
-        (f"raw openai.OpenAI, 32 threads ({n} req)", f"{raw:,.1f} req/s", "", "", ""),
-        ("  llmutils / raw SDK", "", f"{threads / raw:.3f}x", ">= 0.95x", verdict(threads / raw, 0.95)),
-        (f"AsyncOpenAI, Semaphore(32) ({n} req)", f"{aio:,.1f} req/s", "", "", ""),
-        ("  llmutils threads / asyncio", "", f"{threads / aio:.3f}x", ">= 0.9x", verdict(threads / aio, 0.9)),
-        (f"llmutils.batch(workers=32) ({n} req)", f"{tp['llmutils.batch 32'][0]:,.1f} req/s", f"{tp['llmutils.batch 32'][0] / raw:.3f}x raw", "", ""),
-        (f"cache fill, MockClient 8 thr ({args.replay_items:,})", f"{rp['fill']:,.0f} items/s", "", "", ""),
-        (f"cache replay, 1 thread ({args.replay_items:,})", f"{rp['1 thread']:,.0f} items/s", "", "", ""),
-        (f"cache replay, 8 threads ({args.replay_items:,})", f"{rp['8 thread']:,.0f} items/s", "", "", ""),
+        (f"llmutils, 1 worker ({args.single} req)", f"{one.rate:,.1f} req/s", cpu(one), "", "", ""),
+        (f"llmutils, 32 threads ({n} req)", f"{threads.rate:,.1f} req/s", cpu(threads), f"{threads.rate / one.rate:.1f}x 1 worker", ">= 20x", verdict(threads.rate / one.rate, 20)),
+        (f"raw openai.OpenAI, 32 threads ({n} req)", f"{raw.rate:,.1f} req/s", cpu(raw), "", "", ""),
+        ("  llmutils / raw SDK", "", "", f"{threads.rate / raw.rate:.3f}x", ">= 0.95x", verdict(threads.rate / raw.rate, 0.95)),
+        (f"AsyncOpenAI, Semaphore(32) ({n} req)", f"{aio.rate:,.1f} req/s", cpu(aio), "", "", ""),
+        ("  llmutils threads / asyncio", "", "", f"{threads.rate / aio.rate:.3f}x", ">= 0.9x", verdict(threads.rate / aio.rate, 0.9)),
+        (f"llmutils.batch(workers=32) ({n} req)", f"{bat.rate:,.1f} req/s", cpu(bat), f"{bat.rate / raw.rate:.3f}x raw", "", ""),
+        ("llmutils' own cost per call (MockClient)", f"{overhead:.0f} us CPU", f"{overhead / 1000:.2f}", "", "", ""),
+        (f"cache fill, MockClient 8 thr ({args.replay_items:,})", f"{rp['fill']:,.0f} items/s", "", "", "", ""),
+        (f"cache replay, 1 thread ({args.replay_items:,})", f"{rp['1 thread']:,.0f} items/s", "", "", "", ""),
+        (f"cache replay, 8 threads ({args.replay_items:,})", f"{rp['8 thread']:,.0f} items/s", "", "", "", ""),
         (
             f"rate limit {args.rpm:g} rpm, 32 thr, {args.rpm_seconds:g} s",
             f"{rl['achieved']:,.1f} rpm",
+            "",
             f"{rl['deviation']:+.2f}%",
             "within 5%",
             "met" if abs(rl["deviation"]) <= 5 else "MISSED",
         ),
     ]
-    header = ("measure", "value", "ratio", "target", "")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    header = ("measure", "value", "CPU ms/req", "ratio", "target", "")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     print()
     print(line.format(*header).rstrip())
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print(line.format(*row).rstrip())
-    failures = {name: f for name, (_, f) in tp.items() if f}
+    failures = {name: f.failed for name, f in tp.items() if f.failed}
     print()
-    print(f"failed requests in the kept rounds: {failures or 'none'}; best of {args.rounds} interleaved round(s)")
+    print(
+        f"best of {args.rounds} interleaved round(s); CPU ms/req is this process's CPU time (all threads; "
+        f"the server's is not counted in subprocess mode) per request; failed requests: {failures or 'none'}"
+    )
     print(
         f"rate limiter: {rl['completed']:.0f} completed in the window, {rl['failed']:.0f} failed, "
         f"{rl['stopped']:.0f} threads stopped by total_timeout at the end; max in any 10 s window "
