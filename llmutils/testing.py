@@ -359,6 +359,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # socketserver's 5 stalls or resets 32 clients that connect at once
 
     def __init__(self, address: tuple[str, int], owner: OpenAITestServer) -> None:
         self.owner = owner
