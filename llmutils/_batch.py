@@ -229,7 +229,8 @@ def _messages_for(
         )
     from ._templates import compose_messages
 
-    return compose_messages(system_template, user_template, template_dirs=template_dirs, **item)
+    # As one mapping, not **item: a variable may be called anything (template_dirs, name, ...).
+    return compose_messages(system_template, user_template, item, template_dirs=template_dirs)
 
 
 def batch(

@@ -43,7 +43,7 @@ from typing import Any, Union
 
 import jinja2
 
-from ._exceptions import OutputParseError, TemplateError
+from ._exceptions import InvalidRequestError, OutputParseError, TemplateError
 
 __all__ = ["render_template", "compose_messages", "template_search_path", "LLMCall"]
 
@@ -297,17 +297,20 @@ def _compose(
 def compose_messages(
     system_template: str | None,
     user_template: str | None = None,
+    variables: Mapping[str, Any] | None = None,
     /,
     *,
     template_dirs: TemplateDirs = None,
-    **variables: Any,
+    **more_vars: Any,
 ) -> list[dict[str, str]]:
     """Render a system and/or user template into ``[{"role": "system", ...}, {"role": "user", ...}]``.
 
-    Both templates get the same ``variables``; a ``None`` template adds no message. Each
-    message's content is stripped of leading and trailing whitespace. Nothing is sent.
+    Both templates get the same variables: ``variables`` (a mapping, so any name works, even
+    ``template_dirs``) and ``more_vars`` (which win on clashes). A ``None`` template adds no
+    message. Each message's content is stripped of leading and trailing whitespace. Nothing is sent.
     """
-    return _compose(system_template, user_template, variables, template_dirs)
+    merged = {**variables, **more_vars} if variables else more_vars
+    return _compose(system_template, user_template, merged, template_dirs)
 
 
 # --------------------------------------------------------------------------- output types
@@ -568,7 +571,7 @@ def _output_spec(output_type: Any) -> _OutputSpec | None:
         return _schema_spec(output_type)
     if _is_pydantic_model(output_type):
         return _pydantic_spec(output_type)
-    raise TypeError(
+    raise InvalidRequestError(
         f"unsupported output_type {output_type!r}: use str, int, float, bool, list, dict, "
         "a JSON schema dict or a pydantic model class"
     )
@@ -599,6 +602,8 @@ class LLMCall:
     ``client`` defaults to the configured client (``llmutils._registry.client()``) at call time;
     every other keyword (``model``, ``temperature``, ...) goes to ``client.send_message``.
     After a call, ``messages`` holds what was sent and ``model_output`` the assistant message.
+    With ``n=2`` or more, :meth:`call` returns a list (one value per choice) and ``model_output``
+    is the list of assistant messages.
     One instance may be shared by threads; those two attributes then show the latest call.
     """
 
@@ -623,7 +628,7 @@ class LLMCall:
         self.client = client
         self.model_params: dict[str, Any] = dict(model_params)
         self.messages: list[dict[str, Any]] | None = None
-        self.model_output: dict[str, Any] | None = None
+        self.model_output: dict[str, Any] | list[dict[str, Any]] | None = None
         self._spec = _output_spec(output_type)
         self._lock = threading.Lock()
 
@@ -643,11 +648,14 @@ class LLMCall:
             params.setdefault("response_format", spec.response_format)
         return messages, params
 
-    def call(self, **rendering_configs: Any) -> Any:
+    def call(self, /, **rendering_configs: Any) -> Any:
         """Render the templates with ``rendering_configs``, send them, and return the answer.
 
         Returns the content string, or the converted value when ``output_type`` is set.
-        Template problems raise :class:`TemplateError` before anything is sent.
+        With ``n=2`` or more (in the model parameters) it returns a list with one such value per
+        choice, in choice order, and ``model_output`` is the list of assistant message dicts;
+        no choice is ever dropped. Template problems raise :class:`TemplateError` before
+        anything is sent.
         """
         messages, params = self._request(rendering_configs)
         with self._lock:
@@ -658,6 +666,12 @@ class LLMCall:
         with self._lock:
             self.messages = messages
             self.model_output = output
+        if isinstance(output, list):  # n > 1: one message per choice
+            return [self._value(choice) for choice in output]
+        return self._value(output)
+
+    def _value(self, output: Any) -> Any:
+        """The content of one assistant message, converted to ``output_type`` when it is set."""
         content = output.get("content") if isinstance(output, Mapping) else None
         spec = self._spec
         if spec is None:

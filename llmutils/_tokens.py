@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._exceptions import InvalidRequestError
+
 if TYPE_CHECKING:
     from tiktoken import Encoding
 
@@ -327,7 +329,7 @@ def _text_counter(model: str | None) -> tuple[Callable[[str], int], bool]:
 def count_text_tokens(text: str, model: str | None = None) -> TokenCount:
     """Tokens in plain ``text`` (no message overhead) for ``model`` (None: the configured model)."""
     if not isinstance(text, str):
-        raise TypeError(f"text must be a str, not {type(text).__name__}")
+        raise InvalidRequestError(f"count_text_tokens: text must be a str, not {type(text).__name__} ({text!r:.80})")
     count, exact = _text_counter(_resolve_model(model))
     return TokenCount(count(text) if text else 0, exact)
 
@@ -384,6 +386,21 @@ def _count_value(key: str, value: Any, count: Callable[[str], int]) -> int:
     return sum(count(s) for s in _strings(value))
 
 
+def _check_messages(messages: Any) -> None:
+    """Raise InvalidRequestError naming the culprit unless ``messages`` is a sequence of mappings."""
+    shape = "a str or a list of message dicts such as {'role': 'user', 'content': ...}"
+    if isinstance(messages, Mapping):
+        raise InvalidRequestError(f"count_tokens: messages must be {shape}, not one dict; wrap it in a list: [message]")
+    if not isinstance(messages, Sequence) or isinstance(messages, (bytes, bytearray)):
+        raise InvalidRequestError(f"count_tokens: messages must be {shape}, not {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidRequestError(
+                f"count_tokens: messages[{i}] is a {type(message).__name__} ({message!r:.80}), "
+                f"not a message dict; messages must be {shape}"
+            )
+
+
 def count_tokens(
     messages: Sequence[Mapping[str, Any]] | str, model: str | None = None
 ) -> TokenCount:
@@ -391,13 +408,11 @@ def count_tokens(
 
     A str counts as plain text, without message overhead. The result is exact unless the
     encoding could not be loaded (``.exact`` is then False); see the module docstring.
+    Anything else raises :class:`~llmutils.InvalidRequestError` naming the bad item.
     """
     if isinstance(messages, str):
         return count_text_tokens(messages, model)
-    if not isinstance(messages, Sequence) or not all(isinstance(m, Mapping) for m in messages):
-        raise TypeError(
-            "messages must be a str or a sequence of mappings such as {'role': ..., 'content': ...}"
-        )
+    _check_messages(messages)
     resolved = _resolve_model(model)
     count, exact = _text_counter(resolved)
     legacy = (resolved or "").lower().rsplit("/", 1)[-1] == "gpt-3.5-turbo-0301"

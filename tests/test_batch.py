@@ -76,6 +76,19 @@ def test_item_shapes_messages_dict_and_template_variables() -> None:
     assert results[2].input == {"text": "A story.", "max_words": 5}
 
 
+def test_template_variables_may_have_any_name(tmp_path: Path) -> None:
+    (tmp_path / "hello.j2").write_text("Hello {{ name }}.", encoding="utf-8")
+    items = [
+        {"template_dirs": "x", "text": "A story."},  # a name batch() also takes as a keyword; unused
+        {"template_dirs": "x", "system_template": "y", "client": "z", "text": "Another."},
+    ]
+    results = batch(items, client=MockClient(), user_template="summarize")
+    assert [r.error for r in results] == [None, None]
+    assert results[0].content is not None and "A story." in results[0].content
+    named = batch([{"name": "Ann"}], client=MockClient(), user_template="hello", template_dirs=tmp_path)
+    assert named[0].error is None and named[0].content == "echo: Hello Ann."
+
+
 def test_bad_items_are_kept_as_errors_and_the_rest_goes_on() -> None:
     results = batch(
         [{"text": "no template given"}, 42, {"messages": "not a list"}, _user("fine")],

@@ -14,7 +14,7 @@ import jinja2
 import pydantic
 import pytest
 
-from llmutils import LLMUtilsError, OutputParseError, TemplateError
+from llmutils import InvalidRequestError, LLMUtilsError, OutputParseError, TemplateError
 from llmutils import _templates
 from llmutils._templates import LLMCall, compose_messages, render_template, template_search_path
 
@@ -304,10 +304,18 @@ def test_llmcall_sends_renders_and_keeps_state(isolated: Path, tmp_path: Path) -
 
 
 def test_llmcall_rendering_configs_may_use_any_name(isolated: Path, tmp_path: Path) -> None:
-    _write(tmp_path, "u.j2", "{{ template_dirs }} {{ client }}")
+    _write(tmp_path, "u.j2", "{{ template_dirs }} {{ client }}")  # (Jinja2 keeps {{ self }} for itself)
     client = FakeClient()
-    LLMCall("system_default", "u", template_dirs=[tmp_path], client=client).call(template_dirs="a", client="b")
+    LLMCall("system_default", "u", template_dirs=[tmp_path], client=client).call(template_dirs="a", client="b", self="c")
     assert client.calls[0][0][1]["content"] == "a b"
+
+
+def test_compose_messages_takes_a_mapping_so_any_name_works(isolated: Path, tmp_path: Path) -> None:
+    _write(tmp_path, "u.j2", "{{ template_dirs }} {{ system_template }} {{ a }}")
+    variables = {"template_dirs": "td", "system_template": "st", "a": 1}
+    messages = compose_messages(None, "u", variables, template_dirs=[tmp_path], a=2)
+    assert messages == [{"role": "user", "content": "td st 2"}]
+    assert variables == {"template_dirs": "td", "system_template": "st", "a": 1}  # not changed
 
 
 def test_one_llmcall_shared_by_sixteen_threads(isolated: Path) -> None:
@@ -342,8 +350,39 @@ def test_llmcall_uses_registry_client_when_none_given(isolated: Path, monkeypatc
 
 
 def test_llmcall_rejects_unknown_output_type() -> None:
-    with pytest.raises(TypeError, match="output_type"):
+    with pytest.raises(InvalidRequestError, match=r"unsupported output_type <class 'set'>"):
         LLMCall("system_default", output_type=set)
+
+
+class ChoicesClient(FakeClient):
+    """Answers like a client asked for ``n`` choices: a list of message dicts when n > 1."""
+
+    def __init__(self, contents: list[str]) -> None:
+        super().__init__()
+        self.contents = contents
+
+    def send_message(self, messages: list[dict[str, Any]], **params: Any) -> Any:
+        self.calls.append((messages, params))
+        answers = [{"role": "assistant", "content": c} for c in self.contents[: params.get("n", 1)]]
+        return answers if params.get("n", 1) > 1 else answers[0]
+
+
+def test_llmcall_with_n_returns_every_choice(isolated: Path, caplog: pytest.LogCaptureFixture) -> None:
+    client = ChoicesClient(["first", "second", "third"])
+    call = LLMCall("system_default", "user_default", client=client, n=2)
+    assert call.call(prompt="q") == ["first", "second"]
+    assert call.model_output == [{"role": "assistant", "content": "first"}, {"role": "assistant", "content": "second"}]
+    assert client.calls[0][1]["n"] == 2
+    assert not [r for r in caplog.records if r.levelno >= 30]
+
+
+def test_llmcall_with_n_coerces_each_choice(isolated: Path) -> None:
+    answers = ChoicesClient(["1", "The answer is 2.", "3"])
+    as_int = LLMCall("system_default", "user_default", client=answers, output_type=int, n=3)
+    assert as_int.call(prompt="q") == [1, 2, 3]
+    bad = LLMCall("system_default", "user_default", client=ChoicesClient(["1", "no number"]), output_type=int, n=2)
+    with pytest.raises(OutputParseError, match="no number"):
+        bad.call(prompt="q")
 
 
 class Person(pydantic.BaseModel):
@@ -536,3 +575,9 @@ def test_llmcall_end_to_end_through_local_server(isolated: Path, server: Any) ->
     server.chat_handler = lambda body: "none at all"
     with pytest.raises(OutputParseError, match="none at all"):
         as_int.call(text="numbers")
+
+    server.chat_handler = None
+    several = LLMCall("system_default", "user_default", client=client, model="gpt-4o-mini", n=3)
+    assert several.call(prompt="hi") == ["echo: hi", "echo: hi [1]", "echo: hi [2]"]
+    assert server.requests[-1].body["n"] == 3
+    assert [m["content"] for m in several.model_output] == ["echo: hi", "echo: hi [1]", "echo: hi [2]"]

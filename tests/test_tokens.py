@@ -20,6 +20,7 @@ import requests
 import responses
 
 import llmutils._tokens as tokens
+from llmutils import InvalidRequestError, LLMUtilsError
 from llmutils._tokens import (
     FALLBACK_ENCODING,
     IMAGE_TOKENS_HIGH,
@@ -254,11 +255,17 @@ def test_tool_calls_and_tool_results(preloaded: Any) -> None:
     assert count_tokens(messages, "gpt-4") == expected
 
 
-def test_bad_messages_raise_type_error() -> None:
-    with pytest.raises(TypeError):
-        count_tokens([("user", "hi")], "gpt-4")  # type: ignore[list-item]
-    with pytest.raises(TypeError):
+def test_bad_input_raises_invalid_request_naming_the_culprit() -> None:
+    with pytest.raises(InvalidRequestError, match=r"messages\[1\] is a tuple \(\('user', 'hi'\)\)"):
+        count_tokens([{"role": "user", "content": "a"}, ("user", "hi")], "gpt-4")  # type: ignore[list-item]
+    with pytest.raises(InvalidRequestError, match=r"not one dict; wrap it in a list"):
+        count_tokens({"role": "user", "content": "hi"}, "gpt-4")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match=r"not int"):
+        count_tokens(42, "gpt-4")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match=r"text must be a str, not NoneType"):
         count_text_tokens(None, "gpt-4")  # type: ignore[arg-type]
+    with pytest.raises(LLMUtilsError):
+        count_tokens(b"bytes", "gpt-4")  # type: ignore[arg-type]
 
 
 # --- models, aliases and config ---------------------------------------------------------------
