@@ -17,6 +17,7 @@ import re
 from email.utils import parsedate_to_datetime
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from ._exceptions import (
     NonTerminalError,
     QuotaExceededError,
     RateLimitError,
+    TotalTimeoutError,
 )
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
@@ -83,6 +85,40 @@ def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
         raise InvalidRequestError(f"{name} must be {expected}, got {value!r:.60}")
 
 
+def _check_positive(**values: Any) -> None:
+    """Counts and durations must be > 0 (``n`` must be a whole number); None means "not given"."""
+    for name, value in values.items():
+        if name == "n" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequestError(f"n must be an int >= 1, got {value!r:.60}")
+        if value is not None and value <= 0:
+            raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_chat_response(body: Mapping[str, Any]) -> None:
+    """A chat completion must have choices with a message each; a filtered answer is terminal.
+
+    Checked inside the retried attempt, so a malformed 200 is retried and never cached.
+    """
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise NonTerminalError("the response has no choices")
+    for choice in choices:
+        if not isinstance(choice, Mapping) or not isinstance(choice.get("message"), Mapping):
+            raise NonTerminalError("a choice in the response has no message")
+        if choice.get("finish_reason") == "content_filter" and not choice["message"].get("content"):
+            raise ContentFilterError("The answer was withheld by the content filter (finish_reason=content_filter)")
+
+
+def _check_embedding_response(body: Mapping[str, Any], expected: int) -> None:
+    """An embeddings response must hold one list of numbers per input."""
+    data = body.get("data")
+    if not isinstance(data, list) or len(data) != expected:
+        raise NonTerminalError(f"expected {expected} embeddings, the response has {len(data) if isinstance(data, list) else 'none'}")
+    for item in data:
+        if not isinstance(item, Mapping) or not isinstance(item.get("embedding"), list):
+            raise NonTerminalError("an item of the embeddings response has no embedding list")
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``), if it did."""
     ms = headers.get("retry-after-ms")
@@ -119,6 +155,22 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.response: dict[str, Any] | None = None
+
+
+_live_clients: weakref.WeakSet[OpenAIClient] = weakref.WeakSet()
+
+
+def _reset_clients_in_child() -> None:
+    """After ``os.fork``: the child has only the forking thread, so locks another thread held and
+    requests other threads had in flight are gone; start each client's shared state afresh."""
+    for client in list(_live_clients):
+        client._lock = threading.Lock()
+        client._inflight = {}
+        client._limits = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_clients_in_child)
 
 
 class OpenAIClient:
@@ -187,6 +239,7 @@ class OpenAIClient:
         self._limits: tuple[tuple[Any, ...], RateLimiter, ConcurrencyLimiter] | None = None
         self._inflight: dict[str, _Flight] = {}
         self._local = threading.local()
+        _live_clients.add(self)
         self.usage = UsageTracker(prices=prices)
         """Requests and tokens per model, billed and served from cache apart (see UsageTracker)."""
 
@@ -209,7 +262,11 @@ class OpenAIClient:
         return resolve(self._client_settings, validated=True)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} endpoint={self._endpoint(self.settings())!r}>"
+        try:
+            endpoint = self._display(self.settings())
+        except LLMUtilsError:
+            endpoint = "<not configured>"
+        return f"<{type(self).__name__} endpoint={endpoint!r}>"
 
     # -- the public calls ----------------------------------------------------------------------
 
@@ -251,11 +308,9 @@ class OpenAIClient:
             ("timeout", timeout, (int, float)),
             ("total_timeout", total_timeout, (int, float)),
             ("max_attempts", max_attempts, (int,)),
-            ("n", n, (int,)),
         ):
             _check_type(name, value, kinds)
-        if n < 1:
-            raise InvalidRequestError(f"n must be >= 1, got {n}")
+        _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
         if more.get("stream"):
             raise InvalidRequestError("stream=True is not supported by send_message; it returns whole answers")
         settings = self.settings()
@@ -295,7 +350,12 @@ class OpenAIClient:
             return self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
 
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
-        response = self._cached_call("chat", params, settings, policy, timeout_s, self._chat_completion)
+        def send(params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+            body = self._chat_completion(params, timeout, settings)
+            _check_chat_response(body)
+            return body
+
+        response = self._cached_call("chat", params, settings, policy, timeout_s, send)
         return _extract_messages(response, n)
 
     def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
@@ -312,6 +372,13 @@ class OpenAIClient:
         timeout = more.pop("timeout", None)
         total_timeout = more.pop("total_timeout", None)
         max_attempts = more.pop("max_attempts", None)
+        for name, value, kinds in (
+            ("timeout", timeout, (int, float)),
+            ("total_timeout", total_timeout, (int, float)),
+            ("max_attempts", max_attempts, (int,)),
+        ):
+            _check_type(name, value, kinds)
+        _check_positive(timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
         settings = self.settings()
         params: dict[str, Any] = {"model": model or settings["EMBEDDING_MODEL"], "input": list(texts), **more}
         params.setdefault("encoding_format", "float")
@@ -319,11 +386,14 @@ class OpenAIClient:
             return self._policy(settings, timeout, total_timeout, max_attempts, None, None)
 
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
-        response = self._cached_call("embedding", params, settings, policy, timeout_s, self._embedding)
-        data = sorted(response.get("data") or [], key=lambda item: item.get("index", 0))
-        if len(data) != len(texts):
-            raise NonTerminalError(f"expected {len(texts)} embeddings, the response has {len(data)}")
-        return [item["embedding"] for item in data]
+        def send(params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+            body = self._embedding(params, timeout, settings)
+            _check_embedding_response(body, len(texts))
+            return body
+
+        response = self._cached_call("embedding", params, settings, policy, timeout_s, send)
+        _check_embedding_response(response, len(texts))
+        return [item["embedding"] for item in sorted(response["data"], key=lambda item: item.get("index", 0))]
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -378,14 +448,14 @@ class OpenAIClient:
         kind: str,
         params: dict[str, Any],
         settings: Mapping[str, Any],
-        policy: Callable[[], RetryPolicy],
+        make_policy: Callable[[], RetryPolicy],
         timeout: float,
         send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
     ) -> dict[str, Any]:
         """Serve from the cache, or send (rate-limited, retried, single-flight) and store."""
         cache = self._cache(settings)
         if cache is None:
-            response = self._send_with_retries(params, settings, policy, timeout, send)
+            response = self._send_with_retries(params, settings, make_policy(), timeout, send)
             return self._finish(kind, params, response, cached=False)
         key = self._cache_key(kind, params, settings)
         hit = cache.get(key)
@@ -397,6 +467,8 @@ class OpenAIClient:
                 f"replay mode: no cached answer in {cache.path} for this {kind} request to "
                 f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
             )
+        policy = make_policy()  # built only on a miss: a hit never needs it
+        started = time.monotonic()
         with self._lock:
             flight = self._inflight.get(key)
             leader = flight is None
@@ -404,16 +476,23 @@ class OpenAIClient:
                 flight = self._inflight[key] = _Flight()
         assert flight is not None
         if not leader:
-            flight.done.wait()
+            if not flight.done.wait(policy.total_timeout):
+                raise TotalTimeoutError(
+                    f"total_timeout={policy.total_timeout:g}s ran out waiting for the identical request in flight",
+                    attempts=0,
+                )
             if flight.response is not None:
                 return self._finish(kind, params, json.loads(json.dumps(flight.response)), cached=True)
+            if policy.total_timeout is not None:  # what is left of the bound after the wait
+                policy = policy.with_values(total_timeout=max(0.001, policy.total_timeout - (time.monotonic() - started)))
             response = self._send_with_retries(params, settings, policy, timeout, send)
             cache.set(key, response)
             return self._finish(kind, params, response, cached=False)
         try:
             shared = getattr(cache, "single_flight", None)
             if shared is not None:  # Redis: one call for the same request across processes and machines
-                response, cached = shared(key, lambda: self._send_with_retries(params, settings, policy, timeout, send), lock_ttl=timeout)
+                bound = timeout if policy.total_timeout is None else min(timeout, policy.total_timeout)
+                response, cached = shared(key, lambda: self._send_with_retries(params, settings, policy, timeout, send), lock_ttl=bound)
             else:
                 response, cached = self._send_with_retries(params, settings, policy, timeout, send), False
                 cache.set(key, response)
@@ -447,24 +526,29 @@ class OpenAIClient:
         self,
         params: dict[str, Any],
         settings: Mapping[str, Any],
-        make_policy: Callable[[], RetryPolicy],
+        policy: RetryPolicy,
         timeout: float,
         send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
     ) -> dict[str, Any]:
-        policy = make_policy()  # built only when a request is really sent
         limiter, in_flight = self._limiters(settings)
         estimate = self._estimate_tokens(params) if limiter.tpm else 0
 
         def attempt(time_left: float | None) -> dict[str, Any]:
             reservation = limiter.acquire(estimate, timeout=time_left)
             limit = timeout if time_left is None else max(0.001, min(timeout, time_left))
+            if not in_flight.acquire(timeout=time_left):
+                raise TotalTimeoutError(
+                    f"total_timeout={policy.total_timeout:g}s ran out waiting for one of the "
+                    f"{in_flight.max_in_flight} call slots (MAX_CONCURRENT_MODEL_CALLS)"
+                )
             try:
-                with in_flight:
-                    response = send(params, limit, settings)
+                response = send(params, limit, settings)
             except RateLimitError as exc:
                 if exc.retry_after and limiter.enabled:  # hold the other threads too
                     limiter.pause(min(exc.retry_after, policy.max_wait))
                 raise
+            finally:
+                in_flight.release()
             usage = response.get("usage")
             if isinstance(usage, Mapping) and isinstance(usage.get("total_tokens"), int):
                 # Providers charge the estimate (prompt + max output) against TPM when they admit a
@@ -514,6 +598,12 @@ class OpenAIClient:
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
         """The endpoint identity: part of the cache key, and named in errors."""
         return settings["BASE_URL"] or "https://api.openai.com/v1"
+
+    def _display(self, settings: Mapping[str, Any]) -> str:
+        """The endpoint as shown in errors and reprs: any password in the URL masked."""
+        from ._cache_redis import mask_url
+
+        return mask_url(self._endpoint(settings))
 
     def _given_key(self) -> tuple[dict[str, Any], str] | None:
         """The ``api_key`` argument, else the first key environment variable that is set."""
@@ -575,18 +665,24 @@ class OpenAIClient:
         except openai.APIStatusError as exc:
             raise self._status_error(exc, source, settings) from exc
         except openai.APITimeoutError as exc:
-            raise NonTerminalError(f"request timed out after {timeout:g}s ({self._endpoint(settings)})") from exc
+            raise NonTerminalError(f"request timed out after {timeout:g}s ({self._display(settings)})") from exc
         except openai.APIConnectionError as exc:
-            raise NonTerminalError(f"connection error to {self._endpoint(settings)}: {exc.__cause__ or exc}") from exc
+            raise NonTerminalError(f"connection error to {self._display(settings)}: {exc.__cause__ or exc}") from exc
         except openai.OpenAIError as exc:
             raise InvalidRequestError(f"the openai SDK refused the request: {exc}") from exc
+        except (TypeError, ValueError) as exc:  # e.g. a message value the SDK cannot serialise
+            raise InvalidRequestError(f"the request cannot be sent: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.partition(".")[0] != "httpx2":
+                raise
+            raise InvalidRequestError(f"the request to {self._display(settings)} cannot be sent: {exc}") from exc
         http = raw.http_response
         request_id = http.headers.get("x-request-id")
         try:
             body = json.loads(http.content)
         except (ValueError, UnicodeDecodeError) as exc:
             raise NonTerminalError(
-                f"HTTP {http.status_code} from {self._endpoint(settings)} with a body that is not JSON",
+                f"HTTP {http.status_code} from {self._display(settings)} with a body that is not JSON",
                 status_code=http.status_code,
                 request_id=request_id,
             ) from exc
@@ -598,7 +694,7 @@ class OpenAIClient:
         status = exc.status_code
         request_id = exc.request_id
         code = exc.code or ""
-        where = self._endpoint(settings)
+        where = self._display(settings)
         detail = f"HTTP {status} from {where}: {exc.message}"
         context: dict[str, Any] = {"status_code": status, "request_id": request_id}
         if status in (401, 403):
@@ -643,16 +739,10 @@ class OpenAIClient:
 
 def _extract_messages(response: Mapping[str, Any], n: int) -> Message | list[Message]:
     """The assistant message dict(s) of a chat completion (new dicts: the response is never shared)."""
-    choices = response.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise NonTerminalError("the response has no choices")
+    _check_chat_response(response)  # also for entries stored by older versions
     messages = []
-    for choice in sorted(choices, key=lambda c: c.get("index", 0)):
-        message = choice.get("message")
-        if not isinstance(message, dict):
-            raise NonTerminalError("a choice in the response has no message")
-        if choice.get("finish_reason") == "content_filter" and not message.get("content"):
-            raise ContentFilterError("The answer was withheld by the content filter (finish_reason=content_filter)")
+    for choice in sorted(response["choices"], key=lambda c: c.get("index", 0)):
+        message = choice["message"]
         cleaned = {k: v for k, v in message.items() if v is not None}
         cleaned.setdefault("role", "assistant")
         cleaned.setdefault("content", None)
@@ -683,13 +773,14 @@ class AzureClient(OpenAIClient):
         azure_ad_token_provider: Callable[[], str] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._azure_endpoint = azure_endpoint
         self._api_version = api_version
         self._token_provider = azure_ad_token_provider
         super().__init__(**kwargs)
+        if azure_endpoint is not None:
+            self._client_settings = {**self._client_settings, **validate({"AZURE_ENDPOINT": azure_endpoint}, "AzureClient()")}
 
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
-        endpoint = self._azure_endpoint or settings["AZURE_ENDPOINT"]
+        endpoint = settings["AZURE_ENDPOINT"]
         if not endpoint:
             raise ConfigError(
                 "No Azure OpenAI endpoint: set AZURE_OPENAI_ENDPOINT, the AZURE_ENDPOINT config key, "

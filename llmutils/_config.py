@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ._exceptions import ConfigError
 
@@ -72,6 +73,17 @@ def _parse_aliases(text: str) -> dict[str, str]:
     return aliases
 
 
+def _check_http_url(url: str) -> None:
+    """An endpoint must be an http(s) URL with a host; raise ValueError saying what is wrong."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host, e.g. http://localhost:11434/v1")
+
+
 @dataclass(frozen=True)
 class _Key:
     """One configuration key: its type, default, whether None is allowed, and a one-line doc."""
@@ -80,6 +92,7 @@ class _Key:
     default: Any
     optional: bool = False
     choices: tuple[str, ...] = ()
+    url: bool = False
     doc: str = ""
 
     def parse(self, value: Any) -> Any:
@@ -108,6 +121,8 @@ class _Key:
             parsed = value
         else:
             raise ValueError(f"expected {self.kind.__name__}, got {type(value).__name__}")
+        if self.url and parsed is not None:
+            _check_http_url(parsed)
         if self.choices and parsed not in self.choices:
             raise ValueError(f"expected one of {', '.join(self.choices)}")
         if self.kind in (int, float) and parsed < 0:
@@ -143,8 +158,8 @@ _KEYS: dict[str, _Key] = {
     ),
     "CACHE_MODE": _Key(str, "readwrite", choices=("off", "readwrite", "readonly", "replay", "refresh")),
     "CACHE_TTL": _Key(float, None, optional=True, doc="seconds an entry stays valid"),
-    "BASE_URL": _Key(str, None, optional=True, doc="OpenAI-compatible endpoint"),
-    "AZURE_ENDPOINT": _Key(str, None, optional=True),
+    "BASE_URL": _Key(str, None, optional=True, url=True, doc="OpenAI-compatible endpoint"),
+    "AZURE_ENDPOINT": _Key(str, None, optional=True, url=True),
     "AZURE_API_VERSION": _Key(str, DEFAULT_AZURE_API_VERSION),
     "MODEL_ALIASES": _Key(dict, {}, doc="alias=model pairs (Azure deployments) for token counting"),
     "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),

@@ -311,3 +311,144 @@ def test_mock_client_echoes_and_scripts() -> None:
     assert [m["content"] for m in mock.send_message(HELLO, n=2)] == ["echo: hello", "echo: hello [1]"]
     assert mock.get_embedding("x") == mock.get_embedding("x")
     assert mock.calls == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, culprit",
+    [({"n": None}, "n must be"), ({"n": 0}, "n must be"), ({"timeout": -1}, "timeout must be > 0"),
+     ({"total_timeout": 0}, "total_timeout must be > 0"), ({"max_attempts": 0}, "max_attempts must be > 0")],
+)
+def test_bad_counts_and_durations_fail_before_any_request(oai: OpenAIClient, server: OpenAITestServer, kwargs: dict, culprit: str) -> None:
+    with pytest.raises(InvalidRequestError, match=culprit):
+        oai.send_message(HELLO, **kwargs)
+    assert server.request_count == 0
+
+
+def test_unserialisable_content_is_an_invalid_request(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError):
+        oai.send_message([{"role": "user", "content": object()}])
+    assert server.request_count == 0
+
+
+@pytest.mark.parametrize("url", ["localhost:8000/v1", "http://[::1/v1", "ftp://example.com/v1", "http://"])
+def test_bad_base_url_fails_at_once(url: str) -> None:
+    with pytest.raises(llmutils.ConfigError, match="BASE_URL"):
+        OpenAIClient(base_url=url)
+    with pytest.raises(llmutils.ConfigError, match="AZURE_ENDPOINT"):
+        AzureClient(azure_endpoint=url)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"id": "x", "choices": []}, {"id": "x", "choices": [1]}, {"id": "x"}, [1, 2]],
+    ids=["no-choices", "choice-not-a-dict", "no-choices-key", "not-an-object"],
+)
+def test_malformed_chat_response_is_retried(oai: OpenAIClient, server: OpenAITestServer, body: object) -> None:
+    server.script(Fault.status(200, body=body))
+    assert oai.send_message(HELLO)["content"] == "echo: hello"
+    assert server.request_count == 2
+
+
+def test_malformed_embedding_response_is_retried(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.status(200, body={"object": "list", "data": [{"index": 0}]}))
+    assert len(oai.get_embedding("x")) == 8
+    assert server.request_count == 2
+
+
+def test_content_filtered_answer_is_terminal(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.chat_handler = lambda body: {
+        "id": "x", "object": "chat.completion", "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "content_filter"}],
+    }
+    with pytest.raises(ContentFilterError):
+        oai.send_message(HELLO)
+    assert server.request_count == 1
+
+
+def test_total_timeout_bounds_the_wait_for_a_call_slot(server: OpenAITestServer) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(body: dict) -> str:
+        inside.set()
+        release.wait(10)
+        return "done"
+
+    server.chat_handler = hold
+    with OpenAIClient(base_url=server.base_url, api_key="k", max_concurrent_calls=1) as client:
+        first = threading.Thread(target=client.send_message, args=(HELLO,))
+        first.start()
+        assert inside.wait(10)
+        try:
+            with pytest.raises(TotalTimeoutError, match="MAX_CONCURRENT_MODEL_CALLS"):
+                client.send_message([{"role": "user", "content": "other"}], total_timeout=0.2)
+        finally:
+            release.set()
+            first.join()
+    assert server.request_count == 1
+
+
+def test_total_timeout_bounds_the_wait_for_an_identical_request(server: OpenAITestServer, tmp_path) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(body: dict) -> str:
+        inside.set()
+        release.wait(10)
+        return "done"
+
+    server.chat_handler = hold
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as client:
+        first = threading.Thread(target=client.send_message, args=(HELLO,))
+        first.start()
+        assert inside.wait(10)
+        try:
+            with pytest.raises(TotalTimeoutError, match="identical request"):
+                client.send_message(HELLO, total_timeout=0.2)
+        finally:
+            release.set()
+            first.join()
+    assert server.request_count == 1
+
+
+def test_fork_while_a_request_is_in_flight_does_not_hang_the_child(server: OpenAITestServer, tmp_path) -> None:
+    inside, release = threading.Event(), threading.Event()
+    calls = []
+
+    def hold_first(body: dict) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            inside.set()
+            release.wait(10)
+        return "answer"
+
+    server.chat_handler = hold_first
+    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite")
+    first = threading.Thread(target=client.send_message, args=(HELLO,))
+    first.start()
+    assert inside.wait(10)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if client.send_message(HELLO, total_timeout=20)["content"] == "answer" else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        first.join()
+        client.close()
+
+
+def test_repr_without_an_endpoint_and_with_a_password_in_the_url(server: OpenAITestServer) -> None:
+    assert "not configured" in repr(AzureClient())
+    url = server.base_url.replace("http://", "http://user:hunter2@")
+    with OpenAIClient(base_url=url, api_key="k") as client:
+        server.script(Fault.unauthorized())
+        with pytest.raises(AuthenticationError) as info:
+            client.send_message(HELLO)
+        assert "hunter2" not in str(info.value) and "hunter2" not in repr(client)
+        assert "***" in str(info.value)
