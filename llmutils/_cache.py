@@ -836,7 +836,8 @@ def import_pickle_cache(
     Unpickling runs whatever code the file contains, so this refuses unless ``trusted=True`` says
     the file is your own. Responses are stored as JSON (``model_dump()``/``to_dict()`` when they
     have it); entries that are not JSON-able are skipped with one WARNING. The old keys cannot be
-    turned into new request keys, so they are kept as ``key_prefix + old key``.
+    turned into new request keys, so they are kept as ``key_prefix + old key``. A file that is
+    not a pickle (or is truncated) raises :class:`ConfigError` naming it.
     """
     path = Path(os.fspath(pickle_path))
     if not trusted:
@@ -849,7 +850,18 @@ def import_pickle_cache(
     import pickle  # only here, behind trusted=True: the store itself never unpickles
 
     with open(path, "rb") as f:
-        data = pickle.load(f)  # noqa: S301 - the caller vouched for this file
+        try:
+            data = pickle.load(f)  # noqa: S301 - the caller vouched for this file
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(
+                f"cannot load {path}: it refers to code that is not installed here ({type(exc).__name__}: {exc}); "
+                "install the packages of the program that wrote it and try again"
+            ) from exc
+        except Exception as exc:  # UnpicklingError, EOFError (truncated), ValueError, ...
+            raise ConfigError(
+                f"{path} is not a pickle file (or it is truncated): {type(exc).__name__}: {exc}; "
+                "pass the old openai_api_cache.pickle file, whole"
+            ) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} holds a {type(data).__name__}, not the dict of an old llmutils cache")
     written = 0

@@ -745,3 +745,22 @@ def test_import_pickle_trusted(tmp_path: Path, path: Path, logs: pytest.LogCaptu
     assert "skipped 1" in message and str(old) in message
     with SQLiteCache(path, mode="readonly") as ro, pytest.raises(ConfigError, match="readonly"):
         import_pickle_cache(old, ro, trusted=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"just some text\n", "UnpicklingError"),
+        (pickle.dumps({"k": RESPONSE})[:-20], "truncated"),
+        (b"", "EOFError"),
+    ],
+    ids=["text", "truncated", "empty"],
+)
+def test_import_pickle_of_a_bad_file_names_it(tmp_path: Path, path: Path, content: bytes, why: str) -> None:
+    old = tmp_path / "openai_api_cache.pickle"
+    old.write_bytes(content)
+    with SQLiteCache(path) as cache:
+        with pytest.raises(ConfigError, match="is not a pickle file") as info:
+            import_pickle_cache(old, cache, trusted=True)
+        assert str(old) in str(info.value) and why in str(info.value)
+        assert len(cache) == 0 and not cache.disabled

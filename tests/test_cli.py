@@ -278,6 +278,14 @@ def test_cache_import_pickle_needs_trusted(tmp_path: Path, capsys: pytest.Captur
     assert "cannot read missing.pickle" in _one_error_line(capsys.readouterr().err)
 
 
+def test_cache_import_pickle_of_a_file_that_is_not_a_pickle(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a pickle at all\n")
+    out = _run("cache", "import-pickle", "notes.txt", "--trusted", cwd=tmp_path)
+    assert out.returncode == 1
+    line = _one_error_line(out.stderr)
+    assert "notes.txt is not a pickle file" in line
+
+
 # -- help and usage errors -------------------------------------------------------------------------
 
 
