@@ -20,3 +20,11 @@ def test_every_exception_derives_from_the_base() -> None:
     errors = [getattr(llmutils, n) for n in llmutils.__all__ if n.endswith("Error")]
     assert len(errors) >= 12
     assert all(issubclass(e, llmutils.LLMUtilsError) for e in errors)
+
+
+def test_every_public_name_is_in_the_readme() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in llmutils.__all__ if f"`{name}" not in readme]
+    assert missing == []
