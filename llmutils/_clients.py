@@ -316,7 +316,8 @@ class OpenAIClient:
         settings = self.settings()
         model = model or settings["MODEL"]
         params: dict[str, Any] = {"model": model, "messages": messages}
-        if is_reasoning_model(model, settings["REASONING_MODEL"]):
+        # An Azure deployment name says nothing of its model: MODEL_ALIASES tells (deployment=model).
+        if is_reasoning_model(settings["MODEL_ALIASES"].get(model, model), settings["REASONING_MODEL"]):
             budget = more.pop("max_completion_tokens", None) or max_tokens or settings["MAX_COMPLETION_TOKENS"]
             if budget is not None:
                 params["max_completion_tokens"] = budget
@@ -705,7 +706,7 @@ class OpenAIClient:
         if status in (401, 403):
             return AuthenticationError(f"Authentication failed ({detail}). Credentials used: {source}.", **context)
         if status == 429:
-            if code == "insufficient_quota":
+            if "insufficient_quota" in (code, exc.type):
                 return QuotaExceededError(f"Quota exhausted; waiting will not help ({detail})", **context)
             return RateLimitError(detail, retry_after=_retry_after(exc.response.headers), **context)
         if status in _RETRYABLE_STATUS or status >= 500:

@@ -452,3 +452,11 @@ def test_repr_without_an_endpoint_and_with_a_password_in_the_url(server: OpenAIT
             client.send_message(HELLO)
         assert "hunter2" not in str(info.value) and "hunter2" not in repr(client)
         assert "***" in str(info.value)
+
+
+def test_azure_deployment_of_a_reasoning_model_via_aliases(server: OpenAITestServer) -> None:
+    llmutils.force_default_value("MODEL_ALIASES", "prod-reasoner=o3-mini")
+    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="k") as client:
+        client.send_message(HELLO, model="prod-reasoner", temperature=0.3, max_tokens=99)
+    body = server.requests[-1].body
+    assert "temperature" not in body and body["max_completion_tokens"] == 99
