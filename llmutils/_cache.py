@@ -10,14 +10,20 @@ On disk (readable with the ``sqlite3`` shell)::
 
 Writes go through one :class:`sqlitedict.SqliteDict` per cache object and process (autocommit, WAL,
 JSON, never pickle); reads go through plain ``sqlite3`` connections from a small pool, which is
-what keeps a hit near the cost of a raw ``SELECT``. Every fault (a file that is not a cache, an
-unwritable place, a full disk, a lock held past ``busy_timeout``) logs one WARNING naming the file
-and turns the cache off for that object: calls go on without it and the file is left as it is.
+what keeps a hit near the cost of a raw ``SELECT``.
+
+Faults never raise: they log one WARNING naming the file, count an error, and calls go on without
+the cache (the file is left as it is). A transient fault (a lock held past ``busy_timeout``, a disk
+I/O error, a full disk) turns the cache off for ``retry_interval`` seconds (30 by default); then it
+is tried again, and one INFO says when it works again. Any other fault (a file that is not an
+SQLite file or not a cache, a newer schema, a corrupt file, an unwritable place) turns it off for
+the life of the object.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import json
 import logging
@@ -57,6 +63,7 @@ logger = logging.getLogger("llmutils")
 CACHE_MODES = ("off", "readwrite", "readonly", "replay", "refresh")
 KEY_VERSION = 1  # part of every key: bump it and no old entry can ever match again
 SCHEMA_VERSION = 1  # layout of the file; a file with a newer one is left alone
+DEFAULT_RETRY_INTERVAL = 30.0  # seconds a transient fault keeps the cache off before it is tried again
 TABLE = "responses"
 META_TABLE = "llmutils_meta"
 VALUE_FORMAT = '{"value": <response>, "created": <unix time>, "expires": <unix time or null>}'
@@ -67,6 +74,8 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 _SELECT = f'SELECT value FROM "{TABLE}" WHERE key = ?'
 _CREATE_TABLE = f'CREATE TABLE IF NOT EXISTS "{TABLE}" (key TEXT PRIMARY KEY, value BLOB)'  # sqlitedict's DDL
 _CREATE_META = f'CREATE TABLE IF NOT EXISTS "{META_TABLE}" (key TEXT PRIMARY KEY, value TEXT)'
+# What failed, ranked: an outage ends when something at least as demanding works again.
+_OPEN, _READ, _WRITE = 0, 1, 2
 
 
 # -- keys and values ---------------------------------------------------------------------------
@@ -236,6 +245,8 @@ class SQLiteCache:
     only; the client raises CacheMissError on a miss), ``refresh`` (never reads, overwrites) or
     ``off`` (never touches the file). ``ttl`` (seconds) is the lifetime given to entries this object
     writes, None for no expiry. ``busy_timeout`` is how long SQLite waits for another process's lock.
+    After a transient fault (locked, disk I/O, disk full) the cache is off for ``retry_interval``
+    seconds, measured with ``clock``; other faults turn it off for good (see the module docstring).
     Nothing touches the file before the first call; ``close()`` (or ``with``) releases it.
     ``stats()`` counts a miss for every lookup not served from the file (refresh mode and a
     disabled cache included) and an error for every fault or unreadable entry.
@@ -248,16 +259,20 @@ class SQLiteCache:
         mode: str = "readwrite",
         ttl: float | None = None,
         busy_timeout: float = 30.0,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if mode not in CACHE_MODES:
             raise ConfigError(f"cache mode {mode!r} is not one of {', '.join(CACHE_MODES)}")
         if not isinstance(busy_timeout, (int, float)) or isinstance(busy_timeout, bool) or not 0 <= busy_timeout < math.inf:
             raise ConfigError(f"busy_timeout {busy_timeout!r} must be a number of seconds >= 0")
+        if not isinstance(retry_interval, (int, float)) or isinstance(retry_interval, bool) or not 0 <= retry_interval < math.inf:
+            raise ConfigError(f"retry_interval {retry_interval!r} must be a number of seconds >= 0")
         self.path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
         self.mode = mode
         self.ttl = _check_ttl(ttl)
         self.busy_timeout = float(busy_timeout)
+        self.retry_interval = float(retry_interval)
         self._clock = clock
         self._lock = threading.Lock()  # open/close/fork and every write
         self._stats_lock = threading.Lock()
@@ -270,7 +285,10 @@ class SQLiteCache:
         self._ready = False
         self._db: SqliteDict | None = None
         self._pid = os.getpid()
-        self._disabled = False
+        self._disabled = False  # not in use now (a fault); see _still_off() for when it is tried again
+        self._permanent = False  # the fault was not transient: off for the life of the object
+        self._retry_at = 0.0  # clock() time from which a transient outage may be retried
+        self._outage: int | None = None  # rank of what failed in the current outage (_OPEN/_READ/_WRITE)
         self._warned_rows = False
         self._hits = self._misses = self._writes = self._errors = 0
         _LIVE.add(self)
@@ -286,7 +304,8 @@ class SQLiteCache:
 
     @property
     def disabled(self) -> bool:
-        """True once a fault turned this cache off (one WARNING naming the file was logged)."""
+        """True while a fault keeps this cache out of use: until ``retry_interval`` has passed after a
+        transient fault (locked, disk I/O, disk full), for good after any other fault."""
         return self._disabled
 
     # -- lookups and writes -------------------------------------------------------------------
@@ -298,7 +317,11 @@ class SQLiteCache:
         mode = self.mode
         if mode == "off":
             return None
-        if mode == "refresh" or self._disabled or not (self._ready and self._pid == os.getpid()) and not self._open():
+        if (
+            mode == "refresh"
+            or self._disabled and self._still_off()
+            or not (self._ready and self._pid == os.getpid()) and not self._open()
+        ):
             self._count(misses=1)
             return None
         item = self._checkout()
@@ -309,10 +332,12 @@ class SQLiteCache:
             row = item[1].execute(_SELECT, (key,)).fetchone()
         except sqlite3.Error as exc:
             self._checkin(item, keep=False)
-            self._fault(f"reading failed ({type(exc).__name__}: {exc})", exc)
+            self._fault(f"reading failed ({type(exc).__name__}: {exc})", exc, _READ)
             self._count(misses=1)
             return None
         self._checkin(item)
+        if self._outage is not None:
+            self._works(_READ)
         if row is None:
             self._count(misses=1)
             return None
@@ -344,7 +369,7 @@ class SQLiteCache:
         _check_json(value, "value")
         now = self._clock()
         text = _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl})
-        if self._disabled:
+        if self._disabled and self._still_off():
             return False
         with self._lock:
             db = self._writer()
@@ -355,9 +380,11 @@ class SQLiteCache:
                     db[key] = text  # autocommit=True: blocks until committed, raises the write's own error
                 except Exception as exc:
                     self._close_writer()
-                    self._fault(f"writing failed ({type(exc).__name__}: {exc})", exc)
+                    self._fault(f"writing failed ({type(exc).__name__}: {exc})", exc, _WRITE)
                     return False
         self._count(writes=1)
+        if self._outage is not None:
+            self._works(_WRITE)
         return True
 
     # -- counters -----------------------------------------------------------------------------
@@ -417,7 +444,10 @@ class SQLiteCache:
                     db.clear()
                 except Exception as exc:
                     self._close_writer()
-                    self._fault(f"clearing failed ({type(exc).__name__}: {exc})", exc)
+                    self._fault(f"clearing failed ({type(exc).__name__}: {exc})", exc, _WRITE)
+                    return
+        if self._outage is not None:
+            self._works(_WRITE)
 
     def purge_expired(self) -> int:
         """Delete entries whose TTL has run out; return how many were deleted."""
@@ -444,14 +474,16 @@ class SQLiteCache:
                     db.commit()  # blocking: surfaces any error of the deletes here
                 except Exception as exc:
                     self._close_writer()
-                    self._fault(f"purging failed ({type(exc).__name__}: {exc})", exc)
+                    self._fault(f"purging failed ({type(exc).__name__}: {exc})", exc, _WRITE)
                     return 0
+        if self._outage is not None:
+            self._works(_WRITE)
         return len(expired)
 
     def vacuum(self) -> None:
         """Rebuild the file to give back the space of deleted entries, and truncate the WAL."""
         self._require_writable("vacuum()")
-        if self._disabled or not self._open():
+        if self._disabled and self._still_off() or not self._open():
             return
         with self._lock:
             try:
@@ -462,7 +494,10 @@ class SQLiteCache:
                 finally:
                     conn.close()
             except sqlite3.Error as exc:
-                self._fault(f"vacuum failed ({type(exc).__name__}: {exc})", exc)
+                self._fault(f"vacuum failed ({type(exc).__name__}: {exc})", exc, _WRITE)
+                return
+        if self._outage is not None:
+            self._works(_WRITE)
 
     def close(self) -> None:
         """Close every connection and the writer thread; safe to call twice; later calls reopen."""
@@ -481,17 +516,19 @@ class SQLiteCache:
         with self._lock:
             if self._pid != os.getpid():
                 self._forget_inherited()
-            if self._disabled:
+            if self._disabled and self._still_off():
                 return False
             if self._ready:
                 return True
             try:
                 self._prepare()
             except _Fault as fault:
-                self._fault(str(fault), fault.__cause__)
+                self._fault(str(fault), fault.__cause__, _OPEN)
                 return False
             self._ready = True
-            return True
+        if self._outage is not None:
+            self._works(_OPEN)
+        return True
 
     def _prepare(self) -> None:
         """Refuse what is not our cache file, else create it (WAL, schema marker) if we may write."""
@@ -596,13 +633,13 @@ class SQLiteCache:
         """The process's sqlitedict for this file, opened on first write (caller holds ``_lock``)."""
         if self._pid != os.getpid():
             self._forget_inherited()
-        if self._disabled:
+        if self._disabled and self._still_off():
             return None
         if not self._ready:
             try:
                 self._prepare()
             except _Fault as fault:
-                self._fault(str(fault), fault.__cause__)
+                self._fault(str(fault), fault.__cause__, _OPEN)
                 return None
             self._ready = True
         if self._db is None:
@@ -619,7 +656,7 @@ class SQLiteCache:
                         outer_stack=False,
                     )
                 except Exception as exc:
-                    self._fault(f"opening the writer failed ({type(exc).__name__}: {exc})", exc)
+                    self._fault(f"opening the writer failed ({type(exc).__name__}: {exc})", exc, _WRITE)
                     return None
                 _QUIET_THREADS.add(db.conn.ident)
                 try:
@@ -629,7 +666,7 @@ class SQLiteCache:
                 except Exception as exc:
                     self._db = db
                     self._close_writer()
-                    self._fault(f"opening the writer failed ({type(exc).__name__}: {exc})", exc)
+                    self._fault(f"opening the writer failed ({type(exc).__name__}: {exc})", exc, _WRITE)
                     return None
             self._db = db
         return self._db
@@ -653,7 +690,7 @@ class SQLiteCache:
                 raise
         except sqlite3.Error as exc:
             self._checkin(None)
-            self._fault(f"opening a reader failed ({type(exc).__name__}: {exc})", exc)
+            self._fault(f"opening a reader failed ({type(exc).__name__}: {exc})", exc, _READ)
             return None
         return gen, conn
 
@@ -678,7 +715,11 @@ class SQLiteCache:
 
     def _query(self, sql: str) -> list[Any]:
         """All rows of a maintenance query through a pooled reader; [] when off, disabled or on a fault."""
-        if self.mode == "off" or self._disabled or not (self._ready and self._pid == os.getpid()) and not self._open():
+        if (
+            self.mode == "off"
+            or self._disabled and self._still_off()
+            or not (self._ready and self._pid == os.getpid()) and not self._open()
+        ):
             return []
         item = self._checkout()
         if item is None:
@@ -687,29 +728,59 @@ class SQLiteCache:
             rows = item[1].execute(sql).fetchall()
         except sqlite3.Error as exc:
             self._checkin(item, keep=False)
-            self._fault(f"reading failed ({type(exc).__name__}: {exc})", exc)
+            self._fault(f"reading failed ({type(exc).__name__}: {exc})", exc, _READ)
             return []
         self._checkin(item)
+        if self._outage is not None:
+            self._works(_READ)
         return rows
 
     # -- internals: faults, closing, forks ---------------------------------------------------
 
-    def _fault(self, reason: str, exc: BaseException | None = None) -> None:
-        """Count the error, turn the cache off, and log one WARNING naming the file (the first time)."""
+    def _fault(self, reason: str, exc: BaseException | None = None, op: int = _OPEN) -> None:
+        """Count the error and turn the cache off: for ``retry_interval`` seconds if the fault is
+        transient, else for good; log one WARNING naming the file per outage."""
+        transient = _is_transient(exc)
         with self._stats_lock:
             self._errors += 1
-            first = not self._disabled
+            first = self._outage is None or (not transient and not self._permanent)
+            self._outage = op if self._outage is None else max(self._outage, op)
             self._disabled = True
+            if transient:
+                self._retry_at = self._clock() + self.retry_interval
+            else:
+                self._permanent = True
         if first:
-            logger.warning(
-                "llmutils cache %s %s; calls go on without the cache and the file is left as it is",
-                self.path,
-                reason,
-            )
+            if self._permanent:
+                then = "calls go on without the cache and the file is left as it is"
+            else:
+                then = f"calls go on without the cache, which is tried again in {self.retry_interval:g}s"
+            logger.warning("llmutils cache %s %s; %s", self.path, reason, then)
             logger.debug("llmutils cache %s fault detail", self.path, exc_info=exc)
         else:
-            logger.debug("llmutils cache %s (already off) %s", self.path, reason)
+            logger.debug("llmutils cache %s (still off) %s", self.path, reason)
         self._drain_pool()
+
+    def _still_off(self) -> bool:
+        """While disabled: True, unless the back-off of a transient fault is over (then use it again)."""
+        if self._permanent or self._clock() < self._retry_at:
+            return True
+        with self._stats_lock:
+            if not self._disabled:
+                return False
+            if self._permanent or self._clock() < self._retry_at:
+                return True
+            self._disabled = False
+        logger.debug("llmutils cache %s: trying it again after a transient fault", self.path)
+        return False
+
+    def _works(self, op: int) -> None:
+        """An ``op`` succeeded: end the outage if it is at least as demanding as what failed."""
+        with self._stats_lock:
+            if self._outage is None or op < self._outage or self._disabled:
+                return
+            self._outage = None
+        logger.info("llmutils cache %s works again; using it", self.path)
 
     def _bad_row(self, key: str, exc: BaseException) -> None:
         """A stored value that is not our JSON envelope: a miss and an error, but the cache stays on."""
@@ -800,6 +871,30 @@ def _check_ttl(ttl: float | None) -> float | None:
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
+
+
+_TRANSIENT_SQLITE_CODES = frozenset({5, 6, 10, 13})  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL
+_TRANSIENT_SQLITE_TEXT = ("locked", "busy", "disk i/o error", "disk is full")
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EIO", "ENOSPC", "EDQUOT", "EFBIG", "EAGAIN", "EBUSY") if hasattr(errno, name)
+)
+
+
+def _is_transient(exc: BaseException | None) -> bool:
+    """True for a fault that may pass by itself: locked/busy, disk I/O error, disk full (or quota)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+            if isinstance(code, int):
+                return code & 0xFF in _TRANSIENT_SQLITE_CODES
+            text = str(exc).lower()
+            return any(word in text for word in _TRANSIENT_SQLITE_TEXT)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno in _TRANSIENT_ERRNOS
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _describe(exc: sqlite3.Error, busy_timeout: float) -> str:

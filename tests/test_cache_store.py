@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import signal
@@ -607,6 +608,133 @@ def test_lock_held_past_busy_timeout(path: Path, logs: pytest.LogCaptureFixture)
     assert stored_keys(path) == {"before"}
 
 
+def infos_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "llmutils"]
+
+
+def test_a_lock_is_transient_the_cache_is_tried_again_after_the_back_off(
+    path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    with SQLiteCache(path, busy_timeout=0, retry_interval=30, clock=lambda: now[0]) as cache:
+        cache.set("before", 1)
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN EXCLUSIVE")
+            cache.set("during", 2)  # locked: a fault
+            assert cache.disabled and cache.stats().errors == 1
+            assert cache.get("before") is None  # off: not even read
+            now[0] += 29.9
+            cache.set("during", 2)
+            assert cache.disabled and cache.stats().errors == 1  # not tried within the back-off
+            now[0] += 0.1
+            cache.set("during", 2)  # tried again, still locked: off for another 30 s, no new WARNING
+            assert cache.disabled and cache.stats().errors == 2
+            other.execute("ROLLBACK")
+        assert cache.get("before") is None
+        now[0] += 30
+        assert cache.get("before") == 1 and not cache.disabled
+        assert infos_logged(logs) == []  # reads work, but what failed was a write
+        cache.set("after", 3)
+        assert infos_logged(logs) == [f"llmutils cache {path} works again; using it"]
+        [warning] = warnings_logged(logs)
+        assert str(path) in warning and "locked" in warning and "tried again in 30s" in warning
+
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:  # a second outage
+            other.execute("BEGIN EXCLUSIVE")
+            cache.set("during", 2)
+            other.execute("ROLLBACK")
+        assert cache.disabled and len(warnings_logged(logs)) == 2
+        now[0] += 30
+        cache.set("last", 4)
+        assert not cache.disabled and len(infos_logged(logs)) == 2
+        assert cache.stats().errors == 3
+    assert stored_keys(path) == {"before", "after", "last"}
+
+
+def test_a_lock_while_opening_is_transient(path: Path, logs: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")  # not WAL yet: even reading the schema waits for this lock
+        other.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        with SQLiteCache(path, busy_timeout=0, clock=lambda: now[0]) as cache:
+            assert cache.get("k") is None and cache.disabled
+            other.execute("ROLLBACK")
+            assert cache.get("k") is None and cache.disabled
+            now[0] += 30
+            cache.set("k", 1)
+            assert cache.get("k") == 1 and not cache.disabled
+    assert len(warnings_logged(logs)) == 1 and len(infos_logged(logs)) == 1
+
+
+@pytest.mark.parametrize("damage", ["not-sqlite", "someone-elses", "newer-schema", "malformed"])
+def test_permanent_faults_stay_off_for_the_life_of_the_object(
+    path: Path, damage: str, logs: pytest.LogCaptureFixture
+) -> None:
+    if damage == "not-sqlite":
+        path.write_bytes(b"{'old': 'pickle or text'}\n" * 50)
+    elif damage == "someone-elses":
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+    else:
+        with SQLiteCache(path) as cache:
+            for i in range(300):
+                cache.set(f"k{i}", {"i": i, "pad": "x" * 500})
+        if damage == "newer-schema":
+            with closing(sqlite3.connect(path)) as conn:
+                conn.execute(f'UPDATE "{META_TABLE}" SET value = ? WHERE key = ?', ("99", "schema_version"))
+                conn.commit()
+        else:
+            data = bytearray(path.read_bytes())
+            middle = len(data) // 2 // 4096 * 4096
+            data[middle:middle + 16384] = bytes(range(256)) * 64
+            path.write_bytes(bytes(data))
+    content = path.read_bytes()
+    now = [0.0]
+    with SQLiteCache(path, clock=lambda: now[0]) as cache:
+        for i in range(300):
+            cache.get(f"k{i}")
+        assert cache.disabled
+        errors = cache.stats().errors
+        now[0] += 1e9
+        for i in range(300):
+            assert cache.get(f"k{i}") is None
+            cache.set(f"new{i}", i)
+        assert cache.disabled and cache.stats().errors == errors
+    assert len(warnings_logged(logs)) == 1 and infos_logged(logs) == []
+    assert path.read_bytes() == content
+
+
+def test_which_faults_are_transient() -> None:
+    def chained(cause: BaseException) -> BaseException:
+        try:
+            raise _cache._Fault("stayed locked") from cause
+        except _cache._Fault as fault:
+            return fault
+
+    transient = [
+        sqlite3.OperationalError("database is locked"),  # no sqlite_errorcode (as on Python 3.10)
+        sqlite3.OperationalError("disk I/O error"),
+        sqlite3.OperationalError("database or disk is full"),
+        OSError(28, "No space left on device"),
+        chained(sqlite3.OperationalError("database table is locked")),
+    ]
+    permanent = [
+        None,
+        sqlite3.DatabaseError("file is not a database"),
+        sqlite3.DatabaseError("database disk image is malformed"),
+        PermissionError(13, "Permission denied"),
+        _cache._Fault("was written by a newer llmutils"),
+    ]
+    assert [_cache._is_transient(e) for e in transient] == [True] * len(transient)
+    assert [_cache._is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+@pytest.mark.parametrize("interval", [-1, math.inf, "30", True])
+def test_bad_retry_interval(path: Path, interval: Any) -> None:
+    with pytest.raises(ConfigError, match="retry_interval"):
+        SQLiteCache(path, retry_interval=interval)
+
+
 DISK_FULL = """
 import logging, resource, signal, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
@@ -633,6 +761,7 @@ def test_full_disk_degrades(path: Path) -> None:
     assert 10 < len(keys) < 2000
     [warning] = out.stderr.splitlines()
     assert warning.startswith("WARNING llmutils") and str(path) in warning
+    assert "tried again in 30s" in warning  # transient: retried after the back-off
     assert query(path, "PRAGMA integrity_check") == [("ok",)]
     assert set(keys) | {"first"} <= stored_keys(path)
 
