@@ -400,7 +400,7 @@ def _has_template(args: argparse.Namespace) -> bool:
 def _render(args: argparse.Namespace, variables: dict[str, Any]) -> list[dict[str, Any]]:
     from ._templates import compose_messages
 
-    return compose_messages(args.system_template, args.template, template_dirs=args.template_dir, **variables)
+    return compose_messages(args.system_template, args.template, variables, template_dirs=args.template_dir)
 
 
 def _read_stdin(what: str) -> str:

@@ -333,3 +333,10 @@ def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) 
 def test_python_dash_m_help_in_a_fresh_process(tmp_path: Path) -> None:
     result = _run("--help", cwd=tmp_path)
     assert result.returncode == 0 and "batch" in result.stdout and "llmutils chat" in result.stdout
+
+
+def test_render_accepts_any_variable_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from llmutils.cli import main
+
+    assert main(["render", "--template", "user_default", "--var", "prompt=hi", "--var", "template_dirs=x"]) == 0
+    assert "hi" in capsys.readouterr().out
