@@ -19,8 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._config import api_key_from_env, resolve, validate
 from ._exceptions import (
@@ -39,8 +38,10 @@ from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
 
+from ._cache import CacheStats, make_key
+from ._cache_redis import mask_url, open_cache
+
 if TYPE_CHECKING:
-    from ._cache import CacheStats
     from ._cache_redis import CacheBackend
 
 __all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo"]
@@ -75,6 +76,21 @@ def _check_messages(messages: Any) -> list[Message]:
         if not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}] has no 'role' (a string such as 'user'): {message!r:.80}")
     return messages
+
+
+# The typed arguments of send_message, in signature order.
+_SEND_MESSAGE_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("model", (str,)),
+    ("temperature", (int, float)),
+    ("max_tokens", (int,)),
+    ("top_p", (int, float)),
+    ("frequency_penalty", (int, float)),
+    ("presence_penalty", (int, float)),
+    ("stop", (str, list)),
+    ("timeout", (int, float)),
+    ("total_timeout", (int, float)),
+    ("max_attempts", (int,)),
+)
 
 
 def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
@@ -139,8 +155,7 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-@dataclass(frozen=True)
-class CallInfo:
+class CallInfo(NamedTuple):
     """What happened in one call: served from the cache or not, the model, and the API's usage."""
 
     kind: str
@@ -297,20 +312,12 @@ class OpenAIClient:
         configuration. Raises an :class:`LLMUtilsError` subclass on failure, never returns None.
         """
         _check_messages(messages)
-        for name, value, kinds in (
-            ("model", model, (str,)),
-            ("temperature", temperature, (int, float)),
-            ("max_tokens", max_tokens, (int,)),
-            ("top_p", top_p, (int, float)),
-            ("frequency_penalty", frequency_penalty, (int, float)),
-            ("presence_penalty", presence_penalty, (int, float)),
-            ("stop", stop, (str, list)),
-            ("timeout", timeout, (int, float)),
-            ("total_timeout", total_timeout, (int, float)),
-            ("max_attempts", max_attempts, (int,)),
-        ):
-            _check_type(name, value, kinds)
-        _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout, max_attempts)
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
+            if value is not None:
+                _check_type(name, value, kinds)
+        if n != 1 or timeout is not None or total_timeout is not None or max_attempts is not None:
+            _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
         if more.get("stream"):
             raise InvalidRequestError("stream=True is not supported by send_message; it returns whole answers")
         settings = self.settings()
@@ -400,8 +407,6 @@ class OpenAIClient:
 
     def cache_stats(self) -> CacheStats:
         """Hits, misses, writes and errors of this client's cache so far (all zero when off)."""
-        from ._cache import CacheStats
-
         total = CacheStats()
         with self._lock:
             caches = list(self._caches.values())
@@ -425,8 +430,6 @@ class OpenAIClient:
         key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"])
         cache = self._caches.get(key)
         if cache is None:
-            from ._cache_redis import open_cache
-
             with self._lock:
                 cache = self._caches.get(key)
                 if cache is None:
@@ -436,8 +439,6 @@ class OpenAIClient:
         return cache
 
     def _cache_key(self, kind: str, params: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-        from ._cache import make_key
-
         payload = {"kind": kind, "api": self.api_type, "endpoint": self._endpoint(settings), "params": params}
         try:
             return make_key(payload, check=False)
@@ -509,7 +510,7 @@ class OpenAIClient:
         model = str(response.get("model") or params.get("model"))
         usage = response.get("usage")
         self.usage.record(model, usage, cached=cached)
-        self._local.info = CallInfo(kind=kind, model=model, cached=cached, usage=usage)
+        self._local.info = CallInfo(kind, model, cached, usage)
         return response
 
     def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter, ConcurrencyLimiter]:
@@ -602,8 +603,6 @@ class OpenAIClient:
 
     def _display(self, settings: Mapping[str, Any]) -> str:
         """The endpoint as shown in errors and reprs: any password in the URL masked."""
-        from ._cache_redis import mask_url
-
         return mask_url(self._endpoint(settings))
 
     def _given_key(self) -> tuple[dict[str, Any], str] | None:

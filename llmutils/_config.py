@@ -261,13 +261,40 @@ def _read_file(path: Path) -> dict[str, Any]:
     return values
 
 
+def _env_lookup() -> Any:
+    """A function returning ``[(variable, key, value), ...]`` for the setting variables that are set.
+
+    It runs on every call, so on POSIX it reads ``os.environ``'s underlying bytes dict (live, kept in
+    step by ``os.environ``) with pre-encoded names instead of encoding each name per lookup.
+    """
+    data = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(data, dict):
+        encoded = tuple((var.encode(), var, name, non_empty) for var, name, non_empty in _ENV_VARS)
+
+        def found() -> list[tuple[str, str, str]]:
+            return [
+                (var, name, os.fsdecode(raw))
+                for key, var, name, non_empty in encoded
+                if (raw := data.get(key)) is not None and (raw or not non_empty)
+            ]
+
+        return found
+
+    def found_portable() -> list[tuple[str, str, str]]:
+        return [
+            (var, name, raw)
+            for var, name, non_empty in _ENV_VARS
+            if (raw := os.environ.get(var)) is not None and (raw or not non_empty)
+        ]
+
+    return found_portable
+
+
+_env_settings = _env_lookup()
+
+
 def _read_env() -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for var, name, non_empty in _ENV_VARS:
-        raw = _getenv(var)
-        if raw is not None and (raw or not non_empty):
-            values[name] = _parse(name, raw, f"environment variable {var}")
-    return values
+    return {name: _parse(name, raw, f"environment variable {var}") for var, name, raw in _env_settings()}
 
 
 def resolve(overrides: Mapping[str, Any] | None = None, *, validated: bool = False) -> dict[str, Any]:
