@@ -38,12 +38,12 @@ from ._exceptions import RateLimitError as RateLimitError
 from ._exceptions import RetriesExhaustedError as RetriesExhaustedError
 from ._exceptions import TemplateError as TemplateError
 from ._exceptions import TotalTimeoutError as TotalTimeoutError
+from ._ratelimit import RateLimiter as RateLimiter
 from ._registry import client as client
 from ._registry import force_api_cache as force_api_cache
 from ._registry import force_api_type as force_api_type
 from ._registry import register_client as register_client
 from ._registry import registered_api_types as registered_api_types
-from ._ratelimit import RateLimiter as RateLimiter
 from ._retry import RetryPolicy as RetryPolicy
 from ._templates import LLMCall as LLMCall
 from ._templates import compose_messages as compose_messages

@@ -229,7 +229,34 @@ def _close_all_at_exit() -> None:
 # -- the store ---------------------------------------------------------------------------------
 
 
-class SQLiteCache:
+class _Counters:
+    """Thread-safe hit/miss/write/error counters, shared by every cache backend."""
+
+    _stats_lock: threading.Lock
+    _hits: int
+    _misses: int
+    _writes: int
+    _errors: int
+
+    def stats(self) -> CacheStats:
+        """Return a snapshot of this object's hits, misses, writes and errors."""
+        with self._stats_lock:
+            return CacheStats(self._hits, self._misses, self._writes, self._errors)
+
+    def reset_stats(self) -> None:
+        """Set every counter back to zero."""
+        with self._stats_lock:
+            self._hits = self._misses = self._writes = self._errors = 0
+
+    def _count(self, hits: int = 0, misses: int = 0, writes: int = 0, errors: int = 0) -> None:
+        with self._stats_lock:
+            self._hits += hits
+            self._misses += misses
+            self._writes += writes
+            self._errors += errors
+
+
+class SQLiteCache(_Counters):
     """A response cache in one SQLite file, safe to share across threads, processes and forks.
 
     Usage::
@@ -386,25 +413,6 @@ class SQLiteCache:
         if self._outage is not None:
             self._works(_WRITE)
         return True
-
-    # -- counters -----------------------------------------------------------------------------
-
-    def stats(self) -> CacheStats:
-        """Return a snapshot of this object's hits, misses, writes and errors."""
-        with self._stats_lock:
-            return CacheStats(self._hits, self._misses, self._writes, self._errors)
-
-    def reset_stats(self) -> None:
-        """Set every counter back to zero."""
-        with self._stats_lock:
-            self._hits = self._misses = self._writes = self._errors = 0
-
-    def _count(self, hits: int = 0, misses: int = 0, writes: int = 0, errors: int = 0) -> None:
-        with self._stats_lock:
-            self._hits += hits
-            self._misses += misses
-            self._writes += writes
-            self._errors += errors
 
     # -- maintenance --------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from ._cache import (
     SQLiteCache,
     _check_json,
     _check_ttl,
+    _Counters,
 )
 from ._exceptions import ConfigError
 
@@ -199,7 +200,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RedisCache:
+class RedisCache(_Counters):
     """A response cache on a Redis server, shared by every process and machine that points at it.
 
     Usage::
@@ -426,25 +427,6 @@ class RedisCache:
             self._warned_values = True
             logger.log(level, "llmutils cache %s: entry %s is not a valid cache value (%s); treated as a miss", self.path, key, exc)
             return _MISSING
-
-    # -- counters -----------------------------------------------------------------------------
-
-    def stats(self) -> CacheStats:
-        """Return a snapshot of this object's hits, misses, writes and errors."""
-        with self._stats_lock:
-            return CacheStats(self._hits, self._misses, self._writes, self._errors)
-
-    def reset_stats(self) -> None:
-        """Set every counter back to zero."""
-        with self._stats_lock:
-            self._hits = self._misses = self._writes = self._errors = 0
-
-    def _count(self, hits: int = 0, misses: int = 0, writes: int = 0, errors: int = 0) -> None:
-        with self._stats_lock:
-            self._hits += hits
-            self._misses += misses
-            self._writes += writes
-            self._errors += errors
 
     # -- maintenance --------------------------------------------------------------------------
 

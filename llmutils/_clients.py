@@ -14,13 +14,15 @@ import logging
 import math
 import os
 import re
-from email.utils import parsedate_to_datetime
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ._cache import CacheStats, make_key
+from ._cache_redis import mask_url, open_cache
 from ._config import api_key_from_env, resolve, validate
 from ._exceptions import (
     AuthenticationError,
@@ -37,9 +39,6 @@ from ._exceptions import (
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
-
-from ._cache import CacheStats, make_key
-from ._cache_redis import mask_url, open_cache
 
 if TYPE_CHECKING:
     from ._cache_redis import CacheBackend

@@ -25,7 +25,12 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
-from ._exceptions import LLMUtilsError, NonTerminalError, RetriesExhaustedError, TotalTimeoutError
+from ._exceptions import (
+    LLMUtilsError,
+    NonTerminalError,
+    RetriesExhaustedError,
+    TotalTimeoutError,
+)
 
 __all__ = ["RetryPolicy", "wait_retry_after"]
 
