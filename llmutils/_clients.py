@@ -89,6 +89,8 @@ _SEND_MESSAGE_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
     ("timeout", (int, float)),
     ("total_timeout", (int, float)),
     ("max_attempts", (int,)),
+    ("waiting_time", (int, float)),
+    ("exponential_backoff_factor", (int, float)),
 )
 
 
@@ -311,7 +313,8 @@ class OpenAIClient:
         configuration. Raises an :class:`LLMUtilsError` subclass on failure, never returns None.
         """
         _check_messages(messages)
-        given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout, max_attempts)
+        given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
+                 max_attempts, waiting_time, exponential_backoff_factor)
         for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
             if value is not None:
                 _check_type(name, value, kinds)

@@ -132,9 +132,10 @@ def test_bad_messages_fail_before_any_request(oai: OpenAIClient, server: OpenAIT
     assert server.request_count == 0
 
 
-def test_bad_parameter_type_fails_before_any_request(oai: OpenAIClient, server: OpenAITestServer) -> None:
-    with pytest.raises(InvalidRequestError, match="temperature"):
-        oai.send_message(HELLO, temperature="hot")  # type: ignore[arg-type]
+@pytest.mark.parametrize("name", ["temperature", "max_tokens", "timeout", "waiting_time", "exponential_backoff_factor", "stop"])
+def test_bad_parameter_type_fails_before_any_request(oai: OpenAIClient, server: OpenAITestServer, name: str) -> None:
+    with pytest.raises(InvalidRequestError, match=name):
+        oai.send_message(HELLO, **{name: {"not": "right"}})
     assert server.request_count == 0
 
 
