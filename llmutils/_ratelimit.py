@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from types import TracebackType
 
 from ._exceptions import ConfigError, InvalidRequestError, RateLimitError
@@ -37,7 +37,6 @@ __all__ = [
     "RateLimiter",
     "Reservation",
     "ConcurrencyLimiter",
-    "shared_rate_limiter",
 ]
 
 logger = logging.getLogger("llmutils")
@@ -349,30 +348,3 @@ class ConcurrencyLimiter:
 
     def __repr__(self) -> str:
         return f"ConcurrencyLimiter(max_in_flight={self._max!r}, in_flight={self._in_flight})"
-
-
-_shared: dict[Hashable, RateLimiter] = {}
-_shared_lock = threading.Lock()
-
-
-def shared_rate_limiter(key: Hashable, *, rpm: float | None = None, tpm: float | None = None) -> RateLimiter:
-    """Return the process-wide limiter for ``key`` (e.g. endpoint + deployment), creating it once.
-
-    Every client of the process that passes the same key shares one budget. The first
-    caller's ``rpm``/``tpm`` win; a later caller asking for other limits gets the existing
-    limiter and a WARNING.
-    """
-    with _shared_lock:
-        limiter = _shared.get(key)
-        if limiter is None:
-            limiter = _shared[key] = RateLimiter(rpm=rpm, tpm=tpm)
-        elif (limiter.rpm, limiter.tpm) != ((rpm or None), (tpm or None)):
-            logger.warning(
-                "shared rate limiter %r already exists with rpm=%s tpm=%s; ignoring rpm=%s tpm=%s",
-                key,
-                limiter.rpm,
-                limiter.tpm,
-                rpm,
-                tpm,
-            )
-        return limiter

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from llmutils._exceptions import ConfigError, InvalidRequestError, RateLimitError
-from llmutils._ratelimit import ConcurrencyLimiter, RateLimiter, shared_rate_limiter
+from llmutils._ratelimit import ConcurrencyLimiter, RateLimiter
 
 
 class FakeClock:
@@ -220,15 +220,6 @@ def test_bad_arguments() -> None:
         RateLimiter(tpm=10).acquire(-1)
     with pytest.raises(ConfigError):
         ConcurrencyLimiter(-1)
-
-
-def test_shared_limiter_is_one_per_key(caplog: pytest.LogCaptureFixture) -> None:
-    key = ("https://example.invalid", "test-shared-deployment")
-    limiter = shared_rate_limiter(key, rpm=600)
-    assert shared_rate_limiter(key, rpm=600) is limiter
-    with caplog.at_level(logging.WARNING, logger="llmutils"):
-        assert shared_rate_limiter(key, rpm=100) is limiter
-    assert "already exists" in caplog.text
 
 
 def test_concurrency_limiter_never_exceeds_cap() -> None:
