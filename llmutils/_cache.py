@@ -229,8 +229,11 @@ def _close_all_at_exit() -> None:
 # -- the store ---------------------------------------------------------------------------------
 
 
-class _Counters:
-    """Thread-safe hit/miss/write/error counters, shared by every cache backend."""
+class _CacheBase:
+    """What every cache backend shares: thread-safe counters, ``set`` and the stored entry's form."""
+
+    mode: str
+    ttl: float | None
 
     _stats_lock: threading.Lock
     _hits: int
@@ -255,8 +258,25 @@ class _Counters:
             self._writes += writes
             self._errors += errors
 
+    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        """Store ``value`` (plain JSON, else TypeError) under ``key``; a no-op in off/readonly/replay."""
+        if self.mode not in _WRITE_MODES:
+            return
+        self._put(key, value, ttl)
 
-class SQLiteCache(_Counters):
+    def _put(self, key: str, value: Any, ttl: float | None) -> bool:
+        raise NotImplementedError
+
+    def _entry(self, key: str, value: Any, ttl: float | None, now: float) -> tuple[str, float | None]:
+        """Check key, value and ttl; return the JSON text to store and the ttl that applies."""
+        if not isinstance(key, str):
+            raise TypeError(f"cache key must be str, not {type(key).__name__}")
+        ttl = self.ttl if ttl is None else _check_ttl(ttl)
+        _check_json(value, "value")
+        return _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl}), ttl
+
+
+class SQLiteCache(_CacheBase):
     """A response cache in one SQLite file, safe to share across threads, processes and forks.
 
     Usage::
@@ -382,20 +402,9 @@ class SQLiteCache(_Counters):
         self._count(hits=1)
         return value
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
-        """Store ``value`` (plain JSON, else TypeError) under ``key``; a no-op in off/readonly/replay."""
-        if self.mode not in _WRITE_MODES:
-            return
-        self._put(key, value, ttl)
-
     def _put(self, key: str, value: Any, ttl: float | None) -> bool:
         """Write one entry; True if it was committed (faults are logged and counted, never raised)."""
-        if not isinstance(key, str):
-            raise TypeError(f"cache key must be str, not {type(key).__name__}")
-        ttl = self.ttl if ttl is None else _check_ttl(ttl)
-        _check_json(value, "value")
-        now = self._clock()
-        text = _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl})
+        text, ttl = self._entry(key, value, ttl, self._clock())
         if self._disabled and self._still_off():
             return False
         with self._lock:

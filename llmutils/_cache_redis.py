@@ -37,7 +37,6 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from ._cache import (
-    _VALUE_JSON,
     _WRITE_MODES,
     CACHE_MODES,
     KEY_VERSION,
@@ -45,9 +44,8 @@ from ._cache import (
     TABLE,
     CacheStats,
     SQLiteCache,
-    _check_json,
+    _CacheBase,
     _check_ttl,
-    _Counters,
 )
 from ._exceptions import ConfigError
 
@@ -200,7 +198,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RedisCache(_Counters):
+class RedisCache(_CacheBase):
     """A response cache on a Redis server, shared by every process and machine that points at it.
 
     Usage::
@@ -323,20 +321,9 @@ class RedisCache(_Counters):
         self._count(hits=1)
         return value
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
-        """Store ``value`` (plain JSON, else TypeError) under ``key``; a no-op in off/readonly/replay."""
-        if self.mode not in _WRITE_MODES:
-            return
-        self._put(key, value, ttl)
-
     def _put(self, key: str, value: Any, ttl: float | None) -> bool:
         """Write one entry; True if Redis took it (faults are logged and counted, never raised)."""
-        if not isinstance(key, str):
-            raise TypeError(f"cache key must be str, not {type(key).__name__}")
-        ttl = self.ttl if ttl is None else _check_ttl(ttl)
-        _check_json(value, "value")
-        now = time.time()
-        text = _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl})
+        text, ttl = self._entry(key, value, ttl, time.time())
         if not self._usable():
             return False
         try:
