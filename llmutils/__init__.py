@@ -36,6 +36,7 @@ from ._exceptions import OutputParseError as OutputParseError
 from ._exceptions import QuotaExceededError as QuotaExceededError
 from ._exceptions import RateLimitError as RateLimitError
 from ._exceptions import RetriesExhaustedError as RetriesExhaustedError
+from ._exceptions import StreamInterruptedError as StreamInterruptedError
 from ._exceptions import TemplateError as TemplateError
 from ._exceptions import TotalTimeoutError as TotalTimeoutError
 from ._ratelimit import RateLimiter as RateLimiter
@@ -84,6 +85,7 @@ __all__ = [
     "RetriesExhaustedError",
     "RetryPolicy",
     "SQLiteCache",
+    "StreamInterruptedError",
     "TemplateError",
     "TokenCount",
     "TotalTimeoutError",

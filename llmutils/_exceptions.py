@@ -11,7 +11,9 @@ The tree::
     │   └── CacheMissError                  replay mode and the answer is not in the cache
     ├── NonTerminalError                    a failure that a retry may fix (429, 408, 409, 5xx,
     │   │                                   timeouts, connection errors, a 200 that is not JSON)
-    │   └── RateLimitError                  HTTP 429
+    │   ├── RateLimitError                  HTTP 429
+    │   └── StreamInterruptedError          a stream broke or stalled after content arrived;
+    │                                       ``partial_text`` holds what came; never retried
     ├── RetriesExhaustedError               every attempt failed; ``attempts`` and the last
     │   │                                   error (``__cause__``) tell why
     │   └── TotalTimeoutError               the ``total_timeout`` bound ran out first
@@ -31,6 +33,7 @@ __all__ = [
     "CacheMissError",
     "NonTerminalError",
     "RateLimitError",
+    "StreamInterruptedError",
     "RetriesExhaustedError",
     "TotalTimeoutError",
     "TemplateError",
@@ -97,6 +100,14 @@ class NonTerminalError(LLMUtilsError):
 
 class RateLimitError(NonTerminalError):
     """HTTP 429: the provider asks the client to slow down."""
+
+
+class StreamInterruptedError(NonTerminalError):
+    """A stream broke, stalled or failed after content was yielded; ``partial_text`` is what came."""
+
+    def __init__(self, message: str, *, partial_text: str = "", **context: object) -> None:
+        super().__init__(message, **context)
+        self.partial_text = partial_text
 
 
 class RetriesExhaustedError(LLMUtilsError):

@@ -1,0 +1,235 @@
+"""Streaming: the pure SSE decoder and assemblers, and the test server's streams and stream faults."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from llmutils import (
+    ContentFilterError,
+    InvalidRequestError,
+    NonTerminalError,
+    QuotaExceededError,
+    RateLimitError,
+    StreamInterruptedError,
+)
+from llmutils._apis.stream import (
+    ChatStreamAssembler,
+    ResponsesStreamAssembler,
+    ServerSentEvent,
+    SSEDecoder,
+    responses_message,
+    split_text,
+    stream_error,
+)
+
+# -- SSE decoder -------------------------------------------------------------------------------
+
+WIRE = (
+    b": keep-alive comment\n\n"
+    b"event: response.created\ndata: {\"a\": 1}\n\n"
+    b"data: line one\r\ndata: line two\r\n\r\n"
+    b"id: 7\rdata: \xc3\xa9t\xc3\xa9\r\r"
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    ServerSentEvent("response.created", '{"a": 1}'),
+    ServerSentEvent(None, "line one\nline two"),
+    ServerSentEvent(None, "été", "7"),
+    ServerSentEvent(None, "[DONE]", "7"),
+]
+
+
+def decode_in(chunks: list[bytes]) -> list[ServerSentEvent]:
+    decoder = SSEDecoder()
+    return list(decoder.iter_events(chunks))
+
+
+def test_sse_decoder_whole_stream() -> None:
+    assert decode_in([WIRE]) == EXPECTED
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13])
+def test_sse_decoder_any_chunk_boundaries(size: int) -> None:
+    """Lines, CRLF pairs, events and UTF-8 characters split anywhere decode the same."""
+    chunks = [WIRE[i : i + size] for i in range(0, len(WIRE), size)]
+    assert decode_in(chunks) == EXPECTED
+
+
+def test_sse_decoder_crlf_split_between_chunks_is_one_line_end() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: x\r") == []
+    assert decoder.feed(b"\n\r") == [ServerSentEvent(None, "x")]  # LF of the CRLF, then CR: blank line
+    assert decoder.feed(b"\ndata: y\n\n") == [ServerSentEvent(None, "y")]  # that CR's LF is not another line
+    assert decoder.finish() == []
+
+
+def test_sse_decoder_unterminated_last_event_is_kept_at_finish() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: {\"x\": 1}") == []
+    assert decoder.finish() == [ServerSentEvent(None, '{"x": 1}')]
+
+
+def test_done_and_json() -> None:
+    assert ServerSentEvent(None, "[DONE]").is_done
+    assert ServerSentEvent(None, '{"a": [1]}').json() == {"a": [1]}
+    with pytest.raises(NonTerminalError, match="not JSON"):
+        ServerSentEvent(None, "{oops").json()
+
+
+# -- chat chunks -------------------------------------------------------------------------------
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, index: int = 0, **extra: Any) -> ServerSentEvent:
+    body: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", **extra}
+    if delta is not None or finish is not None:
+        body["choices"] = [{"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+    return ServerSentEvent(None, json.dumps(body))
+
+
+def test_chat_assembler_text_in_order_and_usage() -> None:
+    assembler = ChatStreamAssembler()
+    events = [
+        ServerSentEvent(None, json.dumps({"id": "x", "choices": [], "prompt_filter_results": []})),  # Azure's first chunk
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hel"}),
+        chunk({"content": "lo"}),
+        chunk({"content": " there"}),
+        chunk({}, finish="stop"),
+        ServerSentEvent(None, json.dumps({"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})),
+        ServerSentEvent(None, "[DONE]"),
+    ]
+    deltas = [assembler.feed(e) for e in events]
+    assert [d for d in deltas if d] == ["Hel", "lo", " there"]
+    assert assembler.done and assembler.started
+    completion = assembler.completion()
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello there", "refusal": None}, "logprobs": None, "finish_reason": "stop"}
+    ]
+    assert completion["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert completion["id"] == "x" and completion["model"] == "m"
+
+
+def test_chat_assembler_tool_calls_from_fragments() -> None:
+    assembler = ChatStreamAssembler()
+    fragments = [
+        {"role": "assistant", "content": None, "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]},
+        {"tool_calls": [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+    ]
+    for fragment in fragments:
+        assert assembler.feed(chunk(fragment)) == ""
+    assembler.feed(chunk({}, finish="tool_calls"))
+    message = assembler.completion()["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+    ]
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    assert assembler.started and assembler.text == ""
+
+
+def test_chat_assembler_error_payload_raises_typed_error() -> None:
+    assembler = ChatStreamAssembler()
+    assembler.feed(chunk({"content": "part"}))
+    event = ServerSentEvent(None, json.dumps({"error": {"message": "boom", "type": "server_error", "code": None}}))
+    with pytest.raises(NonTerminalError, match="boom"):
+        assembler.feed(event)
+    assert assembler.text == "part" and not assembler.done
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind"),
+    [
+        ({"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}, RateLimitError),
+        ({"message": "no money", "type": "insufficient_quota", "code": "insufficient_quota"}, QuotaExceededError),
+        ({"message": "filtered", "code": "content_filter"}, ContentFilterError),
+        ({"message": "bad prompt", "code": "invalid_prompt"}, InvalidRequestError),
+        ({"message": "oops", "code": "server_error"}, NonTerminalError),
+        ({}, NonTerminalError),
+    ],
+)
+def test_stream_error_classification(payload: dict[str, Any], kind: type) -> None:
+    error = stream_error(payload)
+    assert type(error) is kind
+    assert not isinstance(error, StreamInterruptedError)
+
+
+def test_stream_interrupted_error_is_non_terminal_and_carries_text() -> None:
+    error = StreamInterruptedError("broke", partial_text="Hello")
+    assert isinstance(error, NonTerminalError)
+    assert error.partial_text == "Hello" and str(error) == "broke"
+
+
+# -- Responses events --------------------------------------------------------------------------
+
+
+def sse(kind: str, **data: Any) -> ServerSentEvent:
+    return ServerSentEvent(kind, json.dumps({"type": kind, **data}))
+
+
+def responses_events(final_output: bool = True) -> list[ServerSentEvent]:
+    message_item = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Hi there", "annotations": []}]}
+    call_item = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_9", "name": "f", "arguments": '{"x": 1}'}
+    final = {"id": "resp_1", "object": "response", "status": "completed", "model": "m",
+             "output": [message_item, call_item] if final_output else [],
+             "usage": {"input_tokens": 4, "output_tokens": 2, "total_tokens": 6}}
+    return [
+        sse("response.created", sequence_number=0, response={"id": "resp_1", "object": "response", "status": "in_progress", "output": []}),
+        sse("response.output_item.added", sequence_number=1, output_index=0,
+            item={"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}),
+        sse("response.content_part.added", sequence_number=2, item_id="msg_1", output_index=0, content_index=0,
+            part={"type": "output_text", "text": "", "annotations": []}),
+        sse("response.output_text.delta", sequence_number=3, item_id="msg_1", output_index=0, content_index=0, delta="Hi"),
+        sse("response.output_text.delta", sequence_number=4, item_id="msg_1", output_index=0, content_index=0, delta=" there"),
+        sse("response.output_text.done", sequence_number=5, item_id="msg_1", output_index=0, content_index=0, text="Hi there"),
+        sse("response.output_item.added", sequence_number=6, output_index=1,
+            item={"id": "fc_1", "type": "function_call", "status": "in_progress", "call_id": "call_9", "name": "f", "arguments": ""}),
+        sse("response.function_call_arguments.delta", sequence_number=7, item_id="fc_1", output_index=1, delta='{"x"'),
+        sse("response.function_call_arguments.delta", sequence_number=8, item_id="fc_1", output_index=1, delta=": 1}"),
+        sse("response.completed", sequence_number=9, response=final),
+    ]
+
+
+@pytest.mark.parametrize("final_output", [True, False])
+def test_responses_assembler(final_output: bool) -> None:
+    assembler = ResponsesStreamAssembler()
+    deltas = [assembler.feed(e) for e in responses_events(final_output)]
+    assert [d for d in deltas if d] == ["Hi", " there"]
+    assert assembler.done and assembler.text == "Hi there"
+    response = assembler.response()
+    assert response["status"] == "completed"
+    assert assembler.usage == {"input_tokens": 4, "output_tokens": 2, "total_tokens": 6}
+    message = responses_message(response)
+    assert message == {
+        "role": "assistant",
+        "content": "Hi there",
+        "tool_calls": [{"id": "call_9", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}],
+    }
+
+
+def test_responses_assembler_failed_and_error_events() -> None:
+    assembler = ResponsesStreamAssembler()
+    assembler.feed(responses_events()[3])
+    failed = sse("response.failed", sequence_number=4,
+                 response={"status": "failed", "error": {"code": "server_error", "message": "model crashed"}})
+    with pytest.raises(NonTerminalError, match="model crashed"):
+        assembler.feed(failed)
+    with pytest.raises(RateLimitError, match="too fast"):
+        ResponsesStreamAssembler().feed(sse("error", sequence_number=0, code="rate_limit_exceeded", message="too fast", param=None))
+    assert assembler.text == "Hi" and not assembler.done
+
+
+def test_split_text_keeps_words_and_joins_back() -> None:
+    text = "The quick brown fox jumps over the lazy dog, again and again; supercalifragilisticexpialidocious!"
+    pieces = split_text(text, 16)
+    assert "".join(pieces) == text
+    assert len(pieces) > 3
+    assert all(len(p) <= 16 for p in pieces)
+    assert split_text("") == []
