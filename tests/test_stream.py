@@ -233,3 +233,159 @@ def test_split_text_keeps_words_and_joins_back() -> None:
     assert len(pieces) > 3
     assert all(len(p) <= 16 for p in pieces)
     assert split_text("") == []
+
+
+# -- the test server streams -------------------------------------------------------------------
+
+import httpx2  # noqa: E402
+import openai  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
+from llmutils.testing import Fault, OpenAITestServer, _response_events  # noqa: E402
+
+USER = [{"role": "user", "content": "the quick brown fox jumps"}]
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.fixture
+def sdk(server: OpenAITestServer) -> Any:
+    client = openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=0)
+    yield client
+    client.close()
+
+
+def raw_stream(server: OpenAITestServer, body: dict[str, Any]) -> tuple[list[bytes], httpx2.Response]:
+    """POST a streamed chat request and return its raw HTTP chunks."""
+    with httpx2.Client(timeout=10) as http:
+        with http.stream("POST", f"{server.base_url}/chat/completions", json=body) as response:
+            return list(response.iter_raw()), response
+
+
+def test_server_chat_stream_joins_to_the_whole_answer(server: OpenAITestServer, sdk: Any) -> None:
+    whole = sdk.chat.completions.create(model="m", messages=USER)
+    chunks = list(sdk.chat.completions.create(model="m", messages=USER, stream=True))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 3
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in chunks)  # no usage chunk unless asked
+
+
+def test_server_chat_stream_usage_chunk_when_asked(server: OpenAITestServer, sdk: Any) -> None:
+    chunks = list(sdk.chat.completions.create(model="m", messages=USER, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_server_stream_options_without_stream_is_400(sdk: Any) -> None:
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        sdk.chat.completions.create(model="m", messages=USER, stream_options={"include_usage": True})
+
+
+def test_server_chat_stream_wire_format(server: OpenAITestServer) -> None:
+    chunks, response = raw_stream(server, {"model": "m", "messages": USER, "stream": True})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["transfer-encoding"] == "chunked"
+    events = decode_in(chunks)
+    assert events[-1].is_done
+    assert all(e.json()["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_server_tool_call_stream_assembles_to_the_whole_answer(server: OpenAITestServer, sdk: Any) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "call it"}], "tools": TOOLS}
+    server.chat_handler = lambda b: {**whole_completion(b), "id": "x"}
+    chunks, _ = raw_stream(server, {**body, "stream": True})
+    assembler = ChatStreamAssembler()
+    for event in decode_in(chunks):
+        assembler.feed(event)
+    server.chat_handler = None
+    message = assembler.completion()["choices"][0]["message"]
+    assert message["tool_calls"] == WHOLE_CALLS
+    assert assembler.completion()["choices"][0]["finish_reason"] == "tool_calls"
+
+
+WHOLE_CALLS = [
+    {"id": "call_a", "type": "function", "function": {"name": "lookup", "arguments": '{"query": "weather in Paris"}'}},
+    {"id": "call_b", "type": "function", "function": {"name": "lookup", "arguments": "{}"}},
+]
+
+
+def whole_completion(body: dict[str, Any]) -> dict[str, Any]:
+    message = {"role": "assistant", "content": None, "tool_calls": WHOLE_CALLS}
+    return {"id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def test_server_drop_stream_after_k_events(server: OpenAITestServer, sdk: Any) -> None:
+    server.script(Fault.drop_stream(after=3))
+    received = []
+    with pytest.raises(openai.APIConnectionError):
+        for c in sdk.chat.completions.create(model="m", messages=USER, stream=True):
+            received.append(c)
+    assert len(received) == 3
+    assert server.streams_closed_early == []  # the server dropped it; the client did not leave
+    assert "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(model="m", messages=USER, stream=True))
+
+
+def test_server_sees_a_client_that_closes_early(server: OpenAITestServer, sdk: Any) -> None:
+    server.chat_handler = lambda body: "word " * 100
+    server.script(Fault.stall_stream(after=3, seconds=30))
+    stream = sdk.chat.completions.create(model="m", messages=USER, stream=True)
+    iterator = iter(stream)
+    next(iterator), next(iterator)
+    assert server.streams_closed_early == []
+    stream.close()
+    assert server.wait_stream_closed_early(1, timeout=5)
+    assert server.streams_closed_early == [server.requests[-1].request_id]
+
+
+def test_server_complete_streams_are_not_closed_early(server: OpenAITestServer, sdk: Any) -> None:
+    for _ in range(3):
+        list(sdk.chat.completions.create(model="m", messages=USER, stream=True))
+    assert not server.wait_stream_closed_early(1, timeout=0.2)
+
+
+def test_server_stall_then_resume(server: OpenAITestServer, sdk: Any) -> None:
+    server.script(Fault.stall_stream(after=2, seconds=0.2))
+    text = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(model="m", messages=USER, stream=True))
+    assert text == "echo: the quick brown fox jumps"
+
+
+def test_server_trickle_sends_one_byte_per_chunk(server: OpenAITestServer) -> None:
+    server.script(Fault.trickle(0.0001))
+    chunks, _ = raw_stream(server, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert len(chunks) > 100 and max(len(c) for c in chunks) < 8  # the client may merge a few
+    assert "".join(ChatStreamAssembler().feed(e) for e in decode_in(chunks)) == "echo: hi"
+
+
+def test_server_stream_interval_paces_events(server: OpenAITestServer) -> None:
+    server.stream_interval = 0.01
+    chunks, _ = raw_stream(server, {"model": "m", "messages": USER, "stream": True})
+    assert len(decode_in(chunks)) == len(chunks)  # one event per read: they came apart
+
+
+def test_response_events_are_what_the_sdk_parses_and_assemble_back() -> None:
+    from openai.types.responses import ResponseStreamEvent
+
+    final = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "m",
+             "output": [
+                 {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+                  "content": [{"type": "output_text", "text": "Hello from the stream", "annotations": []}]},
+                 {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "f",
+                  "arguments": '{"city": "Paris"}'},
+             ],
+             "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+             "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7,
+                       "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+    events = decode_in(_response_events(final))
+    adapter: Any = TypeAdapter(ResponseStreamEvent)
+    kinds = [adapter.validate_python(e.json()).type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert all(e.event == e.json()["type"] for e in events)
+    assert [e.json()["sequence_number"] for e in events] == list(range(len(events)))
+    assembler = ResponsesStreamAssembler()
+    deltas = [d for d in (assembler.feed(e) for e in events) if d]
+    assert len(deltas) > 2 and "".join(deltas) == "Hello from the stream"
+    assert assembler.response() == final
+    assert responses_message(assembler.response())["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
