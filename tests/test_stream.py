@@ -389,3 +389,52 @@ def test_response_events_are_what_the_sdk_parses_and_assemble_back() -> None:
     assert len(deltas) > 2 and "".join(deltas) == "Hello from the stream"
     assert assembler.response() == final
     assert responses_message(assembler.response())["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+
+
+# -- the stream object -------------------------------------------------------------------------
+
+from llmutils._apis.stream import MessageStream  # noqa: E402
+
+
+def test_message_stream_replay_in_pieces() -> None:
+    message = {"role": "assistant", "content": "A long answer that arrives in several pieces of text."}
+    stream = MessageStream.replay(message, {"total_tokens": 3})
+    assert stream.message is None
+    pieces = list(stream)
+    assert len(pieces) > 2 and "".join(pieces) == message["content"] == stream.text
+    assert stream.message == message and stream.usage == {"total_tokens": 3} and stream.cached
+    assert "completed" in repr(stream)
+
+
+def test_message_stream_break_closes_the_producer() -> None:
+    closed: list[str] = []
+
+    def produce(stream: MessageStream) -> Any:
+        try:
+            yield from ["a", "b", "c"]
+            stream.complete({"role": "assistant", "content": "abc"}, None)
+        finally:
+            closed.append("producer")
+
+    stream = MessageStream(produce, on_close=lambda: closed.append("on_close"))
+    for piece in stream:
+        if piece == "a":
+            break
+    assert closed == ["producer", "on_close"]  # CPython drops the loop's iterator at once
+    assert stream.message is None and stream.text == "a" and not stream.completed
+    stream.close()
+    assert closed == ["producer", "on_close"]  # idempotent
+
+
+def test_message_stream_context_manager_closes_on_error() -> None:
+    closed: list[bool] = []
+
+    def produce(stream: MessageStream) -> Any:
+        yield "x"
+        raise StreamInterruptedError("broke", partial_text="x")
+
+    with pytest.raises(StreamInterruptedError) as info:
+        with MessageStream(produce, on_close=lambda: closed.append(True)) as stream:
+            for _ in stream:
+                pass
+    assert info.value.partial_text == "x" and closed == [True]

@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 from .._exceptions import (
@@ -41,6 +42,7 @@ from .._exceptions import (
 )
 
 __all__ = [
+    "MessageStream",
     "ServerSentEvent",
     "SSEDecoder",
     "ChatStreamAssembler",
@@ -460,3 +462,97 @@ def _words(text: str) -> Iterator[str]:
             i += 1
         yield text[start:i]
         start = i
+
+
+class MessageStream:
+    """A streamed answer: iterate it for text deltas (``str``), then read ``message`` and ``usage``.
+
+    Returned by ``client.stream_message(...)``. Use it as a context manager so the connection is
+    closed however the loop ends (``break``, an exception)::
+
+        with client.stream_message([{"role": "user", "content": "Tell me a story"}]) as stream:
+            for text in stream:
+                print(text, end="", flush=True)
+        print(stream.message)        # the same dict send_message returns, tool calls assembled
+        print(stream.usage)          # the usage the API reported (None if it sent none)
+
+    ``message`` and ``usage`` are None until the stream has ended normally; ``text`` is what was
+    received so far; ``cached`` tells whether the answer is replayed from the cache. A stream that
+    breaks or stalls after text was yielded raises :class:`~llmutils.StreamInterruptedError` from
+    the loop (with ``partial_text``); it is not retried.
+    """
+
+    def __init__(
+        self,
+        produce: Callable[[MessageStream], Iterator[str]],
+        *,
+        cached: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        """``produce(stream)`` yields the deltas and calls ``stream.complete(message, usage)`` at the end."""
+        self._on_close = on_close
+        self._parts: list[str] = []
+        self._closed = False
+        self.cached = cached
+        self.message: dict[str, Any] | None = None
+        self.usage: dict[str, Any] | None = None
+        self._deltas = produce(self)
+
+    @classmethod
+    def replay(cls, message: dict[str, Any], usage: Mapping[str, Any] | None, *, cached: bool = True) -> MessageStream:
+        """A stream of a whole answer: its text in pieces of about 16 characters cut at word ends."""
+        content = message.get("content")
+
+        def produce(stream: MessageStream) -> Iterator[str]:
+            yield from split_text(content) if isinstance(content, str) else ()
+            stream.complete(message, usage)
+
+        return cls(produce, cached=cached)
+
+    @property
+    def text(self) -> str:
+        """The text yielded so far (the whole answer's text once the stream has ended)."""
+        return "".join(self._parts)
+
+    @property
+    def completed(self) -> bool:
+        """Whether the stream reached its normal end (``message`` is set)."""
+        return self.message is not None
+
+    def complete(self, message: dict[str, Any], usage: Mapping[str, Any] | None) -> None:
+        """Set the final ``message`` and ``usage``; called by the producer when the answer is whole."""
+        self.usage = dict(usage) if isinstance(usage, Mapping) else None
+        self.message = message
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for piece in self._deltas:
+                self._parts.append(piece)
+                yield piece
+        finally:
+            if not self.completed:
+                self.close()  # ``break`` (the loop dropped this generator), or an error
+
+    def close(self) -> None:
+        """Close the connection (idempotent); an unfinished answer is dropped and never cached."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._deltas, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    def __enter__(self) -> MessageStream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "completed" if self.completed else "closed" if self._closed else "open"
+        return f"<MessageStream {state} cached={self.cached} chars={len(self.text)}>"
+
