@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,8 +34,10 @@ from ._exceptions import (
     NonTerminalError,
     QuotaExceededError,
     RateLimitError,
+    StreamInterruptedError,
     TotalTimeoutError,
 )
+from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
@@ -154,6 +156,30 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
             except (TypeError, ValueError):
                 return None
     return None
+
+
+def _shutdown(sock: Any) -> None:
+    """Cut a blocking read short: shut the socket down (the reader then sees the stream end)."""
+    import socket
+
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _as_events(http: Any, request_id: str | None) -> bytes:
+    """A whole (non-streamed) JSON answer as the SSE bytes of one event and ``[DONE]``."""
+    try:
+        body = json.loads(http.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NonTerminalError("a streamed request got a body that is neither SSE nor JSON", request_id=request_id) from exc
+    if isinstance(body, dict) and isinstance(body.get("choices"), list):  # chat.completion -> one chunk
+        body = {**body, "choices": [{**c, "delta": c.get("message") or {}} for c in body["choices"] if isinstance(c, dict)]}
+        return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+    if isinstance(body, dict) and body.get("object") == "response":
+        return f"data: {json.dumps({'type': 'response.completed', 'response': body})}\n\n".encode()
+    raise NonTerminalError("a streamed request got a JSON body that is not an answer", request_id=request_id)
 
 
 class CallInfo(NamedTuple):
@@ -312,6 +338,46 @@ class OpenAIClient:
         ``max_completion_tokens``, ``reasoning_effort``, ...). Unset arguments come from the
         configuration. Raises an :class:`LLMUtilsError` subclass on failure, never returns None.
         """
+        if more.get("stream"):
+            raise InvalidRequestError(
+                "stream=True is not supported by send_message, which returns whole answers; "
+                "use client.stream_message(...) to receive the answer as it is generated"
+            )
+        params, settings = self._chat_params(
+            messages, model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
+            timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor, n, more,
+        )
+        def policy() -> RetryPolicy:
+            return self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+
+        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        def send(params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+            body = self._chat_completion(params, timeout, settings)
+            _check_chat_response(body)
+            return body
+
+        response = self._cached_call("chat", params, settings, policy, timeout_s, send)
+        return _extract_messages(response, n)
+
+    def _chat_params(
+        self,
+        messages: list[Message],
+        model: str | None,
+        temperature: float | None,
+        max_tokens: int | None,
+        top_p: float | None,
+        frequency_penalty: float | None,
+        presence_penalty: float | None,
+        stop: str | list[str] | None,
+        timeout: float | None,
+        total_timeout: float | None,
+        max_attempts: int | None,
+        waiting_time: float | None,
+        exponential_backoff_factor: float | None,
+        n: int,
+        more: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check a chat call's arguments and build its request body (no network); returns (params, settings)."""
         _check_messages(messages)
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
@@ -320,8 +386,6 @@ class OpenAIClient:
                 _check_type(name, value, kinds)
         if n != 1 or timeout is not None or total_timeout is not None or max_attempts is not None:
             _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
-        if more.get("stream"):
-            raise InvalidRequestError("stream=True is not supported by send_message; it returns whole answers")
         settings = self.settings()
         model = model or settings["MODEL"]
         params: dict[str, Any] = {"model": model, "messages": messages}
@@ -356,17 +420,7 @@ class OpenAIClient:
         if n != 1:
             params["n"] = n
         params.update(more)
-        def policy() -> RetryPolicy:
-            return self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
-
-        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
-        def send(params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
-            body = self._chat_completion(params, timeout, settings)
-            _check_chat_response(body)
-            return body
-
-        response = self._cached_call("chat", params, settings, policy, timeout_s, send)
-        return _extract_messages(response, n)
+        return params, settings
 
     def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
         """Return the embedding vector of ``text`` (cached like chat calls when the cache is on)."""
@@ -404,6 +458,225 @@ class OpenAIClient:
         response = self._cached_call("embedding", params, settings, policy, timeout_s, send)
         _check_embedding_response(response, len(texts))
         return [item["embedding"] for item in sorted(response["data"], key=lambda item: item.get("index", 0))]
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def stream_message(
+        self,
+        messages: list[Message],
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        top_p: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        waiting_time: float | None = None,
+        exponential_backoff_factor: float | None = None,
+        n: int = 1,
+        *,
+        total_timeout: float | None = None,
+        **more: Any,
+    ) -> MessageStream:
+        """Send a chat request and return the answer as a :class:`MessageStream` of text deltas.
+
+        Takes the same arguments as :meth:`send_message`. The request is opened, retried and
+        checked here, up to its first content: connection errors, 429, 5xx and timeouts before any
+        text are retried like ``send_message`` and raise from this call. After that, a broken or
+        stalled stream raises :class:`StreamInterruptedError` from the loop (never retried).
+        ``timeout`` bounds each wait for the next chunk, ``total_timeout`` the whole stream. A
+        completed stream is cached under the same key as the equivalent ``send_message``; a cache
+        hit is replayed in pieces without a request.
+
+        >>> with client.stream_message([{"role": "user", "content": "Hi"}]) as stream:
+        ...     for text in stream:
+        ...         print(text, end="", flush=True)
+        """
+        if n != 1:
+            raise InvalidRequestError(f"stream_message streams one answer: n must be 1, got {n!r}; use send_message(n=...)")
+        if "stream" in more and not more.pop("stream"):
+            raise InvalidRequestError("stream=False makes no sense for stream_message; use send_message(...)")
+        stream_options = more.pop("stream_options", None)
+        params, settings = self._chat_params(
+            messages, model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
+            timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor, 1, more,
+        )
+        policy = self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        cache = self._cache(settings)
+        key = self._cache_key("chat", params, settings) if cache is not None else None
+        if cache is not None and key is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                logger.debug("llmutils: cache hit for a stream of %s", params.get("model"))
+                response = self._finish("chat", params, hit, cached=True)
+                return MessageStream.replay(_extract_messages(response, 1), response.get("usage"), cached=True)  # type: ignore[arg-type]
+            if cache.mode == "replay":
+                raise CacheMissError(
+                    f"replay mode: no cached answer in {cache.path} for this chat request to "
+                    f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
+                )
+        wire = {**params, "stream": True, "stream_options": stream_options or {"include_usage": True}}
+        return self._open_message_stream(params, wire, settings, policy, timeout_s, cache, key)
+
+    def _open_message_stream(
+        self,
+        params: dict[str, Any],
+        wire: dict[str, Any],
+        settings: Mapping[str, Any],
+        policy: RetryPolicy,
+        timeout: float,
+        cache: CacheBackend | None,
+        key: str | None,
+    ) -> MessageStream:
+        """Open the stream with retries up to its first content; the rest is read by the MessageStream."""
+        limiter, in_flight = self._limiters(settings)
+        estimate = self._estimate_tokens(params) if limiter.tpm else 0
+        end = None if policy.total_timeout is None else time.monotonic() + policy.total_timeout
+
+        def attempt(time_left: float | None) -> tuple[StreamReader, list[str], Any, Callable[[], None]]:
+            reservation = limiter.acquire(estimate, timeout=time_left)
+            limit = timeout if time_left is None else max(0.001, min(timeout, time_left))
+            if not in_flight.acquire(timeout=time_left):
+                raise TotalTimeoutError(
+                    f"total_timeout={policy.total_timeout:g}s ran out waiting for one of the "
+                    f"{in_flight.max_in_flight} call slots (MAX_CONCURRENT_MODEL_CALLS)"
+                )
+            released = threading.Event()
+
+            def release() -> None:
+                if not released.is_set():
+                    released.set()
+                    in_flight.release()
+
+            reader: StreamReader | None = None
+            try:
+                reader = self._stream_chat(wire, limit, settings, end)
+                first = reader.until_content()
+            except RateLimitError as exc:
+                if reader is not None:
+                    reader.close()
+                release()
+                if exc.retry_after and limiter.enabled:
+                    limiter.pause(min(exc.retry_after, policy.max_wait))
+                raise
+            except BaseException:
+                if reader is not None:
+                    reader.close()
+                release()
+                raise
+            return reader, first, reservation, release
+
+        reader, first, reservation, release = policy.call(attempt)
+
+        def produce(stream: MessageStream) -> Iterator[str]:
+            completed = False
+            try:
+                yield from first
+                try:
+                    yield from reader.rest()
+                except LLMUtilsError as exc:
+                    raise self._interrupted(exc, reader, end) from exc
+                completion = reader.assembler.completion()  # type: ignore[union-attr]
+                _check_chat_response(completion)
+                completed = True
+            finally:
+                reader.close()
+                release()
+                if not completed:
+                    logger.debug("llmutils: a stream of %s ended early; nothing cached", params.get("model"))
+            usage = completion.get("usage")
+            if isinstance(usage, Mapping) and isinstance(usage.get("total_tokens"), int):
+                reservation.reconcile(max(usage["total_tokens"], estimate))
+            if cache is not None and key is not None:
+                cache.set(key, completion)
+            response = self._finish("chat", params, completion, cached=False)
+            stream.complete(_extract_messages(response, 1), usage)  # type: ignore[arg-type]
+
+        return MessageStream(produce)
+
+    @staticmethod
+    def _interrupted(exc: LLMUtilsError, reader: StreamReader, end: float | None) -> LLMUtilsError:
+        """The error for a stream that failed after content: StreamInterruptedError with the partial text."""
+        text = reader.assembler.text
+        if end is not None and time.monotonic() >= end:
+            why = "total_timeout ran out"
+        else:
+            why = str(exc)
+        return StreamInterruptedError(
+            f"the stream was interrupted after {len(text)} characters ({why}); it is not retried",
+            partial_text=text,
+            status_code=exc.status_code,
+            request_id=exc.request_id,
+        )
+
+    def _stream_chat(self, wire: dict[str, Any], timeout: float, settings: Mapping[str, Any], end: float | None) -> StreamReader:
+        """POST a streamed chat request and return a reader of its events (errors before the body are typed)."""
+        sdk, source = self._sdk(settings)
+        return self._open_stream(sdk, "/chat/completions", wire, timeout, source, settings, end, ChatStreamAssembler())
+
+    def _open_stream(
+        self,
+        sdk: Any,
+        path: str,
+        body: Mapping[str, Any],
+        timeout: float,
+        source: str,
+        settings: Mapping[str, Any],
+        end: float | None,
+        assembler: ChatStreamAssembler | ResponsesStreamAssembler,
+    ) -> StreamReader:
+        """Open ``path`` as a stream through the SDK; the reader's reads are cut at ``end`` (monotonic)."""
+        import httpx2
+        import openai
+
+        try:
+            http = sdk.post(
+                path, body=body, cast_to=httpx2.Response, options={"timeout": timeout}, stream=True, stream_cls=openai.Stream
+            )
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, source, settings) from exc
+        except openai.APITimeoutError as exc:
+            raise NonTerminalError(f"request timed out after {timeout:g}s ({self._display(settings)})") from exc
+        except openai.APIConnectionError as exc:
+            raise NonTerminalError(f"connection error to {self._display(settings)}: {exc.__cause__ or exc}") from exc
+        except openai.OpenAIError as exc:
+            raise InvalidRequestError(f"the openai SDK refused the request: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"the request cannot be sent: {exc}") from exc
+        request_id = http.headers.get("x-request-id")
+        timer: threading.Timer | None = None
+        if end is not None:  # a trickle never trips the read timeout: shut the socket at the deadline
+            stream = http.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                timer = threading.Timer(max(0.0, end - time.monotonic()), _shutdown, (sock,))
+                timer.daemon = True
+                timer.start()
+
+        def close() -> None:
+            if timer is not None:
+                timer.cancel()
+            http.close()
+
+        content_type = http.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:  # a server that ignored stream=true: one whole answer
+            chunks: Iterator[bytes] = iter([_as_events(http, request_id)])
+        else:
+            chunks = http.iter_raw()
+
+        def transport_error(exc: Exception) -> LLMUtilsError | None:
+            if end is not None and time.monotonic() >= end:
+                return NonTerminalError(f"total_timeout ran out while reading the stream from {self._display(settings)}", request_id=request_id)
+            if isinstance(exc, httpx2.TimeoutException):
+                return NonTerminalError(f"no data for {timeout:g}s from {self._display(settings)} while streaming", request_id=request_id)
+            if isinstance(exc, (httpx2.HTTPError, httpx2.StreamError, OSError)):
+                return NonTerminalError(f"the stream from {self._display(settings)} broke: {exc}", request_id=request_id)
+            return None
+
+        return StreamReader(chunks, assembler, transport_error=transport_error, close=close)
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -907,6 +1180,12 @@ class MockClient(OpenAIClient):
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    def _stream_chat(self, wire: dict[str, Any], timeout: float, settings: Mapping[str, Any], end: float | None) -> StreamReader:
+        """The mock's answer as a stream: the whole answer cut into pieces."""
+        params = {k: v for k, v in wire.items() if k not in ("stream", "stream_options")}
+        events = completion_events(self._chat_completion(params, timeout, settings))
+        return StreamReader(iter(events), ChatStreamAssembler(), transport_error=lambda exc: None, close=lambda: None)
 
     def _embedding(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:

@@ -438,3 +438,213 @@ def test_message_stream_context_manager_closes_on_error() -> None:
             for _ in stream:
                 pass
     assert info.value.partial_text == "x" and closed == [True]
+
+
+# -- client.stream_message ---------------------------------------------------------------------
+
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import llmutils  # noqa: E402
+from llmutils import CacheMissError, OpenAIClient, RetryPolicy, TotalTimeoutError  # noqa: E402
+
+LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
+ASK = [{"role": "user", "content": LONG}]
+
+
+@pytest.fixture
+def waits() -> list[float]:
+    return []
+
+
+def make_client(server: OpenAITestServer, tmp_path: Path, waits: list[float], **kwargs: Any) -> OpenAIClient:
+    kwargs.setdefault("cache_api_calls", True)
+    return OpenAIClient(
+        base_url=server.base_url,
+        api_key="test",
+        cache_file_name=tmp_path / "stream-cache.sqlite",
+        retry=RetryPolicy(max_attempts=3, waiting_time=0.0, sleep=waits.append),
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def llm(server: OpenAITestServer, tmp_path: Path, waits: list[float]) -> Any:
+    client = make_client(server, tmp_path, waits)
+    yield client
+    client.close()
+
+
+def test_deltas_arrive_in_order_and_join_to_the_send_message_text(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    with llm.stream_message(ASK, cache_api_calls=None) as stream:
+        deltas = list(stream)
+    assert len(deltas) > 10
+    assert "".join(deltas) == stream.text == stream.message["content"]
+    sent = server.requests[-1].body
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    llm.set_api_cache(False)
+    assert llm.send_message(ASK) == stream.message == {"role": "assistant", "content": "echo: " + LONG}
+    assert stream.usage == {"prompt_tokens": 15, "completion_tokens": 16, "total_tokens": 31}
+    assert not stream.cached
+
+
+def test_a_completed_stream_is_a_cache_hit_for_both_calls(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    with llm.stream_message(ASK) as stream:
+        text = "".join(stream)
+    assert server.request_count == 1 and llm.last_call.cached is False
+    assert llm.send_message(ASK) == stream.message
+    assert llm.last_call.cached is True
+    with llm.stream_message(ASK) as again:
+        pieces = list(again)
+    assert again.cached and len(pieces) > 2 and "".join(pieces) == text
+    assert again.message == stream.message and again.usage == stream.usage
+    assert server.request_count == 1  # 0 requests for both hits
+    assert llm.usage.totals().cached_requests == 2 and llm.usage.totals().requests == 1
+
+
+def test_a_send_message_answer_serves_stream_message(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    answer = llm.send_message(ASK, temperature=0)
+    with llm.stream_message(ASK, temperature=0) as stream:
+        pieces = list(stream)
+    assert stream.cached and len(pieces) > 1 and stream.message == answer
+    assert server.request_count == 1
+
+
+def test_429_before_the_first_chunk_is_retried(server: OpenAITestServer, llm: OpenAIClient, waits: list[float]) -> None:
+    server.script(Fault.rate_limit(retry_after=0.01), Fault.server_error(503))
+    with llm.stream_message(ASK) as stream:
+        assert "".join(stream) == "echo: " + LONG
+    assert server.request_count == 3 and waits == [0.01, 0.0]
+
+
+def test_a_drop_before_any_content_is_retried(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.drop_stream(after=1))  # the role chunk only: nothing was shown yet
+    with llm.stream_message(ASK) as stream:
+        assert "".join(stream) == "echo: " + LONG
+    assert server.request_count == 2
+
+
+def test_a_drop_after_3_chunks_raises_with_the_partial_text_and_caches_nothing(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.drop_stream(after=3))
+    received = []
+    with pytest.raises(StreamInterruptedError) as info:
+        with llm.stream_message(ASK) as stream:
+            for text in stream:
+                received.append(text)
+    assert received == ["echo: ", "one "]  # chunk 1 is the role, 2 and 3 carry text
+    assert info.value.partial_text == "echo: one " == stream.text
+    assert isinstance(info.value, llmutils.NonTerminalError)
+    assert stream.message is None
+    assert server.request_count == 1  # never retried
+    assert llm.cache_stats().writes == 0
+    llm.send_message(ASK)
+    assert server.request_count == 2  # nothing was cached
+
+
+def test_a_stall_ends_within_total_timeout(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.stall_stream(after=3, seconds=30))
+    started = time.monotonic()
+    with pytest.raises(StreamInterruptedError, match="total_timeout") as info:
+        with llm.stream_message(ASK, timeout=20, total_timeout=1.0) as stream:
+            for _ in stream:
+                pass
+    assert time.monotonic() - started < 1.5
+    assert info.value.partial_text == "echo: one "
+    assert llm.cache_stats().writes == 0
+
+
+def test_a_trickle_ends_at_the_total_timeout(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.trickle(0.01))  # each gap is short, the whole takes far longer
+    started = time.monotonic()
+    with pytest.raises((StreamInterruptedError, TotalTimeoutError)):
+        with llm.stream_message(ASK, timeout=5, total_timeout=0.8) as stream:
+            for _ in stream:
+                pass
+    assert time.monotonic() - started < 1.3
+
+
+def test_timeout_bounds_each_gap(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.stall_stream(after=3, seconds=30))
+    started = time.monotonic()
+    with pytest.raises(StreamInterruptedError, match="no data for 0.3s"):
+        with llm.stream_message(ASK, timeout=0.3) as stream:
+            list(stream)
+    assert time.monotonic() - started < 2
+
+
+def test_a_stall_before_content_is_retried_then_times_out(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(*[Fault.stall_stream(after=1, seconds=30)] * 5)
+    started = time.monotonic()
+    with pytest.raises(TotalTimeoutError):
+        llm.stream_message(ASK, timeout=0.4, total_timeout=1.0, max_attempts=5)
+    assert time.monotonic() - started < 1.5
+    assert server.request_count >= 2
+
+
+def test_breaking_out_closes_the_connection_and_caches_nothing(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.chat_handler = lambda body: "word " * 200
+    server.stream_interval = 0.005
+    for text in llm.stream_message(ASK):  # no `with`: the loop's break alone closes it
+        break
+    assert server.wait_stream_closed_early(1, timeout=5)
+    assert llm.cache_stats().writes == 0
+    with llm.stream_message(ASK) as stream:
+        next(iter(stream))
+    assert server.wait_stream_closed_early(2, timeout=5)
+    assert llm.cache_stats().writes == 0 and server.request_count == 2
+
+
+def test_tool_call_deltas_assemble_into_tool_calls(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.chat_handler = whole_completion
+    with llm.stream_message([{"role": "user", "content": "weather?"}], tools=TOOLS) as stream:
+        assert list(stream) == []
+    assert stream.message == {"role": "assistant", "content": None, "tool_calls": WHOLE_CALLS}
+    assert llm.send_message([{"role": "user", "content": "weather?"}], tools=TOOLS) == stream.message
+    assert server.request_count == 1
+
+
+def test_replay_mode_streams_hits_and_refuses_misses(server: OpenAITestServer, llm: OpenAIClient, tmp_path: Path) -> None:
+    with llm.stream_message(ASK) as stream:
+        list(stream)
+    replay = make_client(server, tmp_path, [], cache_mode="replay")
+    try:
+        with replay.stream_message(ASK) as again:
+            assert "".join(again) == stream.text
+        with pytest.raises(CacheMissError):
+            replay.stream_message([{"role": "user", "content": "never asked"}])
+    finally:
+        replay.close()
+    assert server.request_count == 1
+
+
+def test_send_message_stream_true_points_at_stream_message(llm: OpenAIClient, server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError, match="stream_message"):
+        llm.send_message(ASK, stream=True)
+    with pytest.raises(InvalidRequestError, match="n must be 1"):
+        llm.stream_message(ASK, n=2)
+    with pytest.raises(InvalidRequestError, match="messages"):
+        llm.stream_message([])
+    assert server.request_count == 0
+
+
+def test_usage_and_the_concurrency_cap_apply(server: OpenAITestServer, tmp_path: Path, waits: list[float]) -> None:
+    client = make_client(server, tmp_path, waits, cache_api_calls=False, max_concurrent_calls=1)
+    try:
+        server.chat_handler = lambda body: "word " * 50
+        first = client.stream_message(ASK)  # holds the one call slot until it ends
+        with pytest.raises(TotalTimeoutError, match="call slots"):
+            client.send_message(ASK, total_timeout=0.2)
+        with first:
+            list(first)
+        assert client.send_message(ASK)["content"].startswith("word")
+        totals = client.usage.totals()
+        assert totals.requests == 2 and totals.total_tokens == 2 * first.usage["total_tokens"]
+    finally:
+        client.close()
+
+
+def test_mock_client_streams_offline() -> None:
+    llmutils.force_api_type("mock")
+    with llmutils.client().stream_message([{"role": "user", "content": LONG}]) as stream:
+        pieces = list(stream)
+    assert len(pieces) > 2 and stream.message == {"role": "assistant", "content": "echo: " + LONG}

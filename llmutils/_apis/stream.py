@@ -43,12 +43,14 @@ from .._exceptions import (
 
 __all__ = [
     "MessageStream",
+    "StreamReader",
     "ServerSentEvent",
     "SSEDecoder",
     "ChatStreamAssembler",
     "ResponsesStreamAssembler",
     "stream_error",
     "split_text",
+    "completion_events",
     "responses_message",
 ]
 
@@ -464,6 +466,29 @@ def _words(text: str) -> Iterator[str]:
         start = i
 
 
+def completion_events(completion: Mapping[str, Any]) -> list[bytes]:
+    """A whole ``chat.completion`` as the SSE events of its stream (text in pieces), for offline clients."""
+    base = {k: completion.get(k) for k in ("id", "created", "model")}
+    base["object"] = "chat.completion.chunk"
+    events: list[bytes] = []
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> None:
+        events.append(f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n".encode())
+
+    for choice in completion.get("choices") or ():
+        index = choice.get("index", 0)
+        message = dict(choice.get("message") or {})
+        content = message.pop("content", None)
+        event([{"index": index, "delta": {**message, "content": "" if content is not None else None}, "finish_reason": None}])
+        for piece in split_text(content) if isinstance(content, str) else ():
+            event([{"index": index, "delta": {"content": piece}, "finish_reason": None}])
+        event([{"index": index, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}])
+    if completion.get("usage") is not None:
+        event([], usage=completion["usage"])
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
 class MessageStream:
     """A streamed answer: iterate it for text deltas (``str``), then read ``message`` and ``usage``.
 
@@ -556,3 +581,81 @@ class MessageStream:
         state = "completed" if self.completed else "closed" if self._closed else "open"
         return f"<MessageStream {state} cached={self.cached} chars={len(self.text)}>"
 
+
+
+class StreamReader:
+    """Read an SSE byte stream into an assembler, yielding its text deltas as they arrive.
+
+    ``chunks`` is the body of the HTTP response as it is received; ``transport_error`` turns an
+    exception raised while reading it (a read timeout, a dropped connection) into the llmutils
+    error to raise (None: re-raise it as is). :meth:`until_content` reads until the answer has
+    started (text or a tool call) or ended, returning the deltas read; :meth:`rest` yields the
+    remaining ones. A body that ends before the answer is complete raises :class:`NonTerminalError`.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterator[bytes],
+        assembler: ChatStreamAssembler | ResponsesStreamAssembler,
+        *,
+        transport_error: Callable[[Exception], LLMUtilsError | None],
+        close: Callable[[], None],
+    ) -> None:
+        self.assembler = assembler
+        self._chunks = chunks
+        self._transport_error = transport_error
+        self._close = close
+        self._decoder = SSEDecoder()
+        self._deltas = self._read()
+
+    def until_content(self) -> list[str]:
+        """Read until the answer has started or ended; the text deltas read (possibly none)."""
+        pieces: list[str] = []
+        if self.assembler.started or self.assembler.done:
+            return pieces
+        for piece in self._deltas:
+            if piece:
+                pieces.append(piece)
+            if self.assembler.started:
+                break
+        return pieces
+
+    def rest(self) -> Iterator[str]:
+        """The remaining text deltas, until the answer is complete."""
+        for piece in self._deltas:
+            if piece:
+                yield piece
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._close()
+
+    def _read(self) -> Iterator[str]:
+        """Every event's delta ("" when it carried no text); raises on errors and incomplete ends."""
+        assembler = self.assembler
+        while not assembler.done:
+            try:
+                chunk = next(self._chunks, None)
+            except Exception as exc:
+                error = self._transport_error(exc)
+                if error is None:
+                    raise
+                raise error from exc
+            events = self._decoder.feed(chunk) if chunk is not None else self._decoder.finish()
+            for event in events:
+                yield assembler.feed(event)
+                if assembler.done:
+                    break
+            if chunk is None:
+                break
+        if not assembler.done and not self._finished_without_sentinel():
+            raise NonTerminalError("the stream ended before the answer was complete (no end-of-stream event)")
+        yield ""
+
+    def _finished_without_sentinel(self) -> bool:
+        """Some chat servers end the body without ``[DONE]``: accept it once every choice has finished."""
+        assembler = self.assembler
+        if not isinstance(assembler, ChatStreamAssembler):
+            return False
+        choices = assembler.completion()["choices"]
+        return bool(choices) and all(c["finish_reason"] for c in choices)
