@@ -8,6 +8,7 @@
 Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
 """
 
+from ._apis.stream import MessageStream as MessageStream
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
@@ -73,6 +74,7 @@ __all__ = [
     "InvalidRequestError",
     "LLMCall",
     "LLMUtilsError",
+    "MessageStream",
     "MockClient",
     "ModelUsage",
     "NonTerminalError",

@@ -648,3 +648,59 @@ def test_mock_client_streams_offline() -> None:
     with llmutils.client().stream_message([{"role": "user", "content": LONG}]) as stream:
         pieces = list(stream)
     assert len(pieces) > 2 and stream.message == {"role": "assistant", "content": "echo: " + LONG}
+
+
+# -- the CLI streams ---------------------------------------------------------------------------
+
+import os  # noqa: E402
+import select  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from llmutils.cli import main  # noqa: E402
+
+
+def test_cli_chat_prints_the_same_text_streamed_or_not(server: OpenAITestServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--base-url", server.base_url, "chat", LONG]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["--base-url", server.base_url, "chat", "--no-stream", LONG]) == 0
+    assert capsys.readouterr().out == streamed == "echo: " + LONG + "\n"
+    assert [r.body.get("stream") for r in server.requests] == [True, None]
+
+
+def test_cli_chat_tool_calls_print_as_json_either_way(server: OpenAITestServer, capsys: pytest.CaptureFixture[str]) -> None:
+    server.chat_handler = whole_completion
+    outputs = []
+    for flag in ("--stream", "--no-stream"):
+        assert main(["--base-url", server.base_url, "chat", flag, "weather?"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and json.loads(outputs[0])["tool_calls"] == WHOLE_CALLS
+
+
+def test_cli_chat_writes_text_before_the_answer_is_complete(server: OpenAITestServer, tmp_path: Path) -> None:
+    server.script(Fault.stall_stream(after=4, seconds=2.0))  # "echo: one two " then a pause
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLMUTILS_", "AZURE_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "chat", LONG],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env,
+    )
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 30
+    while b"two " not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 1024)
+    assert seen == b"echo: one two "
+    assert proc.poll() is None  # still waiting for the rest: this text came as it was generated
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (seen + out).decode() == "echo: " + LONG + "\n"
+
+
+def test_cli_chat_interrupted_stream_is_one_error_line(server: OpenAITestServer, capsys: pytest.CaptureFixture[str]) -> None:
+    server.script(Fault.drop_stream(after=4))
+    assert main(["--base-url", server.base_url, "chat", LONG]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "echo: one two \n"
+    assert captured.err.startswith("llmutils: error: ") and "interrupted" in captured.err
