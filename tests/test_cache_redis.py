@@ -439,6 +439,21 @@ def test_a_dead_lock_holder_blocks_no_longer_than_its_lock(url: str, server: Ope
     assert warnings_logged(logs) == []
 
 
+def test_a_dead_lock_holder_never_makes_a_call_miss_its_total_timeout(url: str, server: OpenAITestServer) -> None:
+    with api_client(server, url) as client, raw_client(url) as r:
+        ask(client, "hello")
+        [entry] = r.keys("llmutils:v1:*")
+        r.delete(entry)
+        server.reset()
+        # A holder that died right after taking a long lock: its lock outlives the caller's budget.
+        r.set(entry.replace(b"llmutils:v1:", b"llmutils:lock:v1:"), "a crashed process", px=60_000)
+        started = time.monotonic()
+        with pytest.raises(llmutils.TotalTimeoutError):
+            client.send_message([{"role": "user", "content": "hello"}], total_timeout=1)
+        assert time.monotonic() - started < 1.5
+        assert server.request_count == 0  # it waited for the holder until its own deadline, no longer
+
+
 def test_a_failing_holder_releases_its_lock(url: str, server: OpenAITestServer) -> None:
     server.script(Fault.bad_request())
     with api_client(server, url) as client, raw_client(url) as r:
