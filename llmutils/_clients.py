@@ -466,12 +466,21 @@ class OpenAIClient:
         # The cache key is the send_message key: ``stream`` and ``stream_options`` are transport.
         wire = {**params, "stream": True, "stream_options": stream_options or {"include_usage": True}}
         policy = self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
-        return self._open_message_stream(params, wire, settings, policy, deadline, timeout_s, cache, key)
+        return self._open_message_stream(
+            _chat.KIND, _chat.PATH, params, wire, ChatStreamAssembler, check_chat_response,
+            lambda response: read_chat_response(response, 1),  # type: ignore[arg-type,return-value]
+            settings, policy, deadline, timeout_s, cache, key,
+        )
 
     def _open_message_stream(
         self,
+        kind: str,
+        path: str,
         params: dict[str, Any],
         wire: dict[str, Any],
+        assembler: Callable[[], ChatStreamAssembler | ResponsesStreamAssembler],
+        check: ResponseCheck,
+        read: Callable[[Mapping[str, Any]], Message],
         settings: Mapping[str, Any],
         policy: RetryPolicy,
         deadline: Deadline,
@@ -481,7 +490,10 @@ class OpenAIClient:
     ) -> MessageStream:
         """Open the stream with retries up to its first content; the MessageStream reads the rest.
 
-        The call slot (MAX_CONCURRENT_MODEL_CALLS) is held until the stream ends or is closed.
+        ``params`` is the request as cached (the ``send_message`` body of ``kind``), ``wire`` what is
+        sent (``params`` with ``stream``); ``check`` and ``read`` are the API's response check and
+        reader, applied to the assembled answer. The call slot (MAX_CONCURRENT_MODEL_CALLS) is held
+        until the stream ends or is closed.
         """
         limiter, in_flight = self._limiters(settings)
         estimate = self._estimate_tokens(params) if limiter.tpm else 0
@@ -501,7 +513,7 @@ class OpenAIClient:
 
             reader: StreamReader | None = None
             try:
-                reader = self._stream_reader(_chat.PATH, wire, settings, deadline, timeout, ChatStreamAssembler())
+                reader = self._stream_reader(path, wire, settings, deadline, timeout, assembler())
                 first = reader.until_content()
             except BaseException as exc:
                 if reader is not None:
@@ -522,8 +534,8 @@ class OpenAIClient:
                     yield from reader.rest()
                 except LLMUtilsError as exc:
                     raise self._interrupted(exc, reader, deadline) from exc
-                completion = reader.assembler.completion()  # type: ignore[union-attr]
-                check_chat_response(completion)
+                completion = reader.assembler.result()
+                check(completion)
                 completed = True
             finally:
                 reader.close()
@@ -535,8 +547,8 @@ class OpenAIClient:
                 reservation.reconcile(max(usage["total_tokens"], estimate))
             if cache is not None and key is not None:
                 cache.set(key, completion, deadline=deadline)
-            response = self._finish(_chat.KIND, params, completion, cached=False)
-            stream.complete(read_chat_response(response, 1), usage)  # type: ignore[arg-type]
+            response = self._finish(kind, params, completion, cached=False)
+            stream.complete(read(response), usage)
 
         return MessageStream(produce)
 

@@ -307,6 +307,10 @@ class ChatStreamAssembler:
             "system_fingerprint": self._meta.get("system_fingerprint"),
         }
 
+    def result(self) -> dict[str, Any]:
+        """The whole answer as the API returns it without streaming (here: :meth:`completion`)."""
+        return self.completion()
+
 
 def responses_message(response: Mapping[str, Any]) -> dict[str, Any]:
     """The chat-shaped assistant message of a Responses API ``response`` object (minimal reader).
@@ -433,6 +437,10 @@ class ResponsesStreamAssembler:
         final.setdefault("object", "response")
         final.setdefault("status", "completed" if self._final is not None else "in_progress")
         return final
+
+    def result(self) -> dict[str, Any]:
+        """The whole answer as the API returns it without streaming (here: :meth:`response`)."""
+        return self.response()
 
 
 def split_text(text: str, size: int = REPLAY_PIECE_CHARS) -> list[str]:
