@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -526,7 +526,7 @@ class OpenAIClient:
 
         reader, first, reservation, release = policy.call(attempt, deadline)
 
-        def produce(stream: MessageStream) -> Iterator[str]:
+        def deltas() -> Generator[str, None, tuple[Message, Any]]:
             completed = False
             try:
                 yield from first
@@ -548,9 +548,13 @@ class OpenAIClient:
             if cache is not None and key is not None:
                 cache.set(key, completion, deadline=deadline)
             response = self._finish(kind, params, completion, cached=False)
-            stream.complete(read(response), usage)
+            return read(response), usage
 
-        return MessageStream(produce)
+        def cleanup() -> None:  # also when the stream is dropped without being iterated
+            reader.close()
+            release()
+
+        return MessageStream(deltas(), on_close=cleanup)
 
     @staticmethod
     def _interrupted(exc: LLMUtilsError, reader: StreamReader, deadline: Deadline) -> StreamInterruptedError:

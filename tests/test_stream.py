@@ -409,14 +409,14 @@ def test_message_stream_replay_in_pieces() -> None:
 def test_message_stream_break_closes_the_producer() -> None:
     closed: list[str] = []
 
-    def produce(stream: MessageStream) -> Any:
+    def produce() -> Any:
         try:
             yield from ["a", "b", "c"]
-            stream.complete({"role": "assistant", "content": "abc"}, None)
+            return {"role": "assistant", "content": "abc"}, None
         finally:
             closed.append("producer")
 
-    stream = MessageStream(produce, on_close=lambda: closed.append("on_close"))
+    stream = MessageStream(produce(), on_close=lambda: closed.append("on_close"))
     for piece in stream:
         if piece == "a":
             break
@@ -429,12 +429,12 @@ def test_message_stream_break_closes_the_producer() -> None:
 def test_message_stream_context_manager_closes_on_error() -> None:
     closed: list[bool] = []
 
-    def produce(stream: MessageStream) -> Any:
+    def produce() -> Any:
         yield "x"
         raise StreamInterruptedError("broke", partial_text="x")
 
     with pytest.raises(StreamInterruptedError) as info:
-        with MessageStream(produce, on_close=lambda: closed.append(True)) as stream:
+        with MessageStream(produce(), on_close=lambda: closed.append(True)) as stream:
             for _ in stream:
                 pass
     assert info.value.partial_text == "x" and closed == [True]
@@ -704,3 +704,15 @@ def test_cli_chat_interrupted_stream_is_one_error_line(server: OpenAITestServer,
     captured = capsys.readouterr()
     assert captured.out == "echo: one two \n"
     assert captured.err.startswith("llmutils: error: ") and "interrupted" in captured.err
+
+
+def test_a_stream_dropped_without_iterating_frees_its_call_slot(server: OpenAITestServer, tmp_path: Path, waits: list[float]) -> None:
+    client = make_client(server, tmp_path, waits, cache_api_calls=False, max_concurrent_calls=1)
+    try:
+        stream = client.stream_message(ASK)
+        with pytest.raises(TotalTimeoutError, match="call slots"):
+            client.send_message(ASK, total_timeout=0.2)
+        del stream  # no reference cycle: freed at once, without gc.collect()
+        assert client.send_message(ASK)["content"] == "echo: " + LONG
+    finally:
+        client.close()

@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -517,30 +518,34 @@ class MessageStream:
 
     def __init__(
         self,
-        produce: Callable[[MessageStream], Iterator[str]],
+        deltas: Generator[str, None, tuple[dict[str, Any], Mapping[str, Any] | None]],
         *,
         cached: bool = False,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        """``produce(stream)`` yields the deltas and calls ``stream.complete(message, usage)`` at the end."""
-        self._on_close = on_close
+        """``deltas`` yields the text deltas and returns ``(message, usage)`` when the answer is whole.
+
+        ``on_close`` releases what the stream holds (its connection, its call slot); it runs once,
+        on :meth:`close` or when the stream is garbage-collected unclosed (even never iterated).
+        """
+        self._on_close = weakref.finalize(self, on_close) if on_close is not None else None
         self._parts: list[str] = []
         self._closed = False
         self.cached = cached
         self.message: dict[str, Any] | None = None
         self.usage: dict[str, Any] | None = None
-        self._deltas = produce(self)
+        self._deltas = deltas
 
     @classmethod
     def replay(cls, message: dict[str, Any], usage: Mapping[str, Any] | None, *, cached: bool = True) -> MessageStream:
         """A stream of a whole answer: its text in pieces of about 16 characters cut at word ends."""
         content = message.get("content")
 
-        def produce(stream: MessageStream) -> Iterator[str]:
+        def deltas() -> Generator[str, None, tuple[dict[str, Any], Mapping[str, Any] | None]]:
             yield from split_text(content) if isinstance(content, str) else ()
-            stream.complete(message, usage)
+            return message, usage
 
-        return cls(produce, cached=cached)
+        return cls(deltas(), cached=cached)
 
     @property
     def text(self) -> str:
@@ -552,14 +557,16 @@ class MessageStream:
         """Whether the stream reached its normal end (``message`` is set)."""
         return self.message is not None
 
-    def complete(self, message: dict[str, Any], usage: Mapping[str, Any] | None) -> None:
-        """Set the final ``message`` and ``usage``; called by the producer when the answer is whole."""
-        self.usage = dict(usage) if isinstance(usage, Mapping) else None
-        self.message = message
-
     def __iter__(self) -> Iterator[str]:
         try:
-            for piece in self._deltas:
+            while True:
+                try:
+                    piece = next(self._deltas)
+                except StopIteration as end:
+                    message, usage = end.value
+                    self.usage = dict(usage) if isinstance(usage, Mapping) else None
+                    self.message = message
+                    return
                 self._parts.append(piece)
                 yield piece
         finally:
@@ -577,7 +584,7 @@ class MessageStream:
                 close()
         finally:
             if self._on_close is not None:
-                self._on_close()
+                self._on_close()  # a finalizer runs its callback at most once
 
     def __enter__(self) -> MessageStream:
         return self
