@@ -716,3 +716,27 @@ def test_a_stream_dropped_without_iterating_frees_its_call_slot(server: OpenAITe
         assert client.send_message(ASK)["content"] == "echo: " + LONG
     finally:
         client.close()
+
+
+def test_azure_streams_through_its_deployment_path(server: OpenAITestServer) -> None:
+    client = llmutils.AzureClient(azure_endpoint=server.azure_endpoint, api_key="az", model="my-deployment", cache_api_calls=False)
+    try:
+        with client.stream_message(ASK) as stream:
+            assert "".join(stream) == "echo: " + LONG
+        assert server.requests[-1].deployment == "my-deployment" and server.requests[-1].body["stream"] is True
+    finally:
+        client.close()
+
+
+def test_response_events_of_a_whole_response_assemble_back() -> None:
+    from llmutils._apis.stream import response_events
+
+    final = {"id": "r", "object": "response", "status": "completed", "model": "m",
+             "output": [{"id": "msg", "type": "message", "role": "assistant",
+                         "content": [{"type": "output_text", "text": LONG, "annotations": []}]},
+                        {"id": "fc", "type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}],
+             "usage": {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}}
+    assembler = ResponsesStreamAssembler()
+    deltas = [d for d in (assembler.feed(e) for e in decode_in(response_events(final))) if d]
+    assert len(deltas) > 2 and "".join(deltas) == LONG
+    assert assembler.done and assembler.response() == final

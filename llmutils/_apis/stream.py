@@ -52,6 +52,7 @@ __all__ = [
     "stream_error",
     "split_text",
     "completion_events",
+    "response_events",
     "responses_message",
 ]
 
@@ -495,6 +496,27 @@ def completion_events(completion: Mapping[str, Any]) -> list[bytes]:
     if completion.get("usage") is not None:
         event([], usage=completion["usage"])
     events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def response_events(response: Mapping[str, Any]) -> list[bytes]:
+    """A whole Responses object as the SSE events of its stream (text deltas in pieces), for offline clients."""
+    events: list[bytes] = []
+
+    def event(kind: str, **data: Any) -> None:
+        body = {"type": kind, "sequence_number": len(events), **data}
+        events.append(f"event: {kind}\ndata: {json.dumps(body)}\n\n".encode())
+
+    event("response.created", response={**response, "status": "in_progress", "output": []})
+    for index, item in enumerate(response.get("output") or ()):
+        event("response.output_item.added", output_index=index, item=item)
+        for part_index, part in enumerate(item.get("content") or () if item.get("type") == "message" else ()):
+            if isinstance(part, Mapping) and part.get("type") == "output_text":
+                for piece in split_text(str(part.get("text") or "")):
+                    event("response.output_text.delta", item_id=item.get("id"), output_index=index,
+                          content_index=part_index, delta=piece)
+        event("response.output_item.done", output_index=index, item=item)
+    event("response.incomplete" if response.get("status") == "incomplete" else "response.completed", response=response)
     return events
 
 
