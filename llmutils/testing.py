@@ -95,6 +95,7 @@ class Fault:
     drop_after: int | None = None
     stall_after: int | None = None
     stall_seconds: float = 0.0
+    error_after: int | None = None
 
     @classmethod
     def status(cls, code: int, body: Any = None, headers: Mapping[str, str] | None = None) -> Fault:
@@ -198,6 +199,12 @@ class Fault:
         normally. The client sees an incomplete chunked body, as when a proxy or the provider drops.
         """
         return cls(drop_after=int(after))
+
+    @classmethod
+    def stream_error(cls, after: int, message: str = "The server had an error while processing your request.", code: str = "server_error") -> Fault:
+        """Stream ``after`` events, then an error event (``data: {"error": ...}`` on chat, ``event: error``
+        on Responses) and end the stream, as the API does when generation fails midway."""
+        return cls(error_after=int(after), body=_error_body(message, "server_error", code))
 
     @classmethod
     def stall_stream(cls, after: int, seconds: float = 60.0) -> Fault:
@@ -433,6 +440,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return False
             if fault.stall_after == index and self._wait_or_left(fault.stall_seconds):
                 return False
+            if fault.error_after == index:
+                event = _stream_error_event(fault.body["error"], responses=b'"sequence_number"' in event)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                return True
             pause = 1.0 / fault.bytes_per_s if fault.bytes_per_s > 0 else interval
             pieces = [event[i : i + 1] for i in range(len(event))] if fault.bytes_per_s > 0 else [event]
             for piece in pieces:
@@ -871,6 +882,13 @@ def _sse(data: Any, event: str | None = None) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode("utf-8")
+
+
+def _stream_error_event(error: Mapping[str, Any], *, responses: bool) -> bytes:
+    """The error event that ends a failed stream: Responses' typed ``error`` event, or chat's ``{"error"}``."""
+    if responses:
+        return _sse({"type": "error", "code": error.get("code"), "message": error.get("message"), "param": None}, "error")
+    return _sse({"error": dict(error)})
 
 
 def _chat_chunks(completion: Mapping[str, Any], include_usage: bool) -> list[bytes]:

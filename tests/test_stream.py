@@ -740,3 +740,30 @@ def test_response_events_of_a_whole_response_assemble_back() -> None:
     deltas = [d for d in (assembler.feed(e) for e in decode_in(response_events(final))) if d]
     assert len(deltas) > 2 and "".join(deltas) == LONG
     assert assembler.done and assembler.response() == final
+
+
+def test_an_error_event_after_content_raises_with_the_partial_text(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.stream_error(after=3, message="model overloaded"))
+    with pytest.raises(StreamInterruptedError, match="model overloaded") as info:
+        with llm.stream_message(ASK) as stream:
+            list(stream)
+    assert info.value.partial_text == "echo: one "
+    assert isinstance(info.value.__cause__, llmutils.NonTerminalError)
+    assert server.request_count == 1 and llm.cache_stats().writes == 0
+
+
+def test_an_error_event_before_content_is_retried(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.stream_error(after=1))
+    with llm.stream_message(ASK) as stream:
+        assert "".join(stream) == "echo: " + LONG
+    assert server.request_count == 2
+
+
+def test_a_server_that_ignores_stream_true_still_streams(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    whole = {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": LONG}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+    server.script(Fault.status(200, whole))
+    with llm.stream_message(ASK) as stream:
+        assert "".join(stream) == LONG
+    assert stream.message == {"role": "assistant", "content": LONG} and stream.usage == whole["usage"]
