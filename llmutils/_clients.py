@@ -26,7 +26,7 @@ from ._apis import chat as _chat
 from ._apis import embeddings as _embeddings
 from ._apis.chat import build_chat_request, check_chat_response, is_reasoning_model, read_chat_response
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
-from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events
+from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events, response_events
 from ._config import api_key_from_env, resolve, validate
 from ._deadline import Deadline
 from ._exceptions import (
@@ -1150,7 +1150,8 @@ class MockClient(OpenAIClient):
     ) -> StreamReader:
         """The mock's answer as a stream: the whole answer cut into pieces."""
         params = {k: v for k, v in wire.items() if k not in ("stream", "stream_options")}
-        events = completion_events(self._chat_completion(params))
+        answer = self._post(path, params, settings, deadline, timeout)
+        events = response_events(answer) if answer.get("object") == "response" else completion_events(answer)
         return StreamReader(iter(events), assembler, transport_error=lambda exc: None, close=lambda: None)
 
     def _chat_completion(self, params: Mapping[str, Any]) -> dict[str, Any]:
