@@ -32,6 +32,7 @@ from ._exceptions import ContentFilterError as ContentFilterError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LLMUtilsError as LLMUtilsError
 from ._exceptions import NonTerminalError as NonTerminalError
+from ._exceptions import NotAttemptedError as NotAttemptedError
 from ._exceptions import OutputParseError as OutputParseError
 from ._exceptions import QuotaExceededError as QuotaExceededError
 from ._exceptions import RateLimitError as RateLimitError
@@ -75,6 +76,7 @@ __all__ = [
     "MockClient",
     "ModelUsage",
     "NonTerminalError",
+    "NotAttemptedError",
     "OpenAIClient",
     "OutputParseError",
     "QuotaExceededError",
