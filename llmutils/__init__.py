@@ -8,6 +8,11 @@
 Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
 """
 
+# First, before the slow imports: Ctrl-C while the llmutils command starts exits 130 quietly.
+from ._sigint import quiet_ctrl_c_while_starting as _quiet_ctrl_c_while_starting
+
+_quiet_ctrl_c_while_starting()
+
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
