@@ -17,7 +17,8 @@ What is kept per item and what stops the run:
 * any other exception is a bug (in a handler, in a callback): the run stops, items not yet
   started are dropped, and the exception propagates with its traceback;
 * ``KeyboardInterrupt`` (Ctrl-C) in the calling thread stops the run at once: no new item
-  starts and the exception is re-raised without waiting for the requests in flight. Workers are
+  starts, results already back still go to ``on_result``, and the exception is re-raised
+  without waiting for the requests in flight. Workers are
   daemon threads, so a process that exits on Ctrl-C does not wait for them either; a request in
   flight finishes (or times out) in the background and its result is dropped.
 
@@ -391,7 +392,7 @@ def map_calls(
     finished: queue.SimpleQueue[tuple[int, BatchResult | None, BaseException | None]] = queue.SimpleQueue()
     stop = threading.Event()
     lock = threading.Lock()
-    taken = 0  # items handed to a worker; frozen once ``stop`` is set (both change under ``lock``)
+    taken = 0  # items handed to a worker; frozen once ``stop`` is set (both change under ``lock``, as ``rule``)
 
     def work() -> None:
         nonlocal taken
@@ -402,7 +403,11 @@ def map_calls(
                 index = taken
                 taken += 1
             try:
-                finished.put((index, run_item(fn, index, todo[index], client), None))
+                result = run_item(fn, index, todo[index], client)
+                with lock:  # judged here, before this worker takes another item: nothing more is sent
+                    if rule.observe(result):
+                        stop.set()
+                finished.put((index, result, None))
             except BaseException as exc:  # a bug, or KeyboardInterrupt raised in a worker: stop all
                 stop.set()
                 finished.put((index, None, exc))
@@ -437,14 +442,23 @@ def map_calls(
                 raise exc
             assert result is not None
             collect(result)
-            if rule.observe(result):
-                with lock:
-                    stop.set()
         if rule.reason is not None:
             skipped = [i for i, r in enumerate(results) if r is None]
             logger.warning("batch stopped early: %s; %d of %d items not attempted", rule.reason, len(skipped), len(todo))
             for index in skipped:
                 collect(_not_attempted(index, todo[index], rule.reason))
+    except KeyboardInterrupt:
+        stop.set()
+        while True:  # results that came back before Ctrl-C still reach on_result: nothing answered is lost
+            try:
+                index, result, exc = finished.get_nowait()
+            except queue.Empty:
+                break
+            if result is not None:
+                collect(result)
+        done = sum(r is not None for r in results)
+        logger.info("batch interrupted after %d of %d items; items not started were dropped", done, len(todo))
+        raise
     except BaseException:
         stop.set()
         done = sum(r is not None for r in results)

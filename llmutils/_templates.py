@@ -244,12 +244,29 @@ _TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _variables_on_line(frame: tuple[str, int] | None, variables: Mapping[str, Any]) -> list[str]:
-    """Return ``"name (type)"`` for each variable named in the tags of the failing template line."""
+def _variables_on_line(
+    frame: tuple[str, int] | None, variables: Mapping[str, Any], env: jinja2.Environment, error: type[BaseException]
+) -> list[str]:
+    """Return ``"'name' (type)"`` for each variable in the failing expression of a template line.
+
+    The ``{{ ... }}`` tags of that line are tried alone (only now, after a failure): those that
+    raise the same error name the culprits; when none does, every tag of the line counts.
+    """
     if frame is None:
         return []
     line = linecache.getline(frame[0], frame[1])
-    code = " ".join(_TAG.findall(line)) or line
+    tags = _TAG.findall(line)
+    failing = []
+    for tag in tags:
+        if not tag.startswith("{{"):
+            continue
+        try:
+            env.from_string(tag).render(variables)
+        except error:
+            failing.append(tag)
+        except Exception:  # noqa: S112 - another error (e.g. a name set earlier in the template): not this tag
+            continue
+    code = " ".join(failing or tags) or line
     names: list[str] = []
     for word in _IDENTIFIER.findall(code):
         if word in variables and word not in names:
@@ -257,11 +274,13 @@ def _variables_on_line(frame: tuple[str, int] | None, variables: Mapping[str, An
     return [f"{name!r} ({type(variables[name]).__name__})" for name in names]
 
 
-def _render_failure(exc: Exception, name: str, variables: Mapping[str, Any], search_path: tuple[Path, ...]) -> TemplateError:
+def _render_failure(
+    exc: Exception, name: str, variables: Mapping[str, Any], search_path: tuple[Path, ...], env: jinja2.Environment
+) -> TemplateError:
     """Turn a Python error raised while rendering (TypeError, ZeroDivisionError, ...) into a TemplateError."""
     frame = _template_frame(exc.__traceback__, search_path)
     where = f" ({frame[0]}, line {frame[1]})" if frame else ""
-    named = _variables_on_line(frame, variables)
+    named = _variables_on_line(frame, variables, env, type(exc))
     if len(named) == 1:
         culprit = f" with variable {named[0]}"
     elif named:
@@ -349,7 +368,7 @@ def _render(name: str, variables: Mapping[str, Any], template_dirs: TemplateDirs
     except jinja2.TemplateError as exc:
         raise _translate(exc, name, search_path, template.environment) from exc
     except Exception as exc:  # the template's own code failed on these values
-        raise _render_failure(exc, name, variables, search_path) from exc
+        raise _render_failure(exc, name, variables, search_path, template.environment) from exc
     logger.debug("rendered template %r from %s", name, template.filename)
     return text
 

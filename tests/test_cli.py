@@ -106,6 +106,43 @@ def test_ctrl_c_stops_a_batch_at_once_and_says_how_to_resume(server: OpenAITestS
     assert (tmp_path / "out.jsonl").read_text() == ""  # created (checked writable) before the first request
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_keeps_every_answer_received_in_out(server: OpenAITestServer, tmp_path: Path) -> None:
+    fourth, release = threading.Event(), threading.Event()
+
+    def handler(body: dict[str, Any]) -> str:
+        text = body["messages"][-1]["content"]
+        if text == "4":
+            fourth.set()
+        if text in ("2", "4"):
+            release.wait(20)  # in flight when Ctrl-C comes
+        return f"answer {text}"
+
+    server.chat_handler = handler
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(8)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fourth.wait(20), "item 4 never reached the server"  # so 0, 1 and 3 are answered
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted; 3 of 8 results were written to out.jsonl" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert [(r["index"], r["output"]) for r in records] == [(0, "answer 0"), (1, "answer 1"), (3, "answer 3")]
+
+
 # -- batch, in process ---------------------------------------------------------------------------
 
 
@@ -340,3 +377,226 @@ def test_render_accepts_any_variable_name(capsys: pytest.CaptureFixture[str]) ->
 
     assert main(["render", "--template", "user_default", "--var", "prompt=hi", "--var", "template_dirs=x"]) == 0
     assert "hi" in capsys.readouterr().out
+
+
+# -- batch never loses work (issue 9, section 4) ------------------------------------------------------
+
+
+def _write_jsonl(path: Path, lines: list[Any]) -> None:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+
+def test_one_bad_item_fails_alone_and_the_rest_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "calc.j2").write_text("{{ prompt }}: {{ 100 / n + count }}\n", encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text(
+        '{"prompt": "ok", "n": 4, "count": 1}\n'
+        '{"prompt": "div", "n": 0, "count": 1}\n'  # ZeroDivisionError in the template
+        '{"prompt": "type", "n": 4, "count": "x"}\n'  # TypeError in the template
+        '"just a string"\n'  # not a mapping of variables
+        '[1, 2]\n'  # a list that is not messages
+        '{"prompt": "bad \\ud83d half", "n": 5, "count": 0}\n',  # a lone surrogate
+        encoding="utf-8",
+    )
+    argv = ["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--template", "calc", "--template-dir", "t", "--no-cache"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "6 items: 2 ok, 4 failed" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert [r["index"] for r in records] == list(range(6))
+    assert records[0]["output"] == "echo: ok: 26.0"
+    assert records[1]["error"]["type"] == "TemplateError"
+    assert "'calc'" in records[1]["error"]["message"] and "variables 'n' (int), 'count' (int)" in records[1]["error"]["message"]
+    assert "ZeroDivisionError" in records[1]["error"]["message"]
+    assert records[2]["error"]["type"] == "TemplateError" and "'count' (str)" in records[2]["error"]["message"]
+    assert "TypeError" in records[2]["error"]["message"]
+    assert records[3]["error"]["type"] == "InvalidRequestError" and records[3]["input"] == "just a string"
+    assert records[4]["error"]["type"] == "InvalidRequestError"
+    assert records[5]["output"] == "echo: bad \ud83d half: 20.0"  # sent and written faithfully (escaped in the file)
+    assert "\\ud83d" in (tmp_path / "out.jsonl").read_text(encoding="utf-8")
+
+
+def test_a_surrogate_the_server_cannot_take_fails_that_item_only(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text('{"prompt": "bad \\ud83d half"}\n{"prompt": "fine"}\n', encoding="utf-8")
+    assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-cache", "-w", "1"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    first, second = _lines(tmp_path / "out.jsonl")
+    assert first["error"]["type"] == "InvalidRequestError" and first["input"] == {"prompt": "bad \ud83d half"}
+    assert second["output"] == "echo: fine" and server.request_count == 1
+
+
+def test_fail_fast_after_the_first_authentication_error(server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(server, "api_key", "the-right-key")
+    monkeypatch.setenv("OPENAI_API_KEY", "a-wrong-key")
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "1", "--no-cache"]) == 1
+    err = capsys.readouterr().err
+    assert server.request_count == 1  # not 20
+    stop_lines = [line for line in err.splitlines() if "stopped early" in line]
+    assert len(stop_lines) == 1 and "AuthenticationError" in stop_lines[0] and "19 of 20 items not attempted" in stop_lines[0]
+    assert "a-wrong-key" not in err
+    assert "20 items: 0 ok, 20 failed (19 not attempted)" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert records[0]["error"]["type"] == "AuthenticationError" and records[0]["error"]["status_code"] == 401
+    assert {r["error"]["type"] for r in records[1:]} == {"NotAttemptedError"}
+    assert [r["index"] for r in records] == list(range(20))
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_fail_fast_after_n_connection_failures_in_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LLMUTILS_MAX_ATTEMPTS", "1")
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    argv = ["--base-url", _closed_port_url(), "batch", "in.jsonl", "out.jsonl", "-w", "1", "--no-cache", "--max-connection-failures", "3"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "stopped early: 3 connection failures in a row" in err and "17 of 20 items not attempted" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert [r["error"]["type"] for r in records[:3]] == ["RetriesExhaustedError"] * 3
+    assert {r["error"]["type"] for r in records[3:]} == {"NotAttemptedError"} and len(records) == 20
+
+
+def test_out_is_checked_before_the_first_request(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    (tmp_path / "a_directory").mkdir()
+    for out in ("a_directory", "missing_dir/out.jsonl"):
+        assert main(["--base-url", server.base_url, "batch", "in.jsonl", out]) == 1
+        assert f"cannot write {out}" in _one_error_line(capsys.readouterr().err)
+    assert server.request_count == 0
+
+
+@pytest.mark.parametrize("out", ["in.jsonl", "./in.jsonl", "link.jsonl"])
+def test_in_equal_to_out_is_a_usage_error(out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "in.jsonl")
+    assert main(["--api-type", "mock", "batch", "in.jsonl", out]) == 2
+    assert "IN and OUT are the same file" in _one_error_line(capsys.readouterr().err)
+    assert _lines(tmp_path / "in.jsonl") == [{"prompt": "a"}]
+
+
+def test_out_keeps_its_permission_bits_and_a_new_one_follows_the_umask(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    (tmp_path / "old.jsonl").write_text("previous run\n")
+    os.chmod(tmp_path / "old.jsonl", 0o640)
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["--api-type", "mock", "batch", "in.jsonl", "old.jsonl", "--no-cache"]) == 0
+        assert main(["--api-type", "mock", "batch", "in.jsonl", "new.jsonl", "--no-cache"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "old.jsonl").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o644  # not 0600
+    assert _lines(tmp_path / "old.jsonl")[0]["output"] == "echo: a"
+
+
+def test_a_template_that_does_not_exist_fails_before_any_request(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text('{"messages": [{"role": "user", "content": "own message"}]}\n{"text": "x"}\n')
+    assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--template", "summarise"]) == 1
+    assert "'summarise' not found" in _one_error_line(capsys.readouterr().err)
+    assert server.request_count == 0 and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--rpm", "-5", "--rpm: must be > 0, got -5"),
+        ("--tpm", "0", "--tpm: must be > 0, got 0"),
+        ("--rpm", "nan", "--rpm: must be a number > 0, got nan"),
+        ("--workers", "many", "--workers: must be an integer >= 1, got 'many'"),
+        ("-w", "-2", "--workers: must be >= 1, got -2"),
+        ("--max-tokens", "0", "--max-tokens: must be >= 1, got 0"),
+        ("--temperature", "-0.5", "--temperature: must be >= 0, got -0.5"),
+        ("--max-connection-failures", "-1", "--max-connection-failures: must be >= 0, got -1"),
+    ],
+)
+def test_flag_errors_name_the_flag_and_exit_2(flag: str, value: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["batch", "in.jsonl", "out.jsonl", flag, value]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"llmutils: error: {expected} (see 'llmutils batch --help')"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_results_are_written_as_they_complete_so_a_kill_loses_nothing_answered(server: OpenAITestServer, tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def handler(body: dict[str, Any]) -> str:
+        text = body["messages"][-1]["content"]
+        if text == "10":
+            release.wait(20)  # item 10 hangs: the process is killed while it is in flight
+        return f"answer {text}"
+
+    server.chat_handler = handler
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "1"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    out = tmp_path / "out.jsonl"
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (out.exists() and out.read_text(encoding="utf-8").count("\n") >= 10):
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.02)  # polling a file another process writes; bounded by the deadline
+        proc.kill()
+        proc.communicate(timeout=10)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    records = _lines(out)
+    assert [r["output"] for r in records] == [f"answer {i}" for i in range(10)]
+
+
+def _wait_for_line(stream: Any, marker: str, timeout: float = 20) -> list[str]:
+    """Read lines from ``stream`` until one contains ``marker`` (in a thread, bounded by ``timeout``)."""
+    seen: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            seen.append(line)
+            if marker in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert found.wait(timeout), f"{marker!r} never appeared: {''.join(seen)[-2000:]}"
+    return seen
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+@pytest.mark.parametrize("marker", ["llmutils._exceptions", "jinja2.sandbox", "llmutils._clients", "llmutils.cli"])
+def test_ctrl_c_while_the_command_is_still_importing_exits_130_quietly(marker: str, tmp_path: Path) -> None:
+    # -X importtime prints one line as each import finishes: a marker inside the first ~0.3 s.
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "llmutils", "--api-type", "mock", "batch", "in.jsonl", "out.jsonl"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = _wait_for_line(proc.stderr, marker)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+        rest = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "llmutils: interrupted" in err
