@@ -21,6 +21,7 @@ from llmutils.cli import main
 from llmutils.testing import Fault, OpenAITestServer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "prompts.jsonl"
+REDIS_URL = os.environ.get("LLMUTILS_TEST_REDIS_URL")  # read at import: the autouse fixture clears LLMUTILS_*
 _ENV_PREFIXES = ("OPENAI_", "AZURE_", "LLMUTILS_", "TIKTOKEN_")
 
 
@@ -600,3 +601,82 @@ def test_ctrl_c_while_the_command_is_still_importing_exits_130_quietly(marker: s
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "llmutils: interrupted" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal is POSIX")
+def test_progress_bar_on_a_terminal_with_log_lines_printed_through_it(server: OpenAITestServer, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    server.script(Fault.server_error(), Fault.server_error())  # two retry WARNINGs while the bar is drawn
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = {**_env(), "LLMUTILS_WAITING_TIME": "0.001"}
+    argv = [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "1"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    err = b"".join(chunks).decode("utf-8", "replace")
+    assert "20/20" in err  # the bar, on a terminal
+    segments = [s for s in err.replace("\r", "\n").split("\n") if "WARNING" in s]
+    assert len(segments) == 2 and all(s.startswith("llmutils: WARNING: attempt ") for s in segments), err  # not glued to the bar
+    assert "llmutils: WARNING: llmutils:" not in err
+
+
+def test_cache_commands_act_on_the_store_they_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    redis_url = _closed_port_url().replace("http://", "redis://").replace("/v1", "/0")
+    monkeypatch.setenv("LLMUTILS_CACHE_URL", redis_url)  # configured: Redis (here: one that does not answer)
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert main(["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--cache-file", "f.sqlite"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" not in err and (tmp_path / "f.sqlite").exists()  # the named file, Redis never tried
+    assert main(["cache", "stats", "--cache-file", "f.sqlite"]) == 0
+    out = capsys.readouterr().out
+    assert "entries: 2" in out and str(tmp_path / "f.sqlite") in out
+    assert main(["cache", "vacuum", "--cache-file", "f.sqlite"]) == 0
+    assert capsys.readouterr().out.startswith(f"vacuumed {tmp_path / 'f.sqlite'}")
+    assert main(["cache", "clear", "--cache-file", "f.sqlite"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"cleared 2 entries from {tmp_path / 'f.sqlite'}") and "WARNING" not in captured.err
+    assert main(["cache", "clear", "--cache-file", "f.sqlite", "--cache-url", redis_url]) == 2
+    assert "--cache-file and --cache-url name two caches" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="LLMUTILS_TEST_REDIS_URL is not set (.ci/run sets it)")
+def test_cache_clear_of_a_named_file_leaves_the_configured_redis_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("redis")
+    assert REDIS_URL is not None
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "redis a"}, {"prompt": "redis b"}, {"prompt": "redis c"}])
+    assert main(["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--cache-url", REDIS_URL]) == 0
+    assert main(["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--cache-file", "f.sqlite"]) == 0
+    monkeypatch.setenv("LLMUTILS_CACHE_URL", REDIS_URL)
+    capsys.readouterr()
+    try:
+        assert main(["cache", "stats"]) == 0
+        before = capsys.readouterr().out
+        assert "entries: " in before
+        assert main(["cache", "clear", "--cache-file", "f.sqlite"]) == 0
+        assert capsys.readouterr().out.startswith(f"cleared 3 entries from {tmp_path / 'f.sqlite'}")
+        assert main(["cache", "stats"]) == 0
+        after = capsys.readouterr().out
+        entries = [line for line in after.splitlines() if line.startswith("entries: ")]
+        assert entries == [line for line in before.splitlines() if line.startswith("entries: ")] and entries != ["entries: 0"]
+    finally:
+        main(["cache", "clear", "--cache-url", REDIS_URL])
