@@ -500,6 +500,8 @@ def _read_jsonl(path: str) -> list[Any]:
             items.append(json.loads(line))
         except ValueError as exc:
             _fail(f"{path} line {number} is not valid JSON ({exc}); each line must be one JSON object")
+        except RecursionError:
+            _fail(f"{path} line {number} is nested too deeply to read; each line must be one JSON object")
     return items
 
 

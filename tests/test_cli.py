@@ -189,6 +189,9 @@ def test_batch_input_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{not json}\n')
     assert main(["batch", "bad.jsonl", "out.jsonl"]) == 1
     assert "bad.jsonl line 2 is not valid JSON" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "deep.jsonl").write_text('{"prompt": "ok"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert main(["batch", "deep.jsonl", "out.jsonl"]) == 1
+    assert "deep.jsonl line 2 is nested too deeply" in _one_error_line(capsys.readouterr().err)
     assert main(["batch", "bad.jsonl", "out.jsonl", "--workers", "0"]) == 2
     assert "llmutils: error: --workers: must be >= 1, got 0 (see 'llmutils batch --help')" == _one_error_line(capsys.readouterr().err)
 
