@@ -457,6 +457,8 @@ def _parse_vars(args: argparse.Namespace) -> dict[str, Any]:
                 variables[name.strip()] = json.loads(value)
             except ValueError as exc:
                 args.parser.error(f"--var {spec!r}: the value after ':=' is not valid JSON ({exc})")
+            except RecursionError:
+                args.parser.error(f"--var {name}=...: the JSON value is nested too deeply")
         else:
             variables[name.strip()] = value
     return variables
