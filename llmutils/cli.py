@@ -629,6 +629,13 @@ class _JsonlWriter:
             self._file.close()
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def _same_file(a: str, b: str) -> bool:
     if a == "-" or b == "-":
         return False
@@ -656,7 +663,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     items = _read_jsonl(args.input)
     user_template = args.template or (None if args.system_template else "user_default")
     _check_templates(args, user_template)
-    progress = args.progress if args.progress is not None else bool(sys.stderr and sys.stderr.isatty())
+    progress = args.progress
+    if progress is None:  # on a terminal only, and not when the results go to that same terminal
+        progress = _is_terminal(sys.stderr) and not (args.output == "-" and _is_terminal(sys.stdout))
     started = time.monotonic()
     out = _JsonlWriter(args.output)
     try:
