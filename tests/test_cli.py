@@ -580,11 +580,13 @@ def _wait_for_line(stream: Any, marker: str, timeout: float = 20) -> list[str]:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 @pytest.mark.parametrize("marker", ["llmutils._exceptions", "jinja2.sandbox", "llmutils._clients", "llmutils.cli"])
-def test_ctrl_c_while_the_command_is_still_importing_exits_130_quietly(marker: str, tmp_path: Path) -> None:
+def test_ctrl_c_while_the_command_is_still_importing_exits_130_quietly(marker: str, server: OpenAITestServer, tmp_path: Path) -> None:
     # -X importtime prints one line as each import finishes: a marker inside the first ~0.3 s.
+    release = threading.Event()
+    server.chat_handler = lambda body: "late" if release.wait(20) else "never"  # the batch cannot end first
     _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
     proc = subprocess.Popen(
-        [sys.executable, "-X", "importtime", "-m", "llmutils", "--api-type", "mock", "batch", "in.jsonl", "out.jsonl"],
+        [sys.executable, "-X", "importtime", "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl"],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -594,9 +596,9 @@ def test_ctrl_c_while_the_command_is_still_importing_exits_130_quietly(marker: s
     try:
         seen = _wait_for_line(proc.stderr, marker)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=20)
-        rest = proc.stderr.read() if proc.stderr else ""
+        _, rest = proc.communicate(timeout=20)  # reads the rest of stderr while the child exits
     finally:
+        release.set()
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
