@@ -12,11 +12,9 @@ SIGINT handler set by someone else (or SIGINT ignored) is left alone.
 
 from __future__ import annotations
 
-import os
+import os  # only os, signal and sys: this runs first, before any slow import
 import signal
 import sys
-import threading
-from types import FrameType
 
 __all__ = ["quiet_ctrl_c_while_starting", "is_the_command"]
 
@@ -38,16 +36,18 @@ def is_the_command() -> bool:
     return os.path.basename(argv0) in _COMMAND_NAMES
 
 
-def _exit_130(signum: int, frame: FrameType | None) -> None:
+def _exit_130(signum: int, frame: object) -> None:
     """SIGINT before the command runs: say so and exit 130, from whatever import is under way."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
     os.write(2, b"llmutils: interrupted\n")
     raise SystemExit(130)
 
 
 def quiet_ctrl_c_while_starting() -> None:
     """Make Ctrl-C exit 130 quietly until the command installs its own handler (see the module)."""
-    if threading.current_thread() is not threading.main_thread() or not is_the_command():
+    if not is_the_command() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    try:
         signal.signal(signal.SIGINT, _exit_130)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass

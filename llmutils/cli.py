@@ -850,8 +850,12 @@ def _logging(verbosity: int) -> Iterator[logging.Handler]:
 
 
 def _on_ctrl_c(signum: int, frame: FrameType | None) -> None:
-    """The first Ctrl-C stops the command; later ones are ignored while it writes what it has and exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The first Ctrl-C stops the command (it writes what it has and exits 130); a second one kills it.
+
+    The second is the operating system's default action: the process ends by SIGINT at once (the
+    shell reports 130 too), never with a traceback from a half-handled first one.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     raise KeyboardInterrupt
 
 
@@ -875,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``llmutils`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
 
     Ctrl-C returns 130 (after ``llmutils: interrupted`` on stderr); a second Ctrl-C while the
-    command finishes is ignored. The previous SIGINT handler is restored on return.
+    command finishes kills the process by SIGINT. The previous SIGINT handler is restored on return.
     """
     with _ctrl_c_stops_once(restore=True):
         return _main(argv)
@@ -895,7 +899,7 @@ def run() -> NoReturn:
         print(f"{PROG}: interrupted", file=sys.stderr)
     finally:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # from here on the process only exits
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # while the interpreter exits: end by the signal, no traceback
     if code == 130:
         logger.disabled = True  # requests abandoned in flight stay quiet while the interpreter exits
     sys.exit(code)
