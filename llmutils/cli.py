@@ -30,6 +30,7 @@ from types import FrameType
 from typing import IO, Any, NoReturn
 
 from . import _config
+from ._batch import DEFAULT_MAX_CONNECTION_FAILURES
 from ._exceptions import ConfigError, LLMUtilsError
 
 __all__ = ["main", "run", "build_parser"]
@@ -257,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--max-connection-failures",
         type=_int_at_least(0),
-        default=5,
+        default=DEFAULT_MAX_CONNECTION_FAILURES,
         metavar="N",
-        help="stop sending after N connection failures in a row with no success (default: 5; 0: never stop)",
+        help=f"stop sending after N connection failures in a row with no success "
+        f"(default: {DEFAULT_MAX_CONNECTION_FAILURES}; 0: never stop)",
     )
     batch.add_argument(
         "--progress",
