@@ -1,0 +1,468 @@
+"""Tests for the Responses API: the pure mapping (llmutils._apis.responses) and the test server's
+``POST /v1/responses``, driven through the real openai SDK."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from llmutils import ContentFilterError, InvalidRequestError, NonTerminalError, RateLimitError
+from llmutils._apis.responses import (
+    DEFAULT_RESPONSES_MODELS,
+    check_response,
+    finish_reason,
+    is_responses_model,
+    normalize_usage,
+    output_text,
+    request_from_chat,
+    to_chat_message,
+)
+from llmutils.testing import Fault, OpenAITestServer
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def _message(text: str, *, status: str = "completed") -> dict[str, Any]:
+    return {"type": "message", "role": "assistant", "status": status, "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _response(*output: dict[str, Any], status: str = "completed", **extra: Any) -> dict[str, Any]:
+    return {"id": "resp_1", "object": "response", "status": status, "output": list(output), **extra}
+
+
+# -- request_from_chat ----------------------------------------------------------------------------
+
+
+def test_messages_become_input_with_roles_and_first_system_as_instructions() -> None:
+    body = request_from_chat({
+        "model": "gpt-5",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "system", "content": "Later rule."},
+            {"role": "developer", "content": "dev"},
+            {"role": "user", "content": "again"},
+        ],
+    })
+    assert body == {
+        "model": "gpt-5",
+        "instructions": "Be brief.",
+        "input": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "system", "content": "Later rule."},
+            {"role": "developer", "content": "dev"},
+            {"role": "user", "content": "again"},
+        ],
+    }
+
+
+def test_system_stays_in_input_when_instructions_given_or_not_text() -> None:
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    body = request_from_chat({"model": "m", "messages": messages, "instructions": "explicit"})
+    assert body["instructions"] == "explicit"
+    assert body["input"][0] == {"role": "system", "content": "S"}
+    parts = [{"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"role": "user", "content": "U"}]
+    assert request_from_chat({"model": "m", "messages": parts})["instructions"] == "ab"
+
+
+def test_content_parts_are_mapped() -> None:
+    body = request_from_chat({"model": "m", "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "https://x/img.png", "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+            {"type": "file", "file": {"file_id": "file-1"}},
+            {"type": "input_text", "text": "already responses"},
+        ]},
+        {"role": "assistant", "content": [{"type": "text", "text": "seen"}]},
+    ]})
+    assert body["input"] == [
+        {"role": "user", "content": [
+            {"type": "input_text", "text": "look"},
+            {"type": "input_image", "image_url": "https://x/img.png", "detail": "low"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAA", "detail": "auto"},
+            {"type": "input_file", "file_id": "file-1"},
+            {"type": "input_text", "text": "already responses"},
+        ]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "seen"}]},
+    ]
+
+
+def test_tool_call_turns_become_function_call_items() -> None:
+    body = request_from_chat({"model": "m", "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"type": "item_reference", "id": "rs_9"},
+    ]})
+    assert body["input"] == [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"type": "item_reference", "id": "rs_9"},
+    ]
+
+
+def test_a_returned_message_can_be_sent_back() -> None:
+    """The chat-shaped message send_message returns (with reasoning and refusal) goes back in as input."""
+    returned = {"role": "assistant", "content": "yes", "reasoning": "thought", "refusal": None}
+    body = request_from_chat({"model": "m", "messages": [{"role": "user", "content": "q"}, returned]})
+    assert body["input"][1] == {"role": "assistant", "content": "yes"}
+    refused = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    body = request_from_chat({"model": "m", "messages": [{"role": "user", "content": "q"}, refused]})
+    assert body["input"][1] == {"role": "assistant", "content": "I can't help with that."}
+
+
+def test_legacy_function_role_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match=r"messages\[1\].*'function'"):
+        request_from_chat({"model": "m", "messages": [{"role": "user", "content": "q"}, {"role": "function", "name": "f", "content": "1"}]})
+
+
+@pytest.mark.parametrize(
+    ("chat", "expected"),
+    [
+        ({"max_tokens": 100}, {"max_output_tokens": 100}),
+        ({"max_completion_tokens": 200}, {"max_output_tokens": 200}),
+        ({"max_tokens": 100, "max_completion_tokens": 200}, {"max_output_tokens": 200}),
+        ({"max_tokens": 100, "max_output_tokens": 50}, {"max_output_tokens": 50}),
+        ({"reasoning_effort": "low"}, {"reasoning": {"effort": "low"}}),
+        ({"reasoning_effort": "low", "reasoning": {"summary": "auto"}}, {"reasoning": {"summary": "auto", "effort": "low"}}),
+        ({"reasoning_effort": "low", "reasoning": {"effort": "high"}}, {"reasoning": {"effort": "high"}}),
+        ({"response_format": {"type": "json_object"}}, {"text": {"format": {"type": "json_object"}}}),
+        ({"response_format": {"type": "text"}}, {"text": {"format": {"type": "text"}}}),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "Person", "schema": {"type": "object"}, "strict": True}}},
+            {"text": {"format": {"type": "json_schema", "name": "Person", "schema": {"type": "object"}, "strict": True}}},
+        ),
+        ({"verbosity": "low"}, {"text": {"verbosity": "low"}}),
+        ({"seed": 7, "frequency_penalty": 0.5, "presence_penalty": 0.0, "stop": ["\n"], "n": 1}, {}),
+        ({"temperature": 0.2, "top_p": 0.9}, {"temperature": 0.2, "top_p": 0.9}),
+        ({"logprobs": True, "top_logprobs": 3}, {"include": ["message.output_text.logprobs"], "top_logprobs": 3}),
+        ({"logprobs": False}, {}),
+        (
+            {"previous_response_id": "resp_1", "store": False, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k", "service_tier": "flex"},
+            {"previous_response_id": "resp_1", "store": False, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k", "service_tier": "flex"},
+        ),
+        ({"parallel_tool_calls": False, "user": "u1", "metadata": {"a": "b"}}, {"parallel_tool_calls": False, "user": "u1", "metadata": {"a": "b"}}),
+    ],
+)
+def test_parameter_mapping(chat: dict[str, Any], expected: dict[str, Any]) -> None:
+    body = request_from_chat({"model": "m", "messages": [{"role": "user", "content": "q"}], **chat})
+    assert body == {"model": "m", "input": [{"role": "user", "content": "q"}], **expected}
+
+
+def test_tools_are_flattened_and_not_strict_unless_asked() -> None:
+    strict = {"type": "function", "function": {"name": "s", "parameters": {"type": "object"}, "strict": True}}
+    bare = {"type": "function", "function": {"name": "ping"}}
+    builtin = {"type": "web_search"}
+    body = request_from_chat({"model": "m", "messages": [{"role": "user", "content": "q"}], "tools": [WEATHER_TOOL, strict, bare, builtin]})
+    assert body["tools"] == [
+        {"type": "function", "name": "get_weather", "description": "Weather in a city",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}, "strict": False},
+        {"type": "function", "name": "s", "parameters": {"type": "object"}, "strict": True},
+        {"type": "function", "name": "ping", "parameters": {"type": "object", "properties": {}}, "strict": False},
+        {"type": "web_search"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("chat", "expected"),
+    [
+        ("auto", "auto"),
+        ("required", "required"),
+        ("none", "none"),
+        ({"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "name": "get_weather"}),
+        (
+            {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "a"}}]}},
+            {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "a"}]},
+        ),
+        ({"type": "web_search"}, {"type": "web_search"}),
+    ],
+)
+def test_tool_choice_mapping(chat: Any, expected: Any) -> None:
+    body = request_from_chat({"model": "m", "messages": [{"role": "user", "content": "q"}], "tool_choice": chat})
+    assert body["tool_choice"] == expected
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_n_above_one_is_refused(n: int) -> None:
+    with pytest.raises(InvalidRequestError, match="has no 'n'"):
+        request_from_chat({"model": "m", "messages": [{"role": "user", "content": "q"}], "n": n})
+
+
+def test_response_format_and_text_format_conflict() -> None:
+    with pytest.raises(InvalidRequestError, match="response_format and text"):
+        request_from_chat({"model": "m", "messages": [], "response_format": {"type": "json_object"}, "text": {"format": {"type": "text"}}})
+    with pytest.raises(InvalidRequestError, match="response_format must be a dict"):
+        request_from_chat({"model": "m", "messages": [], "response_format": "json"})
+
+
+def test_request_from_chat_leaves_its_argument_alone() -> None:
+    chat = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "tools": [WEATHER_TOOL], "n": 1}
+    before = json.loads(json.dumps(chat))
+    request_from_chat(chat)
+    assert chat == before
+
+
+# -- reading answers --------------------------------------------------------------------------------
+
+
+def test_text_answer() -> None:
+    response = _response(_message("Hello "), _message("world"))
+    assert to_chat_message(response) == {"role": "assistant", "content": "Hello world"}
+    assert output_text(response) == "Hello world"
+    assert finish_reason(response) == "stop"
+
+
+def test_function_calls_in_the_chat_shape() -> None:
+    response = _response(
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call", "id": "fc_2", "call_id": "call_b", "name": "get_time", "arguments": ""},
+    )
+    assert to_chat_message(response) == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+        ],
+    }
+    assert finish_reason(response) == "tool_calls"
+
+
+def test_refusal_and_reasoning_summary() -> None:
+    refusal = _response({"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]})
+    assert to_chat_message(refusal) == {"role": "assistant", "content": None, "refusal": "I can't."}
+    reasoned = _response(
+        {"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "Step one."}, {"type": "summary_text", "text": "Step two."}]},
+        _message("42"),
+    )
+    assert to_chat_message(reasoned) == {"role": "assistant", "content": "42", "reasoning": "Step one.\n\nStep two."}
+
+
+def test_stop_is_applied_when_reading() -> None:
+    response = _response(_message("one\ntwo END three"))
+    assert to_chat_message(response, stop=["END", "\n"])["content"] == "one"
+    assert to_chat_message(response, stop="three")["content"] == "one\ntwo END "
+    assert to_chat_message(response, stop=["absent"])["content"] == "one\ntwo END three"
+    cut = _response(_message("a b STOP c"), status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+    assert finish_reason(cut) == "length"
+    assert finish_reason(cut, stop="STOP") == "stop"
+
+
+def test_incomplete_answers_keep_their_text() -> None:
+    response = _response(_message("partial", status="incomplete"), status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+    check_response(response)
+    assert to_chat_message(response) == {"role": "assistant", "content": "partial"}
+    assert finish_reason(response) == "length"
+    empty = _response({"type": "reasoning", "id": "rs", "summary": []}, status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+    assert to_chat_message(empty) == {"role": "assistant", "content": ""}
+
+
+def test_content_filter_is_an_error() -> None:
+    response = _response(_message("par"), status="incomplete", incomplete_details={"reason": "content_filter"})
+    with pytest.raises(ContentFilterError, match="content filter"):
+        check_response(response)
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        ("server_error", NonTerminalError),
+        ("vector_store_timeout", NonTerminalError),
+        ("rate_limit_exceeded", RateLimitError),
+        ("bio_policy", ContentFilterError),
+        ("image_content_policy_violation", ContentFilterError),
+        ("invalid_prompt", InvalidRequestError),
+        ("invalid_image_url", InvalidRequestError),
+    ],
+)
+def test_failed_maps_to_the_error_tree(code: str, error: type[Exception]) -> None:
+    response = _response(status="failed", error={"code": code, "message": "went wrong"})
+    with pytest.raises(error, match=f"{code}.*went wrong") as info:
+        check_response(response, message=False)
+    if error is InvalidRequestError:
+        assert not isinstance(info.value, ContentFilterError)
+
+
+def test_unfinished_responses() -> None:
+    queued = _response(status="queued")
+    check_response(queued, message=False)  # create_response returns it as is
+    with pytest.raises(InvalidRequestError, match="queued.*create_response"):
+        check_response(queued)
+    with pytest.raises(NonTerminalError, match="no output"):
+        check_response({"id": "resp_x", "status": "completed"})
+
+
+def test_usage_of_both_apis() -> None:
+    responses_usage = {
+        "input_tokens": 100, "input_tokens_details": {"cached_tokens": 64},
+        "output_tokens": 30, "output_tokens_details": {"reasoning_tokens": 20}, "total_tokens": 130,
+    }
+    flat = normalize_usage(responses_usage)
+    assert flat == {**responses_usage, "prompt_tokens": 100, "completion_tokens": 30, "cached_tokens": 64, "reasoning_tokens": 20}
+    chat_usage = {
+        "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 8, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 3},
+    }
+    assert normalize_usage(chat_usage) == {**chat_usage, "cached_tokens": 8, "reasoning_tokens": 3}
+    assert normalize_usage({"prompt_tokens": 1, "completion_tokens": 2}) == {
+        "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "cached_tokens": 0, "reasoning_tokens": 0,
+    }
+    assert normalize_usage(None) is None
+    flat["input_tokens_details"]["cached_tokens"] = 0
+    assert responses_usage["input_tokens_details"]["cached_tokens"] == 64  # a copy, never shared
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("o3-pro", True), ("o3-pro-2025-06-10", True), ("o1-pro", True), ("gpt-5-pro", True), ("gpt-5.2-pro", True),
+        ("gpt-5-codex", True), ("gpt-5.1-codex-mini", True), ("codex-mini-latest", True), ("GPT-5-Codex", True),
+        ("o4-mini-deep-research", True), ("computer-use-preview", True),
+        ("gpt-5", False), ("gpt-4o", False), ("o3", False), ("o3-mini", False), ("gpt-5-mini", False),
+    ],
+)
+def test_responses_only_models(model: str, expected: bool) -> None:
+    assert is_responses_model(model, DEFAULT_RESPONSES_MODELS) is expected
+
+
+def test_responses_model_patterns() -> None:
+    assert is_responses_model("my-deploy-1", ["my-deploy"])
+    assert not is_responses_model("gpt-4o", ["", " "])
+
+
+# -- the test server ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sdk(server: OpenAITestServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0) as c:
+        yield c
+
+
+def test_server_text_round_trip(sdk: openai.OpenAI, server: OpenAITestServer) -> None:
+    answer = sdk.responses.create(model="gpt-5", input="hello there", instructions="Be nice")
+    assert answer.status == "completed"
+    assert answer.output_text == "echo: hello there"
+    assert answer.usage is not None and answer.usage.input_tokens == 4 and answer.usage.output_tokens == 3
+    assert server.requests[-1].path == "/v1/responses"
+    assert to_chat_message(answer.model_dump()) == {"role": "assistant", "content": "echo: hello there"}
+
+
+def test_server_mapped_chat_request_round_trip(sdk: openai.OpenAI) -> None:
+    """A whole chat request, mapped, is accepted by the server (no chat-only field leaks)."""
+    chat = {
+        "model": "gpt-4.1", "temperature": 0.5, "top_p": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+        "max_tokens": 64, "stop": ["\n\n"], "seed": 1, "n": 1,
+        "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": [{"type": "text", "text": "call me"}]}],
+        "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    }
+    raw = sdk.post("/responses", body=request_from_chat(chat), cast_to=object)
+    message = to_chat_message(raw)
+    assert message["content"] is None
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert finish_reason(raw) == "tool_calls"
+
+
+def test_server_rejects_chat_fields_like_the_real_api(sdk: openai.OpenAI) -> None:
+    for extra in ({"n": 2}, {"messages": []}, {"max_tokens": 5}, {"response_format": {"type": "json_object"}}, {"seed": 1}):
+        with pytest.raises(openai.BadRequestError, match="Unknown parameter") as info:
+            sdk.responses.create(model="m", input="q", extra_body=extra)
+        assert info.value.code == "unknown_parameter"
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\].name"):
+        sdk.responses.create(model="m", input="q", tools=[WEATHER_TOOL])  # type: ignore[list-item]
+    with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
+        sdk.responses.create(model="m", input="q", max_output_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="text.format.name"):
+        sdk.responses.create(model="m", input="q", text={"format": {"type": "json_schema", "schema": {}}})  # type: ignore[typeddict-item]
+    with pytest.raises(openai.BadRequestError, match="not found"):
+        sdk.responses.create(model="m", input="q", previous_response_id="resp_nope")
+
+
+def test_server_function_call_then_output(sdk: openai.OpenAI) -> None:
+    tools = request_from_chat({"model": "m", "tools": [WEATHER_TOOL]})["tools"]
+    first = sdk.responses.create(model="m", input="call the weather", tools=tools)
+    call = first.output[0]
+    assert call.type == "function_call" and call.name == "get_weather" and call.arguments == "{}"
+    second = sdk.responses.create(
+        model="m", tools=tools, previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+    )
+    assert second.output_text == "result: sunny"
+
+
+def test_server_json_schema_and_reasoning(sdk: openai.OpenAI) -> None:
+    answer = sdk.responses.create(
+        model="gpt-5", input="q", reasoning={"effort": "low", "summary": "auto"},
+        text={"format": {"type": "json_schema", "name": "Echo", "schema": {"type": "object"}}},
+    )
+    assert json.loads(answer.output_text) == {"echo": "q"}
+    message = to_chat_message(answer.model_dump())
+    assert message["reasoning"] == "Thinking about: q"
+    assert answer.usage is not None and answer.usage.output_tokens_details.reasoning_tokens == 2
+    no_summary = sdk.responses.create(model="gpt-5", input="q", reasoning={"effort": "low"})
+    assert "reasoning" not in to_chat_message(no_summary.model_dump())
+
+
+def test_server_reports_cached_input_on_a_repeat(sdk: openai.OpenAI) -> None:
+    first = sdk.responses.create(model="m", input="same words here")
+    second = sdk.responses.create(model="m", input="same words here")
+    assert first.usage is not None and first.usage.input_tokens_details.cached_tokens == 0
+    assert second.usage is not None and second.usage.input_tokens_details.cached_tokens == 3
+
+
+def test_server_incomplete_at_max_output_tokens(sdk: openai.OpenAI) -> None:
+    answer = sdk.responses.create(model="m", input=" ".join(["w"] * 30), max_output_tokens=16)
+    assert answer.status == "incomplete"
+    assert answer.incomplete_details is not None and answer.incomplete_details.reason == "max_output_tokens"
+    raw = answer.model_dump()
+    assert to_chat_message(raw)["content"] == "echo: " + " ".join(["w"] * 15)
+    assert finish_reason(raw) == "length"
+
+
+def test_server_scripted_states_and_faults(sdk: openai.OpenAI, server: OpenAITestServer) -> None:
+    server.script(Fault.response_failed("server_error"), Fault.response_incomplete("content_filter", "par"), Fault.server_error())
+    failed = sdk.responses.create(model="m", input="q")
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "server_error"
+    with pytest.raises(NonTerminalError):
+        check_response(failed.model_dump())
+    filtered = sdk.responses.create(model="m", input="q")
+    with pytest.raises(ContentFilterError):
+        check_response(filtered.model_dump())
+    with pytest.raises(openai.InternalServerError):
+        sdk.responses.create(model="m", input="q")
+    assert sdk.responses.create(model="m", input="q").output_text == "echo: q"
+
+
+def test_server_handler(sdk: openai.OpenAI, server: OpenAITestServer) -> None:
+    server.responses_handler = lambda body: f"handled {body['model']}"
+    assert sdk.responses.create(model="m", input="q").output_text == "handled m"
+    server.responses_handler = lambda body: {"id": "resp_custom", "object": "response", "created_at": 0, "model": "x",
+                                             "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "status": "completed"}
+    assert sdk.responses.create(model="m", input="q").id == "resp_custom"
+
+
+def test_server_azure_v1_path(server: OpenAITestServer) -> None:
+    with openai.OpenAI(base_url=f"{server.azure_endpoint}/openai/v1/", api_key="k", max_retries=0) as azure:
+        answer = azure.responses.create(model="my-deployment", input="from azure")
+    assert answer.output_text == "echo: from azure"
+    assert answer.model == "my-deployment"
+    assert server.requests[-1].path == "/openai/v1/responses"
