@@ -15,6 +15,7 @@ from llmutils._apis.responses import (
     DEFAULT_RESPONSES_MODELS,
     check_response,
     finish_reason,
+    input_as_messages,
     is_responses_model,
     normalize_usage,
     output_text,
@@ -466,3 +467,16 @@ def test_server_azure_v1_path(server: OpenAITestServer) -> None:
     assert answer.output_text == "echo: from azure"
     assert answer.model == "my-deployment"
     assert server.requests[-1].path == "/openai/v1/responses"
+
+
+def test_input_as_messages_for_token_counting() -> None:
+    chat = [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "out"},
+    ]
+    body = request_from_chat({"model": "m", "messages": chat})
+    assert input_as_messages(body) == chat
+    assert input_as_messages({"input": "hello", "instructions": None}) == [{"role": "user", "content": "hello"}]
+    assert input_as_messages({"input": [{"type": "reasoning", "id": "rs", "summary": []}]}) == []

@@ -60,7 +60,10 @@ from .._exceptions import (
 )
 
 __all__ = [
+    "PATH",
+    "KIND",
     "DEFAULT_RESPONSES_MODELS",
+    "input_as_messages",
     "request_from_chat",
     "check_response",
     "to_chat_message",
@@ -71,6 +74,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("llmutils")
+
+PATH = "/responses"
+KIND = "responses"
 
 #: Model name prefixes served only by the Responses API (``*`` matches any run of characters):
 #: the ``-pro`` reasoning models, the codex models, computer use and deep research.
@@ -307,6 +313,32 @@ def request_from_chat(params: Mapping[str, Any]) -> dict[str, Any]:
             include.append(_LOGPROBS_INCLUDE)
         body["include"] = include
     return body
+
+
+def input_as_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``instructions`` and ``input`` of a Responses body as chat messages, to count their tokens.
+
+    ``function_call`` items become assistant ``tool_calls``, ``function_call_output`` items
+    ``tool`` messages, ``input_*`` parts text/image parts; other items (reasoning, references)
+    are left out: their tokens are not known here.
+    """
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    raw = body.get("input")
+    items = [{"role": "user", "content": raw}] if isinstance(raw, str) else list(raw or [])
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        kind = item.get("type", "message")
+        if kind == "message" and isinstance(item.get("role"), str):
+            messages.append({"role": item["role"], "content": item.get("content") or ""})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output") or ""})
+    return messages
 
 
 # -- answers ---------------------------------------------------------------------------------------
