@@ -12,16 +12,17 @@ import pytest
 
 from llmutils import ContentFilterError, InvalidRequestError, NonTerminalError, RateLimitError
 from llmutils._apis.responses import (
-    DEFAULT_RESPONSES_MODELS,
     check_response,
     finish_reason,
     input_as_messages,
     is_responses_model,
     normalize_usage,
+    output_from_message,
     output_text,
     request_from_chat,
     to_chat_message,
 )
+from llmutils._config import DEFAULT_RESPONSES_MODELS
 from llmutils.testing import Fault, OpenAITestServer
 
 WEATHER_TOOL = {
@@ -480,3 +481,17 @@ def test_input_as_messages_for_token_counting() -> None:
     assert input_as_messages(body) == chat
     assert input_as_messages({"input": "hello", "instructions": None}) == [{"role": "user", "content": "hello"}]
     assert input_as_messages({"input": [{"type": "reasoning", "id": "rs", "summary": []}]}) == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": "hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": None, "refusal": "no"},
+        {"role": "assistant", "content": "42", "reasoning": "thought"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    ],
+)
+def test_output_from_message_round_trips(message: dict[str, Any]) -> None:
+    assert to_chat_message(_response(*output_from_message(message))) == message

@@ -62,7 +62,6 @@ from .._exceptions import (
 __all__ = [
     "PATH",
     "KIND",
-    "DEFAULT_RESPONSES_MODELS",
     "input_as_messages",
     "request_from_chat",
     "check_response",
@@ -71,24 +70,13 @@ __all__ = [
     "output_text",
     "normalize_usage",
     "is_responses_model",
+    "output_from_message",
 ]
 
 logger = logging.getLogger("llmutils")
 
 PATH = "/responses"
 KIND = "responses"
-
-#: Model name prefixes served only by the Responses API (``*`` matches any run of characters):
-#: the ``-pro`` reasoning models, the codex models, computer use and deep research.
-DEFAULT_RESPONSES_MODELS: tuple[str, ...] = (
-    "o1-pro",
-    "o3-pro",
-    "gpt-5*-pro",
-    "*codex*",
-    "computer-use-preview",
-    "o3-deep-research",
-    "o4-mini-deep-research",
-)
 
 # Chat fields the Responses API does not have; they are left out of the body (see the table).
 _DROPPED = ("seed", "frequency_penalty", "presence_penalty")
@@ -103,7 +91,7 @@ _TRANSIENT_CODES = ("server_error", "vector_store_timeout")
 def is_responses_model(model: str, patterns: Sequence[str]) -> bool:
     """Whether ``model`` starts with one of ``patterns`` (``*`` matches any run of characters).
 
-    >>> is_responses_model("o3-pro-2025-06-10", DEFAULT_RESPONSES_MODELS)
+    >>> is_responses_model("o3-pro-2025-06-10", ["o1-pro", "o3-pro"])
     True
     """
     name = model.lower()
@@ -516,3 +504,25 @@ def normalize_usage(usage: Any) -> dict[str, Any] | None:
     flat["cached_tokens"] = _detail(usage, ("input_tokens_details", "prompt_tokens_details"), "cached_tokens")
     flat["reasoning_tokens"] = _detail(usage, ("output_tokens_details", "completion_tokens_details"), "reasoning_tokens")
     return flat
+
+
+def output_from_message(message: Mapping[str, Any], *, item_id: str = "msg") -> list[dict[str, Any]]:
+    """The Responses ``output`` items that say what a chat-shaped assistant ``message`` says.
+
+    The inverse of :func:`to_chat_message`, for offline answers (``MockClient``) and tests:
+    ``reasoning`` -> a reasoning item with that summary, ``content`` / ``refusal`` -> a message
+    item, ``tool_calls`` -> ``function_call`` items.
+    """
+    output: list[dict[str, Any]] = []
+    if isinstance(message.get("reasoning"), str):
+        output.append({"id": f"rs_{item_id}", "type": "reasoning", "summary": [{"type": "summary_text", "text": message["reasoning"]}]})
+    parts: list[dict[str, Any]] = []
+    if isinstance(message.get("content"), str) and (message["content"] or not message.get("tool_calls")):
+        parts.append({"type": "output_text", "text": message["content"], "annotations": []})
+    if isinstance(message.get("refusal"), str):
+        parts.append({"type": "refusal", "refusal": message["refusal"]})
+    if parts:
+        output.append({"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": parts})
+    for index, call in enumerate(message.get("tool_calls") or []):
+        output.append({**_call_item(call, 0), "id": f"fc_{item_id}_{index}", "status": "completed"})
+    return output
