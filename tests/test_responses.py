@@ -10,7 +10,18 @@ from typing import Any
 import openai
 import pytest
 
-from llmutils import ContentFilterError, InvalidRequestError, NonTerminalError, RateLimitError
+import llmutils
+from llmutils import (
+    AzureClient,
+    ContentFilterError,
+    InvalidRequestError,
+    LLMCall,
+    MockClient,
+    NonTerminalError,
+    OpenAIClient,
+    RateLimitError,
+    RetryPolicy,
+)
 from llmutils._apis.responses import (
     check_response,
     finish_reason,
@@ -23,6 +34,7 @@ from llmutils._apis.responses import (
     to_chat_message,
 )
 from llmutils._config import DEFAULT_RESPONSES_MODELS
+from llmutils.cli import main as cli_main
 from llmutils.testing import Fault, OpenAITestServer
 
 WEATHER_TOOL = {
@@ -495,3 +507,270 @@ def test_input_as_messages_for_token_counting() -> None:
 )
 def test_output_from_message_round_trips(message: dict[str, Any]) -> None:
     assert to_chat_message(_response(*output_from_message(message))) == message
+
+
+# -- through the client, the real SDK's HTTP stack and the test server ---------------------------------
+
+HI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def waits() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def client(server: OpenAITestServer, waits: list[float]) -> Iterator[OpenAIClient]:
+    with OpenAIClient(base_url=server.base_url, api_key="k", api="responses", retry=RetryPolicy(sleep=waits.append)) as c:
+        yield c
+
+
+def test_send_message_over_responses(client: OpenAIClient, server: OpenAITestServer) -> None:
+    answer = client.send_message(HI, temperature=0.2, max_tokens=100, seed=3, frequency_penalty=0.1)
+    assert answer == {"role": "assistant", "content": "echo: hello there"}
+    request = server.requests[-1]
+    assert request.path == "/v1/responses"
+    assert request.body == {
+        "model": "gpt-4.1-mini", "instructions": "Be brief.", "input": [{"role": "user", "content": "hello there"}],
+        "temperature": 0.2, "top_p": 1.0, "max_output_tokens": 100,
+    }
+    info = client.last_call
+    assert info is not None and info.kind == "responses" and info.finish_reason == "stop" and not info.cached
+    assert info.usage is not None and info.usage["prompt_tokens"] == 4 and info.usage["completion_tokens"] == 3
+
+
+def test_function_call_comes_back_in_the_chat_shape_and_goes_on(client: OpenAIClient, server: OpenAITestServer) -> None:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "call the weather service"}]
+    answer = client.send_message(messages, tools=[WEATHER_TOOL], tool_choice="auto")
+    call_id = answer["tool_calls"][0]["id"]
+    assert answer == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+    }
+    assert client.last_call is not None and client.last_call.finish_reason == "tool_calls"
+    assert server.requests[-1].body["tools"][0] == {
+        "type": "function", "name": "get_weather", "description": "Weather in a city",
+        "parameters": WEATHER_TOOL["function"]["parameters"], "strict": False,
+    }
+    messages += [answer, {"role": "tool", "tool_call_id": call_id, "content": "sunny"}]
+    assert client.send_message(messages, tools=[WEATHER_TOOL])["content"] == "result: sunny"
+    assert server.requests[-1].body["input"][1:] == [
+        {"type": "function_call", "call_id": call_id, "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": call_id, "output": "sunny"},
+    ]
+
+
+def test_responses_items_in_messages(client: OpenAIClient, server: OpenAITestServer) -> None:
+    first = client.create_response(input="call it", tools=[{"type": "function", "name": "f", "parameters": {}, "strict": False}])
+    item = {"type": "function_call_output", "call_id": first["output"][0]["call_id"], "output": "42"}
+    answer = client.send_message([item], previous_response_id=first["id"])
+    assert answer["content"] == "result: 42"
+    with pytest.raises(InvalidRequestError, match=r"messages\[0\] has no 'role'"):
+        client.send_message([item], api="chat")
+    assert server.request_count == 2
+
+
+def test_json_schema_and_llmcall_output_type(client: OpenAIClient, server: OpenAITestServer) -> None:
+    schema = {"name": "Echo", "schema": {"type": "object", "properties": {"echo": {"type": "string"}}}, "strict": True}
+    answer = client.send_message(HI, response_format={"type": "json_schema", "json_schema": schema})
+    assert json.loads(answer["content"]) == {"echo": "hello there"}
+    assert server.requests[-1].body["text"] == {"format": {"type": "json_schema", **schema}}
+    call = LLMCall("system_default", "user_default", output_type=dict, client=client)
+    assert call.call(prompt="hi") == {"echo": "hi"}
+    assert server.requests[-1].body["text"]["format"]["type"] in ("json_object", "json_schema")
+    assert server.requests[-1].path == "/v1/responses"
+
+
+def test_reasoning_summary_and_usage(client: OpenAIClient) -> None:
+    answer = client.send_message(HI, model="gpt-5", reasoning_effort="low", reasoning={"summary": "auto"})
+    assert answer == {"role": "assistant", "content": "echo: hello there", "reasoning": "Thinking about: hello there"}
+    info = client.last_call
+    assert info is not None and info.usage is not None
+    assert info.usage["reasoning_tokens"] == 3 and info.usage["completion_tokens"] == 6 and info.usage["cached_tokens"] == 0
+    client.send_message(HI, model="gpt-5", reasoning_effort="low", reasoning={"summary": "auto"})  # cache off: sent again
+    assert client.last_call is not None and client.last_call.usage is not None
+    assert client.last_call.usage["cached_tokens"] == 4  # the server saw this input before
+    totals = client.usage.totals()
+    assert totals.requests == 2 and totals.prompt_tokens == 8 and totals.completion_tokens == 12
+    if hasattr(totals, "reasoning_tokens"):  # ModelUsage's provider-side fields (llmutils._usage)
+        assert totals.reasoning_tokens == 6
+
+
+def test_cache_repeat_makes_no_request(server: OpenAITestServer, tmp_path: Any) -> None:
+    with OpenAIClient(base_url=server.base_url, api_key="k", api="responses", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as c:
+        first = c.send_message(HI)
+        before = server.request_count
+        assert c.send_message(HI) == first
+        assert server.request_count == before == 1
+        assert c.last_call is not None and c.last_call.cached and c.last_call.kind == "responses"
+        raw = c.create_response(input="x", store=False, prompt_cache_key="a")
+        assert c.create_response(input="x", store=False, prompt_cache_key="a") == raw
+        c.create_response(input="x", store=False, prompt_cache_key="b")  # every sent parameter is in the key
+        assert server.request_count == 3
+        c.send_message(HI, api="chat")  # the same messages on chat are another request
+        assert server.request_count == 4 and server.requests[-1].path == "/v1/chat/completions"
+        assert c.usage.totals().cached_requests == 2
+
+
+def test_responses_only_models_are_routed(server: OpenAITestServer) -> None:
+    with OpenAIClient(base_url=server.base_url, api_key="k") as c:
+        c.send_message(HI, model="o3-pro")
+        c.send_message(HI, model="gpt-5.1-codex-mini")
+        c.send_message(HI, model="gpt-4o")
+        c.send_message(HI, model="o3-pro", api="chat")
+        assert [r.path for r in server.requests] == ["/v1/responses", "/v1/responses", "/v1/chat/completions", "/v1/chat/completions"]
+    with OpenAIClient(base_url=server.base_url, api_key="k", api="chat") as explicit:
+        explicit.send_message(HI, model="o3-pro")
+        assert server.requests[-1].path == "/v1/chat/completions"
+
+
+def test_api_from_config_file_env_and_forced(server: OpenAITestServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    (tmp_path / "config.ini").write_text("[OpenAI]\nAPI = responses\nRESPONSES_MODELS = my-deploy\n")
+    with OpenAIClient() as c:
+        c.send_message(HI)
+        assert server.requests[-1].path == "/v1/responses"
+        monkeypatch.setenv("LLMUTILS_API", "chat")
+        c.send_message(HI, model="my-deploy-1")
+        assert server.requests[-1].path == "/v1/chat/completions"
+        monkeypatch.delenv("LLMUTILS_API")
+        (tmp_path / "config.ini").write_text("[OpenAI]\nRESPONSES_MODELS = my-deploy\n")
+        c.send_message(HI, model="my-deploy-1")
+        assert server.requests[-1].path == "/v1/responses"
+        llmutils.force_default_value("API", "chat")
+        c.send_message(HI, model="my-deploy-1")
+        assert server.requests[-1].path == "/v1/chat/completions"
+
+
+def test_n_above_one_and_bad_api_refused_before_sending(client: OpenAIClient, server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError, match="has no 'n'"):
+        client.send_message(HI, n=2)
+    with pytest.raises(InvalidRequestError, match="api must be"):
+        client.send_message(HI, api="completions")
+    with pytest.raises(InvalidRequestError, match="needs input"):
+        client.create_response()
+    with pytest.raises(InvalidRequestError, match="stream"):
+        client.create_response(input="x", stream=True)
+    assert server.request_count == 0
+    with pytest.raises(llmutils.ConfigError, match="API"):
+        OpenAIClient(api="completions")
+
+
+def test_incomplete_answer_is_returned_with_its_reason(client: OpenAIClient) -> None:
+    long = " ".join(["w"] * 30)
+    answer = client.send_message([{"role": "user", "content": long}], max_tokens=16)
+    assert answer == {"role": "assistant", "content": "echo: " + " ".join(["w"] * 15)}
+    assert client.last_call is not None and client.last_call.finish_reason == "length"
+
+
+def test_stop_is_emulated(client: OpenAIClient, server: OpenAITestServer) -> None:
+    assert client.send_message([{"role": "user", "content": "one two"}], stop=[" two", "zzz"])["content"] == "echo: one"
+    assert "stop" not in server.requests[-1].body
+
+
+def test_failed_and_filtered_answers_map_to_the_error_tree(client: OpenAIClient, server: OpenAITestServer, waits: list[float]) -> None:
+    server.script(Fault.response_failed("server_error"), Fault.rate_limit(retry_after=0.5))
+    assert client.send_message(HI)["content"] == "echo: hello there"  # retried twice
+    assert server.request_count == 3 and len(waits) == 2 and waits[1] == 0.5
+    server.script(Fault.response_incomplete("content_filter", "partial"))
+    with pytest.raises(ContentFilterError):
+        client.send_message(HI)
+    assert server.request_count == 4  # not retried
+    server.script(Fault.response_failed("invalid_prompt", "flagged"))
+    with pytest.raises(InvalidRequestError, match="flagged"):
+        client.create_response(input="x")
+    server.script(Fault.bad_request("nope"))
+    with pytest.raises(InvalidRequestError, match="nope") as info:
+        client.create_response(input="x")
+    assert info.value.status_code == 400
+
+
+def test_create_response_returns_the_raw_json(client: OpenAIClient, server: OpenAITestServer) -> None:
+    first = client.create_response(model="gpt-5", input="hi", reasoning={"effort": "low", "summary": "auto"}, include=["reasoning.encrypted_content"], store=True)
+    assert first["object"] == "response" and first["status"] == "completed"
+    assert first["output"][0]["type"] == "reasoning"
+    assert output_text(first) == "echo: hi"
+    second = client.create_response(model="gpt-5", input="again", previous_response_id=first["id"], service_tier="flex")
+    body = server.requests[-1].body
+    assert body == {"model": "gpt-5", "input": "again", "previous_response_id": first["id"], "service_tier": "flex"}
+    assert second["previous_response_id"] == first["id"]
+    assert client.last_call is not None and client.last_call.kind == "responses"
+
+
+def test_background_responses_are_not_cached(server: OpenAITestServer, tmp_path: Any) -> None:
+    queued = {"id": "resp_bg", "object": "response", "created_at": 0, "model": "m", "status": "queued", "output": [],
+              "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+    server.responses_handler = lambda body: queued
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as c:
+        assert c.create_response(input="x", background=True)["status"] == "queued"
+        assert c.create_response(input="x", background=True)["status"] == "queued"
+        assert server.request_count == 2
+        with pytest.raises(InvalidRequestError, match="queued"):
+            c.send_message(HI, api="responses", background=True)
+
+
+def test_azure_responses_use_the_v1_path(server: OpenAITestServer) -> None:
+    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="azure-key", model="my-deployment", api="responses") as c:
+        assert c.send_message(HI)["content"] == "echo: hello there"
+        c.send_message(HI, api="chat")
+    responses, chat = server.requests
+    assert responses.path == "/openai/v1/responses" and responses.query == {} and responses.body["model"] == "my-deployment"
+    assert responses.headers["authorization"] == "Bearer azure-key"
+    assert chat.path == "/openai/deployments/my-deployment/chat/completions" and chat.query["api-version"]
+    tokens = iter(["t1", "t2"])
+    with AzureClient(azure_endpoint=server.azure_endpoint, azure_ad_token_provider=lambda: next(tokens), api="responses") as entra:
+        entra.create_response(model="dep", input="x")
+    assert server.requests[-1].headers["authorization"] == "Bearer t1"
+
+
+def test_batch_map_calls_and_tpm(server: OpenAITestServer) -> None:
+    with OpenAIClient(base_url=server.base_url, api_key="k", tpm=1_000_000) as c:
+        results = llmutils.batch([{"prompt": "a"}, [{"role": "user", "content": "b"}]], client=c, user_template="user_default",
+                                 workers=2, api="responses")
+        assert [r.content for r in results] == ["echo: a", "echo: b"]
+        assert all(r.tokens > 0 for r in results)
+        call = LLMCall("system_default", "user_default", client=c, api="responses")
+        mapped = llmutils.map_calls(lambda p: call.call(prompt=p), ["x", "y"], client=c, workers=2)
+        assert [r.output for r in mapped] == ["echo: x", "echo: y"]
+    assert {r.path for r in server.requests} == {"/v1/responses"}
+
+
+def test_cli_chat_and_batch_with_api_responses(server: OpenAITestServer, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["--base-url", server.base_url, "chat", "--api", "responses", "hi", "--max-tokens", "20"]) == 0
+    assert capsys.readouterr().out == "echo: hi\n"
+    assert server.requests[-1].path == "/v1/responses" and server.requests[-1].body["max_output_tokens"] == 20
+    (tmp_path / "in.jsonl").write_text('{"prompt": "first"}\n')
+    code = cli_main(["batch", "in.jsonl", "out.jsonl", "--base-url", server.base_url, "--api", "responses", "--no-progress", "--no-cache"])
+    assert code == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["output"] == "echo: first"
+    assert server.requests[-1].path == "/v1/responses"
+
+
+def test_mock_client_answers_in_the_responses_shape() -> None:
+    call = {"id": "call_9", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    mock = MockClient(api="responses", answers=[{"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert mock.send_message(HI) == {"role": "assistant", "content": None, "tool_calls": [call]}
+    raw = mock.create_response(input="hi", text={"format": {"type": "json_object"}})
+    assert raw["object"] == "response" and json.loads(output_text(raw)) == {"echo": "hi"}
+    assert raw["usage"]["input_tokens"] > 0 and raw["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}
+    assert mock.send_message(HI) == {"role": "assistant", "content": "echo: hello there"}
+    assert mock.calls == 3
+
+
+def test_chat_usage_details_in_last_call(server: OpenAITestServer) -> None:
+    server.chat_handler = lambda body: {
+        "id": "c", "object": "chat.completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                  "prompt_tokens_details": {"cached_tokens": 8}, "completion_tokens_details": {"reasoning_tokens": 2}},
+    }
+    with OpenAIClient(base_url=server.base_url, api_key="k") as c:
+        c.send_message(HI)
+    info = c.last_call
+    assert info is not None and info.kind == "chat" and info.finish_reason == "length"
+    assert info.usage is not None and info.usage["cached_tokens"] == 8 and info.usage["reasoning_tokens"] == 2
+    totals = c.usage.totals()
+    if hasattr(totals, "reasoning_tokens"):
+        assert totals.reasoning_tokens == 2
