@@ -207,7 +207,9 @@ class OpenAIClient:
 
     Constructor arguments apply to this client above config files, the environment and forced or
     context defaults; per-call arguments apply above them. ``retry`` injects a whole
-    :class:`RetryPolicy`; ``sleep`` only replaces how it waits (tests record the waits).
+    :class:`RetryPolicy`; ``sleep`` only replaces how it waits (tests record the waits). ``api``
+    (``"chat"`` or ``"responses"``) chooses the endpoint of :meth:`send_message`;
+    :meth:`create_response` calls the Responses API with its own parameters.
     """
 
     api_type = "openai"
@@ -996,7 +998,8 @@ class MockClient(OpenAIClient):
 
     It answers ``"echo: <last user message>"``, or the scripted ``answers`` in order (strings or
     message dicts), or whatever ``handler(messages, params)`` returns. Embeddings are deterministic
-    vectors derived from a hash of the text.
+    vectors derived from a hash of the text. On the Responses API it answers in the Responses shape
+    (the handler gets the input as chat messages).
 
     >>> MockClient(answers=["yes", "no"]).send_message([{"role": "user", "content": "?"}])
     {'role': 'assistant', 'content': 'yes'}

@@ -774,3 +774,10 @@ def test_chat_usage_details_in_last_call(server: OpenAITestServer) -> None:
     totals = c.usage.totals()
     if hasattr(totals, "reasoning_tokens"):
         assert totals.reasoning_tokens == 2
+
+
+def test_tpm_estimate_of_a_responses_body() -> None:
+    body = request_from_chat({"model": "gpt-4o", "messages": HI, "max_tokens": 100})
+    chat_estimate = OpenAIClient._estimate_tokens({"model": "gpt-4o", "messages": HI, "max_tokens": 100})
+    assert OpenAIClient._estimate_tokens(body) == chat_estimate
+    assert OpenAIClient._estimate_tokens({"model": "gpt-4o", "input": "hello there"}) > 0
