@@ -623,6 +623,10 @@ def test_responses_only_models_are_routed(server: OpenAITestServer) -> None:
     with OpenAIClient(base_url=server.base_url, api_key="k", api="chat") as explicit:
         explicit.send_message(HI, model="o3-pro")
         assert server.requests[-1].path == "/v1/chat/completions"
+    llmutils.force_default_value("MODEL_ALIASES", "prod=o3-pro")  # an Azure deployment of a Responses-only model
+    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="k", model="prod") as azure:
+        azure.send_message(HI)
+        assert server.requests[-1].path == "/openai/v1/responses"
 
 
 def test_api_from_config_file_env_and_forced(server: OpenAITestServer, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

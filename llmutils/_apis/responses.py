@@ -251,7 +251,7 @@ def request_from_chat(params: Mapping[str, Any]) -> dict[str, Any]:
     if n not in (None, 1):
         raise InvalidRequestError(
             f"n={n!r}: the Responses API returns one answer per request and has no 'n'; "
-            "make n separate calls (with the cache off or different seeds), or use API=chat."
+            "make n separate calls (with the cache off), or use api='chat'."
         )
     body.pop("stop", None)  # applied when the answer is read
     for name in _DROPPED:
