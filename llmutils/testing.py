@@ -139,6 +139,21 @@ class Fault:
         return cls(status_code=429, body=body)
 
     @classmethod
+    def response_failed(cls, code: str = "server_error", message: str = "The model failed to generate a response.") -> Fault:
+        """Answer 200 with a Responses object whose ``status`` is ``failed`` and ``error`` says why."""
+        body = _response_body(f"resp_failed_{code}", "unknown", [], status="failed")
+        body["error"] = {"code": code, "message": message}
+        return cls(status_code=200, body=body)
+
+    @classmethod
+    def response_incomplete(cls, reason: str = "content_filter", text: str = "") -> Fault:
+        """Answer 200 with a Responses object ``incomplete`` for ``reason``, holding ``text`` if any."""
+        output = [_output_message("msg_incomplete", text, status="incomplete")] if text else []
+        body = _response_body(f"resp_incomplete_{reason}", "unknown", output, status="incomplete")
+        body["incomplete_details"] = {"reason": reason}
+        return cls(status_code=200, body=body)
+
+    @classmethod
     def server_error(cls, code: int = 500) -> Fault:
         """Answer a 5xx with OpenAI's generic server-error body."""
         body = _error_body(
@@ -197,21 +212,6 @@ class Fault:
         page = b"<!DOCTYPE html><html><body><h1>Gateway says hello</h1></body></html>"
         return cls(status_code=200, body=page, content_type="text/html; charset=utf-8")
 
-    @classmethod
-    def response_failed(cls, code: str = "server_error", message: str = "The model failed to generate a response.") -> Fault:
-        """Answer 200 with a Responses object whose ``status`` is ``failed`` and ``error`` says why."""
-        body = _response_body(f"resp_failed_{code}", "unknown", [], status="failed")
-        body["error"] = {"code": code, "message": message}
-        return cls(status_code=200, body=body)
-
-    @classmethod
-    def response_incomplete(cls, reason: str = "content_filter", text: str = "") -> Fault:
-        """Answer 200 with a Responses object ``incomplete`` for ``reason``, holding ``text`` if any."""
-        output = [_output_message("msg_incomplete", text, status="incomplete")] if text else []
-        body = _response_body(f"resp_incomplete_{reason}", "unknown", output, status="incomplete")
-        body["incomplete_details"] = {"reason": reason}
-        return cls(status_code=200, body=body)
-
 
 @dataclass
 class _Response:
@@ -263,6 +263,56 @@ def _content_text(content: Any) -> str:
 def _count_words(text: str) -> int:
     """Estimate tokens deterministically as whitespace-separated words."""
     return len(text.split())
+
+
+def _input_parts(content: Any) -> Any:
+    """A Responses content list with ``input_text`` / ``output_text`` parts read as ``text`` parts."""
+    if isinstance(content, list):
+        return [
+            {"type": "text", "text": p.get("text", "")} if isinstance(p, dict) and p.get("type") in ("input_text", "output_text") else p
+            for p in content
+        ]
+    return content
+
+
+def _output_message(item_id: str, text: str, *, status: str = "completed") -> dict[str, Any]:
+    """An assistant ``message`` output item holding one ``output_text`` part."""
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def _response_body(response_id: str, model: str, output: list[dict[str, Any]], *, status: str) -> dict[str, Any]:
+    """A Responses object with the fields the SDK requires; the caller fills in the rest."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": {},
+    }
 
 
 def _embedding(text: str, dimensions: int) -> list[float]:
@@ -576,10 +626,10 @@ class OpenAITestServer:
     def reset(self) -> None:
         """Forget recorded requests and pending faults."""
         with self._lock:
-            self._requests.clear()
-            self._faults.clear()
             self._stored_responses.clear()
             self._seen_inputs.clear()
+            self._requests.clear()
+            self._faults.clear()
 
     # -- internals used by the handler -------------------------------------------------------
 
@@ -636,7 +686,7 @@ class OpenAITestServer:
             if not body_is_json or not isinstance(request.body, dict):
                 raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
             if kind == "responses":
-                return _Response(200, self._responses(request))
+                return _Response(200, self._responses(request), trickle=trickle)
             if kind == "chat":
                 return _Response(200, self._chat(request), trickle=trickle)
             return _Response(200, self._embeddings(request), trickle=trickle)
@@ -651,120 +701,6 @@ class OpenAITestServer:
         """Return whether the Bearer token or Azure ``api-key`` header matches ``api_key``."""
         bearer = headers.get("authorization", "")
         return bearer == f"Bearer {self.api_key}" or headers.get("api-key") == self.api_key
-
-    def _chat(self, request: RecordedRequest) -> dict[str, Any]:
-        """Build a ChatCompletion: the chat_handler's answer, a tool call, JSON, or an echo."""
-        body: dict[str, Any] = request.body
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            error = "Missing required parameter: 'messages'."
-            raise _RequestError(400, error, "missing_required_parameter", "messages")
-        if body.get("stream"):
-            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
-        n = body.get("n") or 1
-        if not isinstance(n, int) or not 1 <= n <= 128:
-            raise _RequestError(400, "'n' must be an integer between 1 and 128.", "invalid_value", "n")
-        model = body.get("model") or request.deployment or "unknown"
-        user_messages = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        text = _content_text(user_messages[-1].get("content")) if user_messages else ""
-        number = request.request_id.removeprefix("req_")
-
-        contents: list[str | None]
-        tool_calls: list[dict[str, Any]] | None = None
-        if self.chat_handler is not None:
-            answer = self.chat_handler(body)
-            if isinstance(answer, dict):
-                return answer
-            contents = [str(answer)] * n
-        else:
-            suffixes = [""] + [f" [{i}]" for i in range(1, n)]
-            tools = body.get("tools")
-            response_format = body.get("response_format")
-            if tools and text.startswith("call "):
-                function = (tools[0] or {}).get("function") or {}
-                tool_calls = [
-                    {
-                        "id": f"call_{number}",
-                        "type": "function",
-                        "function": {"name": function.get("name", "function"), "arguments": "{}"},
-                    }
-                ]
-                contents = [None] * n
-            elif isinstance(response_format, dict) and response_format.get("type") in _JSON_FORMATS:
-                contents = [json.dumps({"echo": text + s}) for s in suffixes]
-            else:
-                contents = [f"echo: {text}{s}" for s in suffixes]
-
-        choices = []
-        for index, content in enumerate(contents):
-            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-            if tool_calls is not None:
-                message["tool_calls"] = tool_calls
-            choices.append(
-                {
-                    "index": index,
-                    "message": message,
-                    "logprobs": None,
-                    "finish_reason": "tool_calls" if tool_calls is not None else "stop",
-                }
-            )
-        prompt_tokens = sum(
-            _count_words(_content_text(m.get("content"))) for m in messages if isinstance(m, dict)
-        )
-        completion_tokens = sum(_count_words(c) if c is not None else 1 for c in contents)
-        return {
-            "id": f"chatcmpl-{number}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "system_fingerprint": None,
-        }
-
-    def _embeddings(self, request: RecordedRequest) -> dict[str, Any]:
-        """Build an embeddings response with deterministic sha256-derived vectors."""
-        body: dict[str, Any] = request.body
-        raw_input = body.get("input")
-        texts: list[str]
-        if isinstance(raw_input, str):
-            texts = [raw_input]
-        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, str) for x in raw_input):
-            texts = list(raw_input)
-        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, int) for x in raw_input):
-            texts = [" ".join(map(str, raw_input))]  # one input given as token ids
-        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, list) for x in raw_input):
-            texts = [" ".join(map(str, x)) for x in raw_input]
-        else:
-            message = "'input' must be a string or a non-empty list of strings."
-            raise _RequestError(400, message, "invalid_value", "input")
-        dimensions = body.get("dimensions") or _DEFAULT_EMBEDDING_DIMENSIONS
-        if not isinstance(dimensions, int) or dimensions < 1:
-            message = "'dimensions' must be a positive integer."
-            raise _RequestError(400, message, "invalid_value", "dimensions")
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            message = "'encoding_format' must be 'float' or 'base64'."
-            raise _RequestError(400, message, "invalid_value", "encoding_format")
-        data = []
-        for index, text in enumerate(texts):
-            vector = _embedding(text, dimensions)
-            embedding: Any = vector
-            if encoding == "base64":  # the SDK asks for base64 by default and decodes float32
-                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-            data.append({"object": "embedding", "index": index, "embedding": embedding})
-        tokens = sum(_count_words(t) for t in texts)
-        return {
-            "object": "list",
-            "data": data,
-            "model": body.get("model") or request.deployment or "unknown",
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-
 
     def _responses(self, request: RecordedRequest) -> dict[str, Any]:
         """Build a Responses object: the handler's answer, a function call, JSON, or an echo.
@@ -891,55 +827,120 @@ class OpenAITestServer:
         })
         return result
 
+    def _chat(self, request: RecordedRequest) -> dict[str, Any]:
+        """Build a ChatCompletion: the chat_handler's answer, a tool call, JSON, or an echo."""
+        body: dict[str, Any] = request.body
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            error = "Missing required parameter: 'messages'."
+            raise _RequestError(400, error, "missing_required_parameter", "messages")
+        if body.get("stream"):
+            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
+        n = body.get("n") or 1
+        if not isinstance(n, int) or not 1 <= n <= 128:
+            raise _RequestError(400, "'n' must be an integer between 1 and 128.", "invalid_value", "n")
+        model = body.get("model") or request.deployment or "unknown"
+        user_messages = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        text = _content_text(user_messages[-1].get("content")) if user_messages else ""
+        number = request.request_id.removeprefix("req_")
 
-def _input_parts(content: Any) -> Any:
-    """A Responses content list with ``input_text`` / ``output_text`` parts read as ``text`` parts."""
-    if isinstance(content, list):
-        return [
-            {"type": "text", "text": p.get("text", "")} if isinstance(p, dict) and p.get("type") in ("input_text", "output_text") else p
-            for p in content
-        ]
-    return content
+        contents: list[str | None]
+        tool_calls: list[dict[str, Any]] | None = None
+        if self.chat_handler is not None:
+            answer = self.chat_handler(body)
+            if isinstance(answer, dict):
+                return answer
+            contents = [str(answer)] * n
+        else:
+            suffixes = [""] + [f" [{i}]" for i in range(1, n)]
+            tools = body.get("tools")
+            response_format = body.get("response_format")
+            if tools and text.startswith("call "):
+                function = (tools[0] or {}).get("function") or {}
+                tool_calls = [
+                    {
+                        "id": f"call_{number}",
+                        "type": "function",
+                        "function": {"name": function.get("name", "function"), "arguments": "{}"},
+                    }
+                ]
+                contents = [None] * n
+            elif isinstance(response_format, dict) and response_format.get("type") in _JSON_FORMATS:
+                contents = [json.dumps({"echo": text + s}) for s in suffixes]
+            else:
+                contents = [f"echo: {text}{s}" for s in suffixes]
+
+        choices = []
+        for index, content in enumerate(contents):
+            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+            if tool_calls is not None:
+                message["tool_calls"] = tool_calls
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": "tool_calls" if tool_calls is not None else "stop",
+                }
+            )
+        prompt_tokens = sum(
+            _count_words(_content_text(m.get("content"))) for m in messages if isinstance(m, dict)
+        )
+        completion_tokens = sum(_count_words(c) if c is not None else 1 for c in contents)
+        return {
+            "id": f"chatcmpl-{number}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "system_fingerprint": None,
+        }
+
+    def _embeddings(self, request: RecordedRequest) -> dict[str, Any]:
+        """Build an embeddings response with deterministic sha256-derived vectors."""
+        body: dict[str, Any] = request.body
+        raw_input = body.get("input")
+        texts: list[str]
+        if isinstance(raw_input, str):
+            texts = [raw_input]
+        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, str) for x in raw_input):
+            texts = list(raw_input)
+        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, int) for x in raw_input):
+            texts = [" ".join(map(str, raw_input))]  # one input given as token ids
+        elif isinstance(raw_input, list) and raw_input and all(isinstance(x, list) for x in raw_input):
+            texts = [" ".join(map(str, x)) for x in raw_input]
+        else:
+            message = "'input' must be a string or a non-empty list of strings."
+            raise _RequestError(400, message, "invalid_value", "input")
+        dimensions = body.get("dimensions") or _DEFAULT_EMBEDDING_DIMENSIONS
+        if not isinstance(dimensions, int) or dimensions < 1:
+            message = "'dimensions' must be a positive integer."
+            raise _RequestError(400, message, "invalid_value", "dimensions")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            message = "'encoding_format' must be 'float' or 'base64'."
+            raise _RequestError(400, message, "invalid_value", "encoding_format")
+        data = []
+        for index, text in enumerate(texts):
+            vector = _embedding(text, dimensions)
+            embedding: Any = vector
+            if encoding == "base64":  # the SDK asks for base64 by default and decodes float32
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(_count_words(t) for t in texts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.get("model") or request.deployment or "unknown",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
 
-def _output_message(item_id: str, text: str, *, status: str = "completed") -> dict[str, Any]:
-    """An assistant ``message`` output item holding one ``output_text`` part."""
-    return {
-        "id": item_id,
-        "type": "message",
-        "role": "assistant",
-        "status": status,
-        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
-    }
-
-
-def _response_body(response_id: str, model: str, output: list[dict[str, Any]], *, status: str) -> dict[str, Any]:
-    """A Responses object with the fields the SDK requires; the caller fills in the rest."""
-    return {
-        "id": response_id,
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": status,
-        "error": None,
-        "incomplete_details": None,
-        "instructions": None,
-        "max_output_tokens": None,
-        "model": model,
-        "output": output,
-        "parallel_tool_calls": True,
-        "previous_response_id": None,
-        "reasoning": {"effort": None, "summary": None},
-        "store": True,
-        "temperature": 1.0,
-        "text": {"format": {"type": "text"}},
-        "tool_choice": "auto",
-        "tools": [],
-        "top_p": 1.0,
-        "truncation": "disabled",
-        "usage": None,
-        "user": None,
-        "metadata": {},
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
