@@ -941,8 +941,6 @@ class OpenAITestServer:
         }
 
 
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until Ctrl-C: ``python -m llmutils.testing --port 8000 [--latency 0.05]``."""
     parser = argparse.ArgumentParser(
