@@ -1032,44 +1032,11 @@ class MockClient(OpenAIClient):
 
     def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
         """Answer in-process, as the endpoint would: a chat completion or embeddings."""
-        if path == _embeddings.PATH:
-            return self._embedding(params)
         if path == _responses.PATH:
             return self._response(params)
+        if path == _embeddings.PATH:
+            return self._embedding(params)
         return self._chat_completion(params)
-
-    def _response(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """A Responses answer with the same rules as the chat mock (script, handler, echo, JSON)."""
-        messages = input_as_messages(params)
-        with self._lock:
-            self.calls += 1
-            number = self.calls
-            scripted = self._answers.pop(0) if self._answers else None
-        if scripted is None and self._handler is not None:
-            scripted = self._handler(messages, dict(params))
-        text = _last_user_text(messages)
-        message = dict(scripted) if isinstance(scripted, Mapping) else {"role": "assistant", "content": scripted}
-        if scripted is None:
-            text_format = (params.get("text") or {}).get("format") if isinstance(params.get("text"), Mapping) else None
-            json_wanted = isinstance(text_format, Mapping) and text_format.get("type") in ("json_object", "json_schema")
-            message["content"] = json.dumps({"echo": text}) if json_wanted else f"echo: {text}"
-        output = output_from_message(message, item_id=f"msg_mock_{number}")
-        input_tokens = sum(math.ceil(len(str(m.get("content") or "")) / 4) + 3 for m in messages) + 3
-        output_tokens = math.ceil(len(str(message.get("content") or "")) / 4)
-        return {
-            "id": f"resp_mock_{number}",
-            "object": "response",
-            "status": "completed",
-            "model": params.get("model"),
-            "output": output,
-            "usage": {
-                "input_tokens": input_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": output_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": input_tokens + output_tokens,
-            },
-        }
 
     def _chat_completion(self, params: Mapping[str, Any]) -> dict[str, Any]:
         messages = params["messages"]
@@ -1110,3 +1077,36 @@ class MockClient(OpenAIClient):
         ]
         tokens = sum(math.ceil(len(t) / 4) for t in params["input"])
         return {"object": "list", "data": data, "model": params["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def _response(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A Responses answer with the same rules as the chat mock (script, handler, echo, JSON)."""
+        messages = input_as_messages(params)
+        with self._lock:
+            self.calls += 1
+            number = self.calls
+            scripted = self._answers.pop(0) if self._answers else None
+        if scripted is None and self._handler is not None:
+            scripted = self._handler(messages, dict(params))
+        text = _last_user_text(messages)
+        message = dict(scripted) if isinstance(scripted, Mapping) else {"role": "assistant", "content": scripted}
+        if scripted is None:
+            text_format = (params.get("text") or {}).get("format") if isinstance(params.get("text"), Mapping) else None
+            json_wanted = isinstance(text_format, Mapping) and text_format.get("type") in ("json_object", "json_schema")
+            message["content"] = json.dumps({"echo": text}) if json_wanted else f"echo: {text}"
+        output = output_from_message(message, item_id=f"msg_mock_{number}")
+        input_tokens = sum(math.ceil(len(str(m.get("content") or "")) / 4) + 3 for m in messages) + 3
+        output_tokens = math.ceil(len(str(message.get("content") or "")) / 4)
+        return {
+            "id": f"resp_mock_{number}",
+            "object": "response",
+            "status": "completed",
+            "model": params.get("model"),
+            "output": output,
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
+        }
