@@ -785,3 +785,28 @@ def test_tpm_estimate_of_a_responses_body() -> None:
     chat_estimate = OpenAIClient._estimate_tokens({"model": "gpt-4o", "messages": HI, "max_tokens": 100})
     assert OpenAIClient._estimate_tokens(body) == chat_estimate
     assert OpenAIClient._estimate_tokens({"model": "gpt-4o", "input": "hello there"}) > 0
+
+
+def test_llmcall_with_a_pydantic_output_type(client: OpenAIClient, server: OpenAITestServer) -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Echo(pydantic.BaseModel):
+        echo: str
+
+    value = LLMCall("system_default", "user_default", output_type=Echo, client=client).call(prompt="hi")
+    assert value == Echo(echo="hi")
+    text_format = server.requests[-1].body["text"]["format"]
+    assert text_format["type"] == "json_schema" and text_format["name"] and text_format["strict"] is True
+
+
+def test_the_readme_section_runs() -> None:
+    """Every Python block of the README's "Responses API" section runs as written, offline."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Responses API") : readme.index("\n## ", readme.index("## Responses API") + 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
