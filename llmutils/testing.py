@@ -63,6 +63,7 @@ _RESPONSES_FIELDS = frozenset({
     "top_p", "truncation", "user",
 })
 _MIN_OUTPUT_TOKENS = 16
+_REMEMBERED = 100_000  # stored response ids and seen inputs the server keeps, each
 _AZURE_ROUTE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)$")
 _JSON_FORMATS = ("json_object", "json_schema")
 _DEFAULT_EMBEDDING_DIMENSIONS = 8
@@ -263,6 +264,13 @@ def _content_text(content: Any) -> str:
 def _count_words(text: str) -> int:
     """Estimate tokens deterministically as whitespace-separated words."""
     return len(text.split())
+
+
+def _remember(seen: dict[Any, None], key: Any) -> None:
+    """Add ``key`` to an insertion-ordered set, dropping the oldest beyond ``_REMEMBERED``."""
+    seen[key] = None
+    if len(seen) > _REMEMBERED:
+        del seen[next(iter(seen))]
 
 
 def _input_parts(content: Any) -> Any:
@@ -509,8 +517,10 @@ class OpenAITestServer:
         self.chat_handler: Callable[[dict[str, Any]], str | dict[str, Any]] | None = None
         self.responses_handler: Callable[[dict[str, Any]], str | dict[str, Any]] | None = None
         """For ``POST /v1/responses``: return the output text, or a whole Responses object."""
-        self._stored_responses: set[str] = set()
-        self._seen_inputs: set[str] = set()
+        # Ids of stored responses and digests of inputs seen, oldest first, each bounded (a long
+        # benchmark run must not grow without end).
+        self._stored_responses: dict[str, None] = {}
+        self._seen_inputs: dict[bytes, None] = {}
         self._requested_port = port
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -793,15 +803,16 @@ class OpenAITestServer:
                 output.append(_output_message(f"msg_{number}", answer, status=status))
         input_text = " ".join(_content_text(_input_parts(i.get("content") or i.get("output"))) for i in items if isinstance(i, dict))
         input_tokens = _count_words(f"{body.get('instructions') or ''} {input_text}")
-        seen_key = json.dumps([model, body.get("instructions"), raw_input], sort_keys=True, default=str)
+        seen = json.dumps([model, body.get("instructions"), raw_input], sort_keys=True, default=str)
+        seen_key = hashlib.sha256(seen.encode("utf-8")).digest()
         answer_tokens = sum(_count_words(_content_text(_input_parts(i.get("content")))) for i in output if i["type"] == "message")
         output_tokens = answer_tokens + reasoning_tokens + sum(1 for i in output if i["type"] == "function_call")
         response_id = f"resp_{number}"
         with self._lock:
             cached = input_tokens if seen_key in self._seen_inputs else 0
-            self._seen_inputs.add(seen_key)
+            _remember(self._seen_inputs, seen_key)
             if body.get("store", True):
-                self._stored_responses.add(response_id)
+                _remember(self._stored_responses, response_id)
         result = _response_body(response_id, model, output, status=status)
         if status == "incomplete":
             result["incomplete_details"] = {"reason": "max_output_tokens"}
