@@ -501,6 +501,8 @@ class OpenAITestServer:
     Parameters: ``port`` 0 picks a free port; ``latency`` seconds are waited before every
     answer; with ``api_key`` set, requests whose ``Authorization: Bearer`` or ``api-key``
     header differ get a 401. Chat answers echo the last user message (``"echo: <text>"``).
+    ``POST /v1/responses`` (and Azure's ``/openai/v1/responses``) answers the same way in the
+    Responses shape; ``responses_handler`` scripts it as ``chat_handler`` does chat.
     """
 
     def __init__(

@@ -180,7 +180,7 @@ def _call_item(call: Any, index: int) -> dict[str, Any]:
     if call.get("type") == "custom" and isinstance(call.get("custom"), Mapping):
         custom = call["custom"]
         return {"type": "custom_tool_call", "call_id": call.get("id"), "name": custom.get("name"), "input": custom.get("input", "")}
-    function = call.get("function") if isinstance(call.get("function"), Mapping) else {}
+    function: Mapping[str, Any] = call["function"] if isinstance(call.get("function"), Mapping) else {}
     return {
         "type": "function_call",
         "call_id": call.get("id"),
@@ -334,7 +334,7 @@ def input_as_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _error_from_failed(response: Mapping[str, Any]) -> LLMUtilsError:
     """The error-tree exception for a Responses answer whose status is ``failed``."""
-    error = response.get("error") if isinstance(response.get("error"), Mapping) else {}
+    error: Mapping[str, Any] = response["error"] if isinstance(response.get("error"), Mapping) else {}
     code = str(error.get("code") or "")
     detail = f"the response {response.get('id', '')} failed ({code or 'no code'}): {error.get('message') or 'no message'}"
     if code == "rate_limit_exceeded":
