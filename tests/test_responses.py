@@ -810,3 +810,32 @@ def test_the_readme_section_runs() -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"max_tokens": 64}, {"max_output_tokens": 64}),
+        ({"model": "gpt-5", "max_completion_tokens": 300, "reasoning_effort": "high"}, {"max_output_tokens": 300, "reasoning": {"effort": "high"}}),
+        ({"response_format": {"type": "json_object"}}, {"text": {"format": {"type": "json_object"}}}),
+        ({"verbosity": "low"}, {"text": {"verbosity": "low"}}),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+         {"tool_choice": {"type": "function", "name": "get_weather"}}),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False}, {"tool_choice": "required", "parallel_tool_calls": False}),
+        ({"seed": 1, "stop": "\n", "frequency_penalty": 0.5, "presence_penalty": 0.5, "n": 1}, {}),
+        ({"logprobs": True, "top_logprobs": 2}, {"include": ["message.output_text.logprobs"], "top_logprobs": 2}),
+        ({"store": False, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "p", "service_tier": "auto", "truncation": "auto"},
+         {"store": False, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "p", "service_tier": "auto", "truncation": "auto"}),
+    ],
+)
+def test_each_mapping_round_trips(client: OpenAIClient, server: OpenAITestServer, kwargs: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Through the client, the SDK's HTTP stack and the server (which refuses any chat-only field)."""
+    answer = client.send_message(HI, **kwargs)
+    assert answer["role"] == "assistant"
+    body = server.requests[-1].body
+    assert server.requests[-1].path == "/v1/responses"
+    for name, value in expected.items():
+        assert body[name] == value
+    for chat_only in ("messages", "n", "max_tokens", "max_completion_tokens", "seed", "stop", "frequency_penalty",
+                      "presence_penalty", "response_format", "reasoning_effort", "logprobs", "verbosity"):
+        assert chat_only not in body
