@@ -12,7 +12,8 @@ tested without a server. The rules are openai-python's (``_base_client.py``: ``_
    or as an HTTP-date. When neither header is there, LiteLLM's ``llm_provider-retry-after-ms`` /
    ``llm_provider-retry-after`` (the provider's headers, forwarded under a prefix) are read the
    same way. A 429 with none of them falls back to OpenAI's ``x-ratelimit-reset-requests`` /
-   ``-tokens`` durations (``6m0s``, ``12ms``, ``1.5s``).
+   ``-tokens`` durations (``6m0s``, ``12ms``, ``1.5s``). LiteLLM forwards ``x-should-retry`` and
+   the ``x-ratelimit-*`` headers under the same prefix; a plain header always wins.
 5. A wait is used only when it is finite and in ``(0, 120]``; 0, a negative or past date, NaN and
    infinity mean "back off as usual". A number too large for a float (``1e400``) is a wait past
    the ceiling, not infinity.
@@ -69,6 +70,7 @@ _WAIT_HEADERS = (
     ("retry-after-ms", "retry-after"),
     ("llm_provider-retry-after-ms", "llm_provider-retry-after"),
 )
+_FORWARDED = "llm_provider-"
 _INFINITY_LITERALS = frozenset({"inf", "+inf", "infinity", "+infinity"})
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -79,6 +81,12 @@ _QUOTA_MESSAGES = (
     "insufficient_quota",
     "check your plan and billing",
 )
+
+
+def _plain_or_forwarded(headers: Mapping[str, str], name: str) -> str | None:
+    """Header ``name``, else LiteLLM's forwarded copy ``llm_provider-<name>`` (``headers`` lower-cased)."""
+    value = headers.get(name)
+    return value if value is not None else headers.get(_FORWARDED + name)
 
 
 def lower_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -176,12 +184,14 @@ def rate_limit_reset(headers: Mapping[str, str] | None) -> float | None:
     lowered = lower_headers(headers)
     resets: dict[str, float] = {}
     for limit in ("requests", "tokens"):
-        seconds = parse_duration(lowered.get(f"x-ratelimit-reset-{limit}"))
+        seconds = parse_duration(_plain_or_forwarded(lowered, f"x-ratelimit-reset-{limit}"))
         if seconds is not None:
             resets[limit] = seconds
     if not resets:
         return None
-    exhausted = [s for limit, s in resets.items() if lowered.get(f"x-ratelimit-remaining-{limit}", "").strip() == "0"]
+    exhausted = [
+        s for limit, s in resets.items() if (_plain_or_forwarded(lowered, f"x-ratelimit-remaining-{limit}") or "").strip() == "0"
+    ]
     return max(exhausted) if exhausted else min(resets.values())
 
 
@@ -232,7 +242,7 @@ def retry_decision(status_code: int, headers: Mapping[str, str] | None = None) -
     wait = usable_wait(asked)
     if wait is None and asked is None and status_code == 429:
         wait = usable_wait(rate_limit_reset(lowered))
-    flag = lowered.get("x-should-retry")
+    flag = _plain_or_forwarded(lowered, "x-should-retry")
     if flag == "true":
         return RetryDecision(True, wait, asked, "x-should-retry: true")
     if flag == "false":

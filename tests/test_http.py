@@ -292,3 +292,11 @@ def test_validation_errors_in_a_5xx() -> None:
     assert is_validation_error(500, {"error": {"message": "CUDA out of memory", "type": "internal_server_error"}}) is False
     assert is_validation_error(400, llama_cpp_python) is False  # a 4xx is terminal anyway; only the 500 shape is special
     assert is_validation_error(500, "Internal Server Error") is False
+
+
+def test_litellm_forwarded_should_retry_and_reset_headers() -> None:
+    assert retry_decision(503, {"llm_provider-x-should-retry": "false"}).retry is False
+    assert retry_decision(503, {"x-should-retry": "true", "llm_provider-x-should-retry": "false"}).retry is True
+    forwarded = {"llm_provider-x-ratelimit-reset-requests": "1s", "llm_provider-x-ratelimit-remaining-requests": "0"}
+    assert rate_limit_reset(forwarded) == 1.0
+    assert retry_decision(429, forwarded).wait == 1.0
