@@ -31,6 +31,7 @@ from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ContentFilterError as ContentFilterError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LLMUtilsError as LLMUtilsError
+from ._exceptions import MalformedResponseError as MalformedResponseError
 from ._exceptions import NonTerminalError as NonTerminalError
 from ._exceptions import OutputParseError as OutputParseError
 from ._exceptions import QuotaExceededError as QuotaExceededError
@@ -72,6 +73,7 @@ __all__ = [
     "InvalidRequestError",
     "LLMCall",
     "LLMUtilsError",
+    "MalformedResponseError",
     "MockClient",
     "ModelUsage",
     "NonTerminalError",
