@@ -360,6 +360,6 @@ def is_validation_error(status_code: int, body: Any) -> bool:
         return True
     if status_code < 500:
         return False
-    error = body.get("error")
+    error = body.get("error", body)  # the whole body, or the error object the SDK already took out
     message = error.get("message") if isinstance(error, Mapping) else None
     return isinstance(message, str) and bool(_PYDANTIC_ERROR.search(message)) and "'msg':" in message

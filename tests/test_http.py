@@ -300,3 +300,8 @@ def test_litellm_forwarded_should_retry_and_reset_headers() -> None:
     forwarded = {"llm_provider-x-ratelimit-reset-requests": "1s", "llm_provider-x-ratelimit-remaining-requests": "0"}
     assert rate_limit_reset(forwarded) == 1.0
     assert retry_decision(429, forwarded).wait == 1.0
+
+
+def test_validation_error_in_the_error_object_the_sdk_took_out() -> None:
+    inner = {"message": "[{'type': 'missing', 'loc': ('body', 'messages'), 'msg': 'Field required'}]", "type": "internal_server_error"}
+    assert is_validation_error(500, inner) is True
