@@ -1,9 +1,13 @@
 """The retry policy: tenacity's stop, wait and retry pieces, composed in one place.
 
-Only :class:`~llmutils.NonTerminalError` is retried. The wait grows from ``waiting_time`` by
-``backoff_factor`` per attempt, plus jitter, capped at ``max_wait``; a server's ``Retry-After``
-replaces it (still capped). ``total_timeout`` bounds the whole call: a wait that would end past it
-stops at once.
+An error is retried when it is ``retryable``: every :class:`~llmutils.NonTerminalError` by default,
+and for an HTTP answer whatever openai-python's rules say (:mod:`llmutils._http`: ``x-should-retry``
+first, no retry when the server asks for more than 120 s). The wait is the server's (``Retry-After``
+and its variants, already judged usable: finite and in ``(0, 120]``), obeyed in full; else our own
+backoff, growing from ``waiting_time`` by ``backoff_factor`` per attempt, plus jitter, capped at
+``max_wait``. ``total_timeout`` bounds the whole call through one
+:class:`~llmutils._deadline.Deadline`: each attempt gets it, and a wait that would end past it stops
+at once.
 """
 
 from __future__ import annotations
@@ -18,21 +22,22 @@ from typing import Any, TypeVar
 import tenacity
 from tenacity import (
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
-    stop_before_delay,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from ._config import DEFAULT_MAX_WAIT
+from ._deadline import Deadline
 from ._exceptions import (
     LLMUtilsError,
-    NonTerminalError,
     RetriesExhaustedError,
     TotalTimeoutError,
 )
 
-__all__ = ["RetryPolicy", "wait_retry_after"]
+__all__ = ["RetryPolicy", "wait_retry_after", "stop_at_deadline"]
 
 logger = logging.getLogger("llmutils")
 
@@ -40,7 +45,12 @@ T = TypeVar("T")
 
 
 class wait_retry_after(wait_base):
-    """Wait what the server asked for (``Retry-After``) if it did, else ``fallback``; never above ``cap``."""
+    """Wait what the server asked for (the error's ``retry_after``) in full if it did, else ``fallback``
+    capped at ``cap``.
+
+    The server's wait is not capped here: an error carries a ``retry_after`` only when openai-python
+    would obey it (finite, in ``(0, 120]``); a longer one makes the error not retryable at all.
+    """
 
     def __init__(self, fallback: wait_base, cap: float) -> None:
         self.fallback = fallback
@@ -50,8 +60,14 @@ class wait_retry_after(wait_base):
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None and outcome.failed else None
         asked = getattr(exc, "retry_after", None)
-        wait = float(asked) if asked is not None else self.fallback(retry_state)
-        return max(0.0, min(wait, self.cap))
+        if asked is not None and asked > 0:
+            return float(asked)
+        return max(0.0, min(self.fallback(retry_state), self.cap))
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """An llmutils error that says it is retryable (see :attr:`~llmutils.LLMUtilsError.retryable`)."""
+    return isinstance(exc, LLMUtilsError) and exc.retryable
 
 
 class _wait_jitter(wait_base):
@@ -64,6 +80,18 @@ class _wait_jitter(wait_base):
     def __call__(self, retry_state: RetryCallState) -> float:
         wait = self.base(retry_state)
         return wait + random.uniform(0, wait * self.fraction) if self.fraction else wait
+
+
+class stop_at_deadline(stop_base):
+    """Stop when the next backoff wait would not end before ``deadline`` (never when unbounded)."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if not self.deadline.bounded:
+            return False
+        return (retry_state.upcoming_sleep or 0.0) >= self.deadline.remaining()
 
 
 def _log_retry(retry_state: RetryCallState) -> None:
@@ -86,7 +114,7 @@ class RetryPolicy:
     max_attempts: int = 5
     waiting_time: float = 1.0
     backoff_factor: float = 2.0
-    max_wait: float = 60.0
+    max_wait: float = DEFAULT_MAX_WAIT
     total_timeout: float | None = None
     jitter: float = 0.25
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
@@ -95,54 +123,58 @@ class RetryPolicy:
         """A copy with the given fields changed (``None`` values are ignored)."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
-    def retrying(self) -> tenacity.Retrying:
-        """The tenacity ``Retrying`` object for one call."""
+    def deadline(self) -> Deadline:
+        """A new deadline for one call from now (unbounded without ``total_timeout``)."""
+        return Deadline(self.total_timeout)
+
+    def retrying(self, deadline: Deadline | None = None) -> tenacity.Retrying:
+        """The tenacity ``Retrying`` object for one call bounded by ``deadline``."""
         stop = stop_after_attempt(max(1, self.max_attempts))
-        if self.total_timeout is not None:
-            stop = stop | stop_before_delay(self.total_timeout)
+        if deadline is None:
+            deadline = self.deadline()
+        if deadline.bounded:
+            stop = stop | stop_at_deadline(deadline)
         backoff = wait_exponential(multiplier=self.waiting_time, exp_base=self.backoff_factor, max=self.max_wait)
         return tenacity.Retrying(
             stop=stop,
             wait=wait_retry_after(_wait_jitter(backoff, self.jitter), cap=self.max_wait),
-            retry=retry_if_exception_type(NonTerminalError),
+            retry=retry_if_exception(_is_retryable),
             before_sleep=_log_retry,
             sleep=self.sleep,
             reraise=False,
         )
 
-    def call(self, attempt: Callable[[float | None], T]) -> T:
-        """Run ``attempt(time_left)`` until it succeeds or the policy gives up.
+    def call(self, attempt: Callable[[Deadline], T], deadline: Deadline | None = None) -> T:
+        """Run ``attempt(deadline)`` until it succeeds or the policy gives up.
 
-        ``time_left`` is what remains of ``total_timeout`` (None when unbounded), so one HTTP
-        attempt never outlives the whole call. Terminal errors pass through untouched; when the
-        retries run out, :class:`RetriesExhaustedError` (or :class:`TotalTimeoutError`) chains the last
-        error and carries ``attempts``.
+        ``deadline`` (made from ``total_timeout`` when not given) is the call's one time bound:
+        each attempt bounds its own waits by it, and no backoff wait runs past it. Terminal errors
+        (a :class:`TotalTimeoutError` raised inside an attempt included) pass through untouched;
+        when the retries run out, :class:`RetriesExhaustedError` (or :class:`TotalTimeoutError`)
+        chains the last error and carries ``attempts``.
         """
-        start = time.monotonic()
+        if deadline is None:
+            deadline = self.deadline()
         attempts = 0
 
         def one_attempt() -> T:
             nonlocal attempts
+            deadline.check(f"before attempt {attempts + 1} could start", attempts=attempts)
             attempts += 1
-            left = None
-            if self.total_timeout is not None:
-                left = self.total_timeout - (time.monotonic() - start)
-                if left <= 0:
-                    raise NonTerminalError(f"no time left of total_timeout={self.total_timeout:g}s")
             try:
-                return attempt(left)
+                return attempt(deadline)
             except LLMUtilsError as exc:
                 exc.attempts = attempts
                 raise
 
         try:
-            return self.retrying()(one_attempt)
+            return self.retrying(deadline)(one_attempt)
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()
-            timed_out = self.total_timeout is not None and attempts < self.max_attempts
+            timed_out = deadline.bounded and attempts < self.max_attempts
             if timed_out:
                 error: RetriesExhaustedError = TotalTimeoutError(
-                    f"Gave up after {attempts} attempt(s): total_timeout={self.total_timeout:g}s would be "
+                    f"Gave up after {attempts} attempt(s): total_timeout={deadline.total:g}s would be "
                     f"exceeded. Last error: {last}",
                     attempts=attempts,
                 )
@@ -150,7 +182,9 @@ class RetryPolicy:
                 error = RetriesExhaustedError(
                     f"Gave up after {attempts} attempt(s). Last error: {last}", attempts=attempts
                 )
-            if isinstance(last, LLMUtilsError):
+            if isinstance(last, LLMUtilsError):  # what the server said last, for callers to branch on
                 error.status_code = last.status_code
                 error.request_id = last.request_id
+                error.code, error.type, error.param = last.code, last.type, last.param
+                error.headers = last.headers
             raise error from last

@@ -29,9 +29,6 @@ from llmutils.testing import Fault, OpenAITestServer
 
 HI = [{"role": "user", "content": "hi"}]
 
-# Until issue 10's rules are wired into the core (the restructured core is merged first).
-pytestmark = pytest.mark.xfail(strict=False, reason="issue 10 phase B: the rules are not wired into the core yet")
-
 
 @pytest.fixture
 def waits() -> list[float]:
