@@ -798,9 +798,14 @@ class AzureClient(OpenAIClient):
 
     Credentials: ``api_key``, else ``AZURE_OPENAI_API_KEY`` (or the older ``AZURE_OPENAI_KEY``), else
     a Microsoft Entra ID token provider: ``azure_ad_token_provider`` (any callable returning a token),
-    or ``DefaultAzureCredential`` when the ``azure`` extra (azure-identity) is installed.
+    or ``DefaultAzureCredential`` (scope ``AZURE_AD_SCOPE``) when the ``azure`` extra
+    (azure-identity) is installed.
+
+    ``api_version="v1"`` (or ``AZURE_API_VERSION = v1``) uses Azure's v1 API: OpenAI's paths under
+    ``{endpoint}/openai/v1/``, the deployment sent as ``model``, no ``api-version`` query.
 
     >>> AzureClient(azure_endpoint="https://my.openai.azure.com", model="my-gpt4o-deployment")
+    >>> AzureClient(azure_endpoint="https://my.openai.azure.com", api_version="v1", model="my-deployment")
     """
 
     api_type = "azure"
@@ -844,17 +849,26 @@ class AzureClient(OpenAIClient):
             ) from None
         with self._lock:
             if self._token_provider is None:
-                self._token_provider = get_bearer_token_provider(
-                    DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default"
-                )
+                self._token_provider = get_bearer_token_provider(DefaultAzureCredential(), settings["AZURE_AD_SCOPE"])
         return {"azure_ad_token_provider": self._token_provider}, "Entra ID (DefaultAzureCredential)"
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
         import openai
 
+        api_version = self._api_version or settings["AZURE_API_VERSION"]
+        if api_version == AZURE_V1_API_VERSION:
+            # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/: the plain OpenAI client,
+            # with the key, or the Entra token provider as a callable key (a fresh Bearer token per request).
+            return openai.OpenAI(
+                base_url=f"{self._endpoint(settings)}/openai/v1/",
+                api_key=credentials.get("api_key") or credentials["azure_ad_token_provider"],
+                organization=self._organization,
+                max_retries=0,
+                default_headers=self._default_headers or None,
+            )
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
-            api_version=self._api_version or settings["AZURE_API_VERSION"],
+            api_version=api_version,
             organization=self._organization,
             max_retries=0,
             default_headers=self._default_headers or None,
