@@ -741,7 +741,7 @@ class OpenAIClient:
         info = error_fields(status, headers, exc.body)
         decision = retry_decision(status, headers)
         detail = f"HTTP {status} from {self._display(settings)}: {info.message}"
-        if not decision.retry and (decision.asked is not None or "x-should-retry" in decision.reason):
+        if not decision.retry and (status in RETRYABLE_STATUS or status >= 500):  # a retryable status the server refused
             detail += f" (not retried: {decision.reason})"
         context: dict[str, Any] = {
             "status_code": status,
