@@ -295,3 +295,33 @@ def test_azure_ad_scope_is_a_setting() -> None:
     assert DEFAULTS["AZURE_AD_SCOPE"] == "https://cognitiveservices.azure.com/.default"
     with override_defaults(azure_ad_scope="https://ai.azure.com/.default") as values:
         assert values["AZURE_AD_SCOPE"] == "https://ai.azure.com/.default"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.server_error(503, should_retry=False),
+        Fault.rate_limit(retry_after=300),
+        Fault.rate_limit(retry_after_ms=121_000),
+        Fault.retry_after_date(600),
+        Fault.bad_request(),
+        Fault.status(404),
+    ],
+    ids=["x-should-retry-false", "retry-after-300", "retry-after-ms-121000", "http-date-600", "400", "404"],
+)
+def test_what_the_sdk_does_not_retry_is_not_retried(server: OpenAITestServer, waits: list[float], fault: Fault) -> None:
+    """The raw SDK (max_retries=2) and llmutils against the same answer: one request each."""
+    import openai
+
+    server.script(fault)
+    with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=2) as sdk:
+        with pytest.raises(openai.APIStatusError):
+            sdk.chat.completions.create(model="m", messages=HI)
+    assert server.request_count == 1
+    server.reset()
+    server.script(fault)
+    policy = RetryPolicy(max_attempts=3, jitter=0, sleep=waits.append)
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as client:
+        with pytest.raises(LLMUtilsError) as caught:
+            client.send_message(HI)
+    assert server.request_count == 1 and waits == [] and caught.value.retryable is False
