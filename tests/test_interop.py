@@ -168,6 +168,8 @@ def test_chat_through_the_proxy_to_a_real_upstream(proxy: Proxy, upstream: OpenA
     with _client(proxy, model="upstream") as client:
         assert client.send_message([{"role": "user", "content": "ping"}])["content"] == "echo: ping"
     assert upstream.request_count == 1
+    # Only what is set is sent, and LiteLLM adds nothing: the provider sees {model, messages}.
+    assert upstream.requests[0].body == {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ping"}]}
 
 
 def test_chat_through_the_azure_deployment_route(proxy: Proxy) -> None:
