@@ -18,6 +18,7 @@ The tree::
     │   │                                   error (``__cause__``) tell why
     │   └── TotalTimeoutError               the ``total_timeout`` bound ran out first
     ├── TemplateError                       a prompt template is missing, broken or under-filled
+    ├── NotAttemptedError                   a batch stopped early (fail fast) before sending this item
     └── OutputParseError (ValueError)       a model answer could not be coerced to ``output_type``
 
 Every error made from an HTTP answer carries what the server said: ``status_code``, ``code``,
@@ -46,6 +47,7 @@ __all__ = [
     "RetriesExhaustedError",
     "TotalTimeoutError",
     "TemplateError",
+    "NotAttemptedError",
     "OutputParseError",
 ]
 
@@ -144,6 +146,14 @@ class TotalTimeoutError(RetriesExhaustedError):
 
 class TemplateError(LLMUtilsError):
     """A prompt template could not be found, parsed or rendered."""
+
+
+class NotAttemptedError(LLMUtilsError):
+    """A batch stopped early (every request would have failed) before sending this item; ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class OutputParseError(LLMUtilsError, ValueError):
