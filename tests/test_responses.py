@@ -532,7 +532,7 @@ def test_send_message_over_responses(client: OpenAIClient, server: OpenAITestSer
     assert request.path == "/v1/responses"
     assert request.body == {
         "model": "gpt-4.1-mini", "instructions": "Be brief.", "input": [{"role": "user", "content": "hello there"}],
-        "temperature": 0.2, "top_p": 1.0, "max_output_tokens": 100,
+        "temperature": 0.2, "max_output_tokens": 100,
     }
     info = client.last_call
     assert info is not None and info.kind == "responses" and info.finish_reason == "stop" and not info.cached
@@ -723,6 +723,10 @@ def test_azure_responses_use_the_v1_path(server: OpenAITestServer) -> None:
     assert responses.path == "/openai/v1/responses" and responses.query == {} and responses.body["model"] == "my-deployment"
     assert responses.headers["authorization"] == "Bearer azure-key"
     assert chat.path == "/openai/deployments/my-deployment/chat/completions" and chat.query["api-version"]
+    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="k", model="dep", api_version="v1") as v1:
+        v1.send_message(HI)
+        v1.send_message(HI, api="responses")
+    assert [r.path for r in server.requests[-2:]] == ["/openai/v1/chat/completions", "/openai/v1/responses"]
     tokens = iter(["t1", "t2"])
     with AzureClient(azure_endpoint=server.azure_endpoint, azure_ad_token_provider=lambda: next(tokens), api="responses") as entra:
         entra.create_response(model="dep", input="x")
