@@ -476,7 +476,7 @@ def llm(server: OpenAITestServer, tmp_path: Path, waits: list[float]) -> Any:
 
 
 def test_deltas_arrive_in_order_and_join_to_the_send_message_text(server: OpenAITestServer, llm: OpenAIClient) -> None:
-    with llm.stream_message(ASK, cache_api_calls=None) as stream:
+    with llm.stream_message(ASK) as stream:
         deltas = list(stream)
     assert len(deltas) > 10
     assert "".join(deltas) == stream.text == stream.message["content"]
@@ -767,3 +767,55 @@ def test_a_server_that_ignores_stream_true_still_streams(server: OpenAITestServe
     with llm.stream_message(ASK) as stream:
         assert "".join(stream) == LONG
     assert stream.message == {"role": "assistant", "content": LONG} and stream.usage == whole["usage"]
+
+
+# -- the Responses API streams -----------------------------------------------------------------
+
+
+def test_responses_stream_joins_to_send_message_and_shares_its_cache_entry(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    with llm.stream_message(ASK, api="responses") as stream:
+        deltas = list(stream)
+    assert len(deltas) > 10 and "".join(deltas) == "echo: " + LONG
+    sent = server.requests[-1]
+    assert sent.path == "/v1/responses" and sent.body["stream"] is True and "stream_options" not in sent.body
+    assert stream.usage["total_tokens"] == stream.usage["input_tokens"] + stream.usage["output_tokens"]
+    assert llm.last_call.kind == "responses" and llm.last_call.finish_reason == "stop"
+    assert llm.send_message(ASK, api="responses") == stream.message == {"role": "assistant", "content": "echo: " + LONG}
+    with llm.stream_message(ASK, api="responses") as again:
+        assert len(list(again)) > 1 and again.cached
+    assert server.request_count == 1
+
+
+def test_responses_function_call_deltas_assemble_into_tool_calls(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+    ask = [{"role": "user", "content": "call lookup"}]
+    with llm.stream_message(ask, tools=tools, api="responses") as stream:
+        assert list(stream) == []
+    llm.set_api_cache(False)
+    whole = llm.send_message(ask, tools=tools, api="responses")
+    assert server.request_count == 2
+    number = server.requests[0].request_id.removeprefix("req_")  # the server names calls after the request
+    assert stream.message == {**whole, "tool_calls": [{**whole["tool_calls"][0], "id": f"call_{number}"}]}
+    assert stream.message["tool_calls"][0]["function"]["name"] == "lookup"
+
+
+def test_responses_stream_interrupted_and_retried_like_chat(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.server_error(503), Fault.stream_error(after=6, message="overloaded"))
+    received = []
+    with pytest.raises(StreamInterruptedError, match="overloaded") as info:
+        with llm.stream_message(ASK, api="responses") as stream:
+            for text in stream:
+                received.append(text)
+    assert received and info.value.partial_text == "".join(received)
+    assert server.request_count == 2 and llm.cache_stats().writes == 0
+    server.script(Fault.drop_stream(after=6))
+    with pytest.raises(StreamInterruptedError):
+        with llm.stream_message(ASK, api="responses") as stream:
+            list(stream)
+
+
+def test_responses_stream_on_the_mock_client() -> None:
+    client = llmutils.MockClient(api="responses")
+    with client.stream_message([{"role": "user", "content": LONG}]) as stream:
+        pieces = list(stream)
+    assert len(pieces) > 2 and stream.message == {"role": "assistant", "content": "echo: " + LONG}
