@@ -77,6 +77,7 @@ logger = logging.getLogger("llmutils")
 
 Message = dict[str, Any]
 
+_DRAIN_SECONDS = 1.0  # how long the end of a stream's body may take after its end event
 _READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 
 # A response check run inside each attempt: raises NonTerminalError for a malformed 200 (retried,
@@ -758,7 +759,14 @@ class OpenAIClient:
                 return NonTerminalError(f"the stream from {where} broke: {exc}", request_id=request_id)
             return None
 
-        return StreamReader(chunks, assembler, transport_error=transport_error, close=stack.close)
+        def drain() -> None:
+            # After the end event only the body's last chunk is left: reading it returns the
+            # connection to the pool. A server that keeps the body open is cut off after a moment.
+            with contextlib.suppress(Exception), Deadline(_DRAIN_SECONDS).at_expiry(lambda: _shut_down(http)):
+                for _ in chunks:
+                    pass
+
+        return StreamReader(chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain)
 
     # -- cache ---------------------------------------------------------------------------------
 

@@ -327,7 +327,11 @@ class Fault:
 
     @classmethod
     def stall_stream(cls, after: int, seconds: float = 60.0) -> Fault:
-        """Stream ``after`` events, then send nothing for ``seconds`` (or until the client leaves), then the rest."""
+        """Stream ``after`` events, then send nothing for ``seconds`` (or until the client leaves), then the rest.
+
+        With ``after`` at least the number of events, every event is sent and the end of the body
+        is held back, as a proxy that keeps the connection open after the last event does.
+        """
         return cls(stall_after=int(after), stall_seconds=float(seconds))
 
 
@@ -636,6 +640,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 if pause > 0 and self._wait_or_left(pause):
                     return False
+        if fault.stall_after is not None and fault.stall_after >= len(events) and self._wait_or_left(fault.stall_seconds):
+            return False  # every event sent, the body's end held back
         return True
 
     def _client_left(self) -> bool:

@@ -819,3 +819,12 @@ def test_responses_stream_on_the_mock_client() -> None:
     with client.stream_message([{"role": "user", "content": LONG}]) as stream:
         pieces = list(stream)
     assert len(pieces) > 2 and stream.message == {"role": "assistant", "content": "echo: " + LONG}
+
+
+def test_a_body_held_open_after_the_end_event_does_not_hold_the_caller(server: OpenAITestServer, llm: OpenAIClient) -> None:
+    server.script(Fault.stall_stream(after=1000, seconds=30))  # [DONE] sent, the body never ends
+    started = time.monotonic()
+    with llm.stream_message(ASK, timeout=20) as stream:
+        assert "".join(stream) == "echo: " + LONG
+    assert stream.completed and time.monotonic() - started < 3
+    assert llm.cache_stats().writes == 1

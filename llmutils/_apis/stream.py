@@ -628,6 +628,8 @@ class StreamReader:
     error to raise (None: re-raise it as is). :meth:`until_content` reads until the answer has
     started (text or a tool call) or ended, returning the deltas read; :meth:`rest` yields the
     remaining ones. A body that ends before the answer is complete raises :class:`NonTerminalError`.
+    ``drain`` is called after the end event, to read the rest of the body (so that the connection
+    can be reused) within a bound of its own.
     """
 
     def __init__(
@@ -637,8 +639,10 @@ class StreamReader:
         *,
         transport_error: Callable[[Exception], LLMUtilsError | None],
         close: Callable[[], None],
+        drain: Callable[[], None] | None = None,
     ) -> None:
         self.assembler = assembler
+        self._drain = drain
         self._chunks = chunks
         self._transport_error = transport_error
         self._close = close
@@ -687,6 +691,8 @@ class StreamReader:
                 break
         if not assembler.done and not self._finished_without_sentinel():
             raise NonTerminalError("the stream ended before the answer was complete (no end-of-stream event)")
+        if self._drain is not None:
+            self._drain()
         yield ""
 
     def _finished_without_sentinel(self) -> bool:
