@@ -34,6 +34,7 @@ server decides as the openai SDK lets it (``x-should-retry``; a wait over 120 s 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "LLMUtilsError",
@@ -138,7 +139,7 @@ class RateLimitError(NonTerminalError):
 class StreamInterruptedError(NonTerminalError):
     """A stream broke, stalled or failed after content was yielded; ``partial_text`` is what came."""
 
-    def __init__(self, message: str, *, partial_text: str = "", **context: object) -> None:
+    def __init__(self, message: str, *, partial_text: str = "", **context: Any) -> None:
         super().__init__(message, **context)
         self.partial_text = partial_text
 

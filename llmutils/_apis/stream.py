@@ -393,8 +393,8 @@ class ResponsesStreamAssembler:
             raise NonTerminalError(f"a streamed event is not a JSON object: {event.data[:80]!r}")
         kind = data.get("type") or event.event
         if kind == "error":
-            error = data.get("error") if isinstance(data.get("error"), Mapping) else data
-            raise stream_error(error, where="the Responses stream")
+            error = data.get("error")
+            raise stream_error(error if isinstance(error, Mapping) else data, where="the Responses stream")
         if kind == "response.failed":
             response = data.get("response") or {}
             error = response.get("error") if isinstance(response, Mapping) else None
