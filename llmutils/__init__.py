@@ -8,6 +8,8 @@
 Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
 """
 
+import logging as _logging
+
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
@@ -57,6 +59,10 @@ from ._usage import UsageTracker as UsageTracker
 from ._usage import set_prices as set_prices
 
 __version__ = "0.1.0"
+
+# A library adds no handler of its own (the logging HOWTO): without this, Python's last-resort
+# handler would print llmutils' WARNINGs to stderr in an application that never configured logging.
+_logging.getLogger("llmutils").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AuthenticationError",

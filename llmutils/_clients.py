@@ -806,7 +806,7 @@ class AzureClient(OpenAIClient):
         except ImportError:
             raise AuthenticationError(
                 "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY, pass api_key=... or "
-                "azure_ad_token_provider=..., or install llmutils[azure] for Entra ID sign-in."
+                "azure_ad_token_provider=..., or install 'llmutils-openai[azure]' for Entra ID sign-in."
             ) from None
         with self._lock:
             if self._token_provider is None:
