@@ -1,0 +1,52 @@
+"""The API reference (docs/, Sphinx) documents every public name; .ci/run builds it with -W.
+
+The list of names comes from ``llmutils.__all__``, so a name added to the package and not to the
+docs fails here, naming it. The docs' code examples run in tests/test_readme.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import llmutils
+import llmutils.testing
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+# ".. autoclass:: llmutils.Name", ".. autofunction:: ...", ".. py:data:: llmutils.Name", ...
+DIRECTIVE = re.compile(r"^\.\.\s+(?:auto\w+|py:\w+)::\s+llmutils\.(?P<name>[\w.]+)", re.MULTILINE)
+
+
+def documented_names() -> set[str]:
+    names: set[str] = set()
+    for page in DOCS.glob("*.rst"):
+        names.update(m["name"] for m in DIRECTIVE.finditer(page.read_text(encoding="utf-8")))
+    return names
+
+
+def test_every_public_name_has_an_api_reference_entry() -> None:
+    documented = documented_names()
+    missing = sorted(name for name in llmutils.__all__ if name not in documented)
+    assert missing == [], f"add these names of llmutils.__all__ to a page of docs/ (autodoc): {missing}"
+
+
+def test_the_test_helpers_are_documented() -> None:
+    documented = documented_names()
+    missing = sorted(name for name in llmutils.testing.__all__ if name != "main" and f"testing.{name}" not in documented)
+    assert missing == []
+
+
+def test_every_documented_name_exists() -> None:
+    """A name that was renamed or removed must leave the docs too (autodoc would only warn)."""
+    for name in documented_names():
+        obj: object = llmutils
+        for part in name.split("."):
+            obj = getattr(obj, part)
+
+
+def test_the_docs_build_without_network() -> None:
+    conf = (DOCS / "conf.py").read_text(encoding="utf-8")
+    assert "intersphinx" not in conf  # it would download other projects' inventories at build time
+    pages = {p.stem for p in DOCS.glob("*.rst")}
+    index = (DOCS / "index.rst").read_text(encoding="utf-8")
+    assert all(re.search(rf"^\s+{page}$", index, re.MULTILINE) for page in pages - {"index"}), "a page not in the toctree"
