@@ -28,6 +28,7 @@ from ._apis.chat import build_chat_request, check_chat_response, is_reasoning_mo
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
 from ._config import api_key_from_env, resolve, validate
 from ._deadline import Deadline
+from ._otel import call_span
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -409,6 +410,25 @@ class OpenAIClient:
             raise InvalidRequestError(f"request parameters must be JSON values to be cached: {exc}") from None
 
     def _call(
+        self,
+        kind: str,
+        path: str,
+        params: dict[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        check: ResponseCheck,
+        make_policy: Callable[[], RetryPolicy],
+    ) -> dict[str, Any]:
+        """:meth:`_send_path` in one OpenTelemetry span when tracing is on (:mod:`llmutils._otel`)."""
+        with call_span(kind, str(params.get("model")), provider=self.api_type, server_url=lambda: self._endpoint(settings),
+                       params=params, messages=params.get("messages")) as span:
+            response = self._send_path(kind, path, params, settings, deadline, timeout, check, make_policy)
+            info = self.last_call
+            span.finish(response, cached=info is not None and info.cached)
+        return response
+
+    def _send_path(
         self,
         kind: str,
         path: str,

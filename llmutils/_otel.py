@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "CAPTURE_CONTENT_ENV",
@@ -54,6 +55,10 @@ _REQUEST_ATTRIBUTES = {
     "frequency_penalty": "gen_ai.request.frequency_penalty",
     "presence_penalty": "gen_ai.request.presence_penalty",
 }
+
+# llmutils' kinds of call and api types -> the conventions' operation and provider names.
+OPERATIONS = {"chat": "chat", "embedding": "embeddings", "embeddings": "embeddings", "responses": "chat"}
+PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai"}
 
 _current: ContextVar[CallSpan | None] = ContextVar("llmutils_call_span", default=None)
 _trace: Any = None  # the opentelemetry.trace module once looked for; False when it is not installed
@@ -196,6 +201,21 @@ class CallSpan:
             )
 
 
+def tracer_is_recording(trace: Any) -> bool:
+    """Whether spans may record: false while the application has set no SDK tracer provider."""
+    return type(trace.get_tracer_provider()).__name__ not in ("ProxyTracerProvider", "NoOpTracerProvider")
+
+
+def _address(server_url: str | Callable[[], str]) -> tuple[str | None, int | None]:
+    """Host and port of an endpoint URL (default port by scheme); (None, None) when there is none."""
+    try:
+        url = urlsplit(server_url() if callable(server_url) else server_url)
+        port = url.port or {"https": 443, "http": 80}.get(url.scheme)
+    except ValueError:  # an endpoint that cannot be named (an Azure client without one: ConfigError)
+        return None, None
+    return url.hostname, port
+
+
 def current_call_span() -> CallSpan | None:
     """The span helper of the call running in this thread / context, if any (for the retry layer)."""
     return _current.get()
@@ -209,15 +229,20 @@ def call_span(
     provider: str = "openai",
     server_address: str | None = None,
     server_port: int | None = None,
+    server_url: str | Callable[[], str] | None = None,
     params: Mapping[str, Any] | None = None,
     messages: Sequence[Mapping[str, Any]] | None = None,
 ) -> Iterator[CallSpan]:
     """One span for one call, current while the call runs; yields a :class:`CallSpan` to fill in.
 
-    :param operation: ``chat``, ``embeddings`` (``gen_ai.operation.name``).
+    :param operation: ``chat``, ``embeddings`` (``gen_ai.operation.name``); llmutils' kinds of call
+        (``embedding``) are mapped.
     :param model: the model (or Azure deployment) requested.
-    :param provider: ``gen_ai.provider.name``: ``openai``, ``azure.ai.openai``, or another.
+    :param provider: ``gen_ai.provider.name``: ``openai``, ``azure.ai.openai``, or another; llmutils'
+        api types (``azure``) are mapped.
     :param server_address: host the request goes to; ``server_port`` its port.
+    :param server_url: the endpoint URL (or a function returning it, called only when a span
+        records), from which the address and port are taken when not given.
     :param params: the request's parameters (temperature, top_p, max tokens, seed are recorded).
     :param messages: the prompt, recorded only when content capture is on.
     :raises: whatever the body raises, after recording ``error.type`` and the ERROR status.
@@ -232,6 +257,10 @@ def call_span(
             _current.reset(token)
         return
     tracer = trace.get_tracer("llmutils")
+    operation = OPERATIONS.get(operation, operation)
+    provider = PROVIDERS.get(provider, provider)
+    if server_address is None and server_url is not None and tracer_is_recording(trace):
+        server_address, server_port = _address(server_url)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": operation,
         "gen_ai.provider.name": provider,

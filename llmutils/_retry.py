@@ -27,6 +27,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from ._deadline import Deadline
+from ._otel import current_call_span
 from ._exceptions import (
     LLMUtilsError,
     NonTerminalError,
@@ -82,6 +83,9 @@ class stop_at_deadline(stop_base):
 
 def _log_retry(retry_state: RetryCallState) -> None:
     exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+    span = current_call_span()  # the call's OpenTelemetry span, if tracing is on: a retry event
+    if span is not None:
+        span.retry(retry_state.attempt_number, exc, retry_state.upcoming_sleep)
     logger.warning(
         "llmutils: attempt %d failed (%s); retrying in %.2f s",
         retry_state.attempt_number,

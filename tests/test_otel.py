@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,68 @@ def test_without_opentelemetry_it_is_a_no_op_and_never_imported() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+# -- through a client, against the local OpenAI-wire server -----------------------------------------
+
+
+def test_a_client_call_makes_one_span_with_retries_and_cache_hits(
+    spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    from llmutils import InvalidRequestError, OpenAIClient, RetryPolicy
+    from llmutils.testing import Fault, OpenAITestServer
+
+    waits: list[float] = []
+    with OpenAITestServer() as server, OpenAIClient(
+        base_url=server.base_url, api_key="test", model="gpt-4.1-mini", cache_api_calls=True,
+        cache_file_name=str(tmp_path / "cache.sqlite"), retry=RetryPolicy(sleep=waits.append, jitter=0),
+    ) as client:
+        server.script(Fault.server_error(), Fault.rate_limit(retry_after=0.01))
+        messages = [{"role": "user", "content": "hi"}]
+        client.send_message(messages, temperature=0)
+        client.send_message(messages, temperature=0)  # from the cache
+        server.script(Fault.bad_request())
+        with pytest.raises(InvalidRequestError):
+            client.send_message([{"role": "user", "content": "bad"}], temperature=0)
+        client.get_embedding("some text")
+        port = server.port
+    first, hit, failed, embedding = spans.get_finished_spans()
+
+    assert first.name == "chat gpt-4.1-mini" and first.kind == trace.SpanKind.CLIENT
+    assert first.attributes["gen_ai.provider.name"] == "openai"
+    assert first.attributes["server.address"] == "127.0.0.1"
+    assert first.attributes["server.port"] == port
+    assert first.attributes["gen_ai.request.temperature"] == 0
+    assert first.attributes["gen_ai.response.model"] == "gpt-4.1-mini"
+    assert first.attributes["gen_ai.usage.input_tokens"] > 0
+    assert first.attributes["gen_ai.usage.output_tokens"] > 0
+    assert first.attributes["llmutils.cache.hit"] is False
+    assert first.attributes["llmutils.attempts"] == 3
+    assert [e.attributes["error.type"] for e in first.events if e.name == "llmutils.retry"] == [
+        "llmutils.NonTerminalError", "llmutils.RateLimitError",
+    ]
+    assert waits[1] == pytest.approx(0.01)
+
+    assert hit.attributes["llmutils.cache.hit"] is True
+    assert hit.attributes["llmutils.attempts"] == 0
+
+    assert failed.attributes["error.type"] == "llmutils.InvalidRequestError"
+    assert failed.attributes["llmutils.attempts"] == 1
+    assert failed.status.status_code == trace.StatusCode.ERROR
+
+    assert embedding.name == "embeddings text-embedding-3-small"
+    assert embedding.attributes["gen_ai.operation.name"] == "embeddings"
+
+
+def test_an_azure_call_names_its_provider(spans: InMemorySpanExporter) -> None:
+    from llmutils import AzureClient
+    from llmutils.testing import OpenAITestServer
+
+    with OpenAITestServer() as server, AzureClient(
+        azure_endpoint=server.azure_endpoint, api_key="test", model="my-deployment"
+    ) as client:
+        client.send_message([{"role": "user", "content": "hi"}])
+    (span,) = spans.get_finished_spans()
+    assert span.name == "chat my-deployment"
+    assert span.attributes["gen_ai.provider.name"] == "azure.ai.openai"
+    assert span.attributes["server.address"] == "127.0.0.1"
