@@ -128,9 +128,9 @@ class CallSpan:
 
     def retry(self, attempt: int, error: BaseException | None = None, wait: float | None = None) -> None:
         """Record that ``attempt`` failed with ``error`` and the call waits ``wait`` seconds before the next."""
-        self._retries += 1
         if self._span is None:
             return
+        self._retries += 1
         attributes: dict[str, Any] = {"llmutils.attempt": attempt}
         if error is not None:
             attributes["error.type"] = _error_type(error)
@@ -153,12 +153,12 @@ class CallSpan:
         :param attempts: HTTP attempts made (default: retries recorded + 1, or 0 for a cache hit).
         :param output_messages: the answer's messages, when they are not ``response["choices"]``.
         """
-        if attempts is None:
-            attempts = 0 if cached else self._retries + 1
-        self._attempts = attempts
         span = self._span
         if span is None:
             return
+        if attempts is None:
+            attempts = 0 if cached else self._retries + 1
+        self._attempts = attempts
         span.set_attribute("llmutils.cache.hit", bool(cached))
         span.set_attribute("llmutils.attempts", int(attempts))
         if not isinstance(response, Mapping):
@@ -199,6 +199,9 @@ class CallSpan:
                     default=str,
                 ),
             )
+
+
+_NO_SPAN = CallSpan()  # what a call fills in when nothing records: every method returns at once
 
 
 def tracer_is_recording(trace: Any) -> bool:
@@ -248,18 +251,13 @@ def call_span(
     :raises: whatever the body raises, after recording ``error.type`` and the ERROR status.
     """
     trace = _trace_module()
-    if not trace:
-        helper = CallSpan()
-        token = _current.set(helper)
-        try:
-            yield helper
-        finally:
-            _current.reset(token)
+    if not trace or not tracer_is_recording(trace):  # nothing would record: no span at all
+        yield _NO_SPAN
         return
     tracer = trace.get_tracer("llmutils")
     operation = OPERATIONS.get(operation, operation)
     provider = PROVIDERS.get(provider, provider)
-    if server_address is None and server_url is not None and tracer_is_recording(trace):
+    if server_address is None and server_url is not None:
         server_address, server_port = _address(server_url)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": operation,
