@@ -107,13 +107,24 @@ def _parts(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
+def _messages_json(messages: Sequence[Mapping[str, Any]], *, output: bool) -> str:
+    """Messages as the conventions' JSON: role and parts (and, for answers, the finish reason)."""
+    shaped: list[dict[str, Any]] = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.get("role", "assistant" if output else None), "parts": _parts(m)}
+        if output:
+            item["finish_reason"] = m.get("finish_reason")
+        shaped.append(item)
+    return json.dumps(shaped, ensure_ascii=False, default=str)
+
+
 class CallSpan:
     """What one call tells its span; a no-op when nothing records it.
 
     The send path fills it in: :meth:`retry` for each retry, :meth:`finish` with the answer.
     """
 
-    __slots__ = ("_span", "_capture", "_attempts", "_retries")
+    __slots__ = ("_attempts", "_capture", "_retries", "_span")
 
     def __init__(self, span: Any = None, *, capture: bool = False) -> None:
         self._span = span
@@ -188,17 +199,7 @@ class CallSpan:
                     if isinstance(c, Mapping) and isinstance(c.get("message"), Mapping)
                 ]
         if self._capture and output_messages:
-            span.set_attribute(
-                "gen_ai.output.messages",
-                json.dumps(
-                    [
-                        {"role": m.get("role", "assistant"), "parts": _parts(m), "finish_reason": m.get("finish_reason")}
-                        for m in output_messages
-                    ],
-                    ensure_ascii=False,
-                    default=str,
-                ),
-            )
+            span.set_attribute("gen_ai.output.messages", _messages_json(output_messages, output=True))
 
 
 _NO_SPAN = CallSpan()  # what a call fills in when nothing records: every method returns at once
@@ -282,10 +283,7 @@ def call_span(
         recording = span.is_recording()
         capture = recording and os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true"
         if capture and messages:
-            span.set_attribute(
-                "gen_ai.input.messages",
-                json.dumps([{"role": m.get("role"), "parts": _parts(m)} for m in messages], ensure_ascii=False, default=str),
-            )
+            span.set_attribute("gen_ai.input.messages", _messages_json(messages, output=False))
         helper = CallSpan(span if recording else None, capture=capture)
         token = _current.set(helper)
         try:
@@ -295,7 +293,9 @@ def call_span(
                 span.set_attribute("error.type", _error_type(exc))
                 if helper._attempts is None:
                     attempts = getattr(exc, "attempts", None)
-                    span.set_attribute("llmutils.attempts", attempts if isinstance(attempts, int) else helper._retries + 1)
+                    if not isinstance(attempts, int):
+                        attempts = helper._retries + 1
+                    span.set_attribute("llmutils.attempts", attempts)
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:200]))
             raise

@@ -10,8 +10,9 @@ The price of a model is looked up, in order:
    (``gpt-4o``);
 2. `genai-prices <https://github.com/pydantic/genai-prices>`_, pydantic's maintained price
    database (released monthly). Its data ships inside the package: nothing is downloaded, ever.
-   It needs Python 3.11+; on 3.10 only the overrides price anything. A plain name is an OpenAI model; ``provider/model`` (a LiteLLM-style gateway name such as
-   ``anthropic/claude-3-5-sonnet``) is looked up at that provider;
+   It needs Python 3.11+; on 3.10 only the overrides price anything. A plain name is an OpenAI
+   model; ``provider/model`` (a LiteLLM-style gateway name such as ``anthropic/claude-3-5-sonnet``)
+   is looked up at that provider;
 3. the same two steps for the model a ``MODEL_ALIASES`` entry names (``gpt-mock=gpt-4o-mini``,
    ``my-deployment=gpt-4o``): a gateway alias or an Azure deployment is priced as its model.
 

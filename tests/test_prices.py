@@ -41,7 +41,8 @@ def chat_usage(prompt: int, completion: int, *, cached: int = 0, reasoning: int 
 def test_prices_come_from_genai_prices() -> None:
     from genai_prices import Usage, calc_price
 
-    expected = float(calc_price(Usage(input_tokens=M, output_tokens=M), "gpt-4o-mini", provider_id="openai").total_price)
+    result = calc_price(Usage(input_tokens=M, output_tokens=M), "gpt-4o-mini", provider_id="openai")
+    expected = float(result.total_price)
     tracker = UsageTracker(aliases={})
     tracker.record("gpt-4o-mini", chat_usage(M, M))
     assert tracker.cost() == pytest.approx(expected)
