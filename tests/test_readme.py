@@ -7,6 +7,8 @@ How each block runs (in a fresh temporary directory, one block per test):
   ``PATH``; every command must succeed.
 - ``ini`` blocks: written to ``config.ini`` and read as the configuration (``LLMUTILS_CONFIG``);
   every key must be valid and the registered client for its ``API_TYPE`` must build.
+- ``json`` / ``jsonl`` blocks (data shown, e.g. an output line) must parse; ``text`` blocks are
+  output, not code, and are not run.
 
 "Offline" is real: the environment points the OpenAI and Azure settings at a local
 :class:`llmutils.testing.OpenAITestServer` (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``,
@@ -25,6 +27,7 @@ Keep those few: a block that can run offline, runs.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -41,7 +44,7 @@ from llmutils.testing import OpenAITestServer
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(?P<why>.+?)\s*-->")
-RUN_LANGUAGES = {"python", "bash", "sh", "shell", "console", "ini"}
+RUN_LANGUAGES = {"python", "bash", "sh", "shell", "console", "ini", "json", "jsonl"}
 BLOCK_TIMEOUT = 120.0
 
 
@@ -131,7 +134,7 @@ def test_the_extractor_finds_the_blocks() -> None:
     assert len(readme) >= 10
     assert all(b.language for b in readme), [b.id for b in readme if not b.language]
     skipped = [b for b in BLOCKS if b.not_run]
-    assert len(skipped) <= max(6, len(BLOCKS) // 5), [f"{b.id}: {b.not_run}" for b in skipped]
+    assert len(skipped) <= max(8, len(BLOCKS) // 5), [f"{b.id}: {b.not_run}" for b in skipped]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +191,13 @@ def _run(block: Block, server: OpenAITestServer, workdir: Path) -> subprocess.Co
 def test_block_runs(block: Block, server: OpenAITestServer, tmp_path: Path) -> None:
     if block.not_run:
         pytest.skip(f"not run: {block.not_run}")
+    if block.language == "text":
+        pytest.skip("output, not code")
+    if block.language in ("json", "jsonl"):
+        texts = [block.code] if block.language == "json" else [x for x in block.code.splitlines() if x.strip()]
+        for text in texts:
+            json.loads(text)
+        return
     if block.language not in RUN_LANGUAGES:
         pytest.fail(f"{block.id}: a block in {block.language or 'no language'!r}; say which, or mark it not run")
     proc = _run(block, server, _workdir(tmp_path))
