@@ -79,7 +79,15 @@ def _detail(usage: Any, parents: tuple[str, str], name: str) -> int:
 
 @dataclass
 class ModelUsage:
-    """Totals for one model (or all models); billed and cache-served counts kept apart."""
+    """Totals for one model (or all models); billed and cache-served counts kept apart.
+
+    ``requests``, ``prompt_tokens``, ``completion_tokens``: what the API billed.
+    ``cached_requests``, ``cached_prompt_tokens``, ``cached_completion_tokens``: what the llmutils
+    cache served (not billed). ``cached_tokens``: the part of ``prompt_tokens`` the provider served
+    from its prompt cache (billed at the cached-input price). ``reasoning_tokens``: the part of
+    ``completion_tokens`` a reasoning model used to think (billed as output). ``cost``: USD, or None
+    without a price (set by :meth:`UsageTracker.snapshot` and :meth:`UsageTracker.totals`).
+    """
 
     requests: int = 0
     cached_requests: int = 0
