@@ -70,7 +70,8 @@ def test_every_public_name_and_method_has_a_docstring() -> None:
             missing.append(name)
         if inspect.isclass(obj) and not issubclass(obj, BaseException):
             for attr, value in vars(obj).items():
-                if attr.startswith("_") or not (callable(value) or isinstance(value, (property, staticmethod, classmethod))):
+                member = callable(value) or isinstance(value, (property, staticmethod, classmethod))
+                if attr.startswith("_") or not member:
                     continue
                 function = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
                 if not getattr(function, "__doc__", None):
