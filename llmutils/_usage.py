@@ -6,8 +6,10 @@ Answers served from the llmutils cache are not billed, so they are counted apart
 cache served (the tokens the original call had used). ``cached_tokens`` (the part of
 ``prompt_tokens`` the provider served from its prompt cache, billed at a lower price) and
 ``reasoning_tokens`` (the part of ``completion_tokens`` a reasoning model thought with) are
-billed subsets. Calls made through the Batch API (``record(..., batch=True)``) are totalled with
-the others and priced at the Batch discount.
+billed subsets. Requests answered through the OpenAI Batch API (``record(..., batch=True)``) are
+billed requests too, also counted in ``batch_requests`` / ``batch_prompt_tokens`` /
+``batch_completion_tokens`` / ``batch_cached_tokens``, and priced at the Batch discount
+(:data:`BATCH_DISCOUNT`).
 
 Costs count billed tokens only and are an estimate: prices come from genai-prices, with overrides
 on top (``UsageTracker(prices={...})``, :func:`set_prices`); ``llmutils._prices`` tells how a
@@ -24,9 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._prices import Price, check_prices, token_cost
+from ._prices import BATCH_DISCOUNT, Price, check_prices, token_cost
 
 __all__ = [
+    "BATCH_DISCOUNT",
     "ModelUsage",
     "UsageTracker",
     "get_prices",
@@ -85,7 +88,8 @@ class ModelUsage:
     ``cached_requests``, ``cached_prompt_tokens``, ``cached_completion_tokens``: what the llmutils
     cache served (not billed). ``cached_tokens``: the part of ``prompt_tokens`` the provider served
     from its prompt cache (billed at the cached-input price). ``reasoning_tokens``: the part of
-    ``completion_tokens`` a reasoning model used to think (billed as output). ``cost``: USD, or None
+    ``completion_tokens`` a reasoning model used to think (billed as output). ``batch_*``: the part
+    of the billed counts answered through the Batch API (billed at its discount). ``cost``: USD, or None
     without a price (set by :meth:`UsageTracker.snapshot` and :meth:`UsageTracker.totals`).
     """
 
@@ -97,6 +101,10 @@ class ModelUsage:
     cached_completion_tokens: int = 0
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    batch_requests: int = 0
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
+    batch_cached_tokens: int = 0
     cost: float | None = None
 
     @property
@@ -133,7 +141,6 @@ class UsageTracker:
         self._aliases = dict(aliases) if aliases is not None else None
         self._lock = threading.Lock()
         self._models: dict[str, ModelUsage] = {}
-        self._batch: dict[str, ModelUsage] = {}  # the part of _models billed through the Batch API
         self._unpriced_logged: set[str] = set()
 
     def record(
@@ -152,28 +159,31 @@ class UsageTracker:
             prompt_cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
             reasoning = _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
         with self._lock:
-            parts = [self._models] if cached or not batch else [self._models, self._batch]
-            for table in parts:
-                totals = table.get(model)
-                if totals is None:
-                    totals = table[model] = ModelUsage()
-                if cached:
-                    totals.cached_requests += 1
-                    totals.cached_prompt_tokens += prompt
-                    totals.cached_completion_tokens += completion
-                else:
-                    totals.requests += 1
-                    totals.prompt_tokens += prompt
-                    totals.completion_tokens += completion
-                    totals.cached_tokens += prompt_cached
-                    totals.reasoning_tokens += reasoning
+            totals = self._models.get(model)
+            if totals is None:
+                totals = self._models[model] = ModelUsage()
+            if cached:
+                totals.cached_requests += 1
+                totals.cached_prompt_tokens += prompt
+                totals.cached_completion_tokens += completion
+            else:
+                totals.requests += 1
+                totals.prompt_tokens += prompt
+                totals.completion_tokens += completion
+                totals.cached_tokens += prompt_cached
+                totals.reasoning_tokens += reasoning
+                if batch:
+                    totals.batch_requests += 1
+                    totals.batch_prompt_tokens += prompt
+                    totals.batch_completion_tokens += completion
+                    totals.batch_cached_tokens += prompt_cached
 
     def snapshot(self) -> dict[str, ModelUsage]:
         """Per-model copies of the totals, each with its ``cost`` (None if unpriced)."""
-        copies, batch = self._copies()
+        copies = self._copies()
         table, aliases = self._table(None), self._model_aliases()
         for model, totals in copies.items():
-            totals.cost = self._model_cost(model, totals, batch.get(model), table, aliases)
+            totals.cost = self._model_cost(model, totals, table, aliases)
         return copies
 
     def totals(self) -> ModelUsage:
@@ -196,10 +206,9 @@ class UsageTracker:
         :raises ConfigError: a malformed price.
         """
         table, aliases = self._table(prices), self._model_aliases()
-        copies, batch = self._copies()
         total = 0.0
-        for model, totals in copies.items():
-            cost = self._model_cost(model, totals, batch.get(model), table, aliases)
+        for model, totals in self._copies().items():
+            cost = self._model_cost(model, totals, table, aliases)
             if cost is None:
                 return None
             total += cost
@@ -208,26 +217,19 @@ class UsageTracker:
     def unpriced_models(self, prices: Mapping[str, tuple[float, ...]] | None = None) -> list[str]:
         """The billed models that have no price (sorted): why :meth:`cost` is None; add them with ``prices=``."""
         table, aliases = self._table(prices), self._model_aliases()
-        copies, batch = self._copies()
         return sorted(
-            model
-            for model, totals in copies.items()
-            if self._model_cost(model, totals, batch.get(model), table, aliases) is None
+            model for model, totals in self._copies().items() if self._model_cost(model, totals, table, aliases) is None
         )
 
     def reset(self) -> None:
         """Forget every count."""
         with self._lock:
             self._models.clear()
-            self._batch.clear()
 
-    def _copies(self) -> tuple[dict[str, ModelUsage], dict[str, ModelUsage]]:
-        """Copies of the totals and of their Batch API part, taken together."""
+    def _copies(self) -> dict[str, ModelUsage]:
+        """Copies of the per-model totals."""
         with self._lock:
-            return (
-                {model: dataclasses.replace(totals) for model, totals in self._models.items()},
-                {model: dataclasses.replace(totals) for model, totals in self._batch.items()},
-            )
+            return {model: dataclasses.replace(totals) for model, totals in self._models.items()}
 
     def _table(self, prices: Mapping[str, tuple[float, ...]] | None) -> dict[str, Price]:
         """The overrides in force: process-wide, then this tracker's, then ``prices``."""
@@ -249,24 +251,23 @@ class UsageTracker:
         self,
         model: str,
         totals: ModelUsage,
-        batch: ModelUsage | None,
         table: Mapping[str, Price],
         aliases: Mapping[str, str],
     ) -> float | None:
         """USD for one model's billed tokens (its Batch API part at the discount); None without a price."""
-        live = dataclasses.replace(totals)
-        parts = [(live, False)]
-        if batch is not None:
-            for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
-                setattr(live, name, getattr(live, name) - getattr(batch, name))
-            parts.append((batch, True))
+        t = totals
+        parts = [
+            (t.prompt_tokens - t.batch_prompt_tokens, t.completion_tokens - t.batch_completion_tokens,
+             t.cached_tokens - t.batch_cached_tokens, False),
+            (t.batch_prompt_tokens, t.batch_completion_tokens, t.batch_cached_tokens, True),
+        ]
         usd = 0.0
-        for part, via_batch in parts:
+        for prompt, completion, cached, via_batch in parts:
             cost = token_cost(
                 model,
-                input_tokens=part.prompt_tokens,
-                output_tokens=part.completion_tokens,
-                cached_tokens=part.cached_tokens,
+                input_tokens=prompt,
+                output_tokens=completion,
+                cached_tokens=cached,
                 batch=via_batch,
                 overrides=table,
                 aliases=aliases,

@@ -91,6 +91,7 @@ def test_batch_api_calls_are_priced_at_the_batch_discount() -> None:
     tracker.record("gpt-4.1-mini", chat_usage(M, M), cached=True, batch=True)  # from the llmutils cache: free
     (usage,) = tracker.snapshot().values()
     assert (usage.requests, usage.cached_requests, usage.prompt_tokens) == (2, 1, 2 * M)
+    assert (usage.batch_requests, usage.batch_prompt_tokens, usage.batch_completion_tokens) == (1, M, M)
     assert usage.cost == pytest.approx((0.40 + 1.60) * 1.5)
     # Overrides get the discount too.
     assert tracker.cost(prices={"gpt-4.1-mini": (1.0, 1.0)}) == pytest.approx(2.0 + 1.0)
