@@ -121,6 +121,12 @@ def open_cache(location: str | os.PathLike[str], *, mode: str = "readwrite", ttl
 
     >>> open_cache("redis://:secret@cache.internal:6379/0", ttl=86400)
     RedisCache('redis://:***@cache.internal:6379/0', mode='readwrite')
+
+    :param location: a path or a URL (``CACHE_URL`` / ``CACHE_FILE_NAME`` take the same values).
+    :param mode: ``readwrite``, ``readonly``, ``replay``, ``refresh`` or ``off``.
+    :param ttl: seconds an entry stays valid (None: for ever).
+    :returns: the backend; nothing is opened or connected before its first use.
+    :raises ConfigError: an unknown URL scheme, a malformed URL, a bad mode or ttl.
     """
     if not is_cache_url(location):
         return SQLiteCache(os.fspath(location), mode=mode, ttl=ttl)
@@ -154,6 +160,12 @@ def copy_cache(source: CacheBackend, dest: CacheBackend, *, batch_size: int = 50
     Entries keep their JSON and their remaining lifetime (expired ones are skipped); an entry
     already in ``dest`` is overwritten. ``dest`` must be open for writing.
     ``llmutils cache copy llmutils_cache.sqlite redis://host:6379/0`` does the same from the shell.
+
+    :param source: the cache to read (any mode).
+    :param dest: the cache to write (mode ``readwrite`` or ``refresh``).
+    :param batch_size: entries written per round trip.
+    :returns: the counts of entries copied, skipped as expired and skipped as invalid.
+    :raises ConfigError: ``dest`` is not open for writing.
     """
     if dest.mode not in WRITE_MODES:
         raise ConfigError(f"copy writes to {dest.path}, which is open in mode {dest.mode!r}; use 'readwrite'")
