@@ -99,6 +99,14 @@ class RetryPolicy:
     """How a call is retried. Built from settings per call; inject one to change the pieces.
 
     >>> policy = RetryPolicy(max_attempts=3, waiting_time=0.5, sleep=recorded.append)
+
+    :param max_attempts: attempts per call, the first included (``MAX_ATTEMPTS``).
+    :param waiting_time: the first backoff wait in seconds (``WAITING_TIME``).
+    :param backoff_factor: what each wait is multiplied by (``EXPONENTIAL_BACKOFF_FACTOR``).
+    :param max_wait: the cap on one wait, a server's ``Retry-After`` included (``MAX_WAIT``).
+    :param total_timeout: seconds for the whole call, retries and waits included (None: unbounded).
+    :param jitter: up to this fraction is added at random to each computed wait.
+    :param sleep: how a wait is done (tests pass ``list.append`` to record the waits instead).
     """
 
     max_attempts: int = 5
