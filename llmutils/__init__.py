@@ -8,7 +8,12 @@
 Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
 """
 
-import logging as _logging
+# First, before the slow imports: Ctrl-C while the llmutils command starts exits 130 quietly.
+from ._sigint import quiet_ctrl_c_while_starting as _quiet_ctrl_c_while_starting
+
+_quiet_ctrl_c_while_starting()
+
+import logging as _logging  # noqa: E402
 
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
@@ -34,6 +39,7 @@ from ._exceptions import ContentFilterError as ContentFilterError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LLMUtilsError as LLMUtilsError
 from ._exceptions import NonTerminalError as NonTerminalError
+from ._exceptions import NotAttemptedError as NotAttemptedError
 from ._exceptions import OutputParseError as OutputParseError
 from ._exceptions import QuotaExceededError as QuotaExceededError
 from ._exceptions import RateLimitError as RateLimitError
@@ -81,6 +87,7 @@ __all__ = [
     "MockClient",
     "ModelUsage",
     "NonTerminalError",
+    "NotAttemptedError",
     "OpenAIClient",
     "OutputParseError",
     "QuotaExceededError",
