@@ -2,7 +2,10 @@
 
 How each block runs (in a fresh temporary directory, one block per test):
 
-- ``python`` blocks: ``python -c BLOCK`` in a fresh subprocess, so no block leans on another's names.
+- ``python`` blocks: each in a fresh process, so no block leans on another's names or state: a
+  child forked from a runner process that has already imported llmutils and the openai SDK (that
+  import costs seconds on a busy machine; the child starts with nothing else), with the block's
+  environment and working directory, run as ``__main__``. Without ``os.fork``: ``python -c BLOCK``.
 - ``bash`` blocks: ``bash -euo pipefail -c BLOCK`` with the installed ``llmutils`` command first on
   ``PATH``; every command must succeed.
 - ``ini`` blocks: written to ``config.ini`` and read as the configuration (``LLMUTILS_CONFIG``);
@@ -174,8 +177,93 @@ def _environment(server: OpenAITestServer, workdir: Path) -> dict[str, str]:
     return env
 
 
-def _run(block: Block, server: OpenAITestServer, workdir: Path) -> subprocess.CompletedProcess[str]:
+# The runner: imports llmutils and the SDK once, then for each request (one JSON line on stdin:
+# code, cwd, env, output files) forks a child that runs the block and exits; answers the exit code.
+_RUNNER = r"""
+import atexit, json, os, sys, traceback
+import llmutils, openai  # noqa: F401 - warm imports shared by every child
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.environ.clear()
+            os.environ.update(job["env"])
+            os.chdir(job["cwd"])
+            out = os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            err = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            sys.stdin = open(os.devnull)
+            try:
+                exec(compile(job["code"], "<block>", "exec"), {"__name__": "__main__"})
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            atexit._run_exitfuncs()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+class _Runner:
+    """The warm runner process (see ``_RUNNER``), started on first use and stopped at the end."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+
+    def run(self, code: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        if self._proc is None:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", _RUNNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env=env, cwd=cwd,
+            )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        out, err = cwd / ".block.stdout", cwd / ".block.stderr"
+        job = {"code": code, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        self._proc.stdin.write(json.dumps(job) + "\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("the block runner died")
+        returncode = json.loads(answer)["code"]
+        return subprocess.CompletedProcess(
+            ["<block>"], returncode, out.read_text(encoding="utf-8", errors="replace"),
+            err.read_text(encoding="utf-8", errors="replace"),
+        )
+
+    def close(self) -> None:
+        if self._proc is not None:
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._proc.stdin.close()
+            self._proc.wait(timeout=BLOCK_TIMEOUT)
+            self._proc.stdout.close()
+            self._proc = None
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[_Runner | None]:
+    if not hasattr(os, "fork"):
+        yield None
+        return
+    warm = _Runner()
+    yield warm
+    warm.close()
+
+
+def _run(
+    block: Block, server: OpenAITestServer, workdir: Path, runner: _Runner | None = None
+) -> subprocess.CompletedProcess[str]:
     env = _environment(server, workdir)
+    if block.language == "python" and runner is not None:
+        return runner.run(block.code, workdir, env)
     if block.language == "python":
         argv = [sys.executable, "-c", block.code]
     elif block.language == "ini":
@@ -188,7 +276,7 @@ def _run(block: Block, server: OpenAITestServer, workdir: Path) -> subprocess.Co
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
-def test_block_runs(block: Block, server: OpenAITestServer, tmp_path: Path) -> None:
+def test_block_runs(block: Block, server: OpenAITestServer, runner: _Runner | None, tmp_path: Path) -> None:
     if block.not_run:
         pytest.skip(f"not run: {block.not_run}")
     if block.language == "text":
@@ -200,7 +288,7 @@ def test_block_runs(block: Block, server: OpenAITestServer, tmp_path: Path) -> N
         return
     if block.language not in RUN_LANGUAGES:
         pytest.fail(f"{block.id}: a block in {block.language or 'no language'!r}; say which, or mark it not run")
-    proc = _run(block, server, _workdir(tmp_path))
+    proc = _run(block, server, _workdir(tmp_path), runner)
     assert proc.returncode == 0, (
         f"{block.id} ({block.language}) failed with exit code {proc.returncode}\n"
         f"--- code ---\n{block.code}--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}"
