@@ -535,7 +535,7 @@ class OpenAIClient:
     ) -> dict[str, Any]:
         """:meth:`_send_path` in one OpenTelemetry span when tracing is on (:mod:`llmutils._otel`)."""
         with call_span(kind, str(params.get("model")), provider=self.api_type, server_url=lambda: self._endpoint(settings),
-                       params=params, messages=params.get("messages")) as span:
+                       params=params) as span:
             response = self._send_path(kind, path, params, settings, deadline, timeout, check, make_policy)
             info = self.last_call
             span.finish(response, cached=info is not None and info.cached)

@@ -87,12 +87,12 @@ def _error_type(exc: BaseException) -> str:
 
 
 def _parts(message: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A chat message's content in the conventions' parts format (text and tool calls)."""
+    """A chat message's (or a Responses message item's) content in the conventions' parts format."""
     parts: list[dict[str, Any]] = []
     content = message.get("content")
     if isinstance(content, str):
         parts.append({"type": "text", "content": content})
-    elif isinstance(content, list):
+    elif isinstance(content, list):  # chat parts {"type": "text"}, Responses {"type": "output_text"}, ...
         for part in content:
             if isinstance(part, Mapping) and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "content": part["text"]})
@@ -105,6 +105,22 @@ def _parts(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     if message.get("role") == "tool":
         parts = [{"type": "tool_call_response", "id": message.get("tool_call_id"), "result": content}]
     return parts
+
+
+def _input_messages(params: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The prompt of a request: chat ``messages``, or Responses ``instructions`` and ``input``."""
+    messages = params.get("messages")
+    if isinstance(messages, list):
+        return [m for m in messages if isinstance(m, Mapping)]
+    shaped: list[Mapping[str, Any]] = []
+    if isinstance(params.get("instructions"), str):
+        shaped.append({"role": "system", "content": params["instructions"]})
+    given = params.get("input")
+    if isinstance(given, str):
+        shaped.append({"role": "user", "content": given})
+    elif isinstance(given, list):
+        shaped += [m for m in given if isinstance(m, Mapping) and "role" in m]
+    return shaped
 
 
 def _messages_json(messages: Sequence[Mapping[str, Any]], *, output: bool) -> str:
@@ -187,6 +203,14 @@ class CallSpan:
                 value = next((usage[n] for n in names if isinstance(usage.get(n), int)), None)
                 if value is not None:
                     span.set_attribute(attribute, value)
+        output = response.get("output")  # the Responses API: message items, and a status
+        if isinstance(output, list) and self._capture and output_messages is None:
+            reason = "stop" if response.get("status") == "completed" else response.get("status")
+            output_messages = [
+                {**item, "finish_reason": reason}
+                for item in output
+                if isinstance(item, Mapping) and item.get("type") == "message"
+            ]
         choices = response.get("choices")
         if isinstance(choices, list):
             reasons = [c.get("finish_reason") for c in choices if isinstance(c, Mapping)]
@@ -247,8 +271,10 @@ def call_span(
     :param server_address: host the request goes to; ``server_port`` its port.
     :param server_url: the endpoint URL (or a function returning it, called only when a span
         records), from which the address and port are taken when not given.
-    :param params: the request's parameters (temperature, top_p, max tokens, seed are recorded).
-    :param messages: the prompt, recorded only when content capture is on.
+    :param params: the request's parameters (temperature, top_p, max tokens, seed are recorded;
+        the prompt, from ``messages`` or Responses ``instructions`` / ``input``, only when content
+        capture is on).
+    :param messages: the prompt, when it is not in ``params``.
     :raises: whatever the body raises, after recording ``error.type`` and the ERROR status.
     """
     trace = _trace_module()
@@ -282,8 +308,10 @@ def call_span(
     ) as span:
         recording = span.is_recording()
         capture = recording and os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true"
-        if capture and messages:
-            span.set_attribute("gen_ai.input.messages", _messages_json(messages, output=False))
+        if capture:
+            prompt = messages if messages is not None else _input_messages(params or {})
+            if prompt:
+                span.set_attribute("gen_ai.input.messages", _messages_json(prompt, output=False))
         helper = CallSpan(span if recording else None, capture=capture)
         token = _current.set(helper)
         try:

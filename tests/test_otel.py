@@ -222,3 +222,24 @@ def test_an_azure_call_names_its_provider(spans: InMemorySpanExporter) -> None:
     assert span.name == "chat my-deployment"
     assert span.attributes["gen_ai.provider.name"] == "azure.ai.openai"
     assert span.attributes["server.address"] == "127.0.0.1"
+
+
+def test_a_responses_call_is_a_chat_span_and_its_content_is_captured(
+    spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmutils import OpenAIClient
+    from llmutils.testing import OpenAITestServer
+
+    monkeypatch.setenv(CAPTURE_CONTENT_ENV, "true")
+    with OpenAITestServer() as server, OpenAIClient(base_url=server.base_url, api_key="test") as client:
+        answer = client.create_response(model="gpt-4.1-mini", instructions="Be brief.", input="hi")
+    (span,) = spans.get_finished_spans()
+    assert span.name == "chat gpt-4.1-mini"
+    assert span.attributes["gen_ai.usage.input_tokens"] == answer["usage"]["input_tokens"]
+    assert json.loads(span.attributes["gen_ai.input.messages"]) == [
+        {"role": "system", "parts": [{"type": "text", "content": "Be brief."}]},
+        {"role": "user", "parts": [{"type": "text", "content": "hi"}]},
+    ]
+    (said,) = json.loads(span.attributes["gen_ai.output.messages"])
+    assert said["role"] == "assistant" and said["finish_reason"] == "stop"
+    assert said["parts"][0]["content"] == answer["output"][0]["content"][0]["text"]
