@@ -178,7 +178,7 @@ def ask_stream() -> Any:
                 for text in stream:
                     yield sse({"text": text})
             except llmutils.LLMUtilsError as exc:
-                status, body = error_response(exc)
+                _, body = error_response(exc)
                 current_app.logger.warning("stream failed after %d characters (%s): %s", len(stream.text), type(exc).__name__, exc)
                 yield sse(body, "error")
                 return

@@ -385,3 +385,18 @@ def test_django_stream_ends_cleanly_on_an_error_mid_stream(django_client: Any, s
     server.script(Fault.server_error(), Fault.server_error())
     down, _ = _django_stream(django_client, {"prompt": "hi"})
     assert (down.status_code, down.json()["code"]) == (503, "model_unavailable")
+
+
+def test_flask_stream_closes_the_models_connection_when_the_browser_leaves(flask_url: Any, server: OpenAITestServer) -> None:
+    import httpx2
+
+    server.chat_handler = lambda body: "word " * 300
+    server.stream_interval = 0.02  # about 6 s for the whole answer
+    url = flask_url().replace("/ask", "/ask/stream")
+    with httpx2.Client(timeout=30) as http:
+        with http.stream("POST", url, json={"prompt": "a long story"}) as response:
+            chunks = response.iter_raw()
+            next(chunks), next(chunks)
+    # The browser is gone: werkzeug's next write fails, the view's generator is closed, and the
+    # `with stream:` block closes the connection to the model, which the model's server sees.
+    assert server.wait_stream_closed_early(1, timeout=5)

@@ -101,7 +101,7 @@ def ask_stream(request: HttpRequest) -> HttpResponseBase:
                 for text in stream:
                     yield _sse({"text": text})
             except llmutils.LLMUtilsError as exc:
-                status, body = llm.error_response(exc)
+                _, body = llm.error_response(exc)
                 logger.warning("stream failed after %d characters (%s): %s", len(stream.text), type(exc).__name__, exc)
                 yield _sse(body, "error")
                 return
