@@ -828,3 +828,41 @@ def test_a_body_held_open_after_the_end_event_does_not_hold_the_caller(server: O
         assert "".join(stream) == "echo: " + LONG
     assert stream.completed and time.monotonic() - started < 3
     assert llm.cache_stats().writes == 1
+
+
+class _Clock:
+    """A monotonic clock that moves only when the limiter sleeps; the sleeps are recorded."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_rpm_and_tpm_apply_to_streams(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmutils import RateLimiter, _clients
+
+    clock = _Clock()
+    monkeypatch.setattr(_clients, "RateLimiter", lambda **kw: RateLimiter(clock=clock, sleep=clock.sleep, **kw))
+    with OpenAIClient(base_url=server.base_url, api_key="k", rpm=600) as client:
+        for _ in range(3):
+            with client.stream_message(ASK) as stream:
+                list(stream)
+    assert clock.sleeps == pytest.approx([0.1, 0.1])  # 600 rpm: one request every 0.1 s
+
+    clock.sleeps.clear()
+    monkeypatch.setattr(OpenAIClient, "_estimate_tokens", staticmethod(lambda params: 100))
+    server.chat_handler = lambda body: {**whole_completion(body), "usage": {"prompt_tokens": 1, "completion_tokens": 249, "total_tokens": 250}}
+    with OpenAIClient(base_url=server.base_url, api_key="k", tpm=6000) as client:
+        for _ in range(2):
+            with client.stream_message(ASK, tools=TOOLS) as stream:
+                list(stream)
+            assert stream.usage["total_tokens"] == 250
+    # The first stream cost 250 tokens, not the 100 reserved: the next one waits for 250 tokens' worth.
+    assert clock.sleeps == pytest.approx([2.5])
