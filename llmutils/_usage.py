@@ -4,6 +4,9 @@ Answers served from the llmutils cache are not billed, so they are counted apart
 ``requests``, ``prompt_tokens`` and ``completion_tokens`` are what the API billed;
 ``cached_requests``, ``cached_prompt_tokens`` and ``cached_completion_tokens`` are what the
 cache served (the tokens the original call had used). Costs count billed tokens only.
+Requests answered through the OpenAI Batch API (``record(..., batch=True)``) are billed requests
+too, also counted in ``batch_requests`` / ``batch_prompt_tokens`` / ``batch_completion_tokens``,
+and cost :data:`BATCH_DISCOUNT` less (half price, as OpenAI and Azure bill them).
 
 Prices are an estimate. :data:`DEFAULT_PRICES` holds OpenAI's standard-tier list prices in
 USD per 1M input / output tokens as of August 2025; it ignores provider-side prompt-cache
@@ -27,6 +30,7 @@ from typing import Any
 from ._exceptions import ConfigError
 
 __all__ = [
+    "BATCH_DISCOUNT",
     "DEFAULT_PRICES",
     "ModelUsage",
     "UsageTracker",
@@ -53,6 +57,9 @@ DEFAULT_PRICES: Mapping[str, tuple[float, float]] = MappingProxyType({
     "text-embedding-3-small": (0.02, 0.0),
     "text-embedding-3-large": (0.13, 0.0),
 })
+
+#: The share of the price the Batch API takes off (OpenAI and Azure: 50 %).
+BATCH_DISCOUNT = 0.5
 
 # A suffix that names a snapshot of the same model: -2024-08-06 or -0613.
 _SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})")
@@ -128,6 +135,9 @@ class ModelUsage:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    batch_requests: int = 0
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
     cost: float | None = None
 
     @property
@@ -161,8 +171,13 @@ class UsageTracker:
         self._models: dict[str, ModelUsage] = {}
         self._unpriced_logged: set[str] = set()
 
-    def record(self, model: str, usage: Mapping[str, Any] | Any | None, *, cached: bool = False) -> None:
-        """Count one answer for ``model``; ``usage`` is the API's usage (dict or object) or None."""
+    def record(
+        self, model: str, usage: Mapping[str, Any] | Any | None, *, cached: bool = False, batch: bool = False
+    ) -> None:
+        """Count one answer for ``model``; ``usage`` is the API's usage (dict or object) or None.
+
+        ``batch=True``: the answer came through the Batch API (billed, at the batch discount).
+        """
         prompt = completion = 0
         if usage is not None:
             prompt = _count(usage, "prompt_tokens", "input_tokens")
@@ -179,6 +194,10 @@ class UsageTracker:
                 totals.requests += 1
                 totals.prompt_tokens += prompt
                 totals.completion_tokens += completion
+                if batch:
+                    totals.batch_requests += 1
+                    totals.batch_prompt_tokens += prompt
+                    totals.batch_completion_tokens += completion
 
     def snapshot(self) -> dict[str, ModelUsage]:
         """Per-model copies of the totals, each with its ``cost`` (None if unpriced)."""
@@ -243,4 +262,6 @@ class UsageTracker:
                     "no price for model %r; its cost is unknown (add one with prices= or set_prices())", model
                 )
             return None
-        return (totals.prompt_tokens * price[0] + totals.completion_tokens * price[1]) / 1_000_000
+        full = totals.prompt_tokens * price[0] + totals.completion_tokens * price[1]
+        discount = BATCH_DISCOUNT * (totals.batch_prompt_tokens * price[0] + totals.batch_completion_tokens * price[1])
+        return (full - discount) / 1_000_000
