@@ -26,6 +26,7 @@ from ._config import DEFAULTS as DEFAULTS
 from ._config import force_default_value as force_default_value
 from ._config import override_defaults as override_defaults
 from ._exceptions import AuthenticationError as AuthenticationError
+from ._exceptions import BatchAPIError as BatchAPIError
 from ._exceptions import CacheMissError as CacheMissError
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ContentFilterError as ContentFilterError
@@ -61,6 +62,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "AzureClient",
+    "BatchAPIError",
     "BatchResult",
     "CallInfo",
     "CacheBackend",
