@@ -40,6 +40,7 @@ logger = logging.getLogger("llmutils")
 T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
+VIAS = ("live", "batch-api")
 _POLL_SECONDS = 0.2  # how often the calling thread wakes while waiting (Ctrl-C on every platform)
 
 
@@ -242,6 +243,8 @@ def batch(
     user_template: str | None = None,
     template_dirs: Any = None,
     progress: bool = False,
+    via: str = "live",
+    fallback: str | None = None,
     **params: Any,
 ) -> list[BatchResult]:
     """Send one chat request per item on ``workers`` threads; results come back in input order.
@@ -253,11 +256,49 @@ def batch(
     ``output`` is what it returns (the assistant message dict). With the cache on, a re-run of a
     finished batch is served from the cache without a network call (``cached`` is True).
     ``progress=True`` shows a tqdm bar (done, cached, failed, tokens) on stderr.
+
+    ``via="batch-api"`` sends the items through the OpenAI / Azure Batch API instead, at half price,
+    answered within 24 h: same items, same results, same per-item errors. It needs the cache on (the
+    batches are recorded there, so calling again after Ctrl-C or a crash resumes them instead of
+    paying twice); ``fallback="live"`` sends what the batches did not answer as live calls.
     """
+    if via not in VIAS:
+        raise ConfigError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
+    if fallback is not None and via == "live":
+        raise ConfigError("fallback= applies to via='batch-api' only")
     if client is None:
         client = _default_client()
 
     def send(item: Any) -> Any:
         return client.send_message(_messages_for(item, system_template, user_template, template_dirs), **params)
 
+    if via == "batch-api":
+        return _via_batch_api(list(items), send, client, system_template, user_template, template_dirs, progress, fallback, params)
+
     return map_calls(send, items, workers=workers, client=client, progress=progress, desc="batch")
+
+
+def _via_batch_api(
+    items: list[Any],
+    send: Callable[[Any], Any],
+    client: Any,
+    system_template: str | None,
+    user_template: str | None,
+    template_dirs: Any,
+    progress: bool,
+    fallback: str | None,
+    params: dict[str, Any],
+) -> list[BatchResult]:
+    """:func:`batch` through the Batch API: the items' messages here, the jobs in :mod:`llmutils._batchapi`."""
+    from ._batchapi import run_items
+
+    messages: list[Any] = []
+    for item in items:
+        try:
+            messages.append(_messages_for(item, system_template, user_template, template_dirs))
+        except LLMUtilsError as exc:
+            messages.append(exc)
+    results: list[BatchResult] = run_items(
+        items, messages, client=client, fallback=fallback, live=send, progress=progress, **params
+    )
+    return results

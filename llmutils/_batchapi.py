@@ -62,6 +62,9 @@ __all__ = [
     "BatchRun",
     "run_batch_job",
     "error_for_status",
+    "batch_api_for",
+    "run_items",
+    "FALLBACKS",
 ]
 
 logger = logging.getLogger("llmutils")
@@ -732,3 +735,167 @@ def _collect(
             run.errors[key] = error
     logger.info("llmutils: batch %s %s: %d answered, %d not", batch_id, status, answered, failed)
     ledger.save(dataclasses.replace(job, status=status, collected=True, updated=time.time()))
+
+
+# -- batch(..., via="batch-api") -----------------------------------------------------------------------
+
+# send_message's arguments that shape the request body (the rest of **params goes to the API as is).
+_NAMED_CHAT_ARGS = ("model", "temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "stop", "n")
+# send_message's arguments that only say how to send; the Batch API has no use for them.
+_TRANSPORT_ARGS = ("timeout", "total_timeout", "max_attempts", "waiting_time", "exponential_backoff_factor")
+FALLBACKS = (None, "live")
+
+
+@dataclass(frozen=True)
+class _ClientParts:
+    """What the Batch API path needs of an llmutils client, reached in one place."""
+
+    settings: Mapping[str, Any]
+    cache: Any
+    location: str
+    api: BatchAPI
+    url: str
+    key: Callable[[Mapping[str, Any]], str]
+
+
+def _client_parts(client: Any) -> _ClientParts:
+    """The cache, the ledger location, the SDK and the key function of ``client`` (a ConfigError if unusable)."""
+    if getattr(client, "api_type", None) not in ("openai", "azure") or not hasattr(client, "_sdk"):
+        raise ConfigError(
+            f"the Batch API path needs an OpenAI or Azure OpenAI client, not {type(client).__name__} "
+            f"(api_type {getattr(client, 'api_type', None)!r}); use via='live' for other backends"
+        )
+    settings = client.settings()
+    if str(settings.get("API", "chat")).lower() == "responses":
+        raise ConfigError("the Batch API path sends chat completions; API = responses is not supported there yet")
+    cache = client._cache(settings)
+    if cache is None:
+        raise ConfigError(
+            "the Batch API path needs the cache on (it is where batches are recorded and results land): "
+            "set CACHE_API_CALLS = true, pass cache_api_calls=True, or use --cache"
+        )
+    location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
+    if "://" not in location or location.lower().startswith("sqlite:"):
+        location = str(cache.path)
+    sdk, _source = client._sdk(settings)
+    policy = client._policy(settings, None, None, None, None, None)
+    api = BatchAPI(sdk, where=client._display(settings), policy=policy)
+
+    def key(body: Mapping[str, Any]) -> str:
+        return str(client._cache_key("chat", body, settings))
+
+    return _ClientParts(settings, cache, location, api, _batch_url_for(client), key)
+
+
+def _batch_url_for(client: Any) -> str:
+    from ._apis.batch import batch_url
+
+    return batch_url("chat", azure=getattr(client, "api_type", None) == "azure")
+
+
+def batch_api_for(client: Any) -> tuple[BatchAPI, BatchLedger]:
+    """The Batch API endpoints and the ledger of ``client`` (for ``llmutils batch-api list|status|cancel``)."""
+    parts = _client_parts(client)
+    return parts.api, open_ledger(parts.location)
+
+
+def run_items(
+    items: Sequence[Any],
+    messages: Sequence[list[dict[str, Any]] | LLMUtilsError],
+    *,
+    client: Any,
+    fallback: str | None = None,
+    live: Callable[[Any], Any] | None = None,
+    progress: bool = False,
+    on_result: Callable[[Any], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    max_requests: int = MAX_REQUESTS,
+    max_bytes: int = MAX_FILE_BYTES,
+    **params: Any,
+) -> list[Any]:
+    """The Batch API side of :func:`~llmutils.batch`: one :class:`~llmutils.BatchResult` per item, in order.
+
+    ``messages[i]`` is item i's messages (or the error that rendering them raised). Each request is
+    built and keyed exactly as :meth:`~llmutils.OpenAIClient.send_message` would, so answers are
+    cache hits for later live calls. ``fallback="live"`` sends the items the Batch API did not
+    answer (the batch failed, expired or was cancelled; a retryable line error) through ``live``.
+    """
+    from ._apis.chat import build_chat_request, check_chat_response, read_chat_response
+    from ._batch import BatchResult, map_calls
+
+    if fallback not in FALLBACKS:
+        raise ConfigError(f"fallback must be None or 'live', got {fallback!r}")
+    if fallback == "live" and live is None:
+        raise ConfigError("fallback='live' needs a live sender")
+    if params.get("stream"):
+        raise InvalidRequestError("stream=True is not supported by the Batch API; it returns whole answers")
+    parts = _client_parts(client)
+    named = {k: params[k] for k in _NAMED_CHAT_ARGS if k in params}
+    more = {k: v for k, v in params.items() if k not in _NAMED_CHAT_ARGS and k not in _TRANSPORT_ARGS}
+    n = named.get("n", 1)
+    results: list[Any] = [None] * len(items)
+    keys: dict[int, str] = {}
+    requests: list[tuple[str, Mapping[str, Any]]] = []
+    for index, (item, msgs) in enumerate(zip(items, messages)):
+        if isinstance(msgs, LLMUtilsError):
+            results[index] = BatchResult(index, item, error=msgs)
+            continue
+        try:
+            body = build_chat_request(parts.settings, msgs, **named, more=more)
+            key = parts.key(body)
+        except LLMUtilsError as exc:
+            results[index] = BatchResult(index, item, error=exc)
+            continue
+        keys[index] = key
+        requests.append((key, body))
+
+    def record_usage(_key: str, body: dict[str, Any]) -> None:
+        client.usage.record(str(body.get("model")), body.get("usage"), cached=False, batch=True)
+
+    run = run_batch_job(
+        requests,
+        api=parts.api,
+        cache=parts.cache,
+        ledger=open_ledger(parts.location),
+        url=parts.url,
+        check=check_chat_response,
+        on_answer=record_usage,
+        poll_interval=float(parts.settings["BATCH_POLL_INTERVAL"]),
+        poll_max=float(parts.settings["BATCH_POLL_MAX"]),
+        sleep=sleep,
+        progress=progress,
+        max_requests=max_requests,
+        max_bytes=max_bytes,
+    )
+    retry_live: list[int] = []
+    for index, key in keys.items():
+        item = items[index]
+        response = run.cached.get(key)
+        cached = response is not None
+        if response is None:
+            response = run.answers.get(key)
+        if response is not None:
+            try:
+                output = read_chat_response(response, n)
+            except LLMUtilsError as exc:
+                results[index] = BatchResult(index, item, error=exc)
+                continue
+            if cached:
+                client.usage.record(str(response.get("model")), response.get("usage"), cached=True)
+            results[index] = BatchResult(index, item, output=output, cached=cached, usage=response.get("usage"))
+            continue
+        error = run.errors.get(key) or BatchAPIError("the Batch API gave no answer to this request")
+        if fallback == "live" and isinstance(error, (BatchAPIError, NonTerminalError)):
+            retry_live.append(index)
+        else:
+            results[index] = BatchResult(index, item, error=error)
+    if retry_live:
+        assert live is not None
+        logger.info("llmutils: sending %d requests the Batch API did not answer as live calls", len(retry_live))
+        for offset, result in enumerate(map_calls(live, [items[i] for i in retry_live], client=client, progress=progress, desc="live")):
+            index = retry_live[offset]
+            results[index] = dataclasses.replace(result, index=index)
+    if on_result is not None:
+        for result in results:
+            on_result(result)
+    return results
