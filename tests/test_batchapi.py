@@ -389,3 +389,189 @@ def test_batch_answers_cost_half() -> None:
     totals = usage.totals()
     assert (totals.requests, totals.batch_requests, totals.batch_prompt_tokens) == (2, 1, 1_000_000)
     assert live == pytest.approx(10.0) and usage.cost() == pytest.approx(15.0)
+
+
+# -- batch(..., via="batch-api") and the command line ---------------------------------------------------
+
+
+@pytest.fixture
+def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poll the test server every 10 ms (its clock ends a batch after a few polls)."""
+    monkeypatch.setenv("LLMUTILS_BATCH_POLL_INTERVAL", "0.01")
+
+
+def _client(server: OpenAITestServer, tmp_path: Path, **kwargs: Any) -> llmutils.OpenAIClient:
+    return llmutils.OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite", **kwargs)
+
+
+def _items(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"item {i}"}] for i in range(n)]
+
+
+def test_batch_via_the_batch_api_skips_cached_items_and_fills_the_cache(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
+    items = _items(30)
+    with _client(server, tmp_path, prices={"gpt-4.1-mini": (1.0, 4.0)}) as client:
+        for messages in items[:5]:
+            client.send_message(messages, temperature=0)  # five answers already in the cache
+        server.reset()
+        results = llmutils.batch(items, client=client, via="batch-api", temperature=0)
+        assert len(_uploaded_lines(server)) == 25 and _creates(server) == 1
+        assert [r.content for r in results] == [f"echo: item {i}" for i in range(30)]
+        assert [r.cached for r in results] == [True] * 5 + [False] * 25 and all(r.ok and r.tokens > 0 for r in results)
+        totals = client.usage.totals()
+        assert (totals.requests, totals.batch_requests, totals.cached_requests) == (30, 25, 5)  # 5 live sends above
+        live_cost = (5 * 2 * 1.0 + 5 * 3 * 4.0) / 1e6  # the five live calls: 2 prompt words, 3 answer words each
+        assert client.usage.cost() == pytest.approx(live_cost * (1 + 0.5 * 25 / 5))
+        server.reset()
+        # a later live call of the same request is a cache hit; so is the whole batch, live or not
+        assert client.send_message(items[17], temperature=0)["content"] == "echo: item 17"
+        assert client.last_call is not None and client.last_call.cached
+        assert all(r.cached for r in llmutils.batch(items, client=client, via="batch-api", temperature=0))
+        assert all(r.cached for r in llmutils.batch(items, client=client, temperature=0))
+        assert server.request_count == 0
+
+
+def test_an_expired_batch_with_fallback_live_completes_with_live_calls(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
+    server.batch_api.script(BatchOutcome("expired", answered=3))
+    with _client(server, tmp_path) as client:
+        results = llmutils.batch(_items(8), client=client, via="batch-api", fallback="live")
+    assert [r.content for r in results] == [f"echo: item {i}" for i in range(8)] and all(r.ok for r in results)
+    live = [r for r in server.requests if r.path == "/v1/chat/completions"]
+    assert sorted(r.body["messages"][0]["content"] for r in live) == [f"item {i}" for i in range(3, 8)]
+    server.batch_api.script(BatchOutcome("expired", answered=1))
+    with _client(server, tmp_path / "other") as client:
+        results = llmutils.batch(_items(3), client=client, via="batch-api")
+    assert [r.ok for r in results] == [True, False, False]
+    assert isinstance(results[1].error, BatchAPIError) and results[1].error.batch_id == server.batch_api.created[-1]
+
+
+def test_a_line_error_becomes_that_items_error(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
+    server.batch_api.script(BatchOutcome(line_fault=lambda line: Fault.bad_request("no thanks") if "item 2" in json.dumps(line) else None))
+    with _client(server, tmp_path) as client:
+        results = llmutils.batch(_items(4), client=client, via="batch-api", fallback="live")
+    assert [r.ok for r in results] == [True, True, False, True]
+    error = results[2].error
+    assert isinstance(error, InvalidRequestError) and "no thanks" in str(error) and server.batch_api.created[0] in str(error)
+    assert not any(r.path == "/v1/chat/completions" for r in server.requests)  # a 400 is not worth a live retry
+
+
+def test_bad_items_and_misuse_fail_before_any_request(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
+    with _client(server, tmp_path) as client:
+        results = llmutils.batch([{"no": "template"}, *_items(1)], client=client, via="batch-api")
+        assert isinstance(results[0].error, InvalidRequestError) and results[1].ok
+        server.reset()
+        with pytest.raises(ConfigError, match="via must be"):
+            llmutils.batch(_items(1), client=client, via="carrier-pigeon")
+        with pytest.raises(ConfigError, match="fallback"):
+            llmutils.batch(_items(1), client=client, fallback="live")
+    with llmutils.OpenAIClient(base_url=server.base_url, api_key="k") as no_cache, pytest.raises(ConfigError, match="cache on"):
+        llmutils.batch(_items(1), client=no_cache, via="batch-api")
+    with pytest.raises(ConfigError, match="OpenAI or Azure"):
+        llmutils.batch(_items(1), client=llmutils.MockClient(cache_api_calls=True), via="batch-api")
+    assert server.request_count == 0
+
+
+def test_azure_client_through_the_batch_api(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
+    with llmutils.AzureClient(
+        azure_endpoint=server.azure_endpoint, api_key="k", api_version="2024-10-21", model="my-batch-deployment",
+        cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
+    ) as client:
+        results = llmutils.batch(_items(3), client=client, via="batch-api")
+        assert [r.content for r in results] == [f"echo: item {i}" for i in range(3)]
+        lines = _uploaded_lines(server)
+        assert {line["url"] for line in lines} == {"/chat/completions"} and {line["body"]["model"] for line in lines} == {"my-batch-deployment"}
+        assert all(r.path.startswith("/openai/") and r.query.get("api-version") == "2024-10-21" for r in server.requests)
+        server.reset()
+        assert client.send_message(_items(3)[1])["content"] == "echo: item 1" and server.request_count == 0
+
+
+def _cli(server: OpenAITestServer, *args: str) -> list[str]:
+    return ["--base-url", server.base_url, *args]
+
+
+def test_cli_batch_via_the_batch_api_and_its_rerun(
+    server: OpenAITestServer, tmp_path: Path, fast_polls: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmutils.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(6)))
+    server.batch_api.script(BatchOutcome(line_fault=lambda line: Fault.bad_request("bad p4") if "p4" in json.dumps(line) else None))
+    code = main(["batch", "in.jsonl", "out.jsonl", *_cli(server), "--via", "batch-api", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "6 items: 5 ok, 1 failed" in err
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(6)) and records[0]["output"] == "echo: p0"
+    assert records[4]["error"]["type"] == "InvalidRequestError" and "bad p4" in records[4]["error"]["message"]
+    server.reset()
+    code = main(["batch", "in.jsonl", "out2.jsonl", *_cli(server), "--via", "batch-api", "--fallback", "live", "--no-progress"])
+    assert code == 0 and _creates(server) == 1 and len(_uploaded_lines(server)) == 1  # five from the cache, the failed one again
+    assert "6 items: 6 ok, 0 failed, 5 cached" in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["batch-api", "list", *_cli(server)]) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and "collected" in out
+    assert main(["batch", "in.jsonl", "out.jsonl", *_cli(server), "--fallback", "live"]) == 2
+
+
+def test_cli_batch_api_status_and_cancel(
+    server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmutils.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    batch_id = server_batch(server)
+    assert main(["batch-api", "status", batch_id, *_cli(server)]) == 0
+    assert f"{batch_id}  in_progress" in capsys.readouterr().out
+    assert main(["batch-api", "cancel", batch_id, *_cli(server)]) == 0
+    assert "cancelling" in capsys.readouterr().out
+    assert main(["batch-api", "list", "--remote", *_cli(server)]) == 0
+    assert batch_id in capsys.readouterr().out
+    assert main(["batch-api", "status", "batch_nope", *_cli(server)]) == 1
+    assert "404" in capsys.readouterr().err
+
+
+def server_batch(server: OpenAITestServer) -> str:
+    with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0) as sdk:
+        return str(sdk.batches.create(input_file_id=_upload(sdk, _lines(2)), endpoint="/v1/chat/completions", completion_window="24h").id)
+
+
+def test_cli_run_interrupted_after_submission_resumes_the_same_batch(
+    server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmutils.cli import main
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
+    server.batch_api.polls = 1_000_000  # the batch never ends while the first run polls
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "AZURE_", "LLMUTILS_"))}
+    env.update(OPENAI_API_KEY="k", LLMUTILS_BATCH_POLL_INTERVAL="0.05", LLMUTILS_BATCH_POLL_MAX="0.05")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils", *_cli(server), "batch", "in.jsonl", "out.jsonl", "--via", "batch-api"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not any(r.path.startswith("/v1/batches/") for r in server.requests):  # submitted, and polling
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never polled its batch"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and "run the same command again to resume" in err and "Traceback" not in err
+    [batch_id] = server.batch_api.created
+    server.batch_api.polls = 1
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    monkeypatch.setenv("LLMUTILS_BATCH_POLL_INTERVAL", "0.01")
+    assert main([*_cli(server), "batch", "in.jsonl", "out.jsonl", "--via", "batch-api", "--no-progress"]) == 0
+    assert server.batch_api.created == [batch_id] and _creates(server) == 1
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in records] == [f"echo: p{i}" for i in range(5)]
