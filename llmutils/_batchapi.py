@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from ._apis.batch import MAX_FILE_BYTES, MAX_REQUESTS, LineResult, build_input_files, read_results
+from ._apis.batch import MAX_FILE_BYTES, MAX_REQUESTS, LineResult, build_input_files, read_results, request_line
 from ._exceptions import (
     AuthenticationError,
     BatchAPIError,
@@ -589,7 +589,19 @@ def run_batch_job(
         if wanted.intersection(job.keys):
             jobs.append(job)
     covered = set().union(*(job.keys for job in jobs)) if jobs else set()
-    to_send = [key for key in pending if key not in covered]
+    to_send = []
+    for key in pending:
+        if key in covered:
+            continue
+        try:
+            size = len(request_line(key, url, bodies[key]))
+        except InvalidRequestError as exc:
+            run.errors[key] = exc
+            continue
+        if size > max_bytes:
+            run.errors[key] = BatchAPIError(f"this request is {size} bytes, more than one batch file may hold ({max_bytes}); send it live")
+            continue
+        to_send.append(key)
 
     bar = _Bar(progress)
     try:
@@ -734,7 +746,8 @@ def _collect(
         if key in wanted:
             run.errors[key] = error
     logger.info("llmutils: batch %s %s: %d answered, %d not", batch_id, status, answered, failed)
-    ledger.save(dataclasses.replace(job, status=status, collected=True, updated=time.time()))
+    # Collected: its answers are in the cache, so its keys are no longer needed to resume it.
+    ledger.save(dataclasses.replace(job, keys=(), status=status, collected=True, updated=time.time()))
 
 
 # -- batch(..., via="batch-api") -----------------------------------------------------------------------

@@ -787,6 +787,7 @@ class _FakeBatch:
     outcome: BatchOutcome
     azure: bool
     polls: int = 0
+    finishing: bool = False
 
 
 class FakeBatchAPI:
@@ -1052,7 +1053,7 @@ class FakeBatchAPI:
         """One poll of the fast clock: a batch moves on, and ends after its outcome's number of polls."""
         with self._lock:
             obj = batch.obj
-            if obj["status"] not in _UNFINISHED:
+            if obj["status"] not in _UNFINISHED or batch.finishing:
                 return
             batch.polls += 1
             cancelling = obj["status"] == "cancelling"
@@ -1065,6 +1066,7 @@ class FakeBatchAPI:
                     obj["in_progress_at"] = obj["in_progress_at"] or int(time.time())
                     obj["request_counts"] = {"total": total, "completed": total * batch.polls // max(1, needed), "failed": 0}
                 return
+            batch.finishing = True  # a concurrent poll leaves the answering to this one
         self._finish(batch, "cancelled" if cancelling else batch.outcome.status)
 
     def _finish(self, batch: _FakeBatch, status: str) -> None:

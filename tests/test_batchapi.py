@@ -323,7 +323,17 @@ def test_check_refuses_an_answer_which_is_then_not_cached(server: OpenAITestServ
 def test_the_split_makes_one_batch_per_limit(server: OpenAITestServer, sdk: openai.OpenAI, cache: Any) -> None:
     run = _run(_requests(10), sdk, cache, max_requests=4)
     assert len(run.submitted) == 3 and _creates(server) == 3 and len(run.answers) == 10
-    assert sorted(len(SQLiteLedger(cache.path).find(b).keys) for b in run.submitted) == [2, 4, 4]  # type: ignore[union-attr]
+    jobs = [SQLiteLedger(cache.path).find(b) for b in run.submitted]
+    assert sorted(j.request_count for j in jobs if j is not None) == [2, 4, 4]
+    assert all(j is not None and j.collected and j.keys == () for j in jobs)  # collected: the keys are dropped
+
+
+def test_a_request_too_big_for_a_batch_file_is_that_items_error(server: OpenAITestServer, sdk: openai.OpenAI, cache: Any) -> None:
+    requests = _requests(3)
+    requests[1][1]["messages"][0]["content"] = "x" * 5000
+    run = _run(requests, sdk, cache, max_bytes=1000)
+    assert set(run.errors) == {requests[1][0]} and isinstance(run.errors[requests[1][0]], BatchAPIError)
+    assert len(run.answers) == 2 and len(_uploaded_lines(server)) == 2
 
 
 def test_azure_paths(server: OpenAITestServer, azure_sdk: openai.AzureOpenAI, cache: Any) -> None:
@@ -368,11 +378,13 @@ def test_the_redis_ledger_resumes_too(server: OpenAITestServer, sdk: openai.Open
     try:
         with pytest.raises(KeyboardInterrupt):
             run_batch_job(_requests(3), api=_api(sdk), cache=cache, ledger=ledger, url=batch_url("chat"), sleep=interrupt)
+        [open_job] = ledger.jobs(open_only=True, with_keys=True)
+        assert set(open_job.keys) == {k for k, _ in _requests(3)}
         run = run_batch_job(_requests(3), api=_api(sdk), cache=cache, ledger=ledger, url=batch_url("chat"), sleep=lambda s: None)
         assert _creates(server) == 1 and len(run.answers) == 3
         [job] = ledger.jobs()
         assert job.collected and ledger.find(str(job.batch_id)) is not None
-        assert len(ledger.find(str(job.batch_id)).keys) == 3  # type: ignore[union-attr]
+        assert ledger.find(str(job.batch_id)).request_count == 3  # type: ignore[union-attr]
     finally:
         ledger.close()
         cache.close()
