@@ -69,8 +69,8 @@ __all__ = [
 
 logger = logging.getLogger("llmutils")
 
-#: Statuses after which a batch does not change any more.
-TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+#: Statuses after which a batch does not change any more ("canceled": some Azure samples spell it so).
+TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled", "canceled"})
 #: The ledger's table in the SQLite cache file.
 LEDGER_TABLE = "llmutils_batches"
 _META_TABLE = "llmutils_meta"  # the cache file's schema marker: the ledger only joins a real cache file
@@ -441,7 +441,7 @@ class BatchAPI:
             kwargs: dict[str, Any] = {"limit": 100}
             if after:
                 kwargs["after"] = after
-            page = self.sdk.batches.list(**kwargs)
+            page = self._call("looking for a batch of file " + input_file_id, lambda: self.sdk.batches.list(**kwargs))
             for batch in page.data:
                 if batch.input_file_id == input_file_id:
                     return self._dict(batch)
