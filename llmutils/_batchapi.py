@@ -49,6 +49,7 @@ from ._exceptions import (
     RateLimitError,
 )
 from ._retry import RetryPolicy
+from .cache import is_cache_url, mask_url
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -233,7 +234,7 @@ class RedisLedger:
         except ImportError:
             raise ConfigError("the cache is on Redis, which needs redis-py: pip install 'llmutils[redis]'") from None
         self._errors: type[Exception] = redis.RedisError
-        self.location = _mask_password(url)
+        self.location = mask_url(url)
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
         except (ValueError, TypeError) as exc:
@@ -285,17 +286,6 @@ class RedisLedger:
         self._redis.close()
 
 
-def _mask_password(url: str) -> str:
-    """``url`` with any password in its user part replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    userinfo, host = rest.split("/", 1)[0].rsplit("@", 1)
-    tail = rest[len(userinfo) + 1 + len(host) :]
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user}:***@{host}{tail}" if colon else url
-
-
 def open_ledger(location: str | os.PathLike[str]) -> BatchLedger:
     """The ledger in the cache store at ``location`` (what ``CACHE_URL`` or ``CACHE_FILE_NAME`` names).
 
@@ -303,13 +293,13 @@ def open_ledger(location: str | os.PathLike[str]) -> BatchLedger:
     plain path a :class:`SQLiteLedger` in that cache file.
     """
     text = os.fspath(location)
-    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    scheme = text.split("://", 1)[0].lower() if is_cache_url(text) else ""
     if scheme in ("redis", "rediss", "unix"):
         return RedisLedger(text)
     if scheme == "sqlite":
         return SQLiteLedger(text[len("sqlite:///") :])
     if scheme:
-        raise ConfigError(f"batches cannot be recorded in a cache at {_mask_password(text)!r}: unknown scheme {scheme!r}")
+        raise ConfigError(f"batches cannot be recorded in a cache at {mask_url(text)!r}: unknown scheme {scheme!r}")
     return SQLiteLedger(text)
 
 
@@ -363,7 +353,7 @@ class BatchAPI:
     def _call(self, doing: str, fn: Callable[[], Any]) -> Any:
         import openai
 
-        def attempt(_time_left: float | None) -> Any:
+        def attempt(_deadline: Any) -> Any:
             try:
                 return fn()
             except openai.APIStatusError as exc:
