@@ -809,8 +809,10 @@ def run_items(
     client: Any,
     fallback: str | None = None,
     live: Callable[[Any], Any] | None = None,
+    workers: int = 8,
     progress: bool = False,
     on_result: Callable[[Any], None] | None = None,
+    max_connection_failures: int | None = 5,
     sleep: Callable[[float], None] = time.sleep,
     max_requests: int = MAX_REQUESTS,
     max_bytes: int = MAX_FILE_BYTES,
@@ -821,7 +823,9 @@ def run_items(
     ``messages[i]`` is item i's messages (or the error that rendering them raised). Each request is
     built and keyed exactly as :meth:`~llmutils.OpenAIClient.send_message` would, so answers are
     cache hits for later live calls. ``fallback="live"`` sends the items the Batch API did not
-    answer (the batch failed, expired or was cancelled; a retryable line error) through ``live``.
+    answer (the batch failed, expired or was cancelled; a retryable line error) through ``live``,
+    on ``workers`` threads with the live path's fail-fast rule (``max_connection_failures``).
+    ``on_result`` is called for every result, in input order, at the end.
     """
     from ._apis.chat import build_chat_request, check_chat_response, read_chat_response
     from ._batch import BatchResult, map_calls
@@ -895,7 +899,16 @@ def run_items(
     if retry_live:
         assert live is not None
         logger.info("llmutils: sending %d requests the Batch API did not answer as live calls", len(retry_live))
-        for offset, result in enumerate(map_calls(live, [items[i] for i in retry_live], client=client, progress=progress, desc="live")):
+        sent = map_calls(
+            live,
+            [items[i] for i in retry_live],
+            workers=workers,
+            client=client,
+            progress=progress,
+            desc="live",
+            max_connection_failures=max_connection_failures,
+        )
+        for offset, result in enumerate(sent):
             index = retry_live[offset]
             results[index] = dataclasses.replace(result, index=index)
     if on_result is not None:

@@ -18,6 +18,7 @@ The tree::
     ├── BatchAPIError                       the Batch API gave a request no answer (its batch failed,
     │                                       expired or was cancelled); ``batch_id`` names the batch
     ├── TemplateError                       a prompt template is missing, broken or under-filled
+    ├── NotAttemptedError                   a batch stopped early (fail fast) before sending this item
     └── OutputParseError (ValueError)       a model answer could not be coerced to ``output_type``
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "RetriesExhaustedError",
     "TotalTimeoutError",
     "TemplateError",
+    "NotAttemptedError",
     "OutputParseError",
     "BatchAPIError",
 ]
@@ -112,6 +114,14 @@ class TotalTimeoutError(RetriesExhaustedError):
 
 class TemplateError(LLMUtilsError):
     """A prompt template could not be found, parsed or rendered."""
+
+
+class NotAttemptedError(LLMUtilsError):
+    """A batch stopped early (every request would have failed) before sending this item; ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class OutputParseError(LLMUtilsError, ValueError):
