@@ -53,6 +53,7 @@ from .cache import is_cache_url, mask_url
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "FILE_LIFETIME",
     "LEDGER_TABLE",
     "BatchJob",
     "BatchLedger",
@@ -79,6 +80,9 @@ _REDIS_HASH = "llmutils:batches:v1"
 _REDIS_KEYS = "llmutils:batch-keys:v1:"
 _ADOPT_PAGES = 10  # pages of 100 batches searched for one created from a given input file
 _FILENAME = "llmutils-batch.jsonl"
+#: Seconds the uploaded and result files live (30 days, the most allowed): OpenAI's default for batch
+#: files, and on Azure a set expiry lifts the limit of 500 batch files per resource to 10,000.
+FILE_LIFETIME = 2_592_000
 
 
 # -- the ledger ---------------------------------------------------------------------------------
@@ -379,8 +383,13 @@ class BatchAPI:
         return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
 
     def upload(self, content: bytes, filename: str = _FILENAME) -> str:
-        """Upload a JSONL input file (``purpose=batch``); return its file id."""
-        return str(self._call("uploading a batch file", lambda: self.sdk.files.create(file=(filename, content), purpose="batch")).id)
+        """Upload a JSONL input file (``purpose=batch``, expiring after :data:`FILE_LIFETIME`); return its file id."""
+        expires = {"anchor": "created_at", "seconds": FILE_LIFETIME}
+        uploaded = self._call(
+            "uploading a batch file",
+            lambda: self.sdk.files.create(file=(filename, content), purpose="batch", expires_after=expires),
+        )
+        return str(uploaded.id)
 
     def create(self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Create a batch of the uploaded file (``completion_window="24h"``), sent once.
@@ -399,7 +408,11 @@ class BatchAPI:
                     logger.info("llmutils: batch %s of file %s was created after all; using it", found["id"], input_file_id)
                     return found
             return self.sdk.batches.create(
-                input_file_id=input_file_id, endpoint=endpoint, completion_window="24h", metadata=dict(metadata or {}) or None
+                input_file_id=input_file_id,
+                endpoint=endpoint,
+                completion_window="24h",
+                metadata=dict(metadata or {}) or None,
+                output_expires_after={"anchor": "created_at", "seconds": FILE_LIFETIME},
             )
 
         return self._dict(self._call(f"creating a batch of file {input_file_id}", attempt))

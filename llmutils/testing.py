@@ -813,6 +813,7 @@ class _FakeBatch:
     azure: bool
     polls: int = 0
     finishing: bool = False
+    output_lifetime: int | None = None
 
 
 class FakeBatchAPI:
@@ -917,17 +918,18 @@ class FakeBatchAPI:
             number = self._counter
         return f"{prefix}{number:06d}{hashlib.sha256(f'{prefix}{number}{time.time()}'.encode()).hexdigest()[:18]}"
 
-    def _add_file(self, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+    def _add_file(self, filename: str, purpose: str, content: bytes, lifetime: int | None = None) -> dict[str, Any]:
         file_id = self._new_id("file-")
+        now = int(time.time())
         obj = {
             "id": file_id,
             "object": "file",
             "bytes": len(content),
-            "created_at": int(time.time()),
+            "created_at": now,
             "filename": filename,
             "purpose": purpose,
             "status": "processed",
-            "expires_at": None,
+            "expires_at": None if lifetime is None else now + lifetime,
             "status_details": None,
         }
         with self._lock:
@@ -952,7 +954,12 @@ class FakeBatchAPI:
                 raise _RequestError(400, "Missing required parameter: 'purpose'.", "missing_required_parameter", "purpose")
             if purpose == "batch" and not str(upload["filename"]).endswith(".jsonl"):
                 raise _RequestError(400, "Invalid file format for Batch API. Must be .jsonl", "invalid_file_format", "file")
-            return _Response(200, self._add_file(str(upload["filename"]), purpose, upload["content"]))
+            lifetime = None
+            if form and ("expires_after[anchor]" in form or "expires_after[seconds]" in form):
+                lifetime = _lifetime(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"), "expires_after")
+            elif purpose == "batch":
+                lifetime = 30 * 86400  # batch files expire after 30 days by default
+            return _Response(200, self._add_file(str(upload["filename"]), purpose, upload["content"], lifetime))
         with self._lock:
             obj = self._files.get(file_id)
             data = self._contents.get(file_id)
@@ -1009,6 +1016,12 @@ class FakeBatchAPI:
             raise _RequestError(400, f"Invalid value for 'endpoint': {endpoint!r}.", "invalid_value", "endpoint")
         if window != "24h":
             raise _RequestError(400, "Invalid value for 'completion_window': only '24h' is supported.", "invalid_value", "completion_window")
+        output_lifetime = None
+        expiry = body.get("output_expires_after")
+        if expiry is not None:
+            if not isinstance(expiry, dict):
+                raise _RequestError(400, "'output_expires_after' must be an object.", "invalid_value", "output_expires_after")
+            output_lifetime = _lifetime(expiry.get("anchor"), expiry.get("seconds"), "output_expires_after")
         metadata = body.get("metadata")
         if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
             raise _RequestError(400, "'metadata' must be an object of at most 16 string pairs.", "invalid_value", "metadata")
@@ -1048,7 +1061,7 @@ class FakeBatchAPI:
             "metadata": metadata,
         }
         with self._lock:
-            self._batches[batch_id] = _FakeBatch(obj, lines, outcome, azure)
+            self._batches[batch_id] = _FakeBatch(obj, lines, outcome, azure, output_lifetime=output_lifetime)
             self.created.append(batch_id)
             return json.loads(json.dumps(obj))
 
@@ -1127,8 +1140,9 @@ class FakeBatchAPI:
                     "error": {"code": code, "message": message},
                 }
                 failures.append(json.dumps(record).encode() + b"\n")
-        output_id = self._add_file("batch_output.jsonl", "batch_output", b"".join(outputs))["id"] if outputs else None
-        error_id = self._add_file("batch_errors.jsonl", "batch_output", b"".join(failures))["id"] if failures else None
+        lifetime = batch.output_lifetime
+        output_id = self._add_file("batch_output.jsonl", "batch_output", b"".join(outputs), lifetime)["id"] if outputs else None
+        error_id = self._add_file("batch_errors.jsonl", "batch_output", b"".join(failures), lifetime)["id"] if failures else None
         with self._lock:
             obj.update(
                 status=status,
@@ -1175,6 +1189,19 @@ class FakeBatchAPI:
         except Exception:
             logger.exception("test server: a handler failed for batch line %s", line.get("custom_id"))
             return 500, _error_body("The test server's handler raised; see the log.", "server_error"), request_id
+
+
+def _lifetime(anchor: Any, seconds: Any, param: str) -> int:
+    """Check an expiry policy (``anchor`` created_at, 3600 to 2592000 seconds) and return its seconds."""
+    if anchor != "created_at":
+        raise _RequestError(400, f"'{param}.anchor' must be 'created_at'.", "invalid_value", f"{param}.anchor")
+    try:
+        value = int(seconds)
+    except (TypeError, ValueError):
+        raise _RequestError(400, f"'{param}.seconds' must be an integer.", "invalid_value", f"{param}.seconds") from None
+    if not 3600 <= value <= 2_592_000:
+        raise _RequestError(400, f"'{param}.seconds' must be between 3600 and 2592000.", "invalid_value", f"{param}.seconds")
+    return value
 
 
 def _v1(url: str) -> str:

@@ -133,6 +133,13 @@ def test_server_validates_the_file_and_cancels(server: OpenAITestServer, sdk: op
         sdk.batches.create(input_file_id=_upload(sdk, _lines(1)), endpoint="/v1/chat/completions", completion_window="1h")
     with pytest.raises(openai.NotFoundError):
         sdk.batches.retrieve("batch_nope")
+    with pytest.raises(openai.BadRequestError):
+        sdk.files.create(file=("in.jsonl", b"{}\n"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 10})
+    with pytest.raises(openai.BadRequestError):
+        sdk.batches.create(
+            input_file_id=_upload(sdk, _lines(1)), endpoint="/v1/chat/completions", completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 99_999_999},
+        )
     live = sdk.batches.create(input_file_id=_upload(sdk, _lines(2)), endpoint="/v1/chat/completions", completion_window="24h")
     assert sdk.batches.cancel(live.id).status == "cancelling"
     cancelled = sdk.batches.retrieve(live.id)
@@ -209,6 +216,10 @@ def test_cached_requests_are_not_sent_and_answers_land_in_the_cache(server: Open
         cache.set(key, {"cached": key})
     run = _run(requests, sdk, cache)
     assert len(_uploaded_lines(server)) == 25 and run.lines_submitted == 25
+    [upload] = [r for r in server.requests if r.path == "/v1/files"]
+    assert (upload.body["purpose"], upload.body["expires_after[seconds]"]) == ("batch", "2592000")  # 30 days, not forever
+    created = server.batch_api.batch(run.submitted[0])
+    assert created["metadata"] == {"created_by": "llmutils"}
     assert set(run.cached) == {k for k, _ in requests[:5]} and len(run.answers) == 25 and not run.errors
     assert cache.get(requests[7][0])["choices"][0]["message"]["content"] == "echo: item 7"
     server.reset()
@@ -587,3 +598,13 @@ def test_cli_run_interrupted_after_submission_resumes_the_same_batch(
     assert server.batch_api.created == [batch_id] and _creates(server) == 1
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["output"] for r in records] == [f"echo: p{i}" for i in range(5)]
+
+
+def test_duplicates_n_and_the_progress_bar(server: OpenAITestServer, tmp_path: Path, fast_polls: None, capsys: pytest.CaptureFixture[str]) -> None:
+    items = _items(3) + _items(1)  # the last item repeats the first: one line, two results
+    with _client(server, tmp_path) as client:
+        results = llmutils.batch(items, client=client, via="batch-api", progress=True, n=2)
+    assert len(_uploaded_lines(server)) == 3
+    assert [r.output[1]["content"] for r in results] == ["echo: item 0 [1]", "echo: item 1 [1]", "echo: item 2 [1]", "echo: item 0 [1]"]
+    err = capsys.readouterr().err
+    assert "batch-api" in err and "req" in err  # the bar, drawn from the batch's request counts
