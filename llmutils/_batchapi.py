@@ -587,36 +587,32 @@ def run_batch_job(
     if not pending:
         return run
     wanted = set(pending)
-    jobs: list[BatchJob] = []
-    for job in ledger.jobs(open_only=True, with_keys=True):
-        if wanted.intersection(job.keys):
-            jobs.append(job)
-    covered = set().union(*(job.keys for job in jobs)) if jobs else set()
-    to_send = []
-    for key in pending:
-        if key in covered:
-            continue
-        try:
-            size = len(request_line(key, url, bodies[key]))
-        except InvalidRequestError as exc:
-            run.errors[key] = exc
-            continue
-        if size > max_bytes:
-            run.errors[key] = BatchAPIError(f"this request is {size} bytes, more than one batch file may hold ({max_bytes}); send it live")
-            continue
-        to_send.append(key)
-
     bar = _Bar(progress)
     try:
         active: dict[str, tuple[BatchJob, dict[str, Any]]] = {}
-        for job in jobs:
-            job = _resume(job, api, ledger, url)
-            if job.batch_id is None:
-                to_send.extend(k for k in job.keys if k in wanted and k not in to_send)
+        covered: set[str] = set()
+        for job in ledger.jobs(open_only=True, with_keys=True):
+            if not wanted.intersection(job.keys):
                 continue
-            run.resumed.append(job.batch_id)
-            logger.info("llmutils: resuming batch %s (%d requests, status %s)", job.batch_id, len(job.keys), job.status)
-            active[job.batch_id] = (job, {"status": job.status})
+            resumed = _resume(job, api, ledger, url)
+            if resumed is not None:
+                assert resumed[0].batch_id is not None
+                run.resumed.append(resumed[0].batch_id)
+                active[resumed[0].batch_id] = resumed
+                covered.update(job.keys)
+        to_send = []
+        for key in pending:
+            if key in covered:
+                continue
+            try:
+                size = len(request_line(key, url, bodies[key]))
+            except InvalidRequestError as exc:
+                run.errors[key] = exc
+                continue
+            if size > max_bytes:
+                run.errors[key] = BatchAPIError(f"this request is {size} bytes, more than one batch file may hold ({max_bytes}); send it live")
+                continue
+            to_send.append(key)
         for spec in build_input_files(((k, bodies[k]) for k in to_send), url, max_requests=max_requests, max_bytes=max_bytes):
             job, obj = _submit(spec.content, spec.keys, spec.model, api, ledger, url, metadata)
             assert job.batch_id is not None
@@ -655,21 +651,32 @@ def run_batch_job(
     return run
 
 
-def _resume(job: BatchJob, api: BatchAPI, ledger: BatchLedger, url: str) -> BatchJob:
-    """A job found open in the ledger: find its batch if it was being created; None batch id if it is lost."""
-    if job.batch_id is not None:
-        return job
-    found = api.find_by_input_file(job.input_file_id)
-    if found is None:
-        try:
-            found = api.create(job.input_file_id, job.endpoint or url)
-        except InvalidRequestError as exc:
-            logger.warning("llmutils: input file %s cannot be submitted again (%s); its requests are sent anew", job.input_file_id, exc)
-            ledger.save(dataclasses.replace(job, status="lost", collected=True, updated=time.time()))
-            return dataclasses.replace(job, batch_id=None)
-    job = dataclasses.replace(job, batch_id=str(found["id"]), status=str(found.get("status")), updated=time.time())
-    ledger.save(job)
-    return job
+def _resume(job: BatchJob, api: BatchAPI, ledger: BatchLedger, url: str) -> tuple[BatchJob, dict[str, Any]] | None:
+    """A job found open in the ledger, with its batch now; None when the server no longer knows it.
+
+    A job still ``submitting`` (the process stopped between the upload and the creation) adopts the
+    batch created from its file, or creates it. A batch or file the server does not know (deleted,
+    another account) is marked ``lost`` and its requests are sent anew.
+    """
+    try:
+        if job.batch_id is None:
+            found = api.find_by_input_file(job.input_file_id) or api.create(job.input_file_id, job.endpoint or url)
+            job = dataclasses.replace(job, batch_id=str(found["id"]), status=str(found.get("status")), updated=time.time())
+            ledger.save(job)
+            obj = found
+        else:
+            obj = api.retrieve(job.batch_id)
+    except InvalidRequestError as exc:
+        if isinstance(exc, AuthenticationError) or exc.status_code not in (400, 404):
+            raise
+        logger.warning(
+            "llmutils: batch %s (file %s) cannot be resumed (%s); its requests are sent anew",
+            job.batch_id, job.input_file_id, exc,
+        )
+        ledger.save(dataclasses.replace(job, status="lost", collected=True, updated=time.time()))
+        return None
+    logger.info("llmutils: resuming batch %s (%d requests, status %s)", job.batch_id, len(job.keys), obj.get("status"))
+    return job, obj
 
 
 def _submit(

@@ -269,6 +269,18 @@ def test_a_crash_between_upload_and_create_adopts_the_created_batch(server: Open
     assert run.resumed == [created.id] and run.submitted == [] and _creates(server) == 1 and len(run.answers) == 3
 
 
+def test_a_recorded_batch_the_server_does_not_know_is_sent_anew(server: OpenAITestServer, sdk: openai.OpenAI, cache: Any) -> None:
+    from llmutils._batchapi import BatchJob
+
+    requests = _requests(3)
+    ledger = SQLiteLedger(cache.path)
+    ledger.save(BatchJob(input_file_id="file-gone", batch_id="batch_gone", status="in_progress", keys=tuple(k for k, _ in requests)))
+    run = _run(requests, sdk, cache)
+    assert run.resumed == [] and len(run.submitted) == 1 and len(run.answers) == 3
+    lost = ledger.find("batch_gone")
+    assert lost is not None and (lost.status, lost.collected) == ("lost", True)
+
+
 def test_errors_while_polling_are_retried_and_never_lose_the_batch(server: OpenAITestServer, sdk: openai.OpenAI, cache: Any) -> None:
     requests = _requests(4)
     server.batch_api.polls = 3
