@@ -65,6 +65,7 @@ __all__ = [
     "run_batch_job",
     "error_for_status",
     "batch_api_for",
+    "ledger_for",
     "run_items",
     "FALLBACKS",
 ]
@@ -791,15 +792,7 @@ def _client_parts(client: Any) -> _ClientParts:
     settings = client.settings()
     if str(settings.get("API", "chat")).lower() == "responses":
         raise ConfigError("the Batch API path sends chat completions; API = responses is not supported there yet")
-    cache = client._cache(settings)
-    if cache is None:
-        raise ConfigError(
-            "the Batch API path needs the cache on (it is where batches are recorded and results land): "
-            "set CACHE_API_CALLS = true, pass cache_api_calls=True, or use --cache"
-        )
-    location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
-    if "://" not in location or location.lower().startswith("sqlite:"):
-        location = str(cache.path)
+    cache, location = _cache_and_location(client, settings)
     sdk, _source = client._sdk(settings)
     policy = client._policy(settings, None, None, None, None, None)
     api = BatchAPI(sdk, where=client._display(settings), policy=policy)
@@ -808,6 +801,25 @@ def _client_parts(client: Any) -> _ClientParts:
         return str(client._cache_key("chat", body, settings))
 
     return _ClientParts(settings, cache, location, api, _batch_url_for(client), key)
+
+
+def _cache_and_location(client: Any, settings: Mapping[str, Any]) -> tuple[Any, str]:
+    """The client's cache for these settings and where its ledger is (a ConfigError when the cache is off)."""
+    cache = client._cache(settings)
+    if cache is None:
+        raise ConfigError(
+            "the Batch API path needs the cache on (it is where batches are recorded and results land): "
+            "set CACHE_API_CALLS = true, pass cache_api_calls=True, or use --cache"
+        )
+    location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
+    if not is_cache_url(location) or location.lower().startswith("sqlite:"):
+        location = str(cache.path)
+    return cache, location
+
+
+def ledger_for(client: Any) -> BatchLedger:
+    """The ledger in ``client``'s cache store, without touching the network (``llmutils batch-api list``)."""
+    return open_ledger(_cache_and_location(client, client.settings())[1])
 
 
 def _batch_url_for(client: Any) -> str:

@@ -414,12 +414,16 @@ def _add_batch_api_command(commands: Any) -> None:
 
 def _cmd_batch_api(args: argparse.Namespace) -> int:
     """list, status or cancel Batch API jobs."""
-    from ._batchapi import batch_api_for
+    from ._batchapi import batch_api_for, ledger_for
 
     with _client(args, cache_default=True) as client:
-        api, ledger = batch_api_for(client)
+        local = args.action == "list" and not args.remote
+        if local:
+            api, ledger = None, ledger_for(client)
+        else:
+            api, ledger = batch_api_for(client)
         try:
-            if args.action == "list" and not args.remote:
+            if local:
                 jobs = ledger.jobs()
                 if not jobs:
                     print(f"no Batch API jobs recorded in {ledger.location}")
@@ -431,10 +435,12 @@ def _cmd_batch_api(args: argparse.Namespace) -> int:
             if args.action == "list":
                 if not 1 <= args.limit <= 100:
                     args.parser.error(f"--limit must be between 1 and 100, got {args.limit}")
+                assert api is not None
                 batches, _more = api.list(limit=args.limit)
                 for obj in batches:
                     print(_batch_line(obj))
                 return 0
+            assert api is not None
             obj = api.cancel(args.batch_id) if args.action == "cancel" else api.retrieve(args.batch_id)
             print(_batch_line(obj))
             for name in ("output_file_id", "error_file_id"):

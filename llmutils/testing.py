@@ -1270,8 +1270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--api-key", default=None, help="require this API key (401 otherwise)")
+    parser.add_argument("--batch-polls", type=int, default=2, metavar="N", help="Batch API: polls before a batch ends (default 2)")
     args = parser.parse_args(argv)
     server = OpenAITestServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key)
+    server.batch_api.polls = max(1, args.batch_polls)
     try:
         server.start()
     except OSError as exc:

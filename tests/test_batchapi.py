@@ -565,6 +565,9 @@ def test_cli_batch_api_status_and_cancel(
     assert batch_id in capsys.readouterr().out
     assert main(["batch-api", "status", "batch_nope", *_cli(server)]) == 1
     assert "404" in capsys.readouterr().err
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert main(["batch-api", "list", "--cache-file", str(tmp_path / "none.sqlite")]) == 0  # local: no key, no network
+    assert "no Batch API jobs recorded" in capsys.readouterr().out
 
 
 def server_batch(server: OpenAITestServer) -> str:
