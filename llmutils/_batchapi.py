@@ -54,6 +54,7 @@ from .cache import is_cache_url, mask_url
 __all__ = [
     "TERMINAL_STATUSES",
     "FILE_LIFETIME",
+    "AZURE_EXTRAS_SINCE",
     "LEDGER_TABLE",
     "BatchJob",
     "BatchLedger",
@@ -84,6 +85,9 @@ _FILENAME = "llmutils-batch.jsonl"
 #: Seconds the uploaded and result files live (30 days, the most allowed): OpenAI's default for batch
 #: files, and on Azure a set expiry lifts the limit of 500 batch files per resource to 10,000.
 FILE_LIFETIME = 2_592_000
+#: The first Azure api-version whose batch and file calls take ``expires_after``/``output_expires_after``
+#: and ``metadata``; older ones (the GA 2024-10-21) are sent the bare request.
+AZURE_EXTRAS_SINCE = "2025-03-01"
 
 
 # -- the ledger ---------------------------------------------------------------------------------
@@ -354,6 +358,9 @@ class BatchAPI:
         self.sdk = sdk
         self.where = where or str(getattr(sdk, "base_url", ""))
         self.policy = policy or RetryPolicy()
+        version = (getattr(sdk, "default_query", None) or {}).get("api-version")
+        self.extras = version is None or str(version) >= AZURE_EXTRAS_SINCE
+        """Whether to send file expiry and batch metadata (not to Azure api-versions before 2025-03-01)."""
 
     def _call(self, doing: str, fn: Callable[[], Any]) -> Any:
         import openai
@@ -385,10 +392,10 @@ class BatchAPI:
 
     def upload(self, content: bytes, filename: str = _FILENAME) -> str:
         """Upload a JSONL input file (``purpose=batch``, expiring after :data:`FILE_LIFETIME`); return its file id."""
-        expires = {"anchor": "created_at", "seconds": FILE_LIFETIME}
+        extra: dict[str, Any] = {"expires_after": {"anchor": "created_at", "seconds": FILE_LIFETIME}} if self.extras else {}
         uploaded = self._call(
             "uploading a batch file",
-            lambda: self.sdk.files.create(file=(filename, content), purpose="batch", expires_after=expires),
+            lambda: self.sdk.files.create(file=(filename, content), purpose="batch", **extra),
         )
         return str(uploaded.id)
 
@@ -408,13 +415,12 @@ class BatchAPI:
                 if found is not None:
                     logger.info("llmutils: batch %s of file %s was created after all; using it", found["id"], input_file_id)
                     return found
-            return self.sdk.batches.create(
-                input_file_id=input_file_id,
-                endpoint=endpoint,
-                completion_window="24h",
-                metadata=dict(metadata or {}) or None,
-                output_expires_after={"anchor": "created_at", "seconds": FILE_LIFETIME},
-            )
+            extra: dict[str, Any] = {}
+            if self.extras:
+                extra["output_expires_after"] = {"anchor": "created_at", "seconds": FILE_LIFETIME}
+                if metadata:
+                    extra["metadata"] = dict(metadata)
+            return self.sdk.batches.create(input_file_id=input_file_id, endpoint=endpoint, completion_window="24h", **extra)
 
         return self._dict(self._call(f"creating a batch of file {input_file_id}", attempt))
 

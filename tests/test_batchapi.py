@@ -364,6 +364,9 @@ def test_azure_paths(server: OpenAITestServer, azure_sdk: openai.AzureOpenAI, ca
     assert len(run.answers) == 3
     assert {json.loads(line)["url"] for r in server.requests if r.path == "/openai/files" for line in r.body["file"]["content"].splitlines()} == {"/chat/completions"}
     assert all(r.path.startswith("/openai/") for r in server.requests)
+    assert not BatchAPI(azure_sdk).extras  # 2024-10-21: no expiry, no metadata
+    with openai.AzureOpenAI(azure_endpoint=server.azure_endpoint, api_key="k", api_version="2025-04-01-preview") as newer:
+        assert BatchAPI(newer).extras
 
 
 def test_the_cache_must_be_on_and_writable(server: OpenAITestServer, sdk: openai.OpenAI, tmp_path: Path, cache: Any) -> None:
@@ -516,6 +519,9 @@ def test_azure_client_through_the_batch_api(server: OpenAITestServer, tmp_path: 
         lines = _uploaded_lines(server)
         assert {line["url"] for line in lines} == {"/chat/completions"} and {line["body"]["model"] for line in lines} == {"my-batch-deployment"}
         assert all(r.path.startswith("/openai/") and r.query.get("api-version") == "2024-10-21" for r in server.requests)
+        create = next(r for r in server.requests if r.method == "POST" and r.path == "/openai/batches")
+        assert set(create.body) == {"input_file_id", "endpoint", "completion_window"}  # the GA version gets the bare request
+        assert not any(k.startswith("expires_after") for r in server.requests if r.path == "/openai/files" for k in r.body)
         server.reset()
         assert client.send_message(_items(3)[1])["content"] == "echo: item 1" and server.request_count == 0
 
