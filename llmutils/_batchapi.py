@@ -809,6 +809,15 @@ def _client_parts(client: Any) -> _ClientParts:
     return _ClientParts(settings, cache, location, api, _batch_url_for(client), key)
 
 
+def _check_messages(messages: Any) -> None:
+    """What ``send_message`` requires of messages: a non-empty list of dicts, each with a ``role``."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError(f"messages must be a non-empty list of message dicts, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise InvalidRequestError(f"messages[{i}] must be a dict with a 'role' (a string such as 'user'): {message!r:.80}")
+
+
 def _cache_and_location(client: Any, settings: Mapping[str, Any]) -> tuple[Any, str]:
     """The client's cache for these settings and where its ledger is (a ConfigError when the cache is off)."""
     cache = client._cache(settings)
@@ -886,6 +895,7 @@ def run_items(
             results[index] = BatchResult(index, item, error=msgs)
             continue
         try:
+            _check_messages(msgs)
             body = build_chat_request(parts.settings, msgs, **named, more=more)
             key = parts.key(body)
         except LLMUtilsError as exc:

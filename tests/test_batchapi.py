@@ -495,8 +495,9 @@ def test_a_line_error_becomes_that_items_error(server: OpenAITestServer, tmp_pat
 
 def test_bad_items_and_misuse_fail_before_any_request(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
     with _client(server, tmp_path) as client:
-        results = llmutils.batch([{"no": "template"}, *_items(1)], client=client, via="batch-api")
+        results = llmutils.batch([{"no": "template"}, *_items(1), [{"content": "no role"}]], client=client, via="batch-api")
         assert isinstance(results[0].error, InvalidRequestError) and results[1].ok
+        assert isinstance(results[2].error, InvalidRequestError) and "role" in str(results[2].error)
         server.reset()
         with pytest.raises(ConfigError, match="via must be"):
             llmutils.batch(_items(1), client=client, via="carrier-pigeon")
