@@ -773,6 +773,16 @@ def _collect(
 _NAMED_CHAT_ARGS = ("model", "temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty", "stop", "n")
 # send_message's arguments that only say how to send; the Batch API has no use for them.
 _TRANSPORT_ARGS = ("timeout", "total_timeout", "max_attempts", "waiting_time", "exponential_backoff_factor")
+_ARG_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "temperature": (int, float),
+    "max_tokens": (int,),
+    "top_p": (int, float),
+    "frequency_penalty": (int, float),
+    "presence_penalty": (int, float),
+    "stop": (str, list),
+    "n": (int,),
+}
 FALLBACKS = (None, "live")
 
 
@@ -883,6 +893,12 @@ def run_items(
         raise ConfigError("fallback='live' needs a live sender")
     if params.get("stream"):
         raise InvalidRequestError("stream=True is not supported by the Batch API; it returns whole answers")
+    for name, kinds in _ARG_TYPES.items():
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise InvalidRequestError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r:.60}")
+    if params.get("n", 1) < 1:
+        raise InvalidRequestError(f"n must be an int >= 1, got {params['n']!r}")
     parts = _client_parts(client)
     named = {k: params[k] for k in _NAMED_CHAT_ARGS if k in params}
     more = {k: v for k, v in params.items() if k not in _NAMED_CHAT_ARGS and k not in _TRANSPORT_ARGS}

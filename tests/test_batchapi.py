@@ -499,6 +499,8 @@ def test_bad_items_and_misuse_fail_before_any_request(server: OpenAITestServer, 
         assert isinstance(results[0].error, InvalidRequestError) and results[1].ok
         assert isinstance(results[2].error, InvalidRequestError) and "role" in str(results[2].error)
         server.reset()
+        with pytest.raises(InvalidRequestError, match="temperature must be"):
+            llmutils.batch(_items(1), client=client, via="batch-api", temperature="hot")
         with pytest.raises(ConfigError, match="via must be"):
             llmutils.batch(_items(1), client=client, via="carrier-pigeon")
         with pytest.raises(ConfigError, match="fallback"):
