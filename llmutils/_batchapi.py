@@ -798,32 +798,56 @@ class _ClientParts:
     key: Callable[[Mapping[str, Any]], str]
 
 
-def _client_parts(client: Any) -> _ClientParts:
-    """The cache, the ledger location, the SDK and the key function of ``client`` (a ConfigError if unusable)."""
+def _client_parts(client: Any, api: str = "chat") -> _ClientParts:
+    """The cache, the ledger location, the SDK, the lines' URL and the key function of ``client`` for
+    ``api`` (chat or responses), or a ConfigError when it cannot use the Batch API.
+
+    This is the one place that reaches into the client (its cache, SDK client, retry policy and cache
+    key), so that a batch line is keyed and sent exactly as ``send_message`` would send it.
+    """
+    from ._apis import chat, responses
+    from ._apis.batch import batch_url
+
     if getattr(client, "api_type", None) not in ("openai", "azure") or not hasattr(client, "_sdk"):
         raise ConfigError(
             f"the Batch API path needs an OpenAI or Azure OpenAI client, not {type(client).__name__} "
             f"(api_type {getattr(client, 'api_type', None)!r}); use via='live' for other backends"
         )
     settings = client.settings()
-    if str(settings.get("API", "chat")).lower() == "responses":
-        raise ConfigError("the Batch API path sends chat completions; API = responses is not supported there yet")
     cache, location = _cache_and_location(client, settings)
-    sdk, _source = client._sdk(settings)
+    path, kind = (responses.PATH, responses.KIND) if api == "responses" else (chat.PATH, chat.KIND)
+    sdk, _source = client._sdk(settings, path)
     policy = client._policy(settings, None, None, None, None, None)
-    api = BatchAPI(sdk, where=client._display(settings), policy=policy)
+    # Azure's api-version paths spell the line URL without /v1; its /openai/v1 path (Responses) with it.
+    azure_style = "api-version" in (getattr(sdk, "default_query", None) or {})
+    url = batch_url(kind, azure=azure_style)
 
     def key(body: Mapping[str, Any]) -> str:
-        return str(client._cache_key("chat", body, settings))
+        return str(client._cache_key(kind, body, settings))
 
-    return _ClientParts(settings, cache, location, api, _batch_url_for(client), key)
+    return _ClientParts(settings, cache, location, BatchAPI(sdk, where=client._display(settings), policy=policy), url, key)
 
 
-def _check_messages(messages: Any) -> None:
-    """What ``send_message`` requires of messages: a non-empty list of dicts, each with a ``role``."""
+def _which_api(settings: Mapping[str, Any], model: str, api: str | None) -> str:
+    """The API a request goes to, by ``send_message``'s rule: ``api``, the ``API`` setting, ``RESPONSES_MODELS``."""
+    from ._apis.responses import is_responses_model
+
+    if api is not None:
+        return api
+    if settings.get("API") is not None:
+        return str(settings["API"])
+    name = settings["MODEL_ALIASES"].get(model, model)
+    return "responses" if is_responses_model(name, settings.get("RESPONSES_MODELS") or ()) else "chat"
+
+
+def _check_messages(messages: Any, *, items: bool = False) -> None:
+    """What ``send_message`` requires of messages: a non-empty list of dicts, each with a ``role``
+    (``items``: or a Responses item with a ``type``)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError(f"messages must be a non-empty list of message dicts, got {type(messages).__name__}")
     for i, message in enumerate(messages):
+        if items and isinstance(message, Mapping) and "role" not in message and isinstance(message.get("type"), str):
+            continue
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}] must be a dict with a 'role' (a string such as 'user'): {message!r:.80}")
 
@@ -845,12 +869,6 @@ def _cache_and_location(client: Any, settings: Mapping[str, Any]) -> tuple[Any, 
 def ledger_for(client: Any) -> BatchLedger:
     """The ledger in ``client``'s cache store, without touching the network (``llmutils batch-api list``)."""
     return open_ledger(_cache_and_location(client, client.settings())[1])
-
-
-def _batch_url_for(client: Any) -> str:
-    from ._apis.batch import batch_url
-
-    return batch_url("chat", azure=getattr(client, "api_type", None) == "azure")
 
 
 def batch_api_for(client: Any) -> tuple[BatchAPI, BatchLedger]:
@@ -885,6 +903,7 @@ def run_items(
     ``on_result`` is called for every result, in input order, at the end.
     """
     from ._apis.chat import build_chat_request, check_chat_response, read_chat_response
+    from ._apis.responses import check_response, normalize_usage, request_from_chat, to_chat_message
     from ._batch import BatchResult, map_calls
 
     if fallback not in FALLBACKS:
@@ -899,10 +918,32 @@ def run_items(
             raise InvalidRequestError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r:.60}")
     if params.get("n", 1) < 1:
         raise InvalidRequestError(f"n must be an int >= 1, got {params['n']!r}")
-    parts = _client_parts(client)
+    api = params.pop("api", None)
+    if api not in (None, "chat", "responses"):
+        raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
+    settings = client.settings()
+    which = _which_api(settings, params.get("model") or settings["MODEL"], api)
+    parts = _client_parts(client, which)
     named = {k: params[k] for k in _NAMED_CHAT_ARGS if k in params}
     more = {k: v for k, v in params.items() if k not in _NAMED_CHAT_ARGS and k not in _TRANSPORT_ARGS}
     n = named.get("n", 1)
+    stop = named.get("stop")
+    check: Callable[[dict[str, Any]], None]
+    read: Callable[[dict[str, Any]], Any]
+    if which == "responses":
+
+        def check(body: dict[str, Any]) -> None:
+            check_response(body, message=True)
+
+        def read(body: dict[str, Any]) -> Any:
+            check(body)
+            return to_chat_message(body, stop=stop)
+
+    else:
+        check = check_chat_response
+
+        def read(body: dict[str, Any]) -> Any:
+            return read_chat_response(body, n)
     results: list[Any] = [None] * len(items)
     keys: dict[int, str] = {}
     requests: list[tuple[str, Mapping[str, Any]]] = []
@@ -911,8 +952,10 @@ def run_items(
             results[index] = BatchResult(index, item, error=msgs)
             continue
         try:
-            _check_messages(msgs)
+            _check_messages(msgs, items=which == "responses")
             body = build_chat_request(parts.settings, msgs, **named, more=more)
+            if which == "responses":
+                body = request_from_chat(body)  # refuses n > 1, as send_message does
             key = parts.key(body)
         except LLMUtilsError as exc:
             results[index] = BatchResult(index, item, error=exc)
@@ -929,7 +972,7 @@ def run_items(
         cache=parts.cache,
         ledger=open_ledger(parts.location),
         url=parts.url,
-        check=check_chat_response,
+        check=check,
         on_answer=record_usage,
         poll_interval=float(parts.settings["BATCH_POLL_INTERVAL"]),
         poll_max=float(parts.settings["BATCH_POLL_MAX"]),
@@ -947,13 +990,13 @@ def run_items(
             response = run.answers.get(key)
         if response is not None:
             try:
-                output = read_chat_response(response, n)
+                output = read(response)
             except LLMUtilsError as exc:
                 results[index] = BatchResult(index, item, error=exc)
                 continue
             if cached:
                 client.usage.record(str(response.get("model")), response.get("usage"), cached=True)
-            results[index] = BatchResult(index, item, output=output, cached=cached, usage=response.get("usage"))
+            results[index] = BatchResult(index, item, output=output, cached=cached, usage=normalize_usage(response.get("usage")))
             continue
         error = run.errors.get(key) or BatchAPIError("the Batch API gave no answer to this request")
         if fallback == "live" and isinstance(error, (BatchAPIError, NonTerminalError)):

@@ -632,3 +632,26 @@ def test_duplicates_n_and_the_progress_bar(server: OpenAITestServer, tmp_path: P
     assert [r.output[1]["content"] for r in results] == ["echo: item 0 [1]", "echo: item 1 [1]", "echo: item 2 [1]", "echo: item 0 [1]"]
     err = capsys.readouterr().err
     assert "batch-api" in err and "req" in err  # the bar, drawn from the batch's request counts
+
+
+def test_the_responses_api_through_the_batch_api(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
+    with _client(server, tmp_path) as client:
+        results = llmutils.batch(_items(3), client=client, via="batch-api", api="responses")
+        assert [r.content for r in results] == [f"echo: item {i}" for i in range(3)] and all(r.tokens > 0 for r in results)
+        lines = _uploaded_lines(server)
+        assert {line["url"] for line in lines} == {"/v1/responses"} and all("input" in line["body"] for line in lines)
+        server.reset()
+        # the same request live is a cache hit: same body, same key
+        assert client.send_message(_items(3)[2], api="responses")["content"] == "echo: item 2" and server.request_count == 0
+        assert client.usage.totals().batch_requests == 3
+
+
+def test_azure_responses_go_through_the_v1_path(server: OpenAITestServer, tmp_path: Path, fast_polls: None) -> None:
+    with llmutils.AzureClient(
+        azure_endpoint=server.azure_endpoint, api_key="k", api_version="2024-10-21", model="my-batch-deployment",
+        cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
+    ) as client:
+        results = llmutils.batch(_items(2), client=client, via="batch-api", api="responses")
+        assert [r.content for r in results] == ["echo: item 0", "echo: item 1"]
+        assert {r.path for r in server.requests if r.method == "POST"} == {"/openai/v1/files", "/openai/v1/batches"}
+        assert {line["url"] for line in _uploaded_lines(server)} == {"/v1/responses"}
