@@ -1146,7 +1146,7 @@ class FakeBatchAPI:
     """The test server's OpenAI Batch API (``srv.batch_api``): files, batches and a fast clock.
 
     A batch is ``validating`` when created, ``in_progress`` while it is polled, and reaches its
-    final status after ``polls`` retrieves (default 2; set ``srv.batch_api.polls``). Each input line
+    final status after ``polls`` retrieves (default 1: at the first poll; set ``srv.batch_api.polls``). Each input line
     is then answered by the server's own chat (or embeddings, or responses when it has one)
     handler, so ``chat_handler`` applies; the answers go to an output file (status 200) and an
     error file (the rest), in the shape OpenAI writes them. ``script()`` queues a
@@ -1158,7 +1158,7 @@ class FakeBatchAPI:
     """
 
     def __init__(self, owner: OpenAITestServer) -> None:
-        self.polls = 2
+        self.polls = 1
         self._owner = owner
         self._lock = threading.Lock()
         self._files: dict[str, dict[str, Any]] = {}
@@ -1198,7 +1198,7 @@ class FakeBatchAPI:
             return self._contents[file_id]
 
     def reset(self) -> None:
-        """Forget files, batches, scripted outcomes and faults; ``polls`` back to 2."""
+        """Forget files, batches, scripted outcomes and faults; ``polls`` back to 1."""
         with self._lock:
             self._files.clear()
             self._contents.clear()
@@ -1206,7 +1206,7 @@ class FakeBatchAPI:
             self._outcomes.clear()
             self._faults.clear()
             self.created.clear()
-            self.polls = 2
+            self.polls = 1
 
     # -- serving ----------------------------------------------------------------------------------
 
@@ -1596,7 +1596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--api-key", default=None, help="require this API key (401 otherwise)")
-    parser.add_argument("--batch-polls", type=int, default=2, metavar="N", help="Batch API: polls before a batch ends (default 2)")
+    parser.add_argument("--batch-polls", type=int, default=1, metavar="N", help="Batch API: polls before a batch ends (default 1)")
     args = parser.parse_args(argv)
     server = OpenAITestServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key)
     server.batch_api.polls = max(1, args.batch_polls)

@@ -89,6 +89,7 @@ def _lines(n: int, url: str = "/v1/chat/completions") -> list[dict[str, Any]]:
 
 
 def test_server_batch_lifecycle_through_the_sdk(server: OpenAITestServer, sdk: openai.OpenAI) -> None:
+    server.batch_api.polls = 2
     upload = sdk.files.create(file=("in.jsonl", b"".join(json.dumps(x).encode() + b"\n" for x in _lines(3))), purpose="batch")
     assert (upload.purpose, upload.status, upload.filename) == ("batch", "processed", "in.jsonl")
     assert server.requests[-1].body["purpose"] == "batch"  # a multipart form, parsed
@@ -239,6 +240,7 @@ def test_a_run_interrupted_after_submission_resumes_the_same_batch(server: OpenA
         raise KeyboardInterrupt
 
     requests = _requests(6)
+    server.batch_api.polls = 2  # still in progress at the first poll, so the run sleeps (and is interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_batch_job(requests, api=_api(sdk), cache=cache, ledger=open_ledger(cache.path), url=batch_url("chat"), sleep=interrupt)
     [job] = SQLiteLedger(cache.path).jobs(open_only=True, with_keys=True)
@@ -401,6 +403,7 @@ def test_the_redis_ledger_resumes_too(server: OpenAITestServer, sdk: openai.Open
     def interrupt(_seconds: float) -> None:
         raise KeyboardInterrupt
 
+    server.batch_api.polls = 2
     try:
         with pytest.raises(KeyboardInterrupt):
             run_batch_job(_requests(3), api=_api(sdk), cache=cache, ledger=ledger, url=batch_url("chat"), sleep=interrupt)
@@ -565,6 +568,7 @@ def test_cli_batch_api_status_and_cancel(
     from llmutils.cli import main
 
     monkeypatch.setenv("OPENAI_API_KEY", "k")
+    server.batch_api.polls = 2
     batch_id = server_batch(server)
     assert main(["batch-api", "status", batch_id, *_cli(server)]) == 0
     assert f"{batch_id}  in_progress" in capsys.readouterr().out
