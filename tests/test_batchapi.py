@@ -659,3 +659,18 @@ def test_azure_responses_go_through_the_v1_path(server: OpenAITestServer, tmp_pa
         assert [r.content for r in results] == ["echo: item 0", "echo: item 1"]
         assert {r.path for r in server.requests if r.method == "POST"} == {"/openai/v1/files", "/openai/v1/batches"}
         assert {line["url"] for line in _uploaded_lines(server)} == {"/v1/responses"}
+
+
+def test_cli_an_expired_batch_with_fallback_live_completes_with_live_calls(
+    server: OpenAITestServer, tmp_path: Path, fast_polls: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmutils.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(5)))
+    server.batch_api.script(BatchOutcome("expired", answered=2))
+    assert main(["batch", "in.jsonl", "out.jsonl", *_cli(server), "--via", "batch-api", "--fallback", "live", "--no-progress"]) == 0
+    assert "5 items: 5 ok, 0 failed" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in records] == [f"echo: p{i}" for i in range(5)]
+    assert len([r for r in server.requests if r.path == "/v1/chat/completions"]) == 3 and _creates(server) == 1
