@@ -332,6 +332,11 @@ def test_line_errors_and_unfinished_batches_become_per_request_errors(server: Op
     run = _run(_requests(10)[8:], sdk, cache)
     assert len(run.errors) == 2 and all("failed" in str(e) and isinstance(e, BatchAPIError) for e in run.errors.values())
 
+    server.batch_api.script(BatchOutcome("cancelled", answered=1))
+    run = _run(_requests(13)[10:], sdk, cache)
+    assert len(run.answers) == 1 and len(run.errors) == 2
+    assert all(isinstance(e, BatchAPIError) and "batch_cancelled" in str(e) for e in run.errors.values())
+
 
 def test_check_refuses_an_answer_which_is_then_not_cached(server: OpenAITestServer, sdk: openai.OpenAI, cache: Any) -> None:
     def check(body: dict[str, Any]) -> None:
