@@ -39,7 +39,7 @@ from ._apis.responses import (
 from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events, response_events
 from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, validate
 from ._deadline import Deadline
-from ._otel import call_span
+from ._otel import StreamSpan, call_span, start_stream_span
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -607,7 +607,33 @@ class OpenAIClient:
         deadline: Deadline,
         timeout: float,
     ) -> MessageStream:
-        """A cache hit replayed as a stream, a CacheMissError in replay mode, or the live stream."""
+        """A cache hit replayed as a stream, a CacheMissError in replay mode, or the live stream.
+
+        Its OpenTelemetry span starts here and ends with the stream; it is never current between
+        deltas (:class:`llmutils._otel.StreamSpan`).
+        """
+        span = start_stream_span(kind, str(params.get("model")), provider=self.api_type,
+                                 server_url=lambda: self._endpoint(settings), params=params)
+        with span.opening():
+            return self._message_stream_in(kind, path, params, wire, assembler, check, read, settings, policy, deadline,
+                                           timeout, span)
+
+    def _message_stream_in(
+        self,
+        kind: str,
+        path: str,
+        params: dict[str, Any],
+        wire: dict[str, Any],
+        assembler: Callable[[], ChatStreamAssembler | ResponsesStreamAssembler],
+        check: ResponseCheck,
+        read: Callable[[Mapping[str, Any]], Message],
+        settings: Mapping[str, Any],
+        policy: RetryPolicy,
+        deadline: Deadline,
+        timeout: float,
+        span: StreamSpan,
+    ) -> MessageStream:
+        """:meth:`_message_stream` inside its span."""
         cache = self._cache(settings)
         key = self._cache_key(kind, params, settings) if cache is not None else None
         if cache is not None and key is not None:
@@ -616,13 +642,15 @@ class OpenAIClient:
                 logger.debug("llmutils: cache hit for a stream of %s", params.get("model"))
                 check(hit)  # also for entries stored by older versions
                 response = self._finish(kind, params, hit, cached=True)
-                return MessageStream.replay(read(response), response.get("usage"), cached=True)
+                span.finish(response, cached=True)
+                return MessageStream.replay(read(response), response.get("usage"), cached=True, on_end=span.end)
             if cache.mode == "replay":  # replay never sends
                 raise CacheMissError(
                     f"replay mode: no cached answer in {cache.path} for this {kind} request to "
                     f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
                 )
-        return self._open_message_stream(kind, path, params, wire, assembler, check, read, settings, policy, deadline, timeout, cache, key)
+        return self._open_message_stream(kind, path, params, wire, assembler, check, read, settings, policy, deadline, timeout, cache, key,
+                                         span)
 
     def _open_message_stream(
         self,
@@ -639,6 +667,7 @@ class OpenAIClient:
         timeout: float,
         cache: CacheBackend | None,
         key: str | None,
+        span: StreamSpan,
     ) -> MessageStream:
         """Open the stream with retries up to its first content; the MessageStream reads the rest.
 
@@ -700,13 +729,15 @@ class OpenAIClient:
             if cache is not None and key is not None:
                 cache.set(key, completion, deadline=deadline)
             response = self._finish(kind, params, completion, cached=False)
+            span.finish(response, cached=False)
             return read(response), usage
 
         def cleanup() -> None:  # also when the stream is dropped without being iterated
             reader.close()
             release()
+            span.end()
 
-        return MessageStream(deltas(), on_close=cleanup)
+        return MessageStream(span.traced(deltas()), on_close=cleanup)
 
     @staticmethod
     def _interrupted(exc: LLMUtilsError, reader: StreamReader, deadline: Deadline) -> StreamInterruptedError:
