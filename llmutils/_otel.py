@@ -17,6 +17,14 @@ provider configured by the application, each call makes one span:
 - on failure: ``error.type`` (the exception's class, ``llmutils.RateLimitError``), the exception
   recorded as an event and the span status ERROR.
 
+A stream (``client.stream_message``) makes the same span, started by the call and ended with the
+stream: at its last delta, when the loop is left or the stream closed (``llmutils.stream.completed``
+false, no error), or when it fails (``error.type``: ``llmutils.StreamInterruptedError`` after
+content, the call's error before it). It is current only while llmutils opens the stream (so retry
+events and HTTP client spans land in it), never while the caller's code runs between deltas
+(:func:`start_stream_span`, :class:`StreamSpan`). A replay from the cache is a span with
+``llmutils.cache.hit`` true, ended with the replay's last piece.
+
 Prompts and answers are recorded (``gen_ai.input.messages`` / ``gen_ai.output.messages``, JSON in
 the conventions' parts format) only when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``:
 they may hold personal data.

@@ -147,6 +147,12 @@ def test_without_opentelemetry_it_is_a_no_op_and_never_imported() -> None:
         "with call_span('chat', 'gpt-4o') as span:\n"
         "    span.retry(1, None, 0.1)\n"
         "    span.finish({'model': 'gpt-4o'})\n"
+        "from llmutils._otel import start_stream_span\n"
+        "stream_span = start_stream_span('chat', 'gpt-4o')\n"
+        "with stream_span.opening():\n"
+        "    stream_span.finish({'model': 'gpt-4o'})\n"
+        "stream_span.end()\n"
+        "assert not stream_span.recording\n"
         "print(span.recording, llmutils.MockClient().send_message([{'role': 'user', 'content': 'hi'}])['content'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -158,6 +164,16 @@ def test_without_opentelemetry_it_is_a_no_op_and_never_imported() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert proc.stdout.strip() == "False", proc.stderr
+    # Installed without an SDK tracer provider: no span is created for a call or a stream.
+    script = (
+        "from llmutils._otel import call_span, start_stream_span\n"
+        "with call_span('chat', 'gpt-4o') as span:\n"
+        "    pass\n"
+        "stream_span = start_stream_span('chat', 'gpt-4o')\n"
+        "print(span.recording, stream_span.recording)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
 
 
 # -- through a client, against the local OpenAI-wire server -----------------------------------------
