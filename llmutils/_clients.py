@@ -649,8 +649,8 @@ class OpenAIClient:
                     f"replay mode: no cached answer in {cache.path} for this {kind} request to "
                     f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
                 )
-        return self._open_message_stream(kind, path, params, wire, assembler, check, read, settings, policy, deadline, timeout, cache, key,
-                                         span)
+        return self._open_message_stream(kind, path, params, wire, assembler, check, read, settings, policy, deadline,
+                                         timeout, cache, key, span)
 
     def _open_message_stream(
         self,

@@ -469,7 +469,8 @@ def start_stream_span(
     trace = _trace_module()
     if not trace or not tracer_is_recording(trace):  # nothing would record: no span at all
         return _NO_STREAM_SPAN
-    span = trace.get_tracer("llmutils").start_span(**_span_start(trace, operation, model, provider, None, None, server_url, params))
+    start = _span_start(trace, operation, model, provider, None, None, server_url, params)
+    span = trace.get_tracer("llmutils").start_span(**start)
     if not span.is_recording():  # sampled out
         span.end()
         return _NO_STREAM_SPAN

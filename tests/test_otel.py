@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -311,7 +311,8 @@ def test_a_completed_stream_is_one_span_ended_with_the_stream(
     assert attrs["llmutils.cache.hit"] is False and attrs["llmutils.attempts"] == 2
     assert attrs["llmutils.stream.completed"] is True
     assert "error.type" not in attrs and span.status.status_code == trace.StatusCode.UNSET
-    assert [e.attributes["error.type"] for e in span.events if e.name == "llmutils.retry"] == ["llmutils.NonTerminalError"]
+    retries = [e.attributes["error.type"] for e in span.events if e.name == "llmutils.retry"]
+    assert retries == ["llmutils.NonTerminalError"]
     (said,) = json.loads(attrs["gen_ai.output.messages"])
     assert said["parts"] == [{"type": "text", "content": stream.text}]
     assert json.loads(attrs["gen_ai.input.messages"])[-1]["parts"][0]["content"] == LONG[0]["content"]
@@ -320,7 +321,7 @@ def test_a_completed_stream_is_one_span_ended_with_the_stream(
 def test_a_stream_left_by_break_or_never_read_ends_without_an_error(
     spans: InMemorySpanExporter, streaming: tuple[Any, Any]
 ) -> None:
-    server, client = streaming
+    _, client = streaming
     with client.stream_message(LONG) as stream:
         for _ in stream:
             break
