@@ -76,6 +76,7 @@ PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai"}
 
 _current: ContextVar[CallSpan | None] = ContextVar("llmutils_call_span", default=None)
 _trace: Any = None  # the opentelemetry.trace module once looked for; False when it is not installed
+_tracer: tuple[Any, Any] = (None, None)  # (tracer provider, llmutils' tracer from it)
 
 
 def _trace_module() -> Any:
@@ -243,6 +244,17 @@ class CallSpan:
 _NO_SPAN = CallSpan()  # what a call fills in when nothing records: every method returns at once
 
 
+def _get_tracer(trace: Any) -> Any:
+    """llmutils' tracer, made once per tracer provider (the SDK builds a new one on each ``get_tracer``)."""
+    global _tracer
+    provider = trace.get_tracer_provider()
+    cached_provider, tracer = _tracer
+    if cached_provider is not provider:
+        tracer = provider.get_tracer("llmutils")
+        _tracer = (provider, tracer)
+    return tracer
+
+
 def tracer_is_recording(trace: Any) -> bool:
     """Whether spans may record: false while the application has set no SDK tracer provider."""
     return type(trace.get_tracer_provider()).__name__ not in ("ProxyTracerProvider", "NoOpTracerProvider")
@@ -351,7 +363,7 @@ def call_span(
         yield _NO_SPAN
         return
     start = _span_start(trace, operation, model, provider, server_address, server_port, server_url, params)
-    with trace.get_tracer("llmutils").start_as_current_span(**start) as span:
+    with _get_tracer(trace).start_as_current_span(**start) as span:
         recording = span.is_recording()
         helper = CallSpan(span if recording else None, capture=recording and _capture(span, params, messages))
         token = _current.set(helper)
@@ -470,7 +482,7 @@ def start_stream_span(
     if not trace or not tracer_is_recording(trace):  # nothing would record: no span at all
         return _NO_STREAM_SPAN
     start = _span_start(trace, operation, model, provider, None, None, server_url, params)
-    span = trace.get_tracer("llmutils").start_span(**start)
+    span = _get_tracer(trace).start_span(**start)
     if not span.is_recording():  # sampled out
         span.end()
         return _NO_STREAM_SPAN
