@@ -451,7 +451,10 @@ class StreamSpan(CallSpan):
         span.end()
 
     def traced(self, deltas: Generator[T, None, R]) -> Generator[T, None, R]:
-        """Yield from ``deltas`` and end the span when they end: returned, raised, or closed."""
+        """``deltas``, ending the span when they end: returned, raised, or closed (as is when nothing records)."""
+        return deltas if self._span is None else self._traced(deltas)
+
+    def _traced(self, deltas: Generator[T, None, R]) -> Generator[T, None, R]:
         try:
             result = yield from deltas
         except BaseException as exc:

@@ -299,6 +299,7 @@ def test_a_completed_stream_is_one_span_ended_with_the_stream(
     assert len(seen) > 2 and not any(seen)
     (span,) = spans.get_finished_spans()  # ended when the loop ended, before close()
     stream.close()
+    assert len(spans.get_finished_spans()) == 1
     assert span.name == "chat gpt-4.1-mini" and span.kind == trace.SpanKind.CLIENT
     attrs = dict(span.attributes or {})
     assert attrs["gen_ai.operation.name"] == "chat"
@@ -383,6 +384,7 @@ def test_a_replayed_stream_is_a_cache_hit_span(spans: InMemorySpanExporter, stre
     with client.stream_message(LONG) as stream:
         pieces = list(stream)
         (span,) = spans.get_finished_spans()  # ended with the replay's last piece
+    assert len(spans.get_finished_spans()) == 1  # close() after the end does not end it again
     assert stream.cached and len(pieces) > 1 and stream.message == first
     assert span.name == "chat gpt-4.1-mini"
     assert span.attributes["llmutils.cache.hit"] is True and span.attributes["llmutils.attempts"] == 0
