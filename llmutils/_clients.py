@@ -539,7 +539,7 @@ class OpenAIClient:
         """The call's ``total_timeout``: the argument, else the injected policy's, else the setting."""
         if total_timeout is not None:
             return float(total_timeout)
-        if self._retry is not None and self._retry.total_timeout is not None:
+        if self._retry is not None and self._retry.is_set("total_timeout"):
             return self._retry.total_timeout
         value = settings["TOTAL_TIMEOUT"]
         return None if value is None else float(value)
@@ -553,20 +553,23 @@ class OpenAIClient:
         waiting_time: float | None,
         backoff: float | None,
     ) -> RetryPolicy:
-        base = self._retry or RetryPolicy(
+        """The call's policy: the configuration, the injected policy's given fields over it, then the call's arguments."""
+        policy = RetryPolicy(
             max_attempts=settings["MAX_ATTEMPTS"],
             waiting_time=settings["WAITING_TIME"],
             backoff_factor=settings["EXPONENTIAL_BACKOFF_FACTOR"],
             max_wait=settings["MAX_WAIT"],
             total_timeout=settings["TOTAL_TIMEOUT"],
         )
-        return base.with_values(
+        if self._retry is not None:
+            policy = self._retry.over(policy)
+        return policy.with_values(
             max_attempts=max_attempts,
             waiting_time=waiting_time,
             backoff_factor=backoff,
             total_timeout=total_timeout,
             sleep=self._sleep,
-        )
+        ).resolved()
 
     # -- transport (overridden by subclasses) --------------------------------------------------
 

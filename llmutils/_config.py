@@ -94,6 +94,7 @@ class _Key:
     choices: tuple[str, ...] = ()
     url: bool = False
     doc: str = ""
+    minimum: float = 0
 
     def parse(self, value: Any) -> Any:
         """Turn a string (or an already typed value) into this key's type; raise ValueError if it cannot."""
@@ -125,8 +126,8 @@ class _Key:
             _check_http_url(parsed)
         if self.choices and parsed not in self.choices:
             raise ValueError(f"expected one of {', '.join(self.choices)}")
-        if self.kind in (int, float) and parsed < 0:
-            raise ValueError("expected a number >= 0")
+        if self.kind in (int, float) and parsed is not None and parsed < self.minimum:
+            raise ValueError(f"expected a number >= {self.minimum:g}")
         return parsed
 
 
@@ -144,7 +145,7 @@ _KEYS: dict[str, _Key] = {
     "REASONING_EFFORT": _Key(str, None, optional=True, choices=("minimal", "low", "medium", "high")),
     "TIMEOUT": _Key(float, 60.0, doc="seconds for one HTTP attempt"),
     "TOTAL_TIMEOUT": _Key(float, None, optional=True, doc="seconds for a whole call, retries included"),
-    "MAX_ATTEMPTS": _Key(int, 5, doc="HTTP attempts per call, the first included"),
+    "MAX_ATTEMPTS": _Key(int, 5, minimum=1, doc="HTTP attempts per call, the first included"),
     "WAITING_TIME": _Key(float, 1.0, doc="first backoff wait, seconds"),
     "EXPONENTIAL_BACKOFF_FACTOR": _Key(float, 2.0, doc="backoff multiplier per attempt"),
     "MAX_WAIT": _Key(float, 60.0, doc="cap on one backoff wait, Retry-After included"),
@@ -249,6 +250,13 @@ def _read_file(path: Path) -> dict[str, Any]:
         parser.read(name, encoding="utf-8")
     except configparser.Error as exc:
         raise ConfigError(f"Cannot parse config file {name}: {exc}") from None
+    others = [section for section in parser.sections() if section != CONFIG_SECTION]
+    if others:
+        found = ", ".join(f"[{section}]" for section in parser.sections())
+        raise ConfigError(
+            f"Config file {name} has sections {found}; llmutils reads only [{CONFIG_SECTION}] "
+            "(the name is case-sensitive): rename the section or move the other settings to another file"
+        )
     values: dict[str, Any] = {}
     if parser.has_section(CONFIG_SECTION):
         for raw_key, raw_value in parser.items(CONFIG_SECTION):

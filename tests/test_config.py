@@ -143,3 +143,19 @@ def test_import_reads_nothing(tmp_path: Path) -> None:
     code = "import llmutils; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("sections", [["openai"], ["OpenAI", "Azure"], ["Openai"]])
+def test_a_section_other_than_openai_is_an_error_naming_the_file_and_sections(tmp_path: Path, sections: list[str]) -> None:
+    text = "".join(f"[{section}]\nMODEL = m\n" for section in sections)
+    (tmp_path / "config.ini").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        resolve()
+    message = str(info.value)
+    assert str(tmp_path / "config.ini") in message and "[OpenAI]" in message
+    assert all(f"[{section}]" in message for section in sections)
+
+
+def test_an_empty_config_file_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "config.ini").write_text("# nothing yet\n", encoding="utf-8")
+    assert resolve()["MODEL"] == llmutils.DEFAULTS["MODEL"]
