@@ -9,6 +9,7 @@ pool) is created once per client, on first use, and again in a child after ``os.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -132,6 +133,15 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+def _shared_error(error: LLMUtilsError) -> LLMUtilsError:
+    """A copy of the leader's terminal error for a waiter (no request of its own: attempts=0)."""
+    clone = copy.copy(error)
+    clone.attempts = 0
+    clone.__cause__ = error
+    clone.__traceback__ = None
+    return clone
+
+
 def _shut_down(http: Any) -> None:
     """Shut the socket of ``http`` down so a blocked read returns at once (the deadline passed)."""
     stream = http.extensions.get("network_stream")
@@ -151,11 +161,16 @@ class CallInfo(NamedTuple):
 
 
 class _Flight:
-    """One request in flight; identical requests wait for it instead of calling the API too."""
+    """One request in flight; identical requests wait for it instead of calling the API too.
+
+    When it ends with a terminal error (one that the same request would get again: a 400, a
+    rejected key, the content filter), the waiters raise it too instead of sending.
+    """
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.response: dict[str, Any] | None = None
+        self.error: LLMUtilsError | None = None
 
 
 _live_clients: weakref.WeakSet[OpenAIClient] = weakref.WeakSet()
@@ -167,7 +182,7 @@ def _reset_clients_in_child() -> None:
     for client in list(_live_clients):
         client._lock = threading.Lock()
         client._inflight = {}
-        client._limits = None
+        client._limits = {}
 
 
 if hasattr(os, "register_at_fork"):
@@ -237,7 +252,7 @@ class OpenAIClient:
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
         self._caches: dict[tuple[str, str, str, float | None], CacheBackend] = {}
-        self._limits: tuple[tuple[Any, ...], RateLimiter, ConcurrencyLimiter] | None = None
+        self._limits: dict[tuple[Any, ...], tuple[RateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
         self._local = threading.local()
         _live_clients.add(self)
@@ -455,12 +470,17 @@ class OpenAIClient:
                 raise deadline.error("waiting for the identical request in flight")
             if flight.response is not None:
                 return self._finish(kind, params, json.loads(json.dumps(flight.response)), cached=True)
-            response = send()  # what is left of the deadline after the wait
+            if flight.error is not None:
+                raise _shared_error(flight.error)
+            response = send()  # a retryable failure: try again with what is left of our own deadline
             cache.set(key, response, deadline=deadline)
             return self._finish(kind, params, response, cached=False)
         try:
             response, cached = cache.single_flight(key, send, deadline=deadline)
             flight.response = response
+        except InvalidRequestError as exc:
+            flight.error = exc
+            raise
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
@@ -476,15 +496,20 @@ class OpenAIClient:
         return response
 
     def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter, ConcurrencyLimiter]:
-        """This client's rate and concurrency limiters, rebuilt only when their settings change."""
+        """The rate and concurrency limiters for these settings: one pair per distinct limit setting.
+
+        Threads (or contexts, under :func:`override_defaults`) with the same RPM/TPM/
+        MAX_CONCURRENT_MODEL_CALLS share one pair, so the limit holds across them; a different
+        setting gets its own pair, so two limits never rebuild one shared limiter back and forth.
+        """
         wanted = (settings["RPM"], settings["TPM"], settings["MAX_CONCURRENT_MODEL_CALLS"])
-        limits = self._limits
-        if limits is None or limits[0] != wanted:
+        limits = self._limits.get(wanted)
+        if limits is None:
             with self._lock:
-                limits = self._limits
-                if limits is None or limits[0] != wanted:
-                    limits = self._limits = (wanted, RateLimiter(rpm=wanted[0], tpm=wanted[1]), ConcurrencyLimiter(wanted[2]))
-        return limits[1], limits[2]
+                limits = self._limits.get(wanted)
+                if limits is None:
+                    limits = self._limits[wanted] = (RateLimiter(rpm=wanted[0], tpm=wanted[1]), ConcurrencyLimiter(wanted[2]))
+        return limits
 
     def _send_with_retries(
         self,

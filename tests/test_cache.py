@@ -277,3 +277,44 @@ print("openai" in sys.modules, "tiktoken" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def _identical_calls(client: OpenAIClient, count: int) -> list[object]:
+    """Send HELLO from ``count`` threads at once; return each one's answer or exception."""
+    start = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def call(i: int) -> None:
+        start.wait(10)
+        try:
+            results[i] = client.send_message(HELLO)
+        except Exception as exc:  # noqa: BLE001 - checked by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_identical_requests_in_flight_share_a_terminal_failure(cached: OpenAIClient, server: OpenAITestServer) -> None:
+    # Every request would get the 400 (the leader's answer comes late, so the others are waiting by then).
+    rejected = Fault(status_code=400, body={"error": {"message": "bad", "type": "invalid_request_error"}}, delay=1.0)
+    server.script(*[rejected] * 8)
+    results = _identical_calls(cached, 8)
+    assert all(isinstance(r, InvalidRequestError) for r in results), results
+    assert server.request_count == 1
+    assert sorted(r.attempts for r in results) == [0] * 7 + [1]  # type: ignore[union-attr]
+
+
+def test_a_retryable_failure_is_not_shared_past_a_waiters_own_budget(server: OpenAITestServer, cache_file: Path) -> None:
+    server.script(Fault(status_code=503, body={"error": {"message": "busy", "type": "server_error"}}, delay=1.0))
+    policy = RetryPolicy(max_attempts=1)
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file, retry=policy) as client:
+        results = _identical_calls(client, 2)
+    failed = [r for r in results if isinstance(r, RetriesExhaustedError)]
+    answered = [r for r in results if isinstance(r, dict)]
+    assert len(failed) == 1 and answered == [{"role": "assistant", "content": "echo: hello"}]
+    assert server.request_count == 2  # the waiter sent its own request
