@@ -142,6 +142,24 @@ def _shared_error(error: LLMUtilsError) -> LLMUtilsError:
     return clone
 
 
+def _lone_surrogate(obj: Any, where: str = "", depth: int = 0) -> str | None:
+    """Where in a request body the first string with a lone surrogate is (``messages[0]['content']``)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "a string"
+        return None
+    if depth > 50:
+        return None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _lone_surrogate(value, f"{where}[{key!r}]" if where else str(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def _shut_down(http: Any) -> None:
     """Shut the socket of ``http`` down so a blocked read returns at once (the deadline passed)."""
     stream = http.extensions.get("network_stream")
@@ -254,6 +272,7 @@ class OpenAIClient:
         self._caches: dict[tuple[str, str, str, float | None], CacheBackend] = {}
         self._limits: dict[tuple[Any, ...], tuple[RateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
+        self._warned_usage = False
         self._local = threading.local()
         _live_clients.add(self)
         self.usage = UsageTracker(prices=prices)
@@ -491,9 +510,28 @@ class OpenAIClient:
         """Record usage and the thread's call info for a response about to be returned."""
         model = str(response.get("model") or params.get("model"))
         usage = response.get("usage")
-        self.usage.record(model, usage, cached=cached)
+        try:
+            self.usage.record(model, usage, cached=cached)
+        except Exception as exc:  # accounting never fails a call: count the answer, tokens unknown
+            self._bad_usage(model, usage, exc)
+            usage = None
+            self.usage.record(model, None, cached=cached)
         self._local.info = CallInfo(kind, model, cached, usage)
         return response
+
+    def _bad_usage(self, model: str, usage: Any, exc: Exception) -> None:
+        """Log (once per client) a response whose ``usage`` cannot be counted."""
+        level = logging.DEBUG if self._warned_usage else logging.WARNING
+        self._warned_usage = True
+        logger.log(
+            level,
+            "llmutils: the usage of a response for %s cannot be counted (%s: %s; usage=%.200r); "
+            "its tokens are counted as unknown (0)",
+            model,
+            type(exc).__name__,
+            exc,
+            usage,
+        )
 
     def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter, ConcurrencyLimiter]:
         """The rate and concurrency limiters for these settings: one pair per distinct limit setting.
@@ -719,6 +757,13 @@ class OpenAIClient:
             raise NonTerminalError(f"connection error to {self._display(settings)}: {exc.__cause__ or exc}") from exc
         except openai.OpenAIError as exc:
             raise InvalidRequestError(f"the openai SDK refused the request: {exc}") from exc
+        except UnicodeEncodeError as exc:
+            where = _lone_surrogate(params) or "the request"
+            raise InvalidRequestError(
+                f"{where} holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), which is not valid Unicode and "
+                "cannot be sent as UTF-8 JSON; nothing was sent. Repair the text first, e.g. "
+                "text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')"
+            ) from None
         except (TypeError, ValueError) as exc:  # e.g. a message value the SDK cannot serialise
             raise InvalidRequestError(f"the request cannot be sent: {exc}") from exc
         except Exception as exc:

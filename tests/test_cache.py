@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -318,3 +319,55 @@ def test_a_retryable_failure_is_not_shared_past_a_waiters_own_budget(server: Ope
     answered = [r for r in results if isinstance(r, dict)]
     assert len(failed) == 1 and answered == [{"role": "assistant", "content": "echo: hello"}]
     assert server.request_count == 2  # the waiter sent its own request
+
+
+def test_a_response_whose_usage_is_not_numeric_is_answered_cached_and_counted_unknown(
+    server: OpenAITestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4.1-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": "n/a", "completion_tokens": "n/a", "total_tokens": "n/a"},
+    }
+    server.script(Fault.status(200, body=body))
+    caplog.set_level(logging.DEBUG, logger="llmutils")
+    hello = [{"role": "user", "content": "hello"}]
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as client:
+        for _ in range(3):  # the first from the server, then from the cache: never a raw ValueError
+            assert client.send_message(hello) == {"role": "assistant", "content": "hi"}
+        totals = client.usage.totals()
+    assert server.request_count == 1
+    assert (totals.requests, totals.cached_requests, totals.prompt_tokens, totals.completion_tokens) == (1, 2, 0, 0)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "usage" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_a_lone_surrogate_in_the_input_fails_that_call_alone(cached: OpenAIClient, server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError, match=r"messages\[0\]\['content'\] holds a lone surrogate"):
+        cached.send_message([{"role": "user", "content": "bad \ud83d half"}])
+    assert server.request_count == 0  # refused before anything was sent
+    for _ in range(2):
+        assert cached.send_message(HELLO)["content"] == "echo: hello"
+    assert cached.last_call is not None and cached.last_call.cached  # the cache stayed on
+    assert cached.cache_stats().errors == 0
+
+
+def test_a_lone_surrogate_in_an_answer_is_stored_and_served_faithfully(cached: OpenAIClient, server: OpenAITestServer, cache_file: Path) -> None:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4.1-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "half \ud83d emoji"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    server.script(Fault.status(200, body=body))
+    first = cached.send_message(HELLO)
+    assert first["content"] == "half \ud83d emoji"
+    assert cached.send_message(HELLO) == first and cached.last_call is not None and cached.last_call.cached
+    assert cached.send_message([{"role": "user", "content": "next"}])["content"] == "echo: next"
+    assert cached.cache_stats().errors == 0 and cached.cache_stats().writes == 2
+    with sqlite3.connect(cache_file) as conn:  # readable by anyone: escaped, not broken, UTF-8
+        texts = [row[0] for row in conn.execute("SELECT value FROM responses")]
+    assert any("\\ud83d" in text for text in texts)

@@ -47,6 +47,7 @@ VALUE_FORMAT = '{"value": <response>, "created": <unix time>, "expires": <unix t
 
 # Built once: json.dumps() with options builds a new encoder on every call.
 _VALUE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_ASCII_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -70,8 +71,19 @@ def check_ttl(ttl: float | None) -> float | None:
 
 
 def encode_entry(value: Any, now: float, ttl: float | None) -> str:
-    """The JSON text stored for ``value``: ``{"value": ..., "created": now, "expires": ...}``."""
-    return _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl})
+    """The JSON text stored for ``value``: ``{"value": ..., "created": now, "expires": ...}``.
+
+    Text is stored as is (UTF-8), except in an entry holding a lone surrogate (``"\\ud83d"``, not
+    valid Unicode, so not encodable as UTF-8): that entry is stored with ``\\uXXXX`` escapes,
+    which JSON reads back to the very same string.
+    """
+    entry = {"value": value, "created": now, "expires": None if ttl is None else now + ttl}
+    text = _VALUE_JSON(entry)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _ASCII_JSON(entry)
+    return text
 
 
 class CacheBase:

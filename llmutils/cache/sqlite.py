@@ -202,6 +202,7 @@ class SQLiteCache(CacheBase):
         self._outage: int | None = None  # rank of what failed in the current outage (_OPEN/_READ/_WRITE)
         self._busy_ms = int(self.busy_timeout * 1000)  # the writer's busy_timeout now
         self._warned_deadline = False
+        self._warned_entry = False
         self._warned_rows = False
         self._hits = self._misses = self._writes = self._errors = 0
         _LIVE.add(self)
@@ -293,6 +294,9 @@ class SQLiteCache(CacheBase):
                     if busy_ms < int(self.busy_timeout * 1000) and _is_busy_error(exc):
                         self._late_write("the file stayed locked by another connection")
                         return False
+                    if _is_entry_error(exc):
+                        self._bad_entry(key, exc)
+                        return False
                     self._fault(f"writing failed ({type(exc).__name__}: {exc})", exc, _WRITE)
                     return False
         finally:
@@ -301,6 +305,13 @@ class SQLiteCache(CacheBase):
         if self._outage is not None:
             self._works(_WRITE)
         return True
+
+    def _bad_entry(self, key: str, exc: BaseException) -> None:
+        """A write refused because of that entry alone (too big, not encodable): an error, the cache stays on."""
+        self.count(errors=1)
+        level = logging.DEBUG if self._warned_entry else logging.WARNING
+        self._warned_entry = True
+        logger.log(level, "llmutils cache %s: entry %s could not be stored (%s: %s); it is not cached", self.path, key, type(exc).__name__, exc)
 
     def _late_write(self, why: str) -> None:
         """A write given up because the call's deadline came first: an error, one WARNING, cache stays on."""
@@ -774,6 +785,20 @@ def _is_busy_error(exc: BaseException | None) -> bool:
     while exc is not None and seen < 8:
         if isinstance(exc, sqlite3.OperationalError):
             return _is_busy(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _is_entry_error(exc: BaseException | None) -> bool:
+    """True when a write failed because of its entry alone (too big, not encodable), not the store."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (UnicodeError, OverflowError, sqlite3.InterfaceError, sqlite3.DataError)):
+            return True
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            return code == 18 or "too big" in str(exc).lower()  # SQLITE_TOOBIG
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
