@@ -232,6 +232,13 @@ def test_passwords_are_masked(url: str, shown: str) -> None:
         assert "s3cret" not in repr(cache) and "s3cret" not in str(cache.info())
 
 
+@pytest.mark.parametrize("password", ["s3#cret", "s3/cret", "s3?cret", "s3@cret", "a#b/c?d"])
+def test_passwords_with_url_delimiters_are_masked_whole(password: str) -> None:
+    url = f"redis://alice:{password}@cache.internal:6379/0"
+    assert mask_url(url) == "redis://alice:***@cache.internal:6379/0"
+    assert mask_url(f"redis://:{password}@h:1/0?db=2") == "redis://:***@h:1/0?db=2"
+
+
 def test_without_redis_py_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(ConfigError, match=r"pip install 'llmutils\[redis\]'") as err:
