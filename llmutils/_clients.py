@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -158,6 +159,63 @@ def _lone_surrogate(obj: Any, where: str = "", depth: int = 0) -> str | None:
         if found is not None:
             return found
     return None
+
+
+_KEY_TOKEN = re.compile(r"[^\s'\"`()\[\]{}<>,;]+")
+
+
+def _checked_key(key: str, source: str) -> str:
+    """``key`` if it can be a key; AuthenticationError naming ``source`` (never the key) otherwise."""
+    problem = None
+    if key != key.strip():
+        problem = "a newline" if key.strip(" \t") != key.strip() or "\n" in key or "\r" in key else "surrounding spaces"
+        problem = f"{problem} at its start or end"
+    elif any(ch.isspace() for ch in key):
+        problem = "whitespace inside it"
+    elif any(not ch.isprintable() for ch in key):
+        problem = "a control character"
+    if problem is None:
+        return key
+    raise AuthenticationError(
+        f"The API key from {source} has {problem} (as `KEY=$(cat key.txt)` or a pasted key gives); "
+        "no request was sent. Set it again without the whitespace, e.g. KEY=$(tr -d '[:space:]' < key.txt)."
+    )
+
+
+def _scrub_key(text: str, key: str | None) -> str:
+    """``text`` without ``key``, whole or in part: words that start with its first 4 characters or end
+    with its last 4 (as gateways quote ``sk-ab****wxyz``) become ``***``."""
+    if not key or not text:
+        return text
+    text = text.replace(key, "***")
+    if len(key) < 8:
+        return text
+    head, tail = key[:4], key[-4:]
+
+    def hide(match: re.Match[str]) -> str:
+        word = match.group(0)
+        core = word.rstrip(".:!?")
+        if core.startswith(head) or core.endswith(tail):
+            return "***" + word[len(core) :]
+        return word
+
+    return _KEY_TOKEN.sub(hide, text)
+
+
+def _scrub_sdk_error(exc: Any, key: str | None) -> None:
+    """Scrub ``key`` from an SDK status error in place (message, args, body), before it is chained."""
+    if not key:
+        return
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        exc.message = _scrub_key(message, key)
+    exc.args = tuple(_scrub_key(a, key) if isinstance(a, str) else a for a in exc.args)
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        target = error if isinstance(error, dict) else body if isinstance(body, dict) else None
+        if target is not None and isinstance(target.get("message"), str):
+            target["message"] = _scrub_key(target["message"], key)
 
 
 def _shut_down(http: Any) -> None:
@@ -647,10 +705,11 @@ class OpenAIClient:
     def _given_key(self) -> tuple[dict[str, Any], str] | None:
         """The ``api_key`` argument, else the first key environment variable that is set."""
         if self._api_key:
-            return {"api_key": self._api_key}, "the api_key argument"
+            return {"api_key": _checked_key(self._api_key, "the api_key argument")}, "the api_key argument"
         key, var = api_key_from_env(self._key_env_vars)
         if key:
-            return {"api_key": key}, f"the {var} environment variable"
+            source = f"the {var} environment variable"
+            return {"api_key": _checked_key(key, source)}, source
         return None
 
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -676,8 +735,9 @@ class OpenAIClient:
             **credentials,
         )
 
-    def _sdk(self, settings: Mapping[str, Any]) -> tuple[Any, str]:
-        """The SDK client for these settings, created once (and again in a forked child)."""
+    def _sdk(self, settings: Mapping[str, Any]) -> tuple[Any, str, str | None]:
+        """The SDK client for these settings (created once, and again in a forked child), where its
+        credentials came from, and the API key (to scrub from error texts; never shown)."""
         credentials, source = self._credentials(settings)
         identity = (self._endpoint(settings), settings["AZURE_API_VERSION"], *sorted(credentials.items(), key=lambda kv: kv[0]))
         if self._pid != os.getpid():
@@ -693,7 +753,8 @@ class OpenAIClient:
                 if sdk is None:
                     sdk = self._new_sdk_client(settings, credentials)
                     self._sdk_clients[identity] = sdk
-        return sdk, source
+        key = credentials.get("api_key")
+        return sdk, source, key if isinstance(key, str) else None
 
     def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
         """POST ``params`` to ``path`` and return the decoded JSON object (one attempt).
@@ -740,7 +801,7 @@ class OpenAIClient:
         import httpx2
         import openai
 
-        sdk, source = self._sdk(settings)
+        sdk, source, key = self._sdk(settings)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
@@ -748,6 +809,7 @@ class OpenAIClient:
         try:
             http = sdk.post(path, body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
         except openai.APIStatusError as exc:
+            _scrub_sdk_error(exc, key)
             raise self._status_error(exc, source, settings) from exc
         except openai.APITimeoutError as exc:
             if deadline.expired:

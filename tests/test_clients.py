@@ -461,3 +461,34 @@ def test_azure_deployment_of_a_reasoning_model_via_aliases(server: OpenAITestSer
         client.send_message(HELLO, model="prod-reasoner", temperature=0.3, max_tokens=99)
     body = server.requests[-1].body
     assert "temperature" not in body and body["max_completion_tokens"] == 99
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [("sk-test-secret-1234\n", "newline"), (" sk-test-secret-1234", "spaces"), ("sk-test secret-1234", "whitespace inside")],
+)
+def test_a_key_with_whitespace_is_rejected_before_any_request(
+    server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str, problem: str
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with OpenAIClient(base_url=server.base_url) as client, pytest.raises(AuthenticationError) as info:
+        client.send_message(HELLO)
+    message = str(info.value)
+    assert "OPENAI_API_KEY environment variable" in message and problem in message
+    assert "secret" not in message and "1234" not in message and "secret" not in caplog.text
+    assert server.request_count == 0
+    with OpenAIClient(base_url=server.base_url, api_key=key) as client, pytest.raises(AuthenticationError, match="the api_key argument"):
+        client.get_embedding("x")
+    assert server.request_count == 0
+
+
+def test_a_server_message_quoting_part_of_the_key_is_scrubbed(server: OpenAITestServer, caplog: pytest.LogCaptureFixture) -> None:
+    key = "sk-proj-abcdefghijklmnop1234"
+    quoted = f"Incorrect API key provided: {key[:6]}**************{key[-4:]}. You can find your API key at https://platform.openai.com/account/api-keys."
+    server.script(Fault.status(401, body={"error": {"message": quoted, "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    with OpenAIClient(base_url=server.base_url, api_key=key) as client, pytest.raises(AuthenticationError) as info:
+        client.send_message(HELLO)
+    shown = [str(info.value), str(info.value.__cause__), repr(info.value.__cause__), caplog.text]
+    for text in shown:
+        assert key[:6] not in text and key[-4:] not in text
+    assert "Incorrect API key provided: ***." in str(info.value)
