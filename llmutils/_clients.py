@@ -28,7 +28,7 @@ from ._apis import chat as _chat
 from ._apis import embeddings as _embeddings
 from ._apis.chat import build_chat_request, check_chat_response, is_reasoning_model, read_chat_response
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
-from ._config import api_key_from_env, resolve, validate
+from ._config import api_key_from_env, resolve, resolved, validate
 from ._deadline import Deadline
 from ._exceptions import (
     AuthenticationError,
@@ -354,6 +354,10 @@ class OpenAIClient:
         """The settings this client would use for a call made now (no per-call arguments)."""
         return resolve(self._client_settings, validated=True)
 
+    def _settings(self) -> Mapping[str, Any]:
+        """:meth:`settings`, memoised and shared: resolved once per call, never modified."""
+        return resolved(self._client_settings, validated=True)
+
     def __repr__(self) -> str:
         try:
             endpoint = self._display(self.settings())
@@ -399,7 +403,7 @@ class OpenAIClient:
             _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
         if more.get("stream"):
             raise InvalidRequestError("stream=True is not supported by send_message; it returns whole answers")
-        settings = self.settings()
+        settings = self._settings()
         deadline = Deadline(self._total_timeout(settings, total_timeout))
         params = build_chat_request(
             settings,
@@ -443,7 +447,7 @@ class OpenAIClient:
         ):
             _check_type(name, value, kinds)
         _check_positive(timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
-        settings = self.settings()
+        settings = self._settings()
         deadline = Deadline(self._total_timeout(settings, total_timeout))
         params = build_embeddings_request(settings, texts, model=model, more=more)
         expected = len(params["input"])

@@ -14,7 +14,7 @@ import threading
 from typing import Any, Protocol, runtime_checkable
 
 from ._clients import AzureClient, MockClient, OpenAIClient
-from ._config import force_default_value, resolve
+from ._config import force_default_value, resolved
 from ._exceptions import ConfigError
 
 __all__ = ["register_client", "client", "registered_api_types", "force_api_type", "force_api_cache"]
@@ -47,7 +47,7 @@ def registered_api_types() -> list[str]:
 
 def client() -> Any:
     """The client registered for the configured ``API_TYPE`` (``openai`` unless configured)."""
-    api_type = resolve()["API_TYPE"]
+    api_type = resolved()["API_TYPE"]
     found = _clients.get(api_type)
     if found is None:
         raise ConfigError(

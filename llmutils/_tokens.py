@@ -164,10 +164,10 @@ def _reset_for_tests() -> None:
 def _settings() -> Mapping[str, Any]:
     """The current config, or an empty mapping when the config module is unavailable."""
     try:
-        from ._config import resolve
+        from ._config import resolved
     except ImportError:
         return {}
-    return resolve()
+    return resolved()
 
 
 def _resolve_model(model: str | None) -> str | None:
