@@ -30,6 +30,7 @@ from ._apis.chat import build_chat_request, check_chat_response, is_reasoning_mo
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
 from ._config import api_key_from_env, resolve, resolved, validate
 from ._deadline import Deadline
+from ._imports import importing, lazy_import
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -729,8 +730,7 @@ class OpenAIClient:
         )
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
-        import openai
-
+        openai = lazy_import("openai")
         return openai.OpenAI(
             base_url=settings["BASE_URL"],
             organization=self._organization,
@@ -755,7 +755,13 @@ class OpenAIClient:
             with self._lock:
                 sdk = self._sdk_clients.get(identity)
                 if sdk is None:
-                    sdk = self._new_sdk_client(settings, credentials)
+                    # Creating the SDK imports httpcore2, certifi... and its first request detects
+                    # the platform (locks of functools.cached_property): do both now, where a fork
+                    # waits for them, so a child never inherits one half done.
+                    with importing():
+                        sdk = self._new_sdk_client(settings, credentials)
+                        with contextlib.suppress(Exception):
+                            sdk.default_headers  # noqa: B018 - computed and cached now
                     self._sdk_clients[identity] = sdk
         key = credentials.get("api_key")
         return sdk, source, key if isinstance(key, str) else None
@@ -802,8 +808,8 @@ class OpenAIClient:
         the deadline passes, so a read that stalls between two bytes ends then. The response is
         closed when the block exits.
         """
-        import httpx2
-        import openai
+        httpx2 = lazy_import("httpx2")
+        openai = lazy_import("openai")
 
         sdk, source, key = self._sdk(settings)
         limit = deadline.timeout_for(timeout)
@@ -858,7 +864,7 @@ class OpenAIClient:
 
     def _read_error(self, exc: BaseException, deadline: Deadline, timeout: float, settings: Mapping[str, Any]) -> BaseException:
         """The llmutils error for ``exc`` raised while reading a response body."""
-        import httpx2
+        httpx2 = lazy_import("httpx2")
 
         where = self._display(settings)
         if deadline.expired:
@@ -951,7 +957,8 @@ class AzureClient(OpenAIClient):
         if self._token_provider is not None:
             return {"azure_ad_token_provider": self._token_provider}, "the azure_ad_token_provider argument"
         try:
-            from azure.identity import DefaultAzureCredential, get_bearer_token_provider
+            with importing():
+                from azure.identity import DefaultAzureCredential, get_bearer_token_provider
         except ImportError:
             raise AuthenticationError(
                 "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY, pass api_key=... or "
@@ -965,8 +972,7 @@ class AzureClient(OpenAIClient):
         return {"azure_ad_token_provider": self._token_provider}, "Entra ID (DefaultAzureCredential)"
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
-        import openai
-
+        openai = lazy_import("openai")
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
             api_version=self._api_version or settings["AZURE_API_VERSION"],

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -42,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._cooldown import Cooldown
+from ._imports import lazy_import
 from ._exceptions import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -150,6 +152,20 @@ _slots: dict[str, _Slot] = {}
 _state_lock = threading.Lock()
 _warned = False
 _unknown_models: set[str] = set()
+
+
+def _reset_in_child() -> None:
+    """After ``os.fork``: locks another thread held (a load in progress) are not ours; start afresh."""
+    global _state_lock
+    _state_lock = threading.Lock()
+    for slot in _slots.values():
+        slot.lock = threading.Lock()
+        slot.thread = None
+        slot.off.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
 
 
 def _reset_for_tests() -> None:
@@ -262,7 +278,7 @@ def _get_encoding(name: str) -> Encoding | None:
         if slot.off.blocked():
             return None
         try:
-            import tiktoken
+            tiktoken = lazy_import("tiktoken")
         except ImportError as exc:
             slot.off.trip(permanent=True)
             _warn_once(name, f"tiktoken is not installed: {exc}")

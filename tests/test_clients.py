@@ -492,3 +492,36 @@ def test_a_server_message_quoting_part_of_the_key_is_scrubbed(server: OpenAITest
     for text in shown:
         assert key[:6] not in text and key[-4:] not in text
     assert "Incorrect API key provided: ***." in str(info.value)
+
+
+FORK_MID_IMPORT = """
+import faulthandler, os, sys, threading, time
+import llmutils
+from llmutils.testing import OpenAITestServer
+
+with OpenAITestServer() as server:
+    client = llmutils.OpenAIClient(base_url=server.base_url, api_key="k")
+    hello = [{"role": "user", "content": "hi"}]
+    first = threading.Thread(target=client.send_message, args=(hello,))
+    first.start()  # its first call imports openai, builds the SDK, detects the platform...
+    end = time.monotonic() + 30
+    while "openai" not in sys.modules and time.monotonic() < end:
+        time.sleep(0.0005)
+    pid = os.fork()  # ...and the fork comes in the middle of that
+    if pid == 0:
+        faulthandler.dump_traceback_later(20, exit=True)  # a hung child exits 1 with its stack
+        code = 1
+        try:
+            code = 0 if client.send_message(hello, total_timeout=20)["content"] == "echo: hi" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    first.join()
+    print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_during_the_first_call_leaves_a_working_child() -> None:
+    done = subprocess.run([sys.executable, "-c", FORK_MID_IMPORT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stdout + done.stderr[-3000:]
