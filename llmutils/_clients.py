@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -98,6 +99,24 @@ _SEND_MESSAGE_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
 )
 
 
+_MAX_N = 128  # the API's limit on choices per request
+
+
+def _bounded_recursion(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A request nested thousands deep (or referring to itself) is an InvalidRequestError, not a RecursionError."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except RecursionError:
+            raise InvalidRequestError(
+                "the request is nested too deeply (or refers to itself) to be sent as JSON; nothing was sent"
+            ) from None
+
+    return call
+
+
 def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
     if value is None:
         return
@@ -109,8 +128,8 @@ def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
 def _check_positive(**values: Any) -> None:
     """Counts and durations must be > 0 (``n`` must be a whole number); None means "not given"."""
     for name, value in values.items():
-        if name == "n" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidRequestError(f"n must be an int >= 1, got {value!r:.60}")
+        if name == "n" and (isinstance(value, bool) or not isinstance(value, int) or value > _MAX_N):
+            raise InvalidRequestError(f"n must be an int from 1 to {_MAX_N} (the API's limit), got {value!r:.60}")
         if value is not None and value <= 0:
             raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
 
@@ -368,6 +387,7 @@ class OpenAIClient:
 
     # -- the public calls ----------------------------------------------------------------------
 
+    @_bounded_recursion
     def send_message(
         self,
         messages: list[Message],
@@ -427,12 +447,14 @@ class OpenAIClient:
         response = self._call(_chat.KIND, _chat.PATH, params, settings, deadline, timeout_s, check_chat_response, policy)
         return read_chat_response(response, n)
 
+    @_bounded_recursion
     def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
         """Return the embedding vector of ``text`` (cached like chat calls when the cache is on)."""
         if not isinstance(text, str):
             raise InvalidRequestError(f"text must be a str, got {type(text).__name__}; use get_embeddings() for a list")
         return self.get_embeddings([text], model=model, **more)[0]
 
+    @_bounded_recursion
     def get_embeddings(self, texts: Sequence[str], model: str | None = None, **more: Any) -> list[list[float]]:
         """Return one embedding vector per text, in order, in one request."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not texts:

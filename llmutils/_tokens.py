@@ -348,8 +348,14 @@ def count_text_tokens(text: str, model: str | None = None) -> TokenCount:
     """Tokens in plain ``text`` (no message overhead) for ``model`` (None: the configured model)."""
     if not isinstance(text, str):
         raise InvalidRequestError(f"count_text_tokens: text must be a str, not {type(text).__name__} ({text!r:.80})")
+    _check_model("count_text_tokens", model)
     count, exact = _text_counter(_resolve_model(model))
     return TokenCount(count(text) if text else 0, exact)
+
+
+def _check_model(where: str, model: Any) -> None:
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError(f"{where}: model must be a str (or None for the configured model), not {type(model).__name__} ({model!r:.80})")
 
 
 def _strings(value: Any) -> list[str]:
@@ -430,7 +436,15 @@ def count_tokens(
     """
     if isinstance(messages, str):
         return count_text_tokens(messages, model)
+    _check_model("count_tokens", model)
     _check_messages(messages)
+    try:
+        return _count_messages(messages, model)
+    except RecursionError:
+        raise InvalidRequestError("count_tokens: the messages are nested too deeply (or refer to themselves) to be a request") from None
+
+
+def _count_messages(messages: Sequence[Mapping[str, Any]], model: str | None) -> TokenCount:
     resolved = _resolve_model(model)
     count, exact = _text_counter(resolved)
     legacy = (resolved or "").lower().rsplit("/", 1)[-1] == "gpt-3.5-turbo-0301"

@@ -525,3 +525,28 @@ with OpenAITestServer() as server:
 def test_a_fork_during_the_first_call_leaves_a_working_child() -> None:
     done = subprocess.run([sys.executable, "-c", FORK_MID_IMPORT], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "0", done.stdout + done.stderr[-3000:]
+
+
+def _nested(depth: int) -> object:
+    value: object = "hi"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_messages_nested_thousands_deep_are_an_invalid_request(server: OpenAITestServer, tmp_path, cache: bool) -> None:
+    deep = [{"role": "user", "content": _nested(5000)}]
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=cache, cache_file_name=tmp_path / "c.sqlite") as client:
+        with pytest.raises(InvalidRequestError, match="nested too deeply"):
+            client.send_message(deep)
+        with pytest.raises(InvalidRequestError, match="nested too deeply"):
+            llmutils.MockClient().send_message(deep)
+        assert client.send_message(HELLO)["content"] == "echo: hello"  # the client still works
+    assert server.request_count == 1
+
+
+def test_n_is_capped_at_the_apis_limit(server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError, match="n must be an int from 1 to 128"):
+        llmutils.MockClient().send_message(HELLO, n=10**6)
+    assert len(llmutils.MockClient().send_message(HELLO, n=128)) == 128

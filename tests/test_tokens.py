@@ -525,3 +525,19 @@ def test_send_message_still_works_when_the_encoding_cannot_load(
     assert server.request_count == 2
     assert len(warnings_of(caplog)) == 1
     assert calls_to(offline, CL100K_URL) == 1
+
+
+@pytest.mark.parametrize("model", [123, b"gpt-4", ["gpt-4"]])
+def test_a_model_that_is_not_a_string_is_an_invalid_request(model: object) -> None:
+    with pytest.raises(InvalidRequestError, match="model must be a str"):
+        count_tokens([{"role": "user", "content": "hi"}], model)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="model must be a str"):
+        count_tokens("hi", model)  # type: ignore[arg-type]
+
+
+def test_messages_nested_thousands_deep_are_an_invalid_request() -> None:
+    value: object = {"type": "text", "text": "hi"}
+    for _ in range(5000):
+        value = {"x": value}
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        count_tokens([{"role": "user", "content": "hi", "extra": value}], "gpt-4o")
