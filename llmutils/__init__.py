@@ -8,6 +8,13 @@
 Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
 """
 
+# First, before the slow imports: Ctrl-C while the llmutils command starts exits 130 quietly.
+from ._sigint import quiet_ctrl_c_while_starting as _quiet_ctrl_c_while_starting
+
+_quiet_ctrl_c_while_starting()
+
+import logging as _logging  # noqa: E402
+
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
@@ -31,7 +38,9 @@ from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ContentFilterError as ContentFilterError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LLMUtilsError as LLMUtilsError
+from ._exceptions import MalformedResponseError as MalformedResponseError
 from ._exceptions import NonTerminalError as NonTerminalError
+from ._exceptions import NotAttemptedError as NotAttemptedError
 from ._exceptions import OutputParseError as OutputParseError
 from ._exceptions import QuotaExceededError as QuotaExceededError
 from ._exceptions import RateLimitError as RateLimitError
@@ -58,6 +67,10 @@ from ._usage import set_prices as set_prices
 
 __version__ = "0.1.0"
 
+# A library adds no handler of its own (the logging HOWTO): without this, Python's last-resort
+# handler would print llmutils' WARNINGs to stderr in an application that never configured logging.
+_logging.getLogger("llmutils").addHandler(_logging.NullHandler())
+
 __all__ = [
     "AuthenticationError",
     "AzureClient",
@@ -72,9 +85,11 @@ __all__ = [
     "InvalidRequestError",
     "LLMCall",
     "LLMUtilsError",
+    "MalformedResponseError",
     "MockClient",
     "ModelUsage",
     "NonTerminalError",
+    "NotAttemptedError",
     "OpenAIClient",
     "OutputParseError",
     "QuotaExceededError",

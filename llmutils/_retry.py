@@ -1,10 +1,13 @@
 """The retry policy: tenacity's stop, wait and retry pieces, composed in one place.
 
-Only :class:`~llmutils.NonTerminalError` is retried. The wait grows from ``waiting_time`` by
-``backoff_factor`` per attempt, plus jitter, capped at ``max_wait``; a server's ``Retry-After``
-replaces it (still capped). ``total_timeout`` bounds the whole call through one
-:class:`~llmutils._deadline.Deadline`: each attempt gets it, and a backoff wait that would end past
-it stops at once.
+An error is retried when it is ``retryable``: every :class:`~llmutils.NonTerminalError` by default,
+and for an HTTP answer whatever openai-python's rules say (:mod:`llmutils._http`: ``x-should-retry``
+first, no retry when the server asks for more than 120 s). The wait is the server's (``Retry-After``
+and its variants, already judged usable: finite and in ``(0, 120]``), obeyed in full; else our own
+backoff, growing from ``waiting_time`` by ``backoff_factor`` per attempt, plus jitter, capped at
+``max_wait``. ``total_timeout`` bounds the whole call through one
+:class:`~llmutils._deadline.Deadline`: each attempt gets it, and a wait that would end past it stops
+at once.
 """
 
 from __future__ import annotations
@@ -19,22 +22,23 @@ from typing import Any, TypeVar
 import tenacity
 from tenacity import (
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential,
 )
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from ._config import DEFAULT_MAX_WAIT, UNSET
 from ._deadline import Deadline
+from ._otel import current_call_span
 from ._exceptions import (
     LLMUtilsError,
-    NonTerminalError,
     RetriesExhaustedError,
     TotalTimeoutError,
 )
 
-__all__ = ["RetryPolicy", "UNSET", "POLICY_DEFAULTS", "wait_retry_after", "stop_at_deadline"]
+__all__ = ["RetryPolicy", "POLICY_DEFAULTS", "wait_retry_after", "stop_at_deadline"]
 
 logger = logging.getLogger("llmutils")
 
@@ -42,7 +46,12 @@ T = TypeVar("T")
 
 
 class wait_retry_after(wait_base):
-    """Wait what the server asked for (``Retry-After``) if it did, else ``fallback``; never above ``cap``."""
+    """Wait what the server asked for (the error's ``retry_after``) in full if it did, else ``fallback``
+    capped at ``cap``.
+
+    The server's wait is not capped here: an error carries a ``retry_after`` only when openai-python
+    would obey it (finite, in ``(0, 120]``); a longer one makes the error not retryable at all.
+    """
 
     def __init__(self, fallback: wait_base, cap: float) -> None:
         self.fallback = fallback
@@ -52,8 +61,14 @@ class wait_retry_after(wait_base):
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None and outcome.failed else None
         asked = getattr(exc, "retry_after", None)
-        wait = float(asked) if asked is not None else self.fallback(retry_state)
-        return max(0.0, min(wait, self.cap))
+        if asked is not None and asked > 0:
+            return float(asked)
+        return max(0.0, min(self.fallback(retry_state), self.cap))
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """An llmutils error that says it is retryable (see :attr:`~llmutils.LLMUtilsError.retryable`)."""
+    return isinstance(exc, LLMUtilsError) and exc.retryable
 
 
 class _wait_jitter(wait_base):
@@ -82,6 +97,9 @@ class stop_at_deadline(stop_base):
 
 def _log_retry(retry_state: RetryCallState) -> None:
     exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+    span = current_call_span()  # the call's OpenTelemetry span, if tracing is on: a retry event
+    if span is not None:
+        span.retry(retry_state.attempt_number, exc, retry_state.upcoming_sleep)
     logger.warning(
         "llmutils: attempt %d failed (%s); retrying in %.2f s",
         retry_state.attempt_number,
@@ -90,35 +108,12 @@ def _log_retry(retry_state: RetryCallState) -> None:
     )
 
 
-class _Unset:
-    """The type of :data:`UNSET`: "not given", where ``None`` is a value (``total_timeout=None`` is "no bound")."""
-
-    _instance: _Unset | None = None
-
-    def __new__(cls) -> _Unset:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __reduce__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Any = _Unset()
-"""A :class:`RetryPolicy` field left unset takes its value from the configuration (or the default)."""
-
 # What an unset field means when nothing else (the configuration) gives it a value.
 POLICY_DEFAULTS: dict[str, Any] = {
     "max_attempts": 5,
     "waiting_time": 1.0,
     "backoff_factor": 2.0,
-    "max_wait": 60.0,
+    "max_wait": DEFAULT_MAX_WAIT,
     "total_timeout": None,
     "jitter": 0.25,
     "sleep": time.sleep,
@@ -136,6 +131,14 @@ class RetryPolicy:
     ``TOTAL_TIMEOUT``), field by field, so ``RetryPolicy(jitter=0)`` keeps the configured number
     of attempts. Used on its own, unset fields take :data:`POLICY_DEFAULTS`. ``total_timeout=None``
     given explicitly means "no bound", whatever the configuration says.
+
+    :param max_attempts: attempts per call, the first included (``MAX_ATTEMPTS``).
+    :param waiting_time: the first backoff wait in seconds (``WAITING_TIME``).
+    :param backoff_factor: what each wait is multiplied by (``EXPONENTIAL_BACKOFF_FACTOR``).
+    :param max_wait: the cap on one wait of our own backoff (``MAX_WAIT``).
+    :param total_timeout: seconds for the whole call, retries and waits included (None: unbounded).
+    :param jitter: up to this fraction is added at random to each computed wait.
+    :param sleep: how a wait is done (tests pass ``list.append`` to record the waits instead).
     """
 
     max_attempts: int = UNSET
@@ -199,7 +202,7 @@ class RetryPolicy:
         return tenacity.Retrying(
             stop=stop,
             wait=wait_retry_after(_wait_jitter(backoff, policy.jitter), cap=policy.max_wait),
-            retry=retry_if_exception_type(NonTerminalError),
+            retry=retry_if_exception(_is_retryable),
             before_sleep=_log_retry,
             sleep=policy.sleep,
             reraise=False,
@@ -244,7 +247,9 @@ class RetryPolicy:
                 error = RetriesExhaustedError(
                     f"Gave up after {attempts} attempt(s). Last error: {last}", attempts=attempts
                 )
-            if isinstance(last, LLMUtilsError):
+            if isinstance(last, LLMUtilsError):  # what the server said last, for callers to branch on
                 error.status_code = last.status_code
                 error.request_id = last.request_id
+                error.code, error.type, error.param = last.code, last.type, last.param
+                error.headers = last.headers
             raise error from last
