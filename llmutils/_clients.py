@@ -498,6 +498,7 @@ class OpenAIClient:
                 self._local.info = info._replace(warnings=(warning,))
         return answer
 
+    @_bounded_recursion
     def create_response(
         self,
         *,
