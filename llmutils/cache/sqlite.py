@@ -17,7 +17,11 @@ the cache (the file is left as it is). A transient fault (a lock held past ``bus
 I/O error, a full disk) turns the cache off for ``retry_interval`` seconds (30 by default); then it
 is tried again, and one INFO says when it works again. Any other fault (a file that is not an
 SQLite file or not a cache, a newer schema, a corrupt file, an unwritable place) turns it off for
-the life of the object.
+the life of the object. Three faults leave it on: a write that cannot get the lock before the
+call's deadline is dropped (one WARNING, one error counted); a write refused because of its entry
+alone is skipped; a file that cannot be written (read-only file or file system) keeps serving hits
+while writes pause for ``retry_interval``. A file deleted or replaced while in use is noticed by the
+next write, which creates it again (one WARNING).
 """
 
 from __future__ import annotations
