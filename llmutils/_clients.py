@@ -240,6 +240,11 @@ def _scrub_sdk_error(exc: Any, key: str | None) -> None:
             target["message"] = _scrub_key(target["message"], key)
 
 
+def _reject_constant(name: str) -> Any:
+    """``json.loads`` hook: NaN and Infinity are not JSON (an answer holding one could never be cached)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _shut_down(http: Any) -> None:
     """Shut the socket of ``http`` down so a blocked read returns at once (the deadline passed)."""
     stream = http.extensions.get("network_stream")
@@ -951,10 +956,10 @@ class OpenAIClient:
             status = http.status_code
         context: dict[str, Any] = {"status_code": status, "request_id": request_id_from(headers), "headers": headers}
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             raise NonTerminalError(
-                f"HTTP {status} from {self._display(settings)} with a body that is not JSON", **context
+                f"HTTP {status} from {self._display(settings)} with a body that is not JSON ({exc})", **context
             ) from exc
         if not isinstance(body, dict):
             raise NonTerminalError("the response body is not a JSON object", **context)

@@ -371,3 +371,16 @@ def test_a_lone_surrogate_in_an_answer_is_stored_and_served_faithfully(cached: O
     with sqlite3.connect(cache_file) as conn:  # readable by anyone: escaped, not broken, UTF-8
         texts = [row[0] for row in conn.execute("SELECT value FROM responses")]
     assert any("\\ud83d" in text for text in texts)
+
+
+def test_a_200_holding_nan_is_retried_and_never_cached(cached: OpenAIClient, server: OpenAITestServer) -> None:
+    nan_body = (
+        '{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant",'
+        '"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":NaN,"completion_tokens":1,"total_tokens":Infinity}}'
+    )
+    server.script(Fault.status(200, body=nan_body))
+    assert cached.send_message(HELLO)["content"] == "echo: hello"  # the second attempt's answer, not a TypeError
+    assert server.request_count == 2
+    assert cached.send_message(HELLO)["content"] == "echo: hello"
+    assert cached.last_call is not None and cached.last_call.cached
+    assert cached.cache_stats().errors == 0
