@@ -68,6 +68,7 @@ from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
 from .cache import CacheStats, make_key, mask_url, open_cache
+from .cache.keys import non_json
 
 if TYPE_CHECKING:
     import httpx2
@@ -1254,12 +1255,17 @@ class MockClient(OpenAIClient):
         return {}, "none (mock)"
 
     def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
-        """Answer in-process, as the endpoint would: a chat completion or embeddings."""
+        """Answer in-process, as the endpoint would: a chat completion, a response or embeddings."""
         if path == _responses.PATH:
-            return self._response(params)
-        if path == _embeddings.PATH:
-            return self._embedding(params)
-        return self._chat_completion(params)
+            answer = self._response(params)
+        elif path == _embeddings.PATH:
+            answer = self._embedding(params)
+        else:
+            answer = self._chat_completion(params)
+        problem = non_json(answer)
+        if problem is not None:  # a scripted answer or handler result the wire could not carry
+            raise InvalidRequestError(f"the mock answer is not plain JSON: answer{problem}")
+        return answer
 
     def _chat_completion(self, params: Mapping[str, Any]) -> dict[str, Any]:
         messages = params["messages"]

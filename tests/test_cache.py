@@ -384,3 +384,13 @@ def test_a_200_holding_nan_is_retried_and_never_cached(cached: OpenAIClient, ser
     assert cached.send_message(HELLO)["content"] == "echo: hello"
     assert cached.last_call is not None and cached.last_call.cached
     assert cached.cache_stats().errors == 0
+
+
+def test_a_mock_answer_that_is_not_json_is_an_invalid_request(cache_file: Path) -> None:
+    import datetime
+
+    client = llmutils.MockClient(answers=[{"role": "assistant", "content": "x", "when": datetime.date(2026, 1, 1)}], cache_api_calls=True, cache_file_name=cache_file)
+    with pytest.raises(InvalidRequestError, match=r"\['when'\] is a date, not a JSON value"):
+        client.send_message(HELLO)
+    assert client.send_message(HELLO)["content"] == "echo: hello" and client.cache_stats().errors == 0
+    client.close()
