@@ -153,8 +153,8 @@ def _check_positive(**values: Any) -> None:
     for name, value in values.items():
         if name == "n" and (isinstance(value, bool) or not isinstance(value, int) or value > _MAX_N):
             raise InvalidRequestError(f"n must be an int from 1 to {_MAX_N} (the API's limit), got {value!r:.60}")
-        if value is not None and value <= 0:
-            raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise InvalidRequestError(f"{name} must be > 0 (and finite), got {value!r}")
 
 
 def _shared_error(error: LLMUtilsError) -> LLMUtilsError:
@@ -164,6 +164,15 @@ def _shared_error(error: LLMUtilsError) -> LLMUtilsError:
     clone.__cause__ = error
     clone.__traceback__ = None
     return clone
+
+
+def _surrogate_error(params: Mapping[str, Any]) -> InvalidRequestError:
+    """The error for a request body holding a lone surrogate, naming where."""
+    where = _lone_surrogate(params) or "the request"
+    return InvalidRequestError(
+        f"{where} holds a lone surrogate, which is not valid Unicode and cannot be sent as UTF-8 JSON; "
+        "nothing was sent. Repair the text first, e.g. text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')"
+    )
 
 
 def _lone_surrogate(obj: Any, where: str = "", depth: int = 0) -> str | None:
@@ -578,8 +587,8 @@ class OpenAIClient:
     @_bounded_recursion
     def get_embeddings(self, texts: Sequence[str], model: str | None = None, **more: Any) -> list[list[float]]:
         """Return one embedding vector per text, in order, in one request."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not texts:
-            raise InvalidRequestError("texts must be a non-empty list of str")
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequestError(f"texts must be a non-empty list of str, got {type(texts).__name__}")
         _check_type("model", model, (str,))
         timeout = more.pop("timeout", None)
         total_timeout = more.pop("total_timeout", None)
@@ -1007,13 +1016,8 @@ class OpenAIClient:
             raise NonTerminalError(f"connection error to {self._display(settings)}: {exc.__cause__ or exc}") from exc
         except openai.OpenAIError as exc:
             raise InvalidRequestError(f"the openai SDK refused the request: {exc}") from exc
-        except UnicodeEncodeError as exc:
-            where = _lone_surrogate(params) or "the request"
-            raise InvalidRequestError(
-                f"{where} holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), which is not valid Unicode and "
-                "cannot be sent as UTF-8 JSON; nothing was sent. Repair the text first, e.g. "
-                "text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')"
-            ) from None
+        except UnicodeEncodeError:
+            raise _surrogate_error(params) from None
         except (TypeError, ValueError) as exc:  # e.g. a message value the SDK cannot serialise
             raise InvalidRequestError(f"the request cannot be sent: {exc}") from exc
         except Exception as exc:
@@ -1213,7 +1217,7 @@ def _last_user_text(messages: Iterable[Mapping[str, Any]]) -> str:
 
 
 def _fake_embedding(text: str, dimensions: int = 8) -> list[float]:
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return [round(digest[i % len(digest)] / 127.5 - 1.0, 6) for i in range(dimensions)]
 
 

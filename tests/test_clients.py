@@ -509,10 +509,10 @@ with OpenAITestServer() as server:
         time.sleep(0.0005)
     pid = os.fork()  # ...and the fork comes in the middle of that
     if pid == 0:
-        faulthandler.dump_traceback_later(20, exit=True)  # a hung child exits 1 with its stack
+        faulthandler.dump_traceback_later(90, exit=True)  # a hung child exits 1 with its stack
         code = 1
         try:
-            code = 0 if client.send_message(hello, total_timeout=20)["content"] == "echo: hi" else 2
+            code = 0 if client.send_message(hello, total_timeout=60)["content"] == "echo: hi" else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -523,7 +523,7 @@ with OpenAITestServer() as server:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_fork_during_the_first_call_leaves_a_working_child() -> None:
-    done = subprocess.run([sys.executable, "-c", FORK_MID_IMPORT], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", FORK_MID_IMPORT], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and done.stdout.strip() == "0", done.stdout + done.stderr[-3000:]
 
 
