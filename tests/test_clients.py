@@ -317,7 +317,8 @@ def test_mock_client_echoes_and_scripts() -> None:
 @pytest.mark.parametrize(
     "kwargs, culprit",
     [({"n": None}, "n must be"), ({"n": 0}, "n must be"), ({"timeout": -1}, "timeout must be > 0"),
-     ({"total_timeout": 0}, "total_timeout must be > 0"), ({"max_attempts": 0}, "max_attempts must be > 0")],
+     ({"total_timeout": 0}, "total_timeout must be > 0"), ({"max_attempts": 0}, "max_attempts must be > 0"),
+     ({"total_timeout": float("nan")}, "total_timeout must be > 0"), ({"timeout": float("inf")}, "timeout must be > 0")],
 )
 def test_bad_counts_and_durations_fail_before_any_request(oai: OpenAIClient, server: OpenAITestServer, kwargs: dict, culprit: str) -> None:
     with pytest.raises(InvalidRequestError, match=culprit):
@@ -550,3 +551,9 @@ def test_n_is_capped_at_the_apis_limit(server: OpenAITestServer) -> None:
     with pytest.raises(InvalidRequestError, match="n must be an int from 1 to 128"):
         llmutils.MockClient().send_message(HELLO, n=10**6)
     assert len(llmutils.MockClient().send_message(HELLO, n=128)) == 128
+
+
+@pytest.mark.parametrize("texts", [None, 3, object(), "one string", [], ["ok", 3]])
+def test_texts_that_are_not_a_list_of_str_are_an_invalid_request(texts: object) -> None:
+    with pytest.raises(InvalidRequestError, match="texts must be a non-empty list of str"):
+        llmutils.MockClient().get_embeddings(texts)  # type: ignore[arg-type]
