@@ -393,8 +393,9 @@ class OpenAIClient:
     def set_api_cache(self, cache_api_calls: bool, cache_file_name: str | os.PathLike[str] | None = None) -> None:
         """Turn this client's cache on or off (and choose its file), as the old module did."""
         values: dict[str, Any] = {"CACHE_API_CALLS": bool(cache_api_calls)}
-        if cache_file_name is not None:
+        if cache_file_name is not None:  # a store named here is the store: no CACHE_URL from anywhere
             values["CACHE_FILE_NAME"] = os.fspath(cache_file_name)
+            values["CACHE_URL"] = None
         self._client_settings = {**self._client_settings, **validate(values, "set_api_cache()")}
 
     @property

@@ -90,10 +90,12 @@ def force_api_cache(cache_api_calls: bool, cache_file_name: str | os.PathLike[st
 
     :param cache_api_calls: on or off, for the whole process (``CACHE_API_CALLS``).
     :param cache_file_name: the SQLite file (``CACHE_FILE_NAME``), or a cache URL such as
-        ``redis://host:6379/0``; None keeps the configured one.
+        ``redis://host:6379/0``; None keeps the configured one. A store named here is the store:
+        it wins over a ``CACHE_URL`` from the environment, a config file or an earlier force.
     """
     force_default_value("CACHE_API_CALLS", bool(cache_api_calls))
     if cache_file_name is not None:
+        force_default_value("CACHE_URL", None)
         force_default_value("CACHE_FILE_NAME", os.fspath(cache_file_name))
 
 

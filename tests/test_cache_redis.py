@@ -361,6 +361,16 @@ def test_an_explicit_cache_file_wins_over_a_cache_url_from_the_environment_or_co
     for name, count in (("arg.sqlite", 1), ("set.sqlite", 1), ("forced.sqlite", 1)):
         with llmutils.SQLiteCache(tmp_path / name) as cache:
             assert len(cache) == count, name
+    # Named last, in the same layer as a URL: the file still wins.
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_url=url) as client:
+        client.set_api_cache(True, "set.sqlite")
+        assert ask(client, "two") is True  # the same file as above, not Redis
+    llmutils.force_default_value("CACHE_URL", url)
+    llmutils.force_api_cache(True, "forced.sqlite")
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        assert ask(client, "three") is True
+    with RedisCache(url) as cache:
+        assert len(cache) == 0
     # Without an explicit file, the configured URL applies again.
     llmutils._config.reset_forced_values()
     with OpenAIClient(base_url=server.base_url, api_key="k") as client:
