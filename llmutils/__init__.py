@@ -33,6 +33,7 @@ from ._config import DEFAULTS as DEFAULTS
 from ._config import force_default_value as force_default_value
 from ._config import override_defaults as override_defaults
 from ._exceptions import AuthenticationError as AuthenticationError
+from ._exceptions import BatchAPIError as BatchAPIError
 from ._exceptions import CacheMissError as CacheMissError
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ContentFilterError as ContentFilterError
@@ -74,6 +75,7 @@ _logging.getLogger("llmutils").addHandler(_logging.NullHandler())
 __all__ = [
     "AuthenticationError",
     "AzureClient",
+    "BatchAPIError",
     "BatchResult",
     "CallInfo",
     "CacheBackend",

@@ -17,6 +17,8 @@ The tree::
     ├── RetriesExhaustedError               every attempt failed; ``attempts`` and the last
     │   │                                   error (``__cause__``) tell why
     │   └── TotalTimeoutError               the ``total_timeout`` bound ran out first
+    ├── BatchAPIError                       the Batch API gave a request no answer (its batch failed,
+    │                                       expired or was cancelled); ``batch_id`` names the batch
     ├── TemplateError                       a prompt template is missing, broken or under-filled
     ├── NotAttemptedError                   a batch stopped early (fail fast) before sending this item
     └── OutputParseError (ValueError)       a model answer could not be coerced to ``output_type``
@@ -49,6 +51,7 @@ __all__ = [
     "TemplateError",
     "NotAttemptedError",
     "OutputParseError",
+    "BatchAPIError",
 ]
 
 
@@ -162,3 +165,11 @@ class OutputParseError(LLMUtilsError, ValueError):
     def __init__(self, message: str, *, raw: str | None = None) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class BatchAPIError(LLMUtilsError):
+    """A request sent through the Batch API got no answer: its batch failed, expired or was cancelled."""
+
+    def __init__(self, message: str, *, batch_id: str | None = None, **context: object) -> None:
+        super().__init__(message, **context)  # type: ignore[arg-type]
+        self.batch_id = batch_id

@@ -47,7 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-__all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "main"]
+__all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "BatchOutcome", "FakeBatchAPI", "main"]
 
 logger = logging.getLogger("llmutils")
 
@@ -503,6 +503,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError:
                 body_is_json = False
+                if "multipart/form-data" in headers.get("content-type", ""):
+                    body = _parse_multipart(headers["content-type"], raw)
         match = _AZURE_ROUTE.match(url.path)
         record = RecordedRequest(
             method=self.command,
@@ -631,6 +633,8 @@ class OpenAITestServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self.batch_api = FakeBatchAPI(self)
+        """The Batch API (``/v1/files``, ``/v1/batches``): scripted outcomes and a fast clock."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -741,6 +745,7 @@ class OpenAITestServer:
             self._seen_inputs.clear()
             self._requests.clear()
             self._faults.clear()
+        self.batch_api.reset()
 
     # -- internals used by the handler -------------------------------------------------------
 
@@ -772,6 +777,9 @@ class OpenAITestServer:
         """Compute the response to a request; None when the server stopped while waiting."""
         if self.latency > 0 and self._stopping.wait(self.latency):
             return None
+        batch_response = self.batch_api.answer(request)
+        if batch_response is not None:
+            return batch_response
         if request.deployment is not None:
             kind: str | None = "chat" if request.path.endswith("/chat/completions") else "embeddings"
         else:
@@ -1057,6 +1065,527 @@ class OpenAITestServer:
         }
 
 
+# -- the Batch API: /v1/files and /v1/batches ----------------------------------------------------------
+
+_FILES_ROUTE = re.compile(r"^(/v1|/openai/v1|/openai)/files(?:/([^/]+)(/content)?)?$")
+_BATCHES_ROUTE = re.compile(r"^(/v1|/openai/v1|/openai)/batches(?:/([^/]+)(/cancel)?)?$")
+_BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+_BATCH_STATUSES = ("completed", "failed", "expired", "cancelled")
+_BATCH_MAX_LINES = 50_000
+_UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+_LINE_ERRORS = {
+    "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+    "cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+}
+
+
+def _parse_multipart(content_type: str, raw: bytes) -> dict[str, Any] | None:
+    """The fields of a ``multipart/form-data`` body: text fields as str, files as ``{"filename", "content"}``."""
+    import email.parser
+    import email.policy
+
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    if not message.is_multipart():
+        return None
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is not None:
+            fields[name] = {"filename": filename, "content": payload}
+        else:
+            fields[name] = payload.decode("utf-8", "replace")
+    return fields
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """How the next batch created on the test server ends; queue it with ``srv.batch_api.script()``.
+
+    ``status`` is the final status (``completed``, ``failed``, ``expired`` or ``cancelled``);
+    ``polls`` the number of retrieves before it gets there (None: ``srv.batch_api.polls``);
+    ``answered`` how many lines are answered first (None: all for completed, none for failed),
+    the others get a ``batch_expired`` / ``batch_cancelled`` line in the error file, as OpenAI
+    writes them; ``line_fault(line)`` may return a :class:`Fault` to answer one input line with
+    an HTTP error instead (it lands in the error file); ``errors`` are the batch-level errors of a
+    ``failed`` batch.
+
+    >>> srv.batch_api.script(BatchOutcome("expired", answered=3))
+    >>> srv.batch_api.script(BatchOutcome(line_fault=lambda line: Fault.bad_request() if line["custom_id"] == "k7" else None))
+    """
+
+    status: str = "completed"
+    polls: int | None = None
+    answered: int | None = None
+    line_fault: Callable[[dict[str, Any]], Fault | None] | None = None
+    errors: Sequence[Mapping[str, Any]] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in _BATCH_STATUSES:
+            raise ValueError(f"BatchOutcome status must be one of {', '.join(_BATCH_STATUSES)}, got {self.status!r}")
+
+
+@dataclass
+class _FakeBatch:
+    """One batch on the test server: its public object and what it will do."""
+
+    obj: dict[str, Any]
+    lines: list[dict[str, Any]]
+    outcome: BatchOutcome
+    azure: bool
+    polls: int = 0
+    finishing: bool = False
+    output_lifetime: int | None = None
+
+
+class FakeBatchAPI:
+    """The test server's OpenAI Batch API (``srv.batch_api``): files, batches and a fast clock.
+
+    A batch is ``validating`` when created, ``in_progress`` while it is polled, and reaches its
+    final status after ``polls`` retrieves (default 1: at the first poll; set ``srv.batch_api.polls``). Each input line
+    is then answered by the server's own chat (or embeddings, or responses when it has one)
+    handler, so ``chat_handler`` applies; the answers go to an output file (status 200) and an
+    error file (the rest), in the shape OpenAI writes them. ``script()`` queues a
+    :class:`BatchOutcome` per created batch (expired, failed, cancelled, failing lines, partial
+    output); ``script_http()`` queues :class:`Fault` answers for the files/batches endpoints
+    themselves (a 500 while polling). ``created`` lists the batch ids in creation order.
+    Azure paths (``/openai/files``, ``/openai/batches`` with ``api-version``, and ``/openai/v1/...``)
+    are served too.
+    """
+
+    def __init__(self, owner: OpenAITestServer) -> None:
+        self.polls = 1
+        self._owner = owner
+        self._lock = threading.Lock()
+        self._files: dict[str, dict[str, Any]] = {}
+        self._contents: dict[str, bytes] = {}
+        self._batches: dict[str, _FakeBatch] = {}
+        self._outcomes: deque[BatchOutcome] = deque()
+        self._faults: deque[Fault] = deque()
+        self._counter = 0
+        self.created: list[str] = []
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def script(self, *outcomes: BatchOutcome) -> None:
+        """Queue outcomes, one per batch created from now on (FIFO); unscripted batches complete."""
+        for outcome in outcomes:
+            if not isinstance(outcome, BatchOutcome):
+                raise TypeError(f"script() takes BatchOutcome objects, got {type(outcome).__name__}")
+        with self._lock:
+            self._outcomes.extend(outcomes)
+
+    def script_http(self, *faults: Fault) -> None:
+        """Queue faults for the next requests to the files and batches endpoints (FIFO)."""
+        for fault in faults:
+            if not isinstance(fault, Fault):
+                raise TypeError(f"script_http() takes Fault objects, got {type(fault).__name__}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """A copy of a batch object as the API would show it now (without advancing its clock)."""
+        with self._lock:
+            return json.loads(json.dumps(self._batches[batch_id].obj))
+
+    def file_content(self, file_id: str) -> bytes:
+        """The bytes of an uploaded or generated file."""
+        with self._lock:
+            return self._contents[file_id]
+
+    def reset(self) -> None:
+        """Forget files, batches, scripted outcomes and faults; ``polls`` back to 1."""
+        with self._lock:
+            self._files.clear()
+            self._contents.clear()
+            self._batches.clear()
+            self._outcomes.clear()
+            self._faults.clear()
+            self.created.clear()
+            self.polls = 1
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def answer(self, request: RecordedRequest) -> _Response | None:
+        """The response to a files/batches request, or None when the path is not one of them."""
+        files = _FILES_ROUTE.match(request.path)
+        batches = None if files else _BATCHES_ROUTE.match(request.path)
+        match = files or batches
+        if match is None:
+            return None
+        owner = self._owner
+        if owner.api_key is not None and not owner._authorized(request.headers):
+            return _Response(401, _invalid_key_body())
+        prefix = match.group(1)
+        if prefix == "/openai" and not request.query.get("api-version"):
+            message = "Missing required query parameter 'api-version'; pass api_version= to AzureOpenAI."
+            return _Response(400, _error_body(message, "invalid_request_error", "missing_api_version", "api-version"))
+        with self._lock:
+            fault = self._faults.popleft() if self._faults else None
+        if fault is not None:
+            if fault.delay > 0 and owner._stopping.wait(fault.delay):
+                return _Response(503, _error_body("The test server is stopping.", "server_error"))
+            if fault.status_code is not None:
+                return _Response(fault.status_code, fault.body, fault.headers, fault.content_type)
+        try:
+            if files:
+                return self._files_request(request, match.group(2), bool(match.group(3)))
+            return self._batches_request(request, match.group(2), bool(match.group(3)), azure=prefix.startswith("/openai"))
+        except _RequestError as exc:
+            return exc.response
+
+    def _new_id(self, prefix: str) -> str:
+        with self._lock:
+            self._counter += 1
+            number = self._counter
+        return f"{prefix}{number:06d}{hashlib.sha256(f'{prefix}{number}{time.time()}'.encode()).hexdigest()[:18]}"
+
+    def _add_file(self, filename: str, purpose: str, content: bytes, lifetime: int | None = None) -> dict[str, Any]:
+        file_id = self._new_id("file-")
+        now = int(time.time())
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": now,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None if lifetime is None else now + lifetime,
+            "status_details": None,
+        }
+        with self._lock:
+            self._files[file_id] = obj
+            self._contents[file_id] = content
+        return obj
+
+    def _files_request(self, request: RecordedRequest, file_id: str | None, content: bool) -> _Response:
+        if file_id is None:
+            if request.method == "GET":
+                with self._lock:
+                    data = [dict(f) for f in self._files.values()]
+                return _Response(200, {"object": "list", "data": data[::-1], "has_more": False})
+            if request.method != "POST":
+                raise _RequestError(405, f"Method {request.method} is not allowed on /files")
+            form = request.body if isinstance(request.body, dict) else None
+            upload = form.get("file") if form else None
+            if not isinstance(upload, dict):
+                raise _RequestError(400, "Missing required parameter: 'file' (multipart/form-data).", "missing_required_parameter", "file")
+            purpose = form.get("purpose") if form else None
+            if not isinstance(purpose, str) or not purpose:
+                raise _RequestError(400, "Missing required parameter: 'purpose'.", "missing_required_parameter", "purpose")
+            if purpose == "batch" and not str(upload["filename"]).endswith(".jsonl"):
+                raise _RequestError(400, "Invalid file format for Batch API. Must be .jsonl", "invalid_file_format", "file")
+            lifetime = None
+            if form and ("expires_after[anchor]" in form or "expires_after[seconds]" in form):
+                lifetime = _lifetime(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"), "expires_after")
+            elif purpose == "batch":
+                lifetime = 30 * 86400  # batch files expire after 30 days by default
+            return _Response(200, self._add_file(str(upload["filename"]), purpose, upload["content"], lifetime))
+        with self._lock:
+            obj = self._files.get(file_id)
+            data = self._contents.get(file_id)
+        if obj is None or data is None:
+            raise _RequestError(404, f"No such File object: {file_id}", None, "id")
+        if content:
+            if request.method != "GET":
+                raise _RequestError(405, f"Method {request.method} is not allowed on file content")
+            return _Response(200, data, content_type="application/octet-stream")
+        if request.method == "DELETE":
+            with self._lock:
+                self._files.pop(file_id, None)
+                self._contents.pop(file_id, None)
+            return _Response(200, {"id": file_id, "object": "file", "deleted": True})
+        return _Response(200, dict(obj))
+
+    def _batches_request(self, request: RecordedRequest, batch_id: str | None, cancel: bool, *, azure: bool) -> _Response:
+        if batch_id is None:
+            if request.method == "POST":
+                return _Response(200, self._create(request, azure))
+            return _Response(200, self._list(request))
+        with self._lock:
+            batch = self._batches.get(batch_id)
+        if batch is None:
+            raise _RequestError(404, f"No batch found with id '{batch_id}'.", None, "batch_id")
+        if cancel:
+            if request.method != "POST":
+                raise _RequestError(405, "Use POST to cancel a batch")
+            with self._lock:
+                status = batch.obj["status"]
+                if status not in _UNFINISHED:
+                    raise _RequestError(400, f"Cannot cancel a batch with status '{status}'.", "invalid_request")
+                batch.obj["status"] = "cancelling"
+                batch.obj["cancelling_at"] = int(time.time())
+                return _Response(200, json.loads(json.dumps(batch.obj)))
+        if request.method != "GET":
+            raise _RequestError(405, f"Method {request.method} is not allowed on a batch")
+        self._advance(batch)
+        with self._lock:
+            return _Response(200, json.loads(json.dumps(batch.obj)))
+
+    def _create(self, request: RecordedRequest, azure: bool) -> dict[str, Any]:
+        body = request.body if isinstance(request.body, dict) else None
+        if body is None:
+            raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
+        file_id = body.get("input_file_id")
+        endpoint = body.get("endpoint")
+        window = body.get("completion_window")
+        for name, value in (("input_file_id", file_id), ("endpoint", endpoint), ("completion_window", window)):
+            if not isinstance(value, str) or not value:
+                raise _RequestError(400, f"Missing required parameter: '{name}'.", "missing_required_parameter", name)
+        assert isinstance(endpoint, str) and isinstance(file_id, str)
+        if _v1(endpoint) not in _BATCH_ENDPOINTS:
+            raise _RequestError(400, f"Invalid value for 'endpoint': {endpoint!r}.", "invalid_value", "endpoint")
+        if window != "24h":
+            raise _RequestError(400, "Invalid value for 'completion_window': only '24h' is supported.", "invalid_value", "completion_window")
+        output_lifetime = None
+        expiry = body.get("output_expires_after")
+        if expiry is not None:
+            if not isinstance(expiry, dict):
+                raise _RequestError(400, "'output_expires_after' must be an object.", "invalid_value", "output_expires_after")
+            output_lifetime = _lifetime(expiry.get("anchor"), expiry.get("seconds"), "output_expires_after")
+        metadata = body.get("metadata")
+        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
+            raise _RequestError(400, "'metadata' must be an object of at most 16 string pairs.", "invalid_value", "metadata")
+        with self._lock:
+            file_obj = self._files.get(file_id)
+            content = self._contents.get(file_id, b"")
+            outcome = self._outcomes.popleft() if self._outcomes else BatchOutcome()
+        if file_obj is None:
+            raise _RequestError(404, f"No such File object: {file_id}", None, "input_file_id")
+        if file_obj["purpose"] != "batch":
+            raise _RequestError(400, f"File {file_id} was not uploaded with purpose 'batch'.", "invalid_value", "input_file_id")
+        lines, errors = _read_batch_lines(content, endpoint)
+        if errors and outcome.status != "failed":
+            outcome = BatchOutcome("failed", polls=outcome.polls, errors=errors)
+        now = int(time.time())
+        batch_id = self._new_id("batch_")
+        obj: dict[str, Any] = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata,
+        }
+        with self._lock:
+            self._batches[batch_id] = _FakeBatch(obj, lines, outcome, azure, output_lifetime=output_lifetime)
+            self.created.append(batch_id)
+            return json.loads(json.dumps(obj))
+
+    def _list(self, request: RecordedRequest) -> dict[str, Any]:
+        try:
+            limit = int(request.query.get("limit") or 20)
+        except ValueError:
+            raise _RequestError(400, "'limit' must be an integer.", "invalid_value", "limit") from None
+        if not 1 <= limit <= 100:
+            raise _RequestError(400, "'limit' must be between 1 and 100.", "invalid_value", "limit")
+        after = request.query.get("after")
+        with self._lock:
+            ids = self.created[::-1]
+            if after:
+                ids = ids[ids.index(after) + 1 :] if after in ids else []
+            page = [json.loads(json.dumps(self._batches[i].obj)) for i in ids[:limit]]
+            more = len(ids) > limit
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": more,
+        }
+
+    def _advance(self, batch: _FakeBatch) -> None:
+        """One poll of the fast clock: a batch moves on, and ends after its outcome's number of polls."""
+        with self._lock:
+            obj = batch.obj
+            if obj["status"] not in _UNFINISHED or batch.finishing:
+                return
+            batch.polls += 1
+            cancelling = obj["status"] == "cancelling"
+            needed = batch.outcome.polls if batch.outcome.polls is not None else self.polls
+            done = cancelling or batch.polls >= needed
+            total = len(batch.lines)
+            if not done:
+                if batch.outcome.status != "failed":
+                    obj["status"] = "in_progress"
+                    obj["in_progress_at"] = obj["in_progress_at"] or int(time.time())
+                    obj["request_counts"] = {"total": total, "completed": total * batch.polls // max(1, needed), "failed": 0}
+                return
+            batch.finishing = True  # a concurrent poll leaves the answering to this one
+        self._finish(batch, "cancelled" if cancelling else batch.outcome.status)
+
+    def _finish(self, batch: _FakeBatch, status: str) -> None:
+        """Answer the lines the outcome says, write the output and error files, set the final status."""
+        now = int(time.time())
+        obj = batch.obj
+        if status == "failed":
+            errors = list(batch.outcome.errors) or [{"code": "scripted_failure", "message": "The batch failed (scripted).", "param": None, "line": None}]
+            with self._lock:
+                obj.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
+            return
+        answered = batch.outcome.answered
+        if answered is None:
+            answered = len(batch.lines) if status == "completed" else 0
+        outputs: list[bytes] = []
+        failures: list[bytes] = []
+        for index, line in enumerate(batch.lines):
+            if index < answered:
+                status_code, body, request_id = self._answer_line(line, batch.azure, batch.outcome)
+                record: dict[str, Any] = {
+                    "id": f"batch_req_{request_id.removeprefix('req_')}",
+                    "custom_id": line["custom_id"],
+                    "response": {"status_code": status_code, "request_id": request_id, "body": body},
+                    "error": None,
+                }
+                (outputs if status_code == 200 else failures).append(json.dumps(record).encode() + b"\n")
+            else:
+                code, message = _LINE_ERRORS.get(status, _LINE_ERRORS["expired"])
+                record = {
+                    "id": f"batch_req_{self._new_id('')}",
+                    "custom_id": line["custom_id"],
+                    "response": None,
+                    "error": {"code": code, "message": message},
+                }
+                failures.append(json.dumps(record).encode() + b"\n")
+        lifetime = batch.output_lifetime
+        output_id = self._add_file("batch_output.jsonl", "batch_output", b"".join(outputs), lifetime)["id"] if outputs else None
+        error_id = self._add_file("batch_errors.jsonl", "batch_output", b"".join(failures), lifetime)["id"] if failures else None
+        with self._lock:
+            obj.update(
+                status=status,
+                output_file_id=output_id,
+                error_file_id=error_id,
+                request_counts={"total": len(batch.lines), "completed": len(outputs), "failed": len(failures)},
+            )
+            obj["in_progress_at"] = obj["in_progress_at"] or now
+            if status == "completed":
+                obj.update(finalizing_at=now, completed_at=now)
+            else:
+                obj[f"{status}_at"] = now
+
+    def _answer_line(self, line: dict[str, Any], azure: bool, outcome: BatchOutcome) -> tuple[int, Any, str]:
+        """Answer one input line through the server's own handlers: (status code, body, request id)."""
+        owner = self._owner
+        request_id = owner._next_request_id()
+        body = line["body"]
+        fault = outcome.line_fault(line) if outcome.line_fault is not None else None
+        if fault is not None and fault.status_code is not None:
+            return fault.status_code, fault.body, request_id
+        url = _v1(line["url"])
+        record = RecordedRequest(
+            method="POST",
+            path=url,
+            query={},
+            headers={},
+            body=body,
+            deployment=body.get("model") if azure else None,
+            request_id=request_id,
+        )
+        handlers: dict[str, Callable[[RecordedRequest], dict[str, Any]] | None] = {
+            "/v1/chat/completions": owner._chat,
+            "/v1/embeddings": owner._embeddings,
+            "/v1/responses": getattr(owner, "_responses", None),
+        }
+        handler = handlers.get(url)
+        if handler is None:
+            return 404, _error_body(f"Invalid URL (POST {line['url']})", "invalid_request_error"), request_id
+        try:
+            return 200, handler(record), request_id
+        except _RequestError as exc:
+            return exc.response.status, exc.response.body, request_id
+        except Exception:
+            logger.exception("test server: a handler failed for batch line %s", line.get("custom_id"))
+            return 500, _error_body("The test server's handler raised; see the log.", "server_error"), request_id
+
+
+def _lifetime(anchor: Any, seconds: Any, param: str) -> int:
+    """Check an expiry policy (``anchor`` created_at, 3600 to 2592000 seconds) and return its seconds."""
+    if anchor != "created_at":
+        raise _RequestError(400, f"'{param}.anchor' must be 'created_at'.", "invalid_value", f"{param}.anchor")
+    try:
+        value = int(seconds)
+    except (TypeError, ValueError):
+        raise _RequestError(400, f"'{param}.seconds' must be an integer.", "invalid_value", f"{param}.seconds") from None
+    if not 3600 <= value <= 2_592_000:
+        raise _RequestError(400, f"'{param}.seconds' must be between 3600 and 2592000.", "invalid_value", f"{param}.seconds")
+    return value
+
+
+def _v1(url: str) -> str:
+    """``/chat/completions`` (Azure's spelling) as ``/v1/chat/completions``; other URLs unchanged."""
+    return url if url.startswith("/v1/") else "/v1" + url if url.startswith("/") else url
+
+
+def _read_batch_lines(content: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Validate a batch input file as OpenAI does: (the lines, the errors that fail the batch)."""
+    lines: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    models: set[str] = set()
+    for number, raw in enumerate(content.splitlines(), start=1):
+        if not raw.strip():
+            continue
+
+        def bad(code: str, message: str, param: str | None = None, line: int = number) -> None:
+            errors.append({"code": code, "message": message, "param": param, "line": line})
+
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            bad("invalid_json_line", "This line is not parseable as valid JSON.")
+            continue
+        if not isinstance(line, dict):
+            bad("invalid_json_line", "Each line must be a JSON object.")
+            continue
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            bad("missing_required_parameter", "Missing required parameter: 'custom_id'.", "custom_id")
+        elif custom_id in seen:
+            bad("duplicate_custom_id", f"The custom_id for this request is a duplicate of another request: {custom_id}", "custom_id")
+        else:
+            seen.add(custom_id)
+        if line.get("method") != "POST":
+            bad("invalid_value", "Only POST is supported for batch requests.", "method")
+        if not isinstance(line.get("url"), str) or _v1(line["url"]) != _v1(endpoint):
+            bad("mismatched_url", f"The url of this request does not match the batch endpoint {endpoint}.", "url")
+        body = line.get("body")
+        if not isinstance(body, dict):
+            bad("missing_required_parameter", "Missing required parameter: 'body'.", "body")
+            continue
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            bad("missing_required_parameter", "Missing required parameter: 'body.model'.", "body.model")
+        else:
+            models.add(model)
+        lines.append(line)
+    if not lines and not errors:
+        errors.append({"code": "empty_file", "message": "The batch input file is empty.", "param": None, "line": None})
+    if len(lines) > _BATCH_MAX_LINES:
+        errors.append({"code": "too_many_requests", "message": f"A batch holds at most {_BATCH_MAX_LINES} requests; this file has {len(lines)}.", "param": None, "line": None})
+    if len(models) > 1:
+        errors.append({"code": "model_mismatch", "message": "Every request of a batch must use the same model.", "param": "body.model", "line": None})
+    return lines, errors
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until Ctrl-C: ``python -m llmutils.testing --port 8000 [--latency 0.05]``."""
     parser = argparse.ArgumentParser(
@@ -1067,8 +1596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--api-key", default=None, help="require this API key (401 otherwise)")
+    parser.add_argument("--batch-polls", type=int, default=1, metavar="N", help="Batch API: polls before a batch ends (default 1)")
     args = parser.parse_args(argv)
     server = OpenAITestServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key)
+    server.batch_api.polls = max(1, args.batch_polls)
     try:
         server.start()
     except OSError as exc:
