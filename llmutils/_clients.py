@@ -927,9 +927,14 @@ class OpenAIClient:
             **credentials,
         )
 
-    def _sdk(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str, str | None]:
+    def _sdk(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str]:
         """The SDK client for these settings (and ``path``), created once (and again in a forked
-        child), where its credentials came from, and the API key (to scrub from error texts; never shown)."""
+        child), and where its credentials came from."""
+        sdk, source, _ = self._sdk_and_key(settings, path)
+        return sdk, source
+
+    def _sdk_and_key(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str, str | None]:
+        """:meth:`_sdk`, and the API key (to scrub from error texts; never shown)."""
         credentials, source = self._credentials(settings)
         flavor = self._sdk_flavor(path)
         identity = (self._endpoint(settings), settings["AZURE_API_VERSION"], flavor, *sorted(credentials.items(), key=lambda kv: kv[0]))
@@ -999,7 +1004,7 @@ class OpenAIClient:
         httpx2 = lazy_import("httpx2")
         openai = lazy_import("openai")
 
-        sdk, source, key = self._sdk(settings, path)
+        sdk, source, key = self._sdk_and_key(settings, path)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
