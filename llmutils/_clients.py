@@ -1,9 +1,13 @@
 """The client family: :class:`OpenAIClient`, :class:`AzureClient` and the offline :class:`MockClient`.
 
 One client is meant to be shared by every thread of a process. Each call resolves its settings
-(config file, environment, forced values, context overrides, call arguments), looks in the cache,
-and otherwise sends the request through the SDK with the retry policy. The SDK (and its connection
-pool) is created once per client, on first use, and again in a child after ``os.fork``.
+once (config file, environment, forced values, context overrides, call arguments), makes one
+:class:`~llmutils._deadline.Deadline` from ``total_timeout``, builds its request body with the
+pure builders of :mod:`llmutils._apis`, and goes through the one send path, :meth:`OpenAIClient._call`:
+the cache (through the :class:`~llmutils.CacheBackend` protocol, single-flight included), then the
+limiters and the retry policy around :meth:`OpenAIClient._open_stream`, the single place a request
+leaves the client. The SDK (and its connection pool) is created once per client, on first use, and
+again in a child after ``os.fork``.
 """
 
 from __future__ import annotations
