@@ -11,7 +11,9 @@ The tree::
     │   └── CacheMissError                  replay mode and the answer is not in the cache
     ├── NonTerminalError                    a failure that a retry may fix (429, 408, 409, 5xx,
     │   │                                   timeouts, connection errors, a 200 that is not JSON)
-    │   └── RateLimitError                  HTTP 429
+    │   ├── RateLimitError                  HTTP 429
+    │   └── StreamInterruptedError          a stream broke or stalled after content arrived;
+    │                                       ``partial_text`` holds what came; never retried
     ├── MalformedResponseError              an answer wrong the same way on every attempt
     │                                       (1 embedding for 3 inputs); never retried
     ├── RetriesExhaustedError               every attempt failed; ``attempts`` and the last
@@ -34,6 +36,7 @@ server decides as the openai SDK lets it (``x-should-retry``; a wait over 120 s 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "LLMUtilsError",
@@ -45,6 +48,7 @@ __all__ = [
     "CacheMissError",
     "NonTerminalError",
     "RateLimitError",
+    "StreamInterruptedError",
     "MalformedResponseError",
     "RetriesExhaustedError",
     "TotalTimeoutError",
@@ -133,6 +137,14 @@ class NonTerminalError(LLMUtilsError):
 
 class RateLimitError(NonTerminalError):
     """HTTP 429: the provider asks the client to slow down."""
+
+
+class StreamInterruptedError(NonTerminalError):
+    """A stream broke, stalled or failed after content was yielded; ``partial_text`` is what came."""
+
+    def __init__(self, message: str, *, partial_text: str = "", **context: Any) -> None:
+        super().__init__(message, **context)
+        self.partial_text = partial_text
 
 
 class MalformedResponseError(LLMUtilsError):

@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_options(chat, user_default=None)
     _add_var_option(chat)
     _add_model_params(chat)
+    chat.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print the answer as it is generated (default); --no-stream waits for the whole answer. "
+        "The text printed is the same either way, to a terminal or a pipe",
+    )
     _add_common(chat, connection=True, cache=True, model=True)
     chat.set_defaults(func=_cmd_chat, parser=chat)
 
@@ -645,8 +652,37 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             args.parser.error("no prompt: give it as arguments, on stdin, or use --template")
         messages = [{"role": "user", "content": prompt}]
     with _client(args) as client:
+        if _opt(args, "stream"):
+            return _stream_answer(client, messages, _model_params(args))
         answer = client.send_message(messages, **_model_params(args))
     _print_answer(answer)
+    return 0
+
+
+def _stream_answer(client: Any, messages: list[dict[str, Any]], params: dict[str, Any]) -> int:
+    """Print the answer's text as it arrives (flushed per delta), then what _print_answer would add."""
+    from ._exceptions import StreamInterruptedError
+
+    wrote = False
+    with client.stream_message(messages, **params) as stream:
+        try:
+            for text in stream:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                wrote = True
+        except StreamInterruptedError:
+            if wrote:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            raise
+    message = stream.message or {}
+    if isinstance(message.get("content"), str) and set(message) <= {"role", "content"}:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:  # tool calls, a refusal...: the whole message as JSON, as without streaming
+        if wrote:
+            sys.stdout.write("\n")
+        _print_answer(message)
     return 0
 
 

@@ -34,6 +34,7 @@ import http
 import json
 import logging
 import re
+import select
 import socket
 import socketserver
 import struct
@@ -109,6 +110,10 @@ class Fault:
     delay: float = 0.0
     bytes_per_s: float = 0.0  # > 0: the body trickles in at this rate (see trickle())
     truncate: int | None = None
+    drop_after: int | None = None
+    stall_after: int | None = None
+    stall_seconds: float = 0.0
+    error_after: int | None = None
 
     def with_headers(self, headers: Mapping[str, str | None]) -> Fault:
         """A copy that also sends ``headers`` (a value None leaves that header out, even ``x-request-id``).
@@ -287,7 +292,8 @@ class Fault:
         """Send the headers at once, then the normal body ``bytes_per_s`` bytes per second.
 
         As a stalled proxy or an overloaded server does: every read gets a byte before a read
-        timeout could fire, so only a bound on the whole call ends it.
+        timeout could fire, so only a bound on the whole call ends it. A streamed answer
+        (``stream: true``) trickles the same way, one byte per HTTP chunk.
         """
         if not bytes_per_s > 0:
             raise ValueError(f"bytes_per_s must be > 0, got {bytes_per_s!r}")
@@ -304,6 +310,30 @@ class Fault:
         page = b"<!DOCTYPE html><html><body><h1>Gateway says hello</h1></body></html>"
         return cls(status_code=200, body=page, content_type="text/html; charset=utf-8")
 
+    @classmethod
+    def drop_stream(cls, after: int) -> Fault:
+        """Stream ``after`` events of the answer, then close the connection without ending it.
+
+        Applies to a streamed answer (``stream: true``); a request that does not stream is answered
+        normally. The client sees an incomplete chunked body, as when a proxy or the provider drops.
+        """
+        return cls(drop_after=int(after))
+
+    @classmethod
+    def stream_error(cls, after: int, message: str = "The server had an error while processing your request.", code: str = "server_error") -> Fault:
+        """Stream ``after`` events, then an error event (``data: {"error": ...}`` on chat, ``event: error``
+        on Responses) and end the stream, as the API does when generation fails midway."""
+        return cls(error_after=int(after), body=_error_body(message, "server_error", code))
+
+    @classmethod
+    def stall_stream(cls, after: int, seconds: float = 60.0) -> Fault:
+        """Stream ``after`` events, then send nothing for ``seconds`` (or until the client leaves), then the rest.
+
+        With ``after`` at least the number of events, every event is sent and the end of the body
+        is held back, as a proxy that keeps the connection open after the last event does.
+        """
+        return cls(stall_after=int(after), stall_seconds=float(seconds))
+
 
 @dataclass
 class _Response:
@@ -314,6 +344,8 @@ class _Response:
     headers: Mapping[str, str | None] = field(default_factory=dict)
     content_type: str = "application/json"
     trickle: float = 0.0  # bytes per second of the body; 0 sends it at once
+    events: list[bytes] | None = None  # a streamed answer: SSE events, one HTTP chunk each
+    fault: Fault | None = None  # the stream fault to play while sending ``events``
 
 
 class _RequestError(Exception):
@@ -524,6 +556,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, response: _Response, request_id: str) -> None:
         """Encode status line, headers and body and write them in one call (no Nagle stall)."""
+        if response.events is not None:
+            self._send_stream(response, request_id)
+            return
         if isinstance(response.body, (bytes, bytearray)):
             payload = bytes(response.body)
         elif isinstance(response.body, str):
@@ -560,6 +595,75 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             return
         self.wfile.write(head + payload)
+
+    def _send_stream(self, response: _Response, request_id: str) -> None:
+        """Send SSE events as HTTP chunks, playing the stream fault; notice a client that leaves early."""
+        owner = self.server.owner
+        head = (
+            f"{self.protocol_version} 200 OK\r\n"
+            f"Server: {self.server_version}\r\n"
+            f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
+            "Content-Type: text/event-stream; charset=utf-8\r\n"
+            "Cache-Control: no-cache\r\n"
+            f"x-request-id: {request_id}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        )
+        fault = response.fault or Fault()
+        try:
+            self.wfile.write(head.encode("latin-1"))
+            if self._write_events(response.events or [], fault, owner.stream_interval, request_id):
+                self.wfile.write(b"0\r\n\r\n")
+                return
+        except OSError:  # the client closed the connection while we wrote
+            pass
+        self.close_connection = True
+        if fault.drop_after is None and not owner._stopping.is_set():
+            logger.debug("test server: the client closed the stream of %s early", request_id)
+            owner._stream_left(request_id)
+
+    def _write_events(self, events: list[bytes], fault: Fault, interval: float, request_id: str) -> bool:
+        """Write the events as chunks; False when the stream ended early (dropped, client gone, stopping)."""
+        for index, event in enumerate(events):
+            if fault.drop_after == index:
+                logger.debug("test server: %s drops the stream after %d events", request_id, index)
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return False
+            if fault.stall_after == index and self._wait_or_left(fault.stall_seconds):
+                return False
+            if fault.error_after == index:
+                event = _stream_error_event(fault.body["error"], responses=b'"sequence_number"' in event)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                return True
+            pause = 1.0 / fault.bytes_per_s if fault.bytes_per_s > 0 else interval
+            pieces = [event[i : i + 1] for i in range(len(event))] if fault.bytes_per_s > 0 else [event]
+            for piece in pieces:
+                if self._client_left():
+                    return False
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                if pause > 0 and self._wait_or_left(pause):
+                    return False
+        if fault.stall_after is not None and fault.stall_after >= len(events) and self._wait_or_left(fault.stall_seconds):
+            return False  # every event sent, the body's end held back
+        return True
+
+    def _client_left(self) -> bool:
+        """Whether the client closed its end (readable with nothing to read: end of file)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _wait_or_left(self, seconds: float) -> bool:
+        """Wait ``seconds``; True as soon as the client leaves or the server stops."""
+        end = time.monotonic() + seconds
+        stopping = self.server.owner._stopping
+        while not (self._client_left() or stopping.is_set()):
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            stopping.wait(min(left, 0.02))
+        return True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
@@ -633,6 +737,10 @@ class OpenAITestServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self.stream_interval = 0.0
+        """Seconds between the events of a streamed answer (0: as fast as the socket takes them)."""
+        self._streams_left: list[str] = []
+        self._stream_left_cond = threading.Condition(self._lock)
         self.batch_api = FakeBatchAPI(self)
         """The Batch API (``/v1/files``, ``/v1/batches``): scripted outcomes and a fast clock."""
 
@@ -745,7 +853,43 @@ class OpenAITestServer:
             self._seen_inputs.clear()
             self._requests.clear()
             self._faults.clear()
+            self._streams_left.clear()
         self.batch_api.reset()
+
+    @property
+    def streams_closed_early(self) -> list[str]:
+        """Request ids of streamed answers whose client closed the connection before their end."""
+        with self._lock:
+            return list(self._streams_left)
+
+    def wait_stream_closed_early(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Wait until ``count`` streams were closed early by their client; False if ``timeout`` passed first."""
+        with self._stream_left_cond:
+            return self._stream_left_cond.wait_for(lambda: len(self._streams_left) >= count, timeout)
+
+    def _stream_left(self, request_id: str) -> None:
+        """Record that the client of ``request_id`` closed its stream early."""
+        with self._stream_left_cond:
+            self._streams_left.append(request_id)
+            self._stream_left_cond.notify_all()
+
+    def _as_stream(self, request: RecordedRequest, response: _Response, fault: Fault | None) -> _Response:
+        """Turn a whole answer into SSE events when the request asked for ``stream: true``."""
+        body: dict[str, Any] = request.body
+        if not body.get("stream"):
+            if body.get("stream_options") is not None:
+                message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+                raise _RequestError(400, message, "invalid_value", "stream_options")
+            return response
+        if response.status != 200 or not isinstance(response.body, dict):
+            return response
+        if response.body.get("object") == "response":
+            events = _response_events(response.body)
+        else:
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            events = _chat_chunks(response.body, include_usage)
+        return _Response(200, None, events=events, fault=fault)
 
     # -- internals used by the handler -------------------------------------------------------
 
@@ -812,7 +956,8 @@ class OpenAITestServer:
             if fault is not None and fault.truncate is not None and items is not None:
                 if isinstance(answer.get(items), list):
                     answer = {**answer, items: answer[items][: fault.truncate]}
-            return _Response(200, answer, fault.headers if fault is not None else {}, trickle=trickle)
+            response = _Response(200, answer, fault.headers if fault is not None else {}, trickle=trickle)
+            return self._as_stream(request, response, fault) if kind != "embeddings" else response
         except _RequestError as exc:
             return exc.response
         except Exception:
@@ -838,8 +983,6 @@ class OpenAITestServer:
         for name in body:
             if name not in _RESPONSES_FIELDS:
                 raise _RequestError(400, f"Unknown parameter: '{name}'.", "unknown_parameter", name)
-        if body.get("stream"):
-            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
         raw_input = body.get("input")
         if raw_input is None and not (body.get("previous_response_id") or body.get("conversation") or body.get("prompt")):
             raise _RequestError(400, "Missing required parameter: 'input'.", "missing_required_parameter", "input")
@@ -958,8 +1101,6 @@ class OpenAITestServer:
         if not isinstance(messages, list) or not messages:
             error = "Missing required parameter: 'messages'."
             raise _RequestError(400, error, "missing_required_parameter", "messages")
-        if body.get("stream"):
-            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
         n = body.get("n") or 1
         if not isinstance(n, int) or not 1 <= n <= 128:
             raise _RequestError(400, "'n' must be an integer between 1 and 128.", "invalid_value", "n")
@@ -1063,6 +1204,108 @@ class OpenAITestServer:
             "model": body.get("model") or request.deployment or "unknown",
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+
+_PIECE = re.compile(r"\S+\s*|\s+")
+
+
+def _pieces(text: str, size: int = 0) -> list[str]:
+    """Cut text as a model streams it: word by word (``size`` > 0: fixed-size pieces)."""
+    if size > 0:
+        return [text[i : i + size] for i in range(0, len(text), size)]
+    return _PIECE.findall(text)
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    """Encode one Server-Sent Event (``data`` as JSON unless it is a str)."""
+    payload = data if isinstance(data, str) else json.dumps(data)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode("utf-8")
+
+
+def _stream_error_event(error: Mapping[str, Any], *, responses: bool) -> bytes:
+    """The error event that ends a failed stream: Responses' typed ``error`` event, or chat's ``{"error"}``."""
+    if responses:
+        return _sse({"type": "error", "code": error.get("code"), "message": error.get("message"), "param": None}, "error")
+    return _sse({"error": dict(error)})
+
+
+def _chat_chunks(completion: Mapping[str, Any], include_usage: bool) -> list[bytes]:
+    """A chat completion as OpenAI streams it: role, content word by word, tool-call fragments, finish,
+    the usage chunk (``choices: []``) when ``include_usage``, then ``[DONE]``."""
+    base: dict[str, Any] = {
+        "id": completion.get("id"),
+        "object": "chat.completion.chunk",
+        "created": completion.get("created", int(time.time())),
+        "model": completion.get("model"),
+        "system_fingerprint": completion.get("system_fingerprint"),
+    }
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse({**base, "choices": [choice]})
+
+    events: list[bytes] = []
+    for choice in completion.get("choices") or ():
+        index = choice.get("index", 0)
+        message = choice.get("message") or {}
+        content = message.get("content")
+        events.append(chunk(index, {"role": "assistant", "content": "" if content is not None else None, "refusal": None}))
+        for piece in _pieces(content) if isinstance(content, str) else ():
+            events.append(chunk(index, {"content": piece}))
+        for number, call in enumerate(message.get("tool_calls") or ()):
+            function = call.get("function") or {}
+            first = {"index": number, "id": call.get("id"), "type": call.get("type", "function"),
+                     "function": {"name": function.get("name"), "arguments": ""}}
+            events.append(chunk(index, {"tool_calls": [first]}))
+            for piece in _pieces(function.get("arguments") or "", 4):
+                events.append(chunk(index, {"tool_calls": [{"index": number, "function": {"arguments": piece}}]}))
+        events.append(chunk(index, {}, choice.get("finish_reason") or "stop"))
+    if include_usage:
+        events.append(_sse({**base, "choices": [], "usage": completion.get("usage")}))
+    events.append(_sse("[DONE]"))
+    return events
+
+
+def _response_events(response: Mapping[str, Any]) -> list[bytes]:
+    """A Responses API object as OpenAI streams it: ``response.created``, each output item with its
+    text or argument deltas, then ``response.completed`` (``.incomplete`` / ``.failed`` by status)."""
+    events: list[bytes] = []
+
+    def emit(kind: str, **data: Any) -> None:
+        events.append(_sse({"type": kind, "sequence_number": len(events), **data}, kind))
+
+    start = {**response, "status": "in_progress", "output": [], "usage": None}
+    emit("response.created", response=start)
+    emit("response.in_progress", response=start)
+    for index, item in enumerate(response.get("output") or ()):
+        item_id = item.get("id", f"item_{index}")
+        if item.get("type") == "message":
+            emit("response.output_item.added", output_index=index, item={**item, "status": "in_progress", "content": []})
+            for part_index, part in enumerate(item.get("content") or ()):
+                where = {"item_id": item_id, "output_index": index, "content_index": part_index}
+                text = part.get("text", "") if part.get("type") == "output_text" else ""
+                emit("response.content_part.added", **where, part={**part, "text": ""} if "text" in part else part)
+                for piece in _pieces(text):
+                    emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+                if part.get("type") == "output_text":
+                    emit("response.output_text.done", **where, text=text, logprobs=[])
+                emit("response.content_part.done", **where, part=part)
+        elif item.get("type") == "function_call":
+            emit("response.output_item.added", output_index=index, item={**item, "status": "in_progress", "arguments": ""})
+            arguments = item.get("arguments") or ""
+            for piece in _pieces(arguments, 4):
+                emit("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=piece)
+            emit("response.function_call_arguments.done", item_id=item_id, output_index=index, arguments=arguments)
+        else:
+            emit("response.output_item.added", output_index=index, item=item)
+        emit("response.output_item.done", output_index=index, item=item)
+    status = response.get("status")
+    final = {"failed": "response.failed", "incomplete": "response.incomplete"}.get(str(status), "response.completed")
+    emit(final, response=response)
+    return events
 
 
 # -- the Batch API: /v1/files and /v1/batches ----------------------------------------------------------
