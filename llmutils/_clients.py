@@ -642,6 +642,7 @@ class OpenAIClient:
 
     # -- streaming -----------------------------------------------------------------------------
 
+    @_bounded_recursion
     def stream_message(
         self,
         messages: list[Message],
