@@ -47,6 +47,7 @@ from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAss
 from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, resolved, validate
 from ._deadline import Deadline
 from ._imports import importing, lazy_import
+from ._tokens import loading_within
 from ._otel import call_span
 from ._exceptions import (
     AuthenticationError,
@@ -789,7 +790,11 @@ class OpenAIClient:
         until the stream ends or is closed.
         """
         limiter, in_flight = self._limiters(settings)
-        estimate = self._estimate_tokens(params) if limiter.tpm else 0
+        estimate = 0
+        if limiter.tpm:  # loading tiktoken takes at most a quarter of what is left (then it estimates)
+            left = deadline.timeout_for(None)
+            with loading_within(None if left is None else left / 4):
+                estimate = self._estimate_tokens(params)
 
         def attempt(deadline: Deadline) -> tuple[StreamReader, list[str], Any, Callable[[], None]]:
             reservation = limiter.acquire(estimate, deadline=deadline)
@@ -1096,7 +1101,11 @@ class OpenAIClient:
     ) -> dict[str, Any]:
         """Send ``params`` to ``path`` with the retry policy, the limiters and the deadline."""
         limiter, in_flight = self._limiters(settings)
-        estimate = self._estimate_tokens(params) if limiter.tpm else 0
+        estimate = 0
+        if limiter.tpm:  # loading tiktoken takes at most a quarter of what is left (then it estimates)
+            left = deadline.timeout_for(None)
+            with loading_within(None if left is None else left / 4):
+                estimate = self._estimate_tokens(params)
 
         def attempt(deadline: Deadline) -> dict[str, Any]:
             reservation = limiter.acquire(estimate, deadline=deadline)

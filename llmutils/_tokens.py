@@ -33,18 +33,20 @@ process says how to make them exact. Importing this module does not import tikto
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._cooldown import Cooldown
-from ._imports import lazy_import
 from ._exceptions import InvalidRequestError
+from ._imports import lazy_import
 
 if TYPE_CHECKING:
     from tiktoken import Encoding
@@ -261,6 +263,30 @@ def _warn_once(name: str, reason: str) -> None:
     )
 
 
+_load_wait: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmutils_tiktoken_wait", default=None)
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock) -> Iterator[None]:
+    """Release ``lock`` (already acquired) when the block ends."""
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def loading_within(seconds: float | None) -> Iterator[None]:
+    """Within the block, a count waits at most ``seconds`` (None: the usual 5 s) for tiktoken to
+    load an encoding, then estimates (``exact=False``) while the load goes on in the background.
+    A call with a ``total_timeout`` counts its TPM estimate this way."""
+    token = _load_wait.set(seconds)
+    try:
+        yield
+    finally:
+        _load_wait.reset(token)
+
+
 def _get_encoding(name: str) -> Encoding | None:
     """The loaded encoding, or None while it cannot be loaded (see the module docstring)."""
     slot = _slots.get(name)
@@ -272,7 +298,13 @@ def _get_encoding(name: str) -> Encoding | None:
         return encoding
     if slot.off.blocked():
         return None
-    with slot.lock:
+    wait = _LOAD_TIMEOUT
+    limit = _load_wait.get()
+    if limit is not None and limit < wait:  # a call's deadline comes first: estimate rather than wait
+        wait = max(0.0, limit)
+    if not slot.lock.acquire(timeout=wait):
+        return None
+    with _held(slot.lock):
         if slot.encoding is not None:
             return slot.encoding
         if slot.off.blocked():
@@ -298,10 +330,12 @@ def _get_encoding(name: str) -> Encoding | None:
             )
             slot.thread = thread
             thread.start()
-        thread.join(_LOAD_TIMEOUT)
+        thread.join(wait)
         if slot.encoding is not None:
             slot.off.reset()
             return slot.encoding
+        if thread.is_alive() and wait < _LOAD_TIMEOUT:
+            return None  # cut short by the caller's deadline: the load goes on; this count estimates
         slot.off.trip(interval=_RETRY_AFTER)
         if thread.is_alive():
             reason = f"no answer within {_LOAD_TIMEOUT:g} s"
