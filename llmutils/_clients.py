@@ -23,7 +23,6 @@ import os
 import re
 import socket
 import threading
-import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ._apis import chat as _chat
 from ._apis import embeddings as _embeddings
 from ._apis import responses as _responses
-from ._apis.chat import build_chat_request, check_chat_response, fewer_choices, is_reasoning_model, read_chat_response
+from ._apis.chat import build_chat_request, check_chat_response, fewer_choices, read_chat_response
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
 from ._apis.responses import (
     check_response,
@@ -60,7 +59,6 @@ from ._exceptions import (
     QuotaExceededError,
     RateLimitError,
     StreamInterruptedError,
-    TotalTimeoutError,
 )
 from ._http import (
     RETRYABLE_STATUS,
