@@ -43,15 +43,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
-
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request, stream_with_context
 
 import llmutils
 
-__all__ = ["create_app", "make_client", "error_response", "sse", "llm"]
+__all__ = ["create_app", "error_response", "llm", "make_client", "sse"]
 
 logger = logging.getLogger(__name__)
 

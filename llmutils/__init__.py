@@ -13,19 +13,12 @@ from ._sigint import quiet_ctrl_c_while_starting as _quiet_ctrl_c_while_starting
 
 _quiet_ctrl_c_while_starting()
 
-import logging as _logging  # noqa: E402
+import logging as _logging
 
 from ._apis.stream import MessageStream as MessageStream
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
-from .cache import CacheBackend as CacheBackend
-from .cache import CacheStats as CacheStats
-from .cache import RedisCache as RedisCache
-from .cache import SQLiteCache as SQLiteCache
-from .cache import copy_cache as copy_cache
-from .cache import import_pickle_cache as import_pickle_cache
-from .cache import open_cache as open_cache
 from ._clients import AzureClient as AzureClient
 from ._clients import CallInfo as CallInfo
 from ._clients import MockClient as MockClient
@@ -67,6 +60,13 @@ from ._tokens import count_tokens as count_tokens
 from ._usage import ModelUsage as ModelUsage
 from ._usage import UsageTracker as UsageTracker
 from ._usage import set_prices as set_prices
+from .cache import CacheBackend as CacheBackend
+from .cache import CacheStats as CacheStats
+from .cache import RedisCache as RedisCache
+from .cache import SQLiteCache as SQLiteCache
+from .cache import copy_cache as copy_cache
+from .cache import import_pickle_cache as import_pickle_cache
+from .cache import open_cache as open_cache
 
 __version__ = "0.1.0"
 
@@ -75,17 +75,17 @@ __version__ = "0.1.0"
 _logging.getLogger("llmutils").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "DEFAULTS",
     "AuthenticationError",
     "AzureClient",
     "BatchAPIError",
     "BatchResult",
-    "CallInfo",
     "CacheBackend",
     "CacheMissError",
     "CacheStats",
+    "CallInfo",
     "ConfigError",
     "ContentFilterError",
-    "DEFAULTS",
     "InvalidRequestError",
     "LLMCall",
     "LLMUtilsError",

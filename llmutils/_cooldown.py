@@ -31,7 +31,7 @@ class Cooldown:
     ``clock`` is injectable so tests need not wait.
     """
 
-    __slots__ = ("interval", "_clock", "_lock", "_until", "_tripped", "_permanent")
+    __slots__ = ("_clock", "_lock", "_permanent", "_tripped", "_until", "interval")
 
     def __init__(self, interval: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = float(interval)

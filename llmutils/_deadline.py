@@ -42,7 +42,7 @@ class Deadline:
     ``clock`` is a monotonic clock in seconds (injectable for tests).
     """
 
-    __slots__ = ("total", "_end", "_clock")
+    __slots__ = ("_clock", "_end", "total")
 
     def __init__(self, total: float | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         if total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or math.isnan(total)):

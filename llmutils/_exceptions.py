@@ -39,23 +39,23 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
-    "LLMUtilsError",
-    "ConfigError",
-    "InvalidRequestError",
     "AuthenticationError",
-    "ContentFilterError",
-    "QuotaExceededError",
+    "BatchAPIError",
     "CacheMissError",
-    "NonTerminalError",
-    "RateLimitError",
-    "StreamInterruptedError",
+    "ConfigError",
+    "ContentFilterError",
+    "InvalidRequestError",
+    "LLMUtilsError",
     "MalformedResponseError",
-    "RetriesExhaustedError",
-    "TotalTimeoutError",
-    "TemplateError",
+    "NonTerminalError",
     "NotAttemptedError",
     "OutputParseError",
-    "BatchAPIError",
+    "QuotaExceededError",
+    "RateLimitError",
+    "RetriesExhaustedError",
+    "StreamInterruptedError",
+    "TemplateError",
+    "TotalTimeoutError",
 ]
 
 

@@ -33,24 +33,24 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 __all__ = [
-    "SDK_MAX_RETRY_AFTER",
-    "SDK_INITIAL_RETRY_DELAY",
-    "SDK_MAX_RETRY_DELAY",
     "RETRYABLE_STATUS",
+    "SDK_INITIAL_RETRY_DELAY",
+    "SDK_MAX_RETRY_AFTER",
+    "SDK_MAX_RETRY_DELAY",
     "HttpErrorInfo",
     "RetryDecision",
-    "lower_headers",
-    "parse_retry_after",
-    "parse_duration",
-    "server_retry_after",
-    "rate_limit_reset",
-    "usable_wait",
-    "should_retry",
-    "retry_decision",
-    "request_id_from",
     "error_fields",
     "is_quota_exhausted",
     "is_validation_error",
+    "lower_headers",
+    "parse_duration",
+    "parse_retry_after",
+    "rate_limit_reset",
+    "request_id_from",
+    "retry_decision",
+    "server_retry_after",
+    "should_retry",
+    "usable_wait",
 ]
 
 SDK_MAX_RETRY_AFTER = 120.0

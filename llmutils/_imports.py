@@ -16,7 +16,7 @@ import sys
 import threading
 from types import ModuleType
 
-__all__ = ["lazy_import", "importing"]
+__all__ = ["importing", "lazy_import"]
 
 _lock = threading.RLock()
 _modules: dict[str, ModuleType] = {}

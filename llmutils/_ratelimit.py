@@ -35,9 +35,9 @@ from ._deadline import Deadline
 from ._exceptions import ConfigError, InvalidRequestError, LLMUtilsError, RateLimitError
 
 __all__ = [
+    "ConcurrencyLimiter",
     "RateLimiter",
     "Reservation",
-    "ConcurrencyLimiter",
 ]
 
 logger = logging.getLogger("llmutils")
@@ -49,7 +49,7 @@ _EPSILON = 1e-9
 class _Bucket:
     """A token bucket that may go into debt (negative level); used under the limiter's lock."""
 
-    __slots__ = ("rate", "capacity", "level", "stamp")
+    __slots__ = ("capacity", "level", "rate", "stamp")
 
     def __init__(self, per_minute: float, capacity: float, now: float) -> None:
         self.rate = per_minute / 60.0

@@ -17,7 +17,7 @@ from ._clients import AzureClient, MockClient, OpenAIClient
 from ._config import force_default_value, resolved
 from ._exceptions import ConfigError
 
-__all__ = ["register_client", "client", "registered_api_types", "force_api_type", "force_api_cache"]
+__all__ = ["client", "force_api_cache", "force_api_type", "register_client", "registered_api_types"]
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ import os  # only os, signal and sys: this runs first, before any slow import
 import signal
 import sys
 
-__all__ = ["quiet_ctrl_c_while_starting", "is_the_command"]
+__all__ = ["is_the_command", "quiet_ctrl_c_while_starting"]
 
 _COMMAND_NAMES = frozenset({"llmutils", "llmutils.exe", "llmutils-script.py"})
 _MODULES = frozenset({"llmutils", "llmutils.cli"})

@@ -52,15 +52,15 @@ if TYPE_CHECKING:
     from tiktoken import Encoding
 
 __all__ = [
+    "FALLBACK_ENCODING",
+    "IMAGE_TOKENS_HIGH",
+    "IMAGE_TOKENS_LOW",
+    "TOOL_CALL_TOKENS",
     "TokenCount",
-    "count_tokens",
     "count_text_tokens",
+    "count_tokens",
     "encoding_name_for_model",
     "estimate_tokens",
-    "FALLBACK_ENCODING",
-    "IMAGE_TOKENS_LOW",
-    "IMAGE_TOKENS_HIGH",
-    "TOOL_CALL_TOKENS",
 ]
 
 logger = logging.getLogger("llmutils")
@@ -138,7 +138,7 @@ class TokenCount(int):
 class _Slot:
     """The load state of one encoding."""
 
-    __slots__ = ("lock", "encoding", "error", "thread", "attempted", "off")
+    __slots__ = ("attempted", "encoding", "error", "lock", "off", "thread")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -240,7 +240,7 @@ def _load(slot: _Slot, name: str, tiktoken: Any) -> None:
     """Load one encoding through tiktoken (runs in a daemon thread; never raises)."""
     try:
         slot.encoding = tiktoken.get_encoding(name)
-    except Exception as exc:  # noqa: BLE001 - any failure means "estimate instead"
+    except Exception as exc:  # any failure means "estimate instead"
         slot.error = exc
 
 

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import sqlitedict
 
+from llmutils._exceptions import ConfigError
 from llmutils.cache import CACHE_MODES, KEY_VERSION, CacheStats, SQLiteCache, import_pickle_cache, make_key
 from llmutils.cache import keys as cache_keys
 from llmutils.cache import sqlite as _cache
 from llmutils.cache.base import META_TABLE, TABLE
-from llmutils._exceptions import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 import llmutils
-from llmutils import OpenAIClient, RetryPolicy
-from llmutils import _clients
+from llmutils import OpenAIClient, RetryPolicy, _clients
 from llmutils._deadline import Deadline
 from llmutils._ratelimit import ConcurrencyLimiter, RateLimiter, Reservation
 from llmutils.cli import main
@@ -142,7 +141,7 @@ def test_max_concurrent_calls_caps_requests_in_flight(server: OpenAITestServer, 
         def call(i: int) -> None:
             try:
                 answers[i] = client.send_message([{"role": "user", "content": f"q{i}"}])
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
 
         threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(calls)]
@@ -202,7 +201,7 @@ def test_rpm_spaces_requests_from_many_threads(server: OpenAITestServer, limiter
             try:
                 start.wait(WAIT)
                 client.send_message(HELLO)
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
 
         threads = [threading.Thread(target=call, daemon=True) for _ in range(5)]
@@ -241,7 +240,7 @@ def test_threads_with_the_same_limit_setting_share_one_limiter(server: OpenAITes
                 with llmutils.override_defaults(rpm=rpm):
                     start.wait(WAIT)
                     client.send_message(HELLO)
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            except BaseException as exc:  # reported by the main thread
                 errors.append(exc)
 
         threads = [threading.Thread(target=call, args=(rpm,), daemon=True) for rpm in (600, 600, 601, 601)]
@@ -326,7 +325,7 @@ def test_retry_after_pauses_the_limiter_for_other_threads(
         def call() -> None:
             try:
                 other["answer"] = client.send_message([{"role": "user", "content": "other"}])
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            except BaseException as exc:  # reported by the main thread
                 other["error"] = exc
 
         t = threading.Thread(target=call, daemon=True)

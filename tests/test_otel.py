@@ -16,8 +16,8 @@ from llmutils._otel import CAPTURE_CONTENT_ENV, call_span, current_call_span
 
 trace = pytest.importorskip("opentelemetry.trace", reason="opentelemetry-api is not installed (extra 'otel')")
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="opentelemetry-sdk is not installed (extra 'test')")
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 _EXPORTER = InMemorySpanExporter()
 

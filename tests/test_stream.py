@@ -237,11 +237,11 @@ def test_split_text_keeps_words_and_joins_back() -> None:
 
 # -- the test server streams -------------------------------------------------------------------
 
-import httpx2  # noqa: E402
-import openai  # noqa: E402
-from pydantic import TypeAdapter  # noqa: E402
+import httpx2
+import openai
+from pydantic import TypeAdapter
 
-from llmutils.testing import Fault, OpenAITestServer, _response_events  # noqa: E402
+from llmutils.testing import Fault, OpenAITestServer, _response_events
 
 USER = [{"role": "user", "content": "the quick brown fox jumps"}]
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
@@ -393,7 +393,7 @@ def test_response_events_are_what_the_sdk_parses_and_assemble_back() -> None:
 
 # -- the stream object -------------------------------------------------------------------------
 
-from llmutils._apis.stream import MessageStream  # noqa: E402
+from llmutils._apis.stream import MessageStream
 
 
 def test_message_stream_replay_in_pieces() -> None:
@@ -442,11 +442,11 @@ def test_message_stream_context_manager_closes_on_error() -> None:
 
 # -- client.stream_message ---------------------------------------------------------------------
 
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import time
+from pathlib import Path
 
-import llmutils  # noqa: E402
-from llmutils import CacheMissError, OpenAIClient, RetryPolicy, TotalTimeoutError  # noqa: E402
+import llmutils
+from llmutils import CacheMissError, OpenAIClient, RetryPolicy, TotalTimeoutError
 
 LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
 ASK = [{"role": "user", "content": LONG}]
@@ -652,12 +652,12 @@ def test_mock_client_streams_offline() -> None:
 
 # -- the CLI streams ---------------------------------------------------------------------------
 
-import os  # noqa: E402
-import select  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import os
+import select
+import subprocess
+import sys
 
-from llmutils.cli import main  # noqa: E402
+from llmutils.cli import main
 
 
 def test_cli_chat_prints_the_same_text_streamed_or_not(server: OpenAITestServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,8 +14,7 @@ import jinja2
 import pydantic
 import pytest
 
-from llmutils import InvalidRequestError, LLMUtilsError, OutputParseError, TemplateError
-from llmutils import _templates
+from llmutils import InvalidRequestError, LLMUtilsError, OutputParseError, TemplateError, _templates
 from llmutils._templates import LLMCall, compose_messages, render_template, template_search_path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "templates"
@@ -287,7 +286,7 @@ def test_sixteen_threads_render_concurrently(isolated: Path, tmp_path: Path) -> 
             for _ in range(25):
                 results[index] = render_template("worker", template_dirs=[tmp_path], who=f"<{index}>", n=3)
             compose_messages("system_default", "summarize", text=f"t{index}")
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]

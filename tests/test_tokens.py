@@ -22,7 +22,6 @@ import responses
 
 import llmutils
 import llmutils._tokens as tokens
-from llmutils.testing import OpenAITestServer
 from llmutils import InvalidRequestError, LLMUtilsError
 from llmutils._tokens import (
     FALLBACK_ENCODING,
@@ -35,6 +34,7 @@ from llmutils._tokens import (
     encoding_name_for_model,
     estimate_tokens,
 )
+from llmutils.testing import OpenAITestServer
 
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"

@@ -227,7 +227,7 @@ def django_views() -> Iterator[ModuleType]:
     if not settings.configured:
         mp.setenv("DJANGO_SETTINGS_MODULE", "llmsite.settings")
         django.setup()
-    from llmsite import llm  # noqa: E402 - needs the settings above
+    from llmsite import llm  # needs the settings above
 
     yield llm
     mp.undo()

@@ -26,15 +26,15 @@ from typing import Any
 from .._exceptions import InvalidRequestError
 
 __all__ = [
-    "MAX_REQUESTS",
-    "MAX_FILE_BYTES",
     "BATCH_URLS",
+    "MAX_FILE_BYTES",
+    "MAX_REQUESTS",
     "InputFile",
     "LineResult",
     "batch_url",
-    "request_line",
     "build_input_files",
     "read_results",
+    "request_line",
 ]
 
 logger = logging.getLogger("llmutils")

@@ -17,13 +17,13 @@ from .._config import UNSET
 from .._exceptions import ContentFilterError, NonTerminalError
 
 __all__ = [
-    "PATH",
     "KIND",
+    "PATH",
     "SAMPLING_PARAMS",
-    "is_reasoning_model",
     "build_chat_request",
-    "fewer_choices",
     "check_chat_response",
+    "fewer_choices",
+    "is_reasoning_model",
     "read_chat_response",
 ]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._exceptions import MalformedResponseError, NonTerminalError
 
-__all__ = ["PATH", "KIND", "build_embeddings_request", "check_embeddings_response", "read_embeddings_response"]
+__all__ = ["KIND", "PATH", "build_embeddings_request", "check_embeddings_response", "read_embeddings_response"]
 
 PATH = "/embeddings"
 KIND = "embedding"

@@ -60,17 +60,17 @@ from .._exceptions import (
 )
 
 __all__ = [
-    "PATH",
     "KIND",
-    "input_as_messages",
-    "request_from_chat",
+    "PATH",
     "check_response",
-    "to_chat_message",
     "finish_reason",
-    "output_text",
-    "normalize_usage",
+    "input_as_messages",
     "is_responses_model",
+    "normalize_usage",
     "output_from_message",
+    "output_text",
+    "request_from_chat",
+    "to_chat_message",
 ]
 
 logger = logging.getLogger("llmutils")

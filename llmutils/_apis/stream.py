@@ -43,17 +43,17 @@ from .._exceptions import (
 )
 
 __all__ = [
-    "MessageStream",
-    "StreamReader",
-    "ServerSentEvent",
-    "SSEDecoder",
     "ChatStreamAssembler",
+    "MessageStream",
     "ResponsesStreamAssembler",
-    "stream_error",
-    "split_text",
+    "SSEDecoder",
+    "ServerSentEvent",
+    "StreamReader",
     "completion_events",
     "response_events",
     "responses_message",
+    "split_text",
+    "stream_error",
 ]
 
 DONE = "[DONE]"

@@ -22,14 +22,14 @@ from .keys import check_json
 
 __all__ = [
     "CACHE_MODES",
+    "META_TABLE",
     "READ_MODES",
-    "WRITE_MODES",
     "SCHEMA_VERSION",
     "TABLE",
-    "META_TABLE",
     "VALUE_FORMAT",
-    "CacheStats",
+    "WRITE_MODES",
     "CacheBase",
+    "CacheStats",
     "check_ttl",
     "encode_entry",
     "is_cache_url",

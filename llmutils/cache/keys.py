@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["KEY_VERSION", "make_key", "check_json", "non_json"]
+__all__ = ["KEY_VERSION", "check_json", "make_key", "non_json"]
 
 KEY_VERSION = 1  # part of every key: bump it and no old entry can ever match again
 

@@ -38,7 +38,7 @@ from .._exceptions import ConfigError
 from .base import CACHE_MODES, SCHEMA_VERSION, WRITE_MODES, CacheBase, check_ttl, mask_url, url_secrets
 from .keys import KEY_VERSION
 
-__all__ = ["RedisCache", "REDIS_SCHEMES"]
+__all__ = ["REDIS_SCHEMES", "RedisCache"]
 
 logger = logging.getLogger("llmutils")
 

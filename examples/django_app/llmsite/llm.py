@@ -10,7 +10,7 @@ import os
 
 import llmutils
 
-__all__ = ["client", "make_client", "error_response"]
+__all__ = ["client", "error_response", "make_client"]
 
 logger = logging.getLogger(__name__)
 
