@@ -130,7 +130,8 @@ class TokenCount(int):
         """Format as the plain number."""
         return int.__repr__(self)
 
-    def __getnewargs__(self) -> tuple[int, bool]:
+    # int's stub says tuple[int]; pickle passes any tuple to __new__, and ours takes ``exact`` too.
+    def __getnewargs__(self) -> tuple[int, bool]:  # type: ignore[override]
         """Keep ``exact`` through pickle and copy."""
         return (int(self), self.exact)
 
@@ -305,8 +306,9 @@ def _get_encoding(name: str) -> Encoding | None:
     if not slot.lock.acquire(timeout=wait):
         return None
     with _held(slot.lock):
-        if slot.encoding is not None:
-            return slot.encoding
+        loaded = slot.encoding  # a local: a type checker would take slot.encoding as None from here on
+        if loaded is not None:
+            return loaded
         if slot.off.blocked():
             return None
         try:
@@ -394,7 +396,9 @@ def count_text_tokens(text: str, model: str | None = None) -> TokenCount:
 
 def _check_model(where: str, model: Any) -> None:
     if model is not None and not isinstance(model, str):
-        raise InvalidRequestError(f"{where}: model must be a str (or None for the configured model), not {type(model).__name__} ({model!r:.80})")
+        raise InvalidRequestError(
+            f"{where}: model must be a str (or None for the configured model), not {type(model).__name__} ({model!r:.80})"
+        )
 
 
 def _strings(value: Any) -> list[str]:

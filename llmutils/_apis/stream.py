@@ -667,7 +667,7 @@ class StreamReader:
     def until_content(self) -> list[str]:
         """Read until the answer has started or ended; the text deltas read (possibly none)."""
         pieces: list[str] = []
-        if self.assembler.started or self.assembler.done:
+        if self._started() or self._done():
             return pieces
         for piece in self._deltas:
             if piece:
@@ -686,10 +686,18 @@ class StreamReader:
         """Close the connection (idempotent)."""
         self._close()
 
+    # The assembler's state read through calls: a type checker takes an attribute tested once as fixed,
+    # but feeding the assembler changes it.
+    def _started(self) -> bool:
+        return self.assembler.started
+
+    def _done(self) -> bool:
+        return self.assembler.done
+
     def _read(self) -> Iterator[str]:
         """Every event's delta ("" when it carried no text); raises on errors and incomplete ends."""
         assembler = self.assembler
-        while not assembler.done:
+        while not self._done():
             try:
                 chunk = next(self._chunks, None)
             except Exception as exc:
