@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 __all__ = [
     "RETRYABLE_STATUS",
@@ -202,7 +202,7 @@ def usable_wait(seconds: float | None) -> float | None:
     return seconds
 
 
-def _too_long(seconds: float | None) -> bool:
+def _too_long(seconds: float | None) -> TypeGuard[float]:
     return seconds is not None and math.isfinite(seconds) and seconds > SDK_MAX_RETRY_AFTER
 
 
@@ -235,7 +235,6 @@ def retry_decision(status_code: int, headers: Mapping[str, str] | None = None) -
     lowered = lower_headers(headers)
     asked = server_retry_after(lowered)
     if _too_long(asked):
-        assert asked is not None
         return RetryDecision(
             False, None, asked, f"the server asked to wait {asked:g} s, over the {SDK_MAX_RETRY_AFTER:g} s ceiling"
         )

@@ -322,7 +322,8 @@ def input_as_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         if kind == "message" and isinstance(item.get("role"), str):
             messages.append({"role": item["role"], "content": item.get("content") or ""})
         elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function", "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            function = {"name": item.get("name"), "arguments": item.get("arguments")}
+            call = {"id": item.get("call_id"), "type": "function", "function": function}
             messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output") or ""})
@@ -432,7 +433,8 @@ def to_chat_message(response: Mapping[str, Any], *, stop: str | Sequence[str] | 
                 "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
             })
         elif kind == "custom_tool_call":
-            tool_calls.append({"id": item.get("call_id"), "type": "custom", "custom": {"name": item.get("name"), "input": item.get("input", "")}})
+            custom = {"name": item.get("name"), "input": item.get("input", "")}
+            tool_calls.append({"id": item.get("call_id"), "type": "custom", "custom": custom})
         elif kind == "reasoning":
             for summary in item.get("summary") or []:
                 if isinstance(summary, Mapping) and isinstance(summary.get("text"), str) and summary["text"]:
@@ -495,7 +497,7 @@ def normalize_usage(usage: Any) -> dict[str, Any] | None:
     """
     if not isinstance(usage, Mapping):
         return None
-    flat = json.loads(json.dumps(usage))  # a deep copy: the caller's (cached) dict is never shared
+    flat: dict[str, Any] = json.loads(json.dumps(usage))  # a deep copy: the caller's (cached) dict is never shared
     for chat_name, responses_name in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
         if chat_name not in flat and isinstance(usage.get(responses_name), int):
             flat[chat_name] = usage[responses_name]

@@ -213,7 +213,8 @@ def mask_url(url: str) -> str:
         if any(k.lower() == "password" for k, _ in pairs):
             query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
     # Not urlunsplit(): it turns unix:///path into unix:/path.
-    return f"{scheme}://{head}{parts.netloc}{parts.path}" + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    tail = (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{scheme}://{head}{parts.netloc}{parts.path}{tail}"
 
 
 def url_secrets(url: str) -> list[str]:

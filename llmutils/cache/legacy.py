@@ -17,7 +17,12 @@ logger = logging.getLogger("llmutils")
 
 def _to_json_value(obj: Any) -> Any:
     """An old cached response as plain JSON: pydantic/openai objects are dumped, dicts kept."""
-    methods = (("model_dump", {"mode": "json"}), ("to_dict_recursive", {}), ("to_dict", {}), ("dict", {}))
+    methods: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("model_dump", {"mode": "json"}),
+        ("to_dict_recursive", {}),
+        ("to_dict", {}),
+        ("dict", {}),
+    )
     for name, kwargs in methods:
         method = getattr(obj, name, None)
         if callable(method):

@@ -30,7 +30,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, overload
 
 from .._cooldown import Cooldown
 from .._deadline import Deadline
@@ -98,6 +98,8 @@ class RedisCache(CacheBase):
     single-flight lock. Needs redis-py: ``pip install 'llmutils-openai[redis]'``. Nothing connects before
     the first call; ``close()`` (or ``with``) releases the connections and later calls reconnect.
     """
+
+    path: str  # the URL, password masked
 
     def __init__(
         self,
@@ -269,7 +271,7 @@ class RedisCache(CacheBase):
         """The value once the lock's holder stores it, or _MISSING when it is gone without one or ``ttl`` passed."""
         entry, lock = self.prefix + key, self._lock_prefix + key
         deadline = time.monotonic() + ttl
-        pubsub = self._redis.pubsub()
+        pubsub = self._redis.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves pubsub() unannotated
         try:
             pubsub.subscribe(self._channel_prefix + key)
             # Subscribed before looking, so a notification sent after the look is not lost.
@@ -277,7 +279,9 @@ class RedisCache(CacheBase):
                 pass
             while True:
                 with self._redis.pipeline(transaction=False) as pipe:
-                    raw, left_ms = pipe.get(entry).pttl(lock).execute()
+                    pipe.get(entry)  # queued, not chained: redis-py types a command's result, not the pipeline
+                    pipe.pttl(lock)
+                    raw, left_ms = pipe.execute()
                 if raw is not None:
                     return self._decode(key, raw)
                 left = deadline - time.monotonic()
@@ -328,7 +332,7 @@ class RedisCache(CacheBase):
             except self._errors_type as exc:
                 self._fault("reading", exc)
                 raise ConfigError(f"reading {self.path} failed (see the warning above)") from None
-            yield from ((k, v) for k, v in zip(chunk, values) if v is not None)
+            yield from ((k, v) for k, v in zip(chunk, values, strict=True) if v is not None)
 
     def put_entries(self, entries: list[tuple[str, Any, float | None]]) -> int:
         """Write ``(key, value, ttl)`` entries in one pipeline; return how many Redis took."""
@@ -427,6 +431,12 @@ class RedisCache(CacheBase):
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+@overload
+def _ms(ttl: float) -> int: ...
+@overload
+def _ms(ttl: float | None) -> int | None: ...
 
 
 def _ms(ttl: float | None) -> int | None:
