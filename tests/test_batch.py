@@ -253,7 +253,13 @@ def test_default_client_is_the_configured_one(monkeypatch: pytest.MonkeyPatch) -
 
 def test_template_errors_on_an_items_values_fail_that_item_only(tmp_path: Path) -> None:
     (tmp_path / "share.j2").write_text("{{ text }}: {{ 100 / parts }}", encoding="utf-8")
-    items: list[Any] = [{"text": "a", "parts": 4}, {"text": "b", "parts": 0}, {"text": "c", "parts": "x"}, "not variables", {"text": "d", "parts": 5}]
+    items: list[Any] = [
+        {"text": "a", "parts": 4},
+        {"text": "b", "parts": 0},
+        {"text": "c", "parts": "x"},
+        "not variables",
+        {"text": "d", "parts": 5},
+    ]
     results = batch(items, client=MockClient(), user_template="share", template_dirs=tmp_path, workers=2)
     assert [r.ok for r in results] == [True, False, False, False, True]
     assert isinstance(results[1].error, TemplateError) and "'parts' (int)" in str(results[1].error)
@@ -269,7 +275,9 @@ def test_a_missing_template_raises_before_any_request(server: OpenAITestServer) 
     assert server.request_count == 0
 
 
-def test_fail_fast_after_an_authentication_error(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_fail_fast_after_an_authentication_error(
+    server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(server, "api_key", "right")
     seen: list[int] = []
     with OpenAIClient(base_url=server.base_url, api_key="wrong") as client:

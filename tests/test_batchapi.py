@@ -111,13 +111,18 @@ def test_server_scripted_outcomes(server: OpenAITestServer, sdk: openai.OpenAI) 
         BatchOutcome("expired", polls=1, answered=1),
         BatchOutcome("failed", polls=1),
     )
-    ids = [sdk.batches.create(input_file_id=_upload(sdk, _lines(3)), endpoint="/v1/chat/completions", completion_window="24h").id for _ in range(3)]
+    ids = [
+        sdk.batches.create(input_file_id=_upload(sdk, _lines(3)), endpoint="/v1/chat/completions", completion_window="24h").id
+        for _ in range(3)
+    ]
     for _ in range(2):
         batches = [sdk.batches.retrieve(i) for i in ids]
     assert [b.status for b in batches] == ["completed", "expired", "failed"]
     line_error = read_results(sdk.files.content(str(batches[0].error_file_id)).content)["k1"]
     assert (line_error.status_code, line_error.error_message) == (400, "no k1")
-    expired = read_results(sdk.files.content(str(batches[1].output_file_id)).content, sdk.files.content(str(batches[1].error_file_id)).content)
+    expired = read_results(
+        sdk.files.content(str(batches[1].output_file_id)).content, sdk.files.content(str(batches[1].error_file_id)).content
+    )
     assert expired["k0"].ok and (expired["k1"].error_code, expired["k2"].error_code) == ("batch_expired", "batch_expired")
     assert batches[2].output_file_id is None and batches[2].errors is not None
 
@@ -177,7 +182,7 @@ def _raw_get(server: OpenAITestServer, path: str) -> tuple[int, dict[str, str], 
 
 
 def test_lines_split_by_count_bytes_and_model() -> None:
-    requests = _requests(7) + [("x" * 64, _body(9, model="gpt-4o"))]
+    requests = [*_requests(7), ("x" * 64, _body(9, model="gpt-4o"))]
     files = build_input_files(requests, "/v1/chat/completions", max_requests=3)
     assert [len(f.keys) for f in files] == [3, 3, 1, 1]
     assert [f.model for f in files] == ["gpt-4.1-mini"] * 3 + ["gpt-4o"]
@@ -266,7 +271,8 @@ def test_a_crash_between_upload_and_create_adopts_the_created_batch(server: Open
     file_id = str(sdk.files.create(file=("in.jsonl", spec.content), purpose="batch").id)
     created = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
     # the process died after the create reached the server, before it recorded the batch id
-    SQLiteLedger(cache.path).save(BatchJob(input_file_id=file_id, batch_id=None, status="submitting", keys=spec.keys, endpoint=batch_url("chat")))
+    job = BatchJob(input_file_id=file_id, batch_id=None, status="submitting", keys=spec.keys, endpoint=batch_url("chat"))
+    SQLiteLedger(cache.path).save(job)
     run = _run(requests, sdk, cache)
     assert run.resumed == [created.id] and run.submitted == [] and _creates(server) == 1 and len(run.answers) == 3
 
@@ -369,7 +375,8 @@ def test_a_request_too_big_for_a_batch_file_is_that_items_error(server: OpenAITe
 def test_azure_paths(server: OpenAITestServer, azure_sdk: openai.AzureOpenAI, cache: Any) -> None:
     run = _run(_requests(3, model="my-batch-deployment"), azure_sdk, cache, url=batch_url("chat", azure=True))
     assert len(run.answers) == 3
-    assert {json.loads(line)["url"] for r in server.requests if r.path == "/openai/files" for line in r.body["file"]["content"].splitlines()} == {"/chat/completions"}
+    uploaded = [line for r in server.requests if r.path == "/openai/files" for line in r.body["file"]["content"].splitlines()]
+    assert {json.loads(line)["url"] for line in uploaded} == {"/chat/completions"}
     assert all(r.path.startswith("/openai/") for r in server.requests)
     assert not BatchAPI(azure_sdk).extras  # 2024-10-21: no expiry, no metadata
     with openai.AzureOpenAI(azure_endpoint=server.azure_endpoint, api_key="k", api_version="2025-04-01-preview") as newer:
@@ -447,7 +454,9 @@ def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _client(server: OpenAITestServer, tmp_path: Path, **kwargs: Any) -> llmutils.OpenAIClient:
-    return llmutils.OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite", **kwargs)
+    return llmutils.OpenAIClient(
+        base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite", **kwargs
+    )
 
 
 def _items(n: int) -> list[list[dict[str, str]]]:
@@ -528,7 +537,8 @@ def test_azure_client_through_the_batch_api(server: OpenAITestServer, tmp_path: 
         results = llmutils.batch(_items(3), client=client, via="batch-api")
         assert [r.content for r in results] == [f"echo: item {i}" for i in range(3)]
         lines = _uploaded_lines(server)
-        assert {line["url"] for line in lines} == {"/chat/completions"} and {line["body"]["model"] for line in lines} == {"my-batch-deployment"}
+        assert {line["url"] for line in lines} == {"/chat/completions"}
+        assert {line["body"]["model"] for line in lines} == {"my-batch-deployment"}
         assert all(r.path.startswith("/openai/") and r.query.get("api-version") == "2024-10-21" for r in server.requests)
         create = next(r for r in server.requests if r.method == "POST" and r.path == "/openai/batches")
         assert set(create.body) == {"input_file_id", "endpoint", "completion_window"}  # the GA version gets the bare request
@@ -633,7 +643,9 @@ def test_cli_run_interrupted_after_submission_resumes_the_same_batch(
     assert [r["output"] for r in records] == [f"echo: p{i}" for i in range(5)]
 
 
-def test_duplicates_n_and_the_progress_bar(server: OpenAITestServer, tmp_path: Path, fast_polls: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_duplicates_n_and_the_progress_bar(
+    server: OpenAITestServer, tmp_path: Path, fast_polls: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     items = _items(3) + _items(1)  # the last item repeats the first: one line, two results
     with _client(server, tmp_path) as client:
         results = llmutils.batch(items, client=client, via="batch-api", progress=True, n=2)

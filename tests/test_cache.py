@@ -144,7 +144,9 @@ def test_stored_entries_are_plain_json(cached: OpenAIClient, cache_file: Path) -
 def test_replay_mode_miss_raises_and_sends_nothing(server: OpenAITestServer, cache_file: Path) -> None:
     with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file) as rec:
         rec.send_message(HELLO)
-    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file, cache_mode="replay") as replay:
+    with OpenAIClient(
+        base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file, cache_mode="replay"
+    ) as replay:
         assert replay.send_message(HELLO)["content"] == "echo: hello"
         with pytest.raises(CacheMissError, match="replay"):
             replay.send_message([{"role": "user", "content": "never recorded"}])
@@ -210,7 +212,9 @@ def test_set_api_cache_per_client(server: OpenAITestServer, cache_file: Path) ->
 
 
 def test_ttl_expires_entries(server: OpenAITestServer, cache_file: Path) -> None:
-    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file, cache_ttl=0.000001) as client:
+    with OpenAIClient(
+        base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file, cache_ttl=0.000001
+    ) as client:
         client.send_message(HELLO)
         client.send_message(HELLO)
     assert server.request_count == 2
@@ -354,7 +358,9 @@ def test_a_lone_surrogate_in_the_input_fails_that_call_alone(cached: OpenAIClien
     assert cached.cache_stats().errors == 0
 
 
-def test_a_lone_surrogate_in_an_answer_is_stored_and_served_faithfully(cached: OpenAIClient, server: OpenAITestServer, cache_file: Path) -> None:
+def test_a_lone_surrogate_in_an_answer_is_stored_and_served_faithfully(
+    cached: OpenAIClient, server: OpenAITestServer, cache_file: Path
+) -> None:
     body = {
         "id": "chatcmpl-1",
         "object": "chat.completion",
@@ -389,7 +395,8 @@ def test_a_200_holding_nan_is_retried_and_never_cached(cached: OpenAIClient, ser
 def test_a_mock_answer_that_is_not_json_is_an_invalid_request(cache_file: Path) -> None:
     import datetime
 
-    client = llmutils.MockClient(answers=[{"role": "assistant", "content": "x", "when": datetime.date(2026, 1, 1)}], cache_api_calls=True, cache_file_name=cache_file)
+    answer = {"role": "assistant", "content": "x", "when": datetime.date(2026, 1, 1)}
+    client = llmutils.MockClient(answers=[answer], cache_api_calls=True, cache_file_name=cache_file)
     with pytest.raises(InvalidRequestError, match=r"\['when'\] is a date, not a JSON value"):
         client.send_message(HELLO)
     assert client.send_message(HELLO)["content"] == "echo: hello" and client.cache_stats().errors == 0

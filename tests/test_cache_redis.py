@@ -550,7 +550,9 @@ def test_redis_down_at_start(server: OpenAITestServer, logs: pytest.LogCaptureFi
     assert "s3cret" not in logs.text
 
 
-def test_redis_killed_mid_run_and_restarted(server: OpenAITestServer, own_redis: Callable[..., RedisServer], logs: pytest.LogCaptureFixture) -> None:
+def test_redis_killed_mid_run_and_restarted(
+    server: OpenAITestServer, own_redis: Callable[..., RedisServer], logs: pytest.LogCaptureFixture
+) -> None:
     redis_server = own_redis("--appendonly", "yes", "--appendfsync", "always")
     clock = FakeClock()
     with api_client(server, redis_server.url) as client:
@@ -600,7 +602,9 @@ def test_a_hung_redis_times_out(logs: pytest.LogCaptureFixture) -> None:
 # -- the command line: stats, clear, copy ------------------------------------------------------------
 
 
-def test_copy_sqlite_into_redis_and_cache_commands(url: str, server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_copy_sqlite_into_redis_and_cache_commands(
+    url: str, server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name="c.sqlite") as client:
         for text in ("a", "b", "c"):
             ask(client, text)

@@ -86,7 +86,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def test_make_key_is_sha256_of_canonical_versioned_json() -> None:
     payload = {"model": "m", "messages": [{"role": "user", "content": "héllo"}], "temperature": 0.5}
-    canonical = '{"messages":[{"content":"héllo","role":"user"}],"model":"m","temperature":0.5,"v":%d}' % KEY_VERSION
+    canonical = '{"messages":[{"content":"héllo","role":"user"}],"model":"m","temperature":0.5,"v":' + str(KEY_VERSION) + "}"
     assert make_key(payload) == hashlib.sha256(canonical.encode()).hexdigest()
     assert make_key(dict(reversed(list(payload.items())))) == make_key(payload)
     assert make_key({**payload, "temperature": 0.6}) != make_key(payload)
@@ -360,7 +360,7 @@ def test_processes_write_one_file_without_loss(path: Path) -> None:
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0 and err == "", err
     assert [o.split() for o, _ in outputs[:4]] == [["writes", "250", "errors", "0", "disabled", "False"]] * 4
     assert [o.split() for o, _ in outputs[4:]] == [["reads", "2000", "errors", "0", "disabled", "False"]] * 2

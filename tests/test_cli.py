@@ -147,12 +147,16 @@ def test_ctrl_c_keeps_every_answer_received_in_out(server: OpenAITestServer, tmp
 # -- batch, in process ---------------------------------------------------------------------------
 
 
-def test_batch_against_a_base_url_with_one_failed_item(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_batch_against_a_base_url_with_one_failed_item(
+    server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "in.jsonl").write_text(
         '{"prompt": "first"}\n\n{"messages": [{"role": "user", "content": "second"}]}\n[{"role": "user", "content": "third"}]\n'
     )
     server.script(Fault.bad_request("scripted 400"))
-    code = main(["batch", "in.jsonl", "out.jsonl", "--base-url", server.base_url, "--model", "m-1", "-w", "1", "--no-progress", "--temperature", "0"])
+    args = ["batch", "in.jsonl", "out.jsonl", "--base-url", server.base_url, "--model", "m-1"]
+    args += ["-w", "1", "--no-progress", "--temperature", "0"]
+    code = main(args)
     err = capsys.readouterr().err
     assert code == 1
     assert "offline" not in err
@@ -160,13 +164,14 @@ def test_batch_against_a_base_url_with_one_failed_item(server: OpenAITestServer,
     records = _lines(tmp_path / "out.jsonl")
     assert records[0]["error"]["type"] == "InvalidRequestError" and records[0]["error"]["status_code"] == 400
     assert "scripted 400" in records[0]["error"]["message"] and records[0]["input"] == {"prompt": "first"}
-    assert records[1] == {"index": 1, "input": {"messages": [{"role": "user", "content": "second"}]}, "output": "echo: second", "cached": False}
+    second = {"messages": [{"role": "user", "content": "second"}]}
+    assert records[1] == {"index": 1, "input": second, "output": "echo: second", "cached": False}
     assert records[2]["output"] == "echo: third"
     assert {r.body["model"] for r in server.requests} == {"m-1"}
     assert {r.body["temperature"] for r in server.requests} == {0}
 
     # Re-running sends only the item that failed: the others come from the cache.
-    assert main(["batch", "in.jsonl", "out.jsonl", "--base-url", server.base_url, "--model", "m-1", "-w", "1", "--no-progress", "--temperature", "0"]) == 0
+    assert main(args) == 0
     assert server.request_count == 4
     assert [r["cached"] for r in _lines(tmp_path / "out.jsonl")] == [False, True, True]
 
@@ -222,13 +227,17 @@ def test_chat_against_a_base_url(server: OpenAITestServer, capsys: pytest.Captur
     assert server.request_count == 1 and server.requests[0].body["max_tokens"] == 5
 
 
-def test_chat_with_the_base_url_from_the_environment(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_chat_with_the_base_url_from_the_environment(
+    server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
     assert main(["chat", "hi"]) == 0
     assert capsys.readouterr().out == "echo: hi\n" and server.request_count == 1
 
 
-def test_auto_api_type_picks_azure_or_a_configured_type(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_auto_api_type_picks_azure_or_a_configured_type(
+    server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", "az-key")
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
     assert main(["chat", "hi", "--model", "my-deployment"]) == 0
@@ -257,7 +266,8 @@ def test_runtime_errors_are_one_line_and_verbose_shows_the_traceback(server: Ope
 
 
 def test_render_prints_messages_as_json(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["render", "--system-template", "system_default", "--template", "classify", "--var", "text=I love it", "--var", 'labels:=["positive", "negative"]']
+    args = ["render", "--system-template", "system_default", "--template", "classify"]
+    args += ["--var", "text=I love it", "--var", 'labels:=["positive", "negative"]']
     assert main(args) == 0
     messages = json.loads(capsys.readouterr().out)
     assert [m["role"] for m in messages] == ["system", "user"]
@@ -332,7 +342,10 @@ def test_cache_import_pickle_of_a_file_that_is_not_a_pickle(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["chat"], ["batch"], ["render"], ["tokens"], ["cache"], ["cache", "stats"], ["cache", "clear"], ["cache", "vacuum"], ["cache", "import-pickle"]],
+    [
+        [], ["chat"], ["batch"], ["render"], ["tokens"],
+        ["cache"], ["cache", "stats"], ["cache", "clear"], ["cache", "vacuum"], ["cache", "import-pickle"],
+    ],
 )
 def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*command, "--help"]) == 0
@@ -420,7 +433,9 @@ def test_one_bad_item_fails_alone_and_the_rest_is_written(tmp_path: Path, capsys
     assert "\\ud83d" in (tmp_path / "out.jsonl").read_text(encoding="utf-8")
 
 
-def test_a_surrogate_the_server_cannot_take_fails_that_item_only(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_surrogate_the_server_cannot_take_fails_that_item_only(
+    server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "in.jsonl").write_text('{"prompt": "bad \\ud83d half"}\n{"prompt": "fine"}\n', encoding="utf-8")
     assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-cache", "-w", "1"]) == 1
     assert "Traceback" not in capsys.readouterr().err
@@ -429,7 +444,9 @@ def test_a_surrogate_the_server_cannot_take_fails_that_item_only(server: OpenAIT
     assert second["output"] == "echo: fine" and server.request_count == 1
 
 
-def test_fail_fast_after_the_first_authentication_error(server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fail_fast_after_the_first_authentication_error(
+    server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(server, "api_key", "the-right-key")
     monkeypatch.setenv("OPENAI_API_KEY", "a-wrong-key")
     _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
@@ -455,7 +472,9 @@ def _closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-def test_fail_fast_after_n_connection_failures_in_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fail_fast_after_n_connection_failures_in_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("LLMUTILS_MAX_ATTEMPTS", "1")
     _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
     argv = ["--base-url", _closed_port_url(), "batch", "in.jsonl", "out.jsonl", "-w", "1", "--no-cache", "--max-connection-failures", "3"]
@@ -500,7 +519,9 @@ def test_out_keeps_its_permission_bits_and_a_new_one_follows_the_umask(tmp_path:
     assert _lines(tmp_path / "old.jsonl")[0]["output"] == "echo: a"
 
 
-def test_a_template_that_does_not_exist_fails_before_any_request(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_template_that_does_not_exist_fails_before_any_request(
+    server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "in.jsonl").write_text('{"messages": [{"role": "user", "content": "own message"}]}\n{"text": "x"}\n')
     assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--template", "summarise"]) == 1
     assert "'summarise' not found" in _one_error_line(capsys.readouterr().err)
@@ -520,7 +541,9 @@ def test_a_template_that_does_not_exist_fails_before_any_request(server: OpenAIT
         ("--max-connection-failures", "-1", "--max-connection-failures: must be >= 0, got -1"),
     ],
 )
-def test_flag_errors_name_the_flag_and_exit_2(flag: str, value: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_flag_errors_name_the_flag_and_exit_2(
+    flag: str, value: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["batch", "in.jsonl", "out.jsonl", flag, value]) == 2
     assert _one_error_line(capsys.readouterr().err) == f"llmutils: error: {expected} (see 'llmutils batch --help')"
     assert not (tmp_path / "out.jsonl").exists()
@@ -645,7 +668,9 @@ def test_progress_bar_on_a_terminal_with_log_lines_printed_through_it(server: Op
     assert "llmutils: WARNING: llmutils:" not in err
 
 
-def test_cache_commands_act_on_the_store_they_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_commands_act_on_the_store_they_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     redis_url = _closed_port_url().replace("http://", "redis://").replace("/v1", "/0")
     monkeypatch.setenv("LLMUTILS_CACHE_URL", redis_url)  # configured: Redis (here: one that does not answer)
     _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
@@ -665,7 +690,9 @@ def test_cache_commands_act_on_the_store_they_name(tmp_path: Path, monkeypatch: 
 
 
 @pytest.mark.skipif(not REDIS_URL, reason="LLMUTILS_TEST_REDIS_URL is not set (.ci/run sets it)")
-def test_cache_clear_of_a_named_file_leaves_the_configured_redis_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_clear_of_a_named_file_leaves_the_configured_redis_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("redis")
     assert REDIS_URL is not None
     _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "redis a"}, {"prompt": "redis b"}, {"prompt": "redis c"}])

@@ -139,7 +139,9 @@ def test_bad_parameter_type_fails_before_any_request(oai: OpenAIClient, server: 
     assert server.request_count == 0
 
 
-@pytest.mark.parametrize("fault", [Fault.rate_limit(), Fault.server_error(), Fault.server_error(503), Fault.status(408), Fault.not_json(), Fault.html()])
+@pytest.mark.parametrize(
+    "fault", [Fault.rate_limit(), Fault.server_error(), Fault.server_error(503), Fault.status(408), Fault.not_json(), Fault.html()]
+)
 def test_retryable_failure_then_success(oai: OpenAIClient, server: OpenAITestServer, waits: list[float], fault: Fault) -> None:
     server.script(fault)
     assert oai.send_message(HELLO)["content"] == "echo: hello"
@@ -173,7 +175,9 @@ def test_backoff_grows_and_is_capped(oai: OpenAIClient, server: OpenAITestServer
         (Fault.content_filter(), ContentFilterError),
     ],
 )
-def test_terminal_errors_send_exactly_one_request(oai: OpenAIClient, server: OpenAITestServer, waits: list[float], fault: Fault, error: type) -> None:
+def test_terminal_errors_send_exactly_one_request(
+    oai: OpenAIClient, server: OpenAITestServer, waits: list[float], fault: Fault, error: type
+) -> None:
     server.script(fault)
     with pytest.raises(error) as info:
         oai.send_message(HELLO)

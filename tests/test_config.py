@@ -55,7 +55,7 @@ def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("LLMUTILS_CONFIG", str(path))
     assert resolve()["MODEL"] == "gpt-4o"
     monkeypatch.setenv("LLMUTILS_CONFIG", str(tmp_path / "missing.ini"))
-    with pytest.raises(ConfigError, match="missing.ini"):
+    with pytest.raises(ConfigError, match=r"missing\.ini"):
         resolve()
 
 
@@ -86,7 +86,7 @@ def test_malformed_value_names_key_value_and_file(tmp_path: Path) -> None:
 
 def test_unknown_key_in_file(tmp_path: Path) -> None:
     write_config(tmp_path / "config.ini", TEMPRATURE=1)
-    with pytest.raises(ConfigError, match="TEMPRATURE.*Did you mean TEMPERATURE"):
+    with pytest.raises(ConfigError, match=r"TEMPRATURE.*Did you mean TEMPERATURE"):
         resolve()
 
 

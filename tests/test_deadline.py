@@ -170,7 +170,9 @@ def test_a_sqlite_write_lock_held_by_another_process_never_makes_a_call_miss_its
     path = tmp_path / "c.sqlite"
     with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=path) as c:
         c.send_message([{"role": "user", "content": "make the file"}])
-        with subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+        with subprocess.Popen(
+            [sys.executable, "-c", HOLD_WRITE_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as holder:
             assert holder.stdin is not None and holder.stdout is not None
             try:
                 assert holder.stdout.readline().strip() == "locked"

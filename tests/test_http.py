@@ -251,7 +251,8 @@ def test_error_fields_read_like_the_sdk() -> None:
 
 
 def test_error_fields_of_other_shapes() -> None:
-    litellm = error_fields(429, {"x-litellm-call-id": "call-1"}, {"error": {"message": "quota", "type": "throttling_error", "param": None, "code": "429"}})
+    body = {"error": {"message": "quota", "type": "throttling_error", "param": None, "code": "429"}}
+    litellm = error_fields(429, {"x-litellm-call-id": "call-1"}, body)
     assert (litellm.code, litellm.type, litellm.request_id) == ("429", "throttling_error", "call-1")
     llama = error_fields(500, {}, {"error": {"code": 500, "message": "boom", "type": "server_error"}})
     assert llama.code == "500" and llama.message == "boom"
@@ -263,12 +264,25 @@ def test_error_fields_of_other_shapes() -> None:
     assert empty.message == "HTTP 502 with no error message"
 
 
+QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
+
+
 @pytest.mark.parametrize(
     ("body", "quota"),
     [
-        ({"error": {"message": "You exceeded your current quota, please check your plan and billing details.", "type": "insufficient_quota", "code": "insufficient_quota"}}, True),
+        ({"error": {"message": QUOTA_MESSAGE, "type": "insufficient_quota", "code": "insufficient_quota"}}, True),
         # LiteLLM's rewrite: only the message is left
-        ({"error": {"message": "litellm.RateLimitError: RateLimitError: OpenAIException - You exceeded your current quota, please check your plan and billing details.", "type": "throttling_error", "param": None, "code": "429"}}, True),
+        (
+            {
+                "error": {
+                    "message": f"litellm.RateLimitError: RateLimitError: OpenAIException - {QUOTA_MESSAGE}",
+                    "type": "throttling_error",
+                    "param": None,
+                    "code": "429",
+                }
+            },
+            True,
+        ),
         ({"error": {"message": "Too many requests", "type": "insufficient_quota", "code": None}}, True),
         ({"error": {"message": "Rate limit reached for requests", "type": "requests", "code": "rate_limit_exceeded"}}, False),
         ({"error": {"message": "litellm.RateLimitError: mock rate limit", "type": "throttling_error", "code": "429"}}, False),

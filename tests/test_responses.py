@@ -88,7 +88,8 @@ def test_system_stays_in_input_when_instructions_given_or_not_text() -> None:
     body = request_from_chat({"model": "m", "messages": messages, "instructions": "explicit"})
     assert body["instructions"] == "explicit"
     assert body["input"][0] == {"role": "system", "content": "S"}
-    parts = [{"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"role": "user", "content": "U"}]
+    system = {"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    parts = [system, {"role": "user", "content": "U"}]
     assert request_from_chat({"model": "m", "messages": parts})["instructions"] == "ab"
 
 
@@ -169,10 +170,15 @@ def test_legacy_function_role_is_refused() -> None:
         ({"logprobs": True, "top_logprobs": 3}, {"include": ["message.output_text.logprobs"], "top_logprobs": 3}),
         ({"logprobs": False}, {}),
         (
-            {"previous_response_id": "resp_1", "store": False, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k", "service_tier": "flex"},
-            {"previous_response_id": "resp_1", "store": False, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k", "service_tier": "flex"},
+            {"previous_response_id": "resp_1", "store": False, "include": ["reasoning.encrypted_content"],
+             "prompt_cache_key": "k", "service_tier": "flex"},
+            {"previous_response_id": "resp_1", "store": False, "include": ["reasoning.encrypted_content"],
+             "prompt_cache_key": "k", "service_tier": "flex"},
         ),
-        ({"parallel_tool_calls": False, "user": "u1", "metadata": {"a": "b"}}, {"parallel_tool_calls": False, "user": "u1", "metadata": {"a": "b"}}),
+        (
+            {"parallel_tool_calls": False, "user": "u1", "metadata": {"a": "b"}},
+            {"parallel_tool_calls": False, "user": "u1", "metadata": {"a": "b"}},
+        ),
     ],
 )
 def test_parameter_mapping(chat: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -227,7 +233,8 @@ def test_response_format_and_text_format_conflict() -> None:
 
 
 def test_request_from_chat_leaves_its_argument_alone() -> None:
-    chat = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "tools": [WEATHER_TOOL], "n": 1}
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    chat = {"model": "m", "messages": messages, "tools": [WEATHER_TOOL], "n": 1}
     before = json.loads(json.dumps(chat))
     request_from_chat(chat)
     assert chat == before
@@ -264,7 +271,11 @@ def test_refusal_and_reasoning_summary() -> None:
     refusal = _response({"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]})
     assert to_chat_message(refusal) == {"role": "assistant", "content": None, "refusal": "I can't."}
     reasoned = _response(
-        {"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "Step one."}, {"type": "summary_text", "text": "Step two."}]},
+        {
+            "type": "reasoning",
+            "id": "rs",
+            "summary": [{"type": "summary_text", "text": "Step one."}, {"type": "summary_text", "text": "Step two."}],
+        },
         _message("42"),
     )
     assert to_chat_message(reasoned) == {"role": "assistant", "content": "42", "reasoning": "Step one.\n\nStep two."}
@@ -285,7 +296,9 @@ def test_incomplete_answers_keep_their_text() -> None:
     check_response(response)
     assert to_chat_message(response) == {"role": "assistant", "content": "partial"}
     assert finish_reason(response) == "length"
-    empty = _response({"type": "reasoning", "id": "rs", "summary": []}, status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+    empty = _response(
+        {"type": "reasoning", "id": "rs", "summary": []}, status="incomplete", incomplete_details={"reason": "max_output_tokens"}
+    )
     assert to_chat_message(empty) == {"role": "assistant", "content": ""}
 
 
@@ -318,7 +331,7 @@ def test_failed_maps_to_the_error_tree(code: str, error: type[Exception]) -> Non
 def test_unfinished_responses() -> None:
     queued = _response(status="queued")
     check_response(queued, message=False)  # create_response returns it as is
-    with pytest.raises(InvalidRequestError, match="queued.*create_response"):
+    with pytest.raises(InvalidRequestError, match=r"queued.*create_response"):
         check_response(queued)
     with pytest.raises(NonTerminalError, match="no output"):
         check_response({"id": "resp_x", "status": "completed"})
@@ -405,7 +418,7 @@ def test_server_rejects_chat_fields_like_the_real_api(sdk: openai.OpenAI) -> Non
         sdk.responses.create(model="m", input="q", tools=[WEATHER_TOOL])  # type: ignore[list-item]
     with pytest.raises(openai.BadRequestError, match="max_output_tokens"):
         sdk.responses.create(model="m", input="q", max_output_tokens=5)
-    with pytest.raises(openai.BadRequestError, match="text.format.name"):
+    with pytest.raises(openai.BadRequestError, match=r"text\.format\.name"):
         sdk.responses.create(model="m", input="q", text={"format": {"type": "json_schema", "schema": {}}})  # type: ignore[typeddict-item]
     with pytest.raises(openai.BadRequestError, match="not found"):
         sdk.responses.create(model="m", input="q", previous_response_id="resp_nope")
@@ -470,7 +483,8 @@ def test_server_handler(sdk: openai.OpenAI, server: OpenAITestServer) -> None:
     server.responses_handler = lambda body: f"handled {body['model']}"
     assert sdk.responses.create(model="m", input="q").output_text == "handled m"
     server.responses_handler = lambda body: {"id": "resp_custom", "object": "response", "created_at": 0, "model": "x",
-                                             "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "status": "completed"}
+                                             "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                                             "status": "completed"}
     assert sdk.responses.create(model="m", input="q").id == "resp_custom"
 
 
@@ -486,7 +500,8 @@ def test_input_as_messages_for_token_counting() -> None:
     chat = [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "q"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "out"},
     ]
     body = request_from_chat({"model": "m", "messages": chat})
@@ -502,7 +517,8 @@ def test_input_as_messages_for_token_counting() -> None:
         {"role": "assistant", "content": ""},
         {"role": "assistant", "content": None, "refusal": "no"},
         {"role": "assistant", "content": "42", "reasoning": "thought"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
     ],
 )
 def test_output_from_message_round_trips(message: dict[str, Any]) -> None:
@@ -598,7 +614,9 @@ def test_reasoning_summary_and_usage(client: OpenAIClient) -> None:
 
 
 def test_cache_repeat_makes_no_request(server: OpenAITestServer, tmp_path: Any) -> None:
-    with OpenAIClient(base_url=server.base_url, api_key="k", api="responses", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as c:
+    with OpenAIClient(
+        base_url=server.base_url, api_key="k", api="responses", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite"
+    ) as c:
         first = c.send_message(HI)
         before = server.request_count
         assert c.send_message(HI) == first
@@ -692,7 +710,9 @@ def test_failed_and_filtered_answers_map_to_the_error_tree(client: OpenAIClient,
 
 
 def test_create_response_returns_the_raw_json(client: OpenAIClient, server: OpenAITestServer) -> None:
-    first = client.create_response(model="gpt-5", input="hi", reasoning={"effort": "low", "summary": "auto"}, include=["reasoning.encrypted_content"], store=True)
+    first = client.create_response(
+        model="gpt-5", input="hi", reasoning={"effort": "low", "summary": "auto"}, include=["reasoning.encrypted_content"], store=True
+    )
     assert first["object"] == "response" and first["status"] == "completed"
     assert first["output"][0]["type"] == "reasoning"
     assert output_text(first) == "echo: hi"
@@ -813,23 +833,27 @@ def test_the_readme_section_runs() -> None:
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own examples, as a reader runs them
 
 
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
         ({"max_tokens": 64}, {"max_output_tokens": 64}),
-        ({"model": "gpt-5", "max_completion_tokens": 300, "reasoning_effort": "high"}, {"max_output_tokens": 300, "reasoning": {"effort": "high"}}),
+        ({"model": "gpt-5", "max_completion_tokens": 300, "reasoning_effort": "high"},
+         {"max_output_tokens": 300, "reasoning": {"effort": "high"}}),
         ({"response_format": {"type": "json_object"}}, {"text": {"format": {"type": "json_object"}}}),
         ({"verbosity": "low"}, {"text": {"verbosity": "low"}}),
         ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
          {"tool_choice": {"type": "function", "name": "get_weather"}}),
-        ({"tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False}, {"tool_choice": "required", "parallel_tool_calls": False}),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False},
+         {"tool_choice": "required", "parallel_tool_calls": False}),
         ({"seed": 1, "stop": "\n", "frequency_penalty": 0.5, "presence_penalty": 0.5, "n": 1}, {}),
         ({"logprobs": True, "top_logprobs": 2}, {"include": ["message.output_text.logprobs"], "top_logprobs": 2}),
-        ({"store": False, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "p", "service_tier": "auto", "truncation": "auto"},
-         {"store": False, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "p", "service_tier": "auto", "truncation": "auto"}),
+        ({"store": False, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "p",
+          "service_tier": "auto", "truncation": "auto"},
+         {"store": False, "metadata": {"k": "v"}, "user": "u", "safety_identifier": "s", "prompt_cache_key": "p",
+          "service_tier": "auto", "truncation": "auto"}),
     ],
 )
 def test_each_mapping_round_trips(client: OpenAIClient, server: OpenAITestServer, kwargs: dict[str, Any], expected: dict[str, Any]) -> None:

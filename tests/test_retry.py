@@ -89,7 +89,7 @@ def test_bad_policy_fields_are_config_errors(kwargs: dict) -> None:
 
 def test_max_attempts_zero_in_the_configuration_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMUTILS_MAX_ATTEMPTS", "0")
-    with pytest.raises(ConfigError, match="MAX_ATTEMPTS.*>= 1"):
+    with pytest.raises(ConfigError, match=r"MAX_ATTEMPTS.*>= 1"):
         llmutils.MockClient().send_message(HELLO)
     with pytest.raises(ConfigError, match="MAX_ATTEMPTS"):
         llmutils.force_default_value("MAX_ATTEMPTS", 0)

@@ -98,7 +98,9 @@ def test_chat_assembler_text_in_order_and_usage() -> None:
         chunk({"content": "lo"}),
         chunk({"content": " there"}),
         chunk({}, finish="stop"),
-        ServerSentEvent(None, json.dumps({"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})),
+        ServerSentEvent(
+            None, json.dumps({"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        ),
         ServerSentEvent(None, "[DONE]"),
     ]
     deltas = [assembler.feed(e) for e in events]
@@ -116,7 +118,11 @@ def test_chat_assembler_text_in_order_and_usage() -> None:
 def test_chat_assembler_tool_calls_from_fragments() -> None:
     assembler = ChatStreamAssembler()
     fragments = [
-        {"role": "assistant", "content": None, "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}],
+        },
         {"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]},
         {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]},
         {"tool_calls": [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
@@ -377,7 +383,8 @@ def test_response_events_are_what_the_sdk_parses_and_assemble_back() -> None:
              ],
              "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
              "usage": {"input_tokens": 3, "output_tokens": 4, "total_tokens": 7,
-                       "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+                       "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                       "output_tokens_details": {"reasoning_tokens": 0}}}
     events = decode_in(_response_events(final))
     adapter: Any = TypeAdapter(ResponseStreamEvent)
     kinds = [adapter.validate_python(e.json()).type for e in events]
@@ -566,7 +573,7 @@ def test_a_trickle_ends_at_the_total_timeout(server: OpenAITestServer, llm: Open
 def test_timeout_bounds_each_gap(server: OpenAITestServer, llm: OpenAIClient) -> None:
     server.script(Fault.stall_stream(after=3, seconds=30))
     started = time.monotonic()
-    with pytest.raises(StreamInterruptedError, match="no data for 0.3s"):
+    with pytest.raises(StreamInterruptedError, match=r"no data for 0\.3s"):
         with llm.stream_message(ASK, timeout=0.3) as stream:
             list(stream)
     assert time.monotonic() - started < 2
@@ -584,7 +591,7 @@ def test_a_stall_before_content_is_retried_then_times_out(server: OpenAITestServ
 def test_breaking_out_closes_the_connection_and_caches_nothing(server: OpenAITestServer, llm: OpenAIClient) -> None:
     server.chat_handler = lambda body: "word " * 200
     server.stream_interval = 0.005
-    for text in llm.stream_message(ASK):  # no `with`: the loop's break alone closes it
+    for _ in llm.stream_message(ASK):  # no `with`: the loop's break alone closes it
         break
     assert server.wait_stream_closed_early(1, timeout=5)
     assert llm.cache_stats().writes == 0
@@ -858,7 +865,8 @@ def test_rpm_and_tpm_apply_to_streams(server: OpenAITestServer, monkeypatch: pyt
 
     clock.sleeps.clear()
     monkeypatch.setattr(OpenAIClient, "_estimate_tokens", staticmethod(lambda params: 100))
-    server.chat_handler = lambda body: {**whole_completion(body), "usage": {"prompt_tokens": 1, "completion_tokens": 249, "total_tokens": 250}}
+    usage = {"prompt_tokens": 1, "completion_tokens": 249, "total_tokens": 250}
+    server.chat_handler = lambda body: {**whole_completion(body), "usage": usage}
     with OpenAIClient(base_url=server.base_url, api_key="k", tpm=6000) as client:
         for _ in range(2):
             with client.stream_message(ASK, tools=TOOLS) as stream:

@@ -434,7 +434,7 @@ def test_fault_slow_then_normal_answer(server: OpenAITestServer, client: openai.
 def test_lifecycle() -> None:
     srv = OpenAITestServer()
     with pytest.raises(RuntimeError):
-        srv.base_url
+        srv.base_url  # noqa: B018 - the property raises before start
     with srv:
         assert srv.base_url == f"http://127.0.0.1:{srv.port}/v1"
         assert srv.azure_endpoint == f"http://127.0.0.1:{srv.port}"

@@ -511,7 +511,7 @@ def test_token_count_behaves_as_an_int() -> None:
     assert repr(count) == "TokenCount(42, exact=False)"
     assert str(count) == "42" and f"{count}" == "42" and f"{count:>4}" == "  42"
     assert TokenCount(7).exact is True
-    for clone in (copy.copy(count), pickle.loads(pickle.dumps(count))):
+    for clone in (copy.copy(count), pickle.loads(pickle.dumps(count))):  # noqa: S301 - bytes we just made
         assert (clone, clone.exact) == (42, False)
 
 

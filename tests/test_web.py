@@ -25,7 +25,7 @@ import llmutils
 from llmutils.testing import Fault, OpenAITestServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SECRET = "sk-test-do-not-leak-1234567890"
+SECRET = "sk-test-do-not-leak-1234567890"  # noqa: S105 - a fake key, to prove it is never shown
 
 
 def _load_flask_example() -> ModuleType:

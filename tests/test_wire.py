@@ -121,7 +121,9 @@ def test_a_server_wait_over_120_s_fails_at_once_with_the_wait(oai: OpenAIClient,
     ],
     ids=["zero", "negative", "nan", "inf", "past-date"],
 )
-def test_a_useless_server_wait_gets_the_normal_backoff(oai: OpenAIClient, server: OpenAITestServer, waits: list[float], fault: Fault) -> None:
+def test_a_useless_server_wait_gets_the_normal_backoff(
+    oai: OpenAIClient, server: OpenAITestServer, waits: list[float], fault: Fault
+) -> None:
     server.script(fault)
     oai.send_message(HI)
     assert waits == [0.5]
