@@ -602,11 +602,14 @@ class OpenAIClient:
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
         import openai
 
+        from ._transport import lean_http_client  # imports httpx2: only when a request is sent
+
         return openai.OpenAI(
             base_url=settings["BASE_URL"],
             organization=self._organization,
             max_retries=0,
             default_headers=self._default_headers or None,
+            http_client=lean_http_client(self._endpoint(settings), openai.DefaultHttpxClient),
             **credentials,
         )
 
@@ -828,12 +831,15 @@ class AzureClient(OpenAIClient):
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
         import openai
 
+        from ._transport import lean_http_client  # imports httpx2: only when a request is sent
+
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
             api_version=self._api_version or settings["AZURE_API_VERSION"],
             organization=self._organization,
             max_retries=0,
             default_headers=self._default_headers or None,
+            http_client=lean_http_client(self._endpoint(settings), openai.DefaultHttpxClient),
             **credentials,
         )
 

@@ -416,6 +416,9 @@ class OpenAITestServer:
     Parameters: ``port`` 0 picks a free port; ``latency`` seconds are waited before every
     answer; with ``api_key`` set, requests whose ``Authorization: Bearer`` or ``api-key``
     header differ get a 401. Chat answers echo the last user message (``"echo: <text>"``).
+    ``keep_requests`` bounds :attr:`requests` to the most recent ones (None keeps every request,
+    for tests; a long-running benchmark server keeps a few so its memory stays flat), while
+    :attr:`request_count` still counts them all.
     """
 
     def __init__(
@@ -425,14 +428,18 @@ class OpenAITestServer:
         port: int = 0,
         latency: float = 0.0,
         api_key: str | None = None,
+        keep_requests: int | None = None,
     ) -> None:
+        if keep_requests is not None and (isinstance(keep_requests, bool) or not isinstance(keep_requests, int) or keep_requests < 0):
+            raise ValueError(f"keep_requests must be None or an int >= 0, got {keep_requests!r}")
         self.host = host
         self.latency = latency
         self.api_key = api_key
         self.chat_handler: Callable[[dict[str, Any]], str | dict[str, Any]] | None = None
         self._requested_port = port
         self._lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
+        self._requests: deque[RecordedRequest] = deque(maxlen=keep_requests)
+        self._received = 0
         self._faults: deque[Fault] = deque()
         self._counter = 0
         self._httpd: _HTTPServer | None = None
@@ -515,15 +522,15 @@ class OpenAITestServer:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """A snapshot of the requests received so far, oldest first."""
+        """A snapshot of the requests received so far (the last ``keep_requests`` of them), oldest first."""
         with self._lock:
             return list(self._requests)
 
     @property
     def request_count(self) -> int:
-        """How many requests were received since the last reset()."""
+        """How many requests were received since the last reset() (all of them, kept or not)."""
         with self._lock:
-            return len(self._requests)
+            return self._received
 
     @property
     def pending_faults(self) -> int:
@@ -546,6 +553,7 @@ class OpenAITestServer:
         """Forget recorded requests and pending faults."""
         with self._lock:
             self._requests.clear()
+            self._received = 0
             self._faults.clear()
 
     # -- internals used by the handler -------------------------------------------------------
@@ -557,9 +565,10 @@ class OpenAITestServer:
             return f"req_{self._counter}"
 
     def _record(self, request: RecordedRequest) -> None:
-        """Append a request to the record."""
+        """Append a request to the record (the oldest falls out beyond ``keep_requests``) and count it."""
         with self._lock:
             self._requests.append(request)
+            self._received += 1
 
     def _track(self, conn: socket.socket, thread: threading.Thread, *, add: bool) -> None:
         """Add or remove an open connection and the thread serving it."""
@@ -741,8 +750,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--api-key", default=None, help="require this API key (401 otherwise)")
+    parser.add_argument("--keep-requests", type=int, default=100, help="recent requests kept in memory (default 100)")
     args = parser.parse_args(argv)
-    server = OpenAITestServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key)
+    server = OpenAITestServer(
+        host=args.host, port=args.port, latency=args.latency, api_key=args.api_key, keep_requests=args.keep_requests
+    )
     try:
         server.start()
     except OSError as exc:
