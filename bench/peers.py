@@ -347,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     peers = available(PEERS)
     for peer in peers:
         print(f"   {peer.name}: {version(peer)}")
+    if LLMUtils in peers:
+        import llmutils
+
+        print(f"   llmutils imported from {Path(llmutils.__file__).parent}")
 
     hits: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}

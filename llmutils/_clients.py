@@ -236,7 +236,7 @@ class OpenAIClient:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
-        self._caches: dict[tuple[str, str, str, float | None], CacheBackend] = {}
+        self._caches: dict[tuple[str, str, str, float | None, int], CacheBackend] = {}
         self._limits: tuple[tuple[Any, ...], RateLimiter, ConcurrencyLimiter] | None = None
         self._inflight: dict[str, _Flight] = {}
         self._local = threading.local()
@@ -390,14 +390,14 @@ class OpenAIClient:
         location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
         # A relative file name means a different file in another working directory.
         where = "" if "://" in location or os.path.isabs(location) else os.getcwd()
-        key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"])
+        key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"], settings["CACHE_MEMORY_ITEMS"])
         cache = self._caches.get(key)
         if cache is None:
             with self._lock:
                 cache = self._caches.get(key)
                 if cache is None:
                     target = os.path.join(where, location) if where else location
-                    cache = open_cache(target, mode=key[2], ttl=key[3])
+                    cache = open_cache(target, mode=key[2], ttl=key[3], memory_items=key[4])
                     self._caches[key] = cache
         return cache
 
