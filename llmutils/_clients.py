@@ -602,13 +602,13 @@ class OpenAIClient:
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
         import openai
 
-        from ._transport import lean_http_client  # imports httpx2: only when a request is sent
+        from ._transport import lean_http_client, sdk_headers  # imports httpx2: only when a request is sent
 
         return openai.OpenAI(
             base_url=settings["BASE_URL"],
             organization=self._organization,
             max_retries=0,
-            default_headers=self._default_headers or None,
+            default_headers=sdk_headers(self._default_headers, openai.Omit()),  # type: ignore[arg-type]
             http_client=lean_http_client(self._endpoint(settings), openai.DefaultHttpxClient),
             **credentials,
         )
@@ -831,14 +831,14 @@ class AzureClient(OpenAIClient):
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
         import openai
 
-        from ._transport import lean_http_client  # imports httpx2: only when a request is sent
+        from ._transport import lean_http_client, sdk_headers  # imports httpx2: only when a request is sent
 
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
             api_version=self._api_version or settings["AZURE_API_VERSION"],
             organization=self._organization,
             max_retries=0,
-            default_headers=self._default_headers or None,
+            default_headers=sdk_headers(self._default_headers, openai.Omit()),  # type: ignore[arg-type]
             http_client=lean_http_client(self._endpoint(settings), openai.DefaultHttpxClient),
             **credentials,
         )
