@@ -613,6 +613,15 @@ class OpenAIClient:
             **credentials,
         )
 
+    def _sdk_url(self, sdk: Any, path: str) -> str:
+        """The URL to give ``sdk.post``: absolute (the SDK's public ``base_url`` + ``path``), which
+        spares the SDK parsing and joining it again on every request; Azure keeps ``path``, which
+        its SDK turns into a deployment URL."""
+        base = str(sdk.base_url)
+        if "?" in base or "#" in base:
+            return path
+        return base.rstrip("/") + "/" + path.lstrip("/")
+
     def _sdk(self, settings: Mapping[str, Any]) -> tuple[Any, str]:
         """The SDK client for these settings, created once (and again in a forked child)."""
         credentials, source = self._credentials(settings)
@@ -683,7 +692,7 @@ class OpenAIClient:
         if limit <= 0:
             raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
-            http = sdk.post(path, body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
+            http = sdk.post(self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
         except openai.APIStatusError as exc:
             raise self._status_error(exc, source, settings) from exc
         except openai.APITimeoutError as exc:
@@ -798,6 +807,9 @@ class AzureClient(OpenAIClient):
         super().__init__(**kwargs)
         if azure_endpoint is not None:
             self._client_settings = {**self._client_settings, **validate({"AZURE_ENDPOINT": azure_endpoint}, "AzureClient()")}
+
+    def _sdk_url(self, sdk: Any, path: str) -> str:
+        return path
 
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
         endpoint = settings["AZURE_ENDPOINT"]
