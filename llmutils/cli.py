@@ -183,6 +183,9 @@ def _add_var_option(parser: argparse.ArgumentParser) -> None:
 def _add_model_params(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=_non_negative_float, help="sampling temperature")
     parser.add_argument("--max-tokens", type=_int_at_least(1), metavar="N", help="maximum output tokens")
+    parser.add_argument(
+        "--api", choices=("chat", "responses"), help="the endpoint: chat completions or the Responses API; default: the configured API"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +384,7 @@ def _overrides(args: argparse.Namespace, *, cache_default: bool | None = None) -
         ("cache_mode", "CACHE_MODE"),
         ("rpm", "RPM"),
         ("tpm", "TPM"),
+        ("api", "API"),
     ):
         value = _opt(args, option)
         if value is not None:

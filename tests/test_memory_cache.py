@@ -166,9 +166,9 @@ def test_in_front_of_redis() -> None:
 
 
 def test_client_with_cache_memory_items(server: OpenAITestServer, tmp_path: Path) -> None:
-    llmutils.force_default_value("CACHE_MEMORY_ITEMS", 100)
     with llmutils.OpenAIClient(
-        base_url=server.base_url, api_key="k", model="m", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite"
+        base_url=server.base_url, api_key="k", model="m", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
+        cache_memory_items=100,
     ) as client:
         messages = [{"role": "user", "content": "remember me"}]
         first = client.send_message(messages)
@@ -178,3 +178,16 @@ def test_client_with_cache_memory_items(server: OpenAITestServer, tmp_path: Path
         assert server.request_count == 1
         stats = client.cache_stats()
         assert stats.hits == 1 and stats.writes == 1
+
+
+def test_cache_memory_items_from_the_config(server: OpenAITestServer, tmp_path: Path) -> None:
+    llmutils.force_default_value("CACHE_MEMORY_ITEMS", 100)
+    with llmutils.OpenAIClient(
+        base_url=server.base_url, api_key="k", model="m", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite"
+    ) as client:
+        messages = [{"role": "user", "content": "from the config"}]
+        client.send_message(messages)
+        client.send_message(messages)
+        assert server.request_count == 1 and client.cache_stats().hits == 1
+    with pytest.raises(llmutils.ConfigError, match="CACHE_MEMORY_ITEMS"):
+        llmutils.force_default_value("CACHE_MEMORY_ITEMS", -1)
