@@ -65,6 +65,7 @@ SDK_TELEMETRY_HEADERS = (
 """The openai SDK's platform headers (language, OS, versions): telemetry no endpoint needs, and
 about a fifth of the SDK's per-request CPU to build and send; llmutils does not send them."""
 
+_RECHECK_AFTER = 0.5  # seconds idle after which a pooled socket is checked for a close before reuse
 _CHUNK = 65536
 _MAX_LINE = 65536
 _MAX_HEADERS = 200
@@ -243,7 +244,10 @@ class LeanTransport(httpx2.BaseTransport):
                 if not idle:
                     return None
                 conn = idle.pop()
-            if now - conn.idle_since < self._keepalive_expiry and not conn.is_dropped():
+            idle_for = now - conn.idle_since
+            # A connection used a moment ago is taken as is (a syscall spared per request); one
+            # the server closed meanwhile costs a resend, since nothing was received on it.
+            if idle_for < self._keepalive_expiry and (idle_for < _RECHECK_AFTER or not conn.is_dropped()):
                 conn.reused = True
                 return conn
             conn.close()
