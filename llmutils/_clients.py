@@ -82,21 +82,26 @@ _READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 ResponseCheck = Callable[[Mapping[str, Any]], None]
 
 
-def _check_messages(messages: Any, *, items: bool = False) -> list[Message]:
-    """Messages must be a non-empty list of dicts with a role (``items``: or Responses items with a type)."""
+def _check_messages(messages: Any, *, items: bool = False) -> bool:
+    """Messages must be a non-empty list of dicts with a role (``items``: or Responses items with a type).
+
+    Returns whether a Responses item (no role) was let through, which only the Responses API takes.
+    """
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError(
             f"messages must be a non-empty list of dicts like {{'role': 'user', 'content': '...'}}, "
             f"got {type(messages).__name__}"
         )
+    found_items = False
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidRequestError(f"messages[{i}] must be a dict, got {type(message).__name__}")
         if items and "role" not in message and isinstance(message.get("type"), str):
+            found_items = True
             continue
         if not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}] has no 'role' (a string such as 'user'): {message!r:.80}")
-    return messages
+    return found_items
 
 
 # The typed arguments of send_message, in signature order.
@@ -325,7 +330,7 @@ class OpenAIClient:
         """
         if api is not None and api not in ("chat", "responses"):
             raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
-        _check_messages(messages, items=api != "chat")
+        has_items = _check_messages(messages, items=api != "chat")
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
         for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
@@ -367,7 +372,8 @@ class OpenAIClient:
             if info is not None:
                 self._local.info = info._replace(finish_reason=finish_reason(response, stop=stop))
             return to_chat_message(response, stop=stop)
-        _check_messages(messages)  # a Responses item (no role) cannot go to chat
+        if has_items:
+            _check_messages(messages)  # a Responses item (no role) cannot go to chat: says which
         response = self._call(_chat.KIND, _chat.PATH, params, settings, deadline, timeout_s, check_chat_response, policy)
         answer = read_chat_response(response, n)
         came = fewer_choices(response, n)
