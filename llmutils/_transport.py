@@ -117,14 +117,13 @@ class _Body(httpx2.SyncByteStream):
     """A response body read as it arrives; the connection goes back to the pool once it is whole."""
 
     def __init__(self, transport: LeanTransport, key: tuple[str, str, int], conn: _Connection,
-                 length: int | None, chunked: bool, keep_alive: bool, read_timeout: float | None) -> None:
+                 length: int | None, chunked: bool, keep_alive: bool) -> None:
         self._transport = transport
         self._key = key
         self._conn: _Connection | None = conn
         self._length = length
         self._chunked = chunked
         self._keep_alive = keep_alive
-        self._read_timeout = read_timeout
 
     def __iter__(self) -> Iterator[bytes]:
         conn = self._conn
@@ -335,7 +334,7 @@ class LeanTransport(httpx2.BaseTransport):
                 continue
             break
         try:
-            return self._response(request, key, conn, status_line, read_timeout)
+            return self._response(request, key, conn, status_line)
         except socket.timeout as exc:
             conn.close()
             raise httpx2.ReadTimeout("timed out reading the response head") from exc
@@ -392,7 +391,7 @@ class LeanTransport(httpx2.BaseTransport):
             raise _WriteError() from exc
 
     def _response(self, request: httpx2.Request, key: tuple[str, str, int], conn: _Connection,
-                  status_line: bytes, read_timeout: float | None) -> httpx2.Response:
+                  status_line: bytes) -> httpx2.Response:
         readline = conn.rfile.readline
         while True:
             if not status_line.endswith(b"\n"):
@@ -442,7 +441,7 @@ class LeanTransport(httpx2.BaseTransport):
             length = None
         if request.method == "HEAD" or status in _NO_BODY_STATUS:
             length, chunked = 0, False
-        body = _Body(self, key, conn, length, chunked, not close, read_timeout)
+        body = _Body(self, key, conn, length, chunked, not close)  # the socket keeps the read timeout
         return httpx2.Response(
             status,
             headers=headers,

@@ -127,7 +127,18 @@ def test_llmutils_client_sends_through_the_lean_transport(server: OpenAITestServ
         for i in range(3):
             assert c.send_message([{"role": "user", "content": f"hi {i}"}]) == {"role": "assistant", "content": f"echo: hi {i}"}
     assert server.request_count == 3
-    assert server.requests[-1].headers["authorization"] == "Bearer k"
+    headers = server.requests[-1].headers
+    assert headers["authorization"] == "Bearer k"
+    assert "x-stainless-os" not in headers and "connection" not in headers  # the lean client, no telemetry
+
+
+def test_azure_client_sends_through_the_lean_transport(server: OpenAITestServer) -> None:
+    with llmutils.AzureClient(azure_endpoint=server.azure_endpoint, api_key="k", model="my-deployment",
+                              default_headers={"X-Custom": "yes"}) as c:
+        assert c.send_message([{"role": "user", "content": "az"}])["content"] == "echo: az"
+    request = server.requests[-1]
+    assert request.deployment == "my-deployment" and request.headers["api-key"] == "k"
+    assert request.headers["x-custom"] == "yes" and "x-stainless-os" not in request.headers
 
 
 def test_sdk_status_errors_stay_typed(server: OpenAITestServer) -> None:
