@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx2
 import openai
 import pytest
+import trustme
 
 import llmutils
 from llmutils._transport import LeanTransport, lean_http_client
@@ -50,8 +53,9 @@ def read_request(conn: socket.socket, buf: bytearray) -> bytes | None:
 class RawServer:
     """A threaded TCP server: each connection runs ``handler(conn, index)``; counts connections."""
 
-    def __init__(self, handler: Callable[[socket.socket, int], None]) -> None:
+    def __init__(self, handler: Callable[[socket.socket, int], None], tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
@@ -76,11 +80,14 @@ class RawServer:
             thread.start()
 
     def _run(self, conn: socket.socket, index: int) -> None:
-        with conn:
-            try:
-                self.handler(conn, index)
-            except OSError:
-                pass
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            self.handler(conn, index)
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
     def serve_requests(self, conn: socket.socket, answer: Callable[[int], bytes], *, close_after: int | None = None) -> None:
         """Answer requests on ``conn`` with ``answer(n)`` (n counts requests on the server)."""
@@ -101,11 +108,11 @@ class RawServer:
 
 
 @pytest.fixture
-def raw() -> Iterator[Callable[[Callable[[socket.socket, int], None]], RawServer]]:
+def raw() -> Iterator[Callable[..., RawServer]]:
     servers: list[RawServer] = []
 
-    def make(handler: Callable[[socket.socket, int], None]) -> RawServer:
-        servers.append(RawServer(handler))
+    def make(handler: Callable[[socket.socket, int], None], tls: ssl.SSLContext | None = None) -> RawServer:
+        servers.append(RawServer(handler, tls))
         return servers[-1]
 
     yield make
@@ -363,6 +370,46 @@ def test_a_forked_child_never_uses_the_parents_connection(raw: Callable[..., Raw
     assert srv.connections == 2
     assert client.get(srv.url).text == "hello"  # the parent's connection is intact and reused
     assert srv.connections == 2
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def tls_server(raw: Callable[..., RawServer], ca: trustme.CA) -> RawServer:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    srv = raw(lambda conn, i: srv.serve_requests(conn, lambda n: OK), server_context)
+    return srv
+
+
+def test_https_with_a_trusted_ca_keeps_the_connection(raw: Callable[..., RawServer], ca: trustme.CA) -> None:
+    srv = tls_server(raw, ca)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    with httpx2.Client(transport=LeanTransport(ssl_context=client_context)) as c:
+        assert [c.get(f"https://localhost:{srv.port}/").text for _ in range(2)] == ["hello", "hello"]
+    assert srv.connections == 1
+
+
+def test_https_trusts_ssl_cert_file(raw: Callable[..., RawServer], ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    srv = tls_server(raw, ca)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    with httpx2.Client(transport=LeanTransport()) as c:
+        assert c.get(f"https://localhost:{srv.port}/").text == "hello"
+
+
+def test_https_with_an_untrusted_certificate_fails(raw: Callable[..., RawServer], ca: trustme.CA) -> None:
+    srv = tls_server(raw, ca)
+    with httpx2.Client(transport=LeanTransport(ssl_context=ssl.create_default_context())) as c:
+        with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            c.get(f"https://localhost:{srv.port}/")
 
 
 # -- when the lean transport is not used ----------------------------------------------------------
