@@ -4,6 +4,7 @@ Run (the peers come from the ``bench`` extra, never from the test extra)::
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -e '.[bench]'
     .venv-bench/bin/python bench/peers.py            # about 3 minutes on 2 cores; --quick for less
+    .venv-bench/bin/python bench/peers.py --measures cpu,rps --peers llmutils,dspy.LM   # a subset
 
 Every peer talks to the same local OpenAI-wire test server (``python -m llmutils.testing``, in a
 subprocess so its CPU is not the client's) and is measured in interleaved rounds (round 1: every
