@@ -739,14 +739,13 @@ class OpenAIClient:
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         import openai
 
-        from ._transport import lean_http_client, sdk_headers  # imports httpx2: only when a request is sent
+        from ._transport import sdk_http_options  # imports httpx2: only when a request is sent
 
         return openai.OpenAI(
             base_url=settings["BASE_URL"],
             organization=self._organization,
             max_retries=0,
-            default_headers=sdk_headers(self._default_headers, openai.Omit()),  # type: ignore[arg-type]
-            http_client=lean_http_client(self._endpoint(settings), openai.DefaultHttpxClient),
+            **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             **credentials,
         )
 
@@ -1009,7 +1008,7 @@ class AzureClient(OpenAIClient):
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         import openai
 
-        from ._transport import lean_http_client, sdk_headers  # imports httpx2: only when a request is sent
+        from ._transport import sdk_http_options  # imports httpx2: only when a request is sent
 
         api_version = self._api_version or settings["AZURE_API_VERSION"]
         if flavor == "v1" or api_version == AZURE_V1_API_VERSION:
@@ -1021,16 +1020,14 @@ class AzureClient(OpenAIClient):
                 api_key=credentials.get("api_key") or credentials["azure_ad_token_provider"],
                 organization=self._organization,
                 max_retries=0,
-                default_headers=sdk_headers(self._default_headers, openai.Omit()),  # type: ignore[arg-type]
-                http_client=lean_http_client(self._endpoint(settings), openai.DefaultHttpxClient),
+                **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             )
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
             api_version=api_version,
             organization=self._organization,
             max_retries=0,
-            default_headers=sdk_headers(self._default_headers, openai.Omit()),  # type: ignore[arg-type]
-            http_client=lean_http_client(self._endpoint(settings), openai.DefaultHttpxClient),
+            **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             **credentials,
         )
 

@@ -45,7 +45,7 @@ import httpx2
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-__all__ = ["LeanTransport", "lean_http_client", "sdk_headers", "KEEPALIVE_EXPIRY", "SDK_TELEMETRY_HEADERS"]
+__all__ = ["LeanTransport", "lean_http_client", "sdk_http_options", "KEEPALIVE_EXPIRY", "SDK_TELEMETRY_HEADERS"]
 
 KEEPALIVE_EXPIRY = 5.0
 """Seconds an idle connection is kept for reuse (httpx's default)."""
@@ -499,14 +499,31 @@ def lean_http_client(url: str, make_client: Callable[..., httpx2.Client] | None 
     if not url.lower().startswith(("http://", "https://")) or _proxy_applies(url):
         return None
     make = make_client or httpx2.Client
-    client = make(transport=LeanTransport())
-    del client.headers["Connection"]  # keep-alive is HTTP/1.1's default
-    return client
+    return make(transport=LeanTransport())
 
 
-def sdk_headers(given: Mapping[str, str], omit: object) -> dict[str, object]:
-    """The SDK's ``default_headers=``: the caller's headers over :data:`SDK_TELEMETRY_HEADERS` left
-    out (``omit`` is the SDK's ``openai.Omit()``, its public way to drop a default header)."""
-    headers: dict[str, object] = {name: omit for name in SDK_TELEMETRY_HEADERS}
-    headers.update(given)
-    return headers
+def sdk_http_options(
+    url: str, make_client: Callable[..., httpx2.Client], headers: Mapping[str, str], omit: object
+) -> dict[str, Any]:
+    """The SDK constructor's ``http_client=`` and ``default_headers=`` for the endpoint ``url``.
+
+    ``http_client`` is :func:`lean_http_client`'s (None: the SDK's default client).
+    ``default_headers`` leaves out :data:`SDK_TELEMETRY_HEADERS` (``omit`` is the SDK's
+    ``openai.Omit()``, its public way to drop a default header), then adds ``headers`` (the
+    caller's, which win). The lean client keeps no client-level default headers: httpx2 merges
+    them into every request with a scan per header, and the SDK sends ``Accept`` and
+    ``User-Agent`` itself; the one left (``Accept-Encoding``) goes with the SDK's headers, so the
+    request sent is the same.
+    """
+    defaults: dict[str, object] = {name: omit for name in SDK_TELEMETRY_HEADERS}
+    client = lean_http_client(url, make_client)
+    if client is not None:
+        encoding = client.headers.get("Accept-Encoding")
+        for name in list(client.headers.keys()):
+            del client.headers[name]
+        if encoding:
+            defaults["Accept-Encoding"] = encoding
+    given = {name.lower() for name in headers}  # the caller's spelling of a header wins, whatever its case
+    merged: dict[str, object] = {name: value for name, value in defaults.items() if name.lower() not in given}
+    merged.update(headers)
+    return {"http_client": client, "default_headers": merged}

@@ -137,6 +137,15 @@ def test_llmutils_client_sends_through_the_lean_transport(server: OpenAITestServ
     headers = server.requests[-1].headers
     assert headers["authorization"] == "Bearer k"
     assert "x-stainless-os" not in headers and "connection" not in headers  # the lean client, no telemetry
+    assert "gzip" in headers["accept-encoding"] and headers["user-agent"].startswith("OpenAI/Python")
+
+
+def test_callers_headers_win_whatever_their_case(server: OpenAITestServer) -> None:
+    given = {"accept-encoding": "identity", "x-stainless-os": "MyOS", "User-Agent": "mine/1"}
+    with llmutils.OpenAIClient(base_url=server.base_url, api_key="k", model="m", default_headers=given) as c:
+        c.send_message([{"role": "user", "content": "x"}])
+    headers = server.requests[-1].headers
+    assert (headers["accept-encoding"], headers["x-stainless-os"], headers["user-agent"]) == ("identity", "MyOS", "mine/1")
 
 
 def test_azure_client_sends_through_the_lean_transport(server: OpenAITestServer) -> None:
