@@ -8,7 +8,8 @@ Run (the peers come from the ``bench`` extra, never from the test extra)::
 
 Every peer talks to the same local OpenAI-wire test server (``python -m llmutils.testing``, in a
 subprocess so its CPU is not the client's) and is measured in interleaved rounds (round 1: every
-peer, round 2: every peer, ...), so drift on a shared machine hits all of them alike. Printed per
+peer, round 2: every peer, ..., each round starting with the next peer), so drift on a shared
+machine hits all of them alike. Printed per
 measure: the median over rounds and the inter-quartile range (IQR), and the versions measured.
 It asserts nothing. Measures:
 
@@ -249,6 +250,15 @@ def floor_select(cache_file: Path) -> Callable[[], Any]:
     raise RuntimeError(f"no single-row key/value table in {cache_file}")
 
 
+def rotated(items: list[Any], r: int) -> list[Any]:
+    """``items`` starting at position ``r`` (mod len): each round starts with another peer, so
+    what runs first (after the previous round's threads) is not always the same library."""
+    if not items:
+        return items
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
 def per_call(fn: Callable[[], Any], n: int, clock: Callable[[], float] = time.perf_counter) -> float:
     """Median seconds of ``n`` calls of ``fn`` (after a short warm-up)."""
     for _ in range(min(20, n)):
@@ -383,11 +393,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"   round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
             if floor is not None:
                 hits.setdefault("floor: raw sqlite3 SELECT of the row", []).append(per_call(floor, args.hits))
-            for name, call in list(hit_calls.items()):
+            for name, call in rotated(list(hit_calls.items()), r):
                 measure(hits, hit_calls, name, "cache hit", lambda: per_call(call, args.hits))
-            for name, call in list(cpu_calls.items()):
+            for name, call in rotated(list(cpu_calls.items()), r):
                 measure(cpu, cpu_calls, name, "CPU", lambda: cpu_per_request(call, f"cpu{r}", args.requests))
-            for name, call in list(rps_calls.items()):
+            for name, call in rotated(list(rps_calls.items()), r):
                 measure(rps, rps_calls, name, "throughput", lambda: threads_throughput(call, f"rps{r}", args.threaded))
         for p in made:
             p.close()
