@@ -38,6 +38,7 @@ from ._apis.responses import (
 )
 from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, validate
 from ._deadline import Deadline
+from ._otel import call_span
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -540,6 +541,25 @@ class OpenAIClient:
         check: ResponseCheck,
         make_policy: Callable[[], RetryPolicy],
     ) -> dict[str, Any]:
+        """:meth:`_send_path` in one OpenTelemetry span when tracing is on (:mod:`llmutils._otel`)."""
+        with call_span(kind, str(params.get("model")), provider=self.api_type, server_url=lambda: self._endpoint(settings),
+                       params=params) as span:
+            response = self._send_path(kind, path, params, settings, deadline, timeout, check, make_policy)
+            info = self.last_call
+            span.finish(response, cached=info is not None and info.cached)
+        return response
+
+    def _send_path(
+        self,
+        kind: str,
+        path: str,
+        params: dict[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        check: ResponseCheck,
+        make_policy: Callable[[], RetryPolicy],
+    ) -> dict[str, Any]:
         """The one send path of every API: serve from the cache, or send and store.
 
         ``path`` and ``params`` are the request (built by :mod:`llmutils._apis`); ``check`` is the
@@ -994,7 +1014,7 @@ class AzureClient(OpenAIClient):
         except ImportError:
             raise AuthenticationError(
                 "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY, pass api_key=... or "
-                "azure_ad_token_provider=..., or install llmutils[azure] for Entra ID sign-in."
+                "azure_ad_token_provider=..., or install 'llmutils-openai[azure]' for Entra ID sign-in."
             ) from None
         with self._lock:
             if self._token_provider is None:

@@ -382,6 +382,10 @@ def force_default_value(key: str, value: Any) -> None:
     """Set a default for the whole process, above config files and the environment.
 
     >>> force_default_value("MODEL", "gpt-4o-mini")
+
+    :param key: a setting (``MODEL``, any case; the keys are listed in :data:`DEFAULTS`).
+    :param value: its value, checked and converted as a config file's would be.
+    :raises ConfigError: an unknown key (with a suggestion) or a malformed value, naming both.
     """
     name = _key_name(key)
     parsed = _parse(name, value, "force_default_value()")
@@ -401,6 +405,11 @@ def override_defaults(**values: Any) -> Iterator[dict[str, Any]]:
 
     >>> with override_defaults(model="gpt-4o", temperature=0):
     ...     client().send_message([{"role": "user", "content": "hi"}])
+
+    :param values: settings by name (any case), above :func:`force_default_value` and below a
+        client's constructor arguments; the previous values come back when the block ends.
+    :returns: a context manager; ``as`` gives the overrides in force inside it.
+    :raises ConfigError: an unknown key or a malformed value, before the block runs.
     """
     parsed = validate(values, "override_defaults()")
     token = _context.set({**_context.get(), **parsed})
