@@ -21,7 +21,8 @@ What it does:
   httpx2's (``ConnectTimeout``, ``ReadTimeout``, ``ReadError``, ``RemoteProtocolError``, ...);
 - TLS with ``httpx2.create_ssl_context()`` (the same trust store as httpx2, ``SSL_CERT_FILE`` /
   ``SSL_CERT_DIR`` honoured);
-- fork safety: a child process never uses (or closes) the parent's sockets;
+- fork safety: a child process never reads or writes the parent's sockets (it closes its copies
+  of their descriptors, which leaves the parent's connections open);
 - anything else (another scheme, an extension it does not know) goes to httpx2's own
   ``HTTPTransport``; and :func:`lean_http_client` returns None when a proxy environment variable
   applies to the endpoint, so the SDK keeps its default client (which honours proxies).
@@ -232,10 +233,14 @@ class LeanTransport(httpx2.BaseTransport):
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         """A live idle connection to ``key``, or None."""
         if self._pid != os.getpid():
+            inherited: list[_Connection] = []
             with self._lock:
                 if self._pid != os.getpid():
-                    self._idle = {}  # the parent's sockets: never read, written or closed here
+                    inherited = [conn for conns in self._idle.values() for conn in conns]
+                    self._idle = {}
                     self._pid = os.getpid()
+            for conn in inherited:  # the parent's sockets: never read or written here; closing
+                conn.close()        # the child's copy of the descriptor leaves the parent's open
         now = time.monotonic()
         while True:
             with self._lock:
@@ -463,12 +468,16 @@ class LeanTransport(httpx2.BaseTransport):
             self._closed = True
             idle, self._idle = self._idle, {}
             fallback, self._fallback = self._fallback, None
-        if self._pid == os.getpid():
-            for conns in idle.values():
-                for conn in conns:
-                    conn.close()
+        for conns in idle.values():  # in a forked child, its copies of the descriptors only
+            for conn in conns:
+                conn.close()
         if fallback is not None:
             fallback.close()
+
+    def __del__(self) -> None:
+        """A client dropped without ``close()`` closes its idle sockets (no ResourceWarning)."""
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 class _WriteTimeout(socket.timeout):
