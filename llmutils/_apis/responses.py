@@ -492,6 +492,8 @@ def _detail(usage: Mapping[str, Any], containers: tuple[str, ...], name: str) ->
     """``usage[container][name]`` for the first container present, or a flat ``usage[name]``; 0 if none."""
     for container in containers:
         details = usage.get(container)
+        if details is None:
+            continue
         if isinstance(details, Mapping) and isinstance(details.get(name), (int, float)):
             return int(details[name])
     value = usage.get(name)
