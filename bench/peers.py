@@ -309,6 +309,7 @@ def threads_throughput(call: Callable[[list[dict[str, str]]], Any], tag: str, n:
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, range(workers)))  # warm: one connection per thread
+        settle()  # no other library's background work left to compete with these threads
         t0 = time.perf_counter()
         list(pool.map(one, range(workers, workers + n)))
         elapsed = time.perf_counter() - t0
