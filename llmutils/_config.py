@@ -218,6 +218,8 @@ _KEYS: dict[str, _Key] = {
     "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),
     "TPM": _Key(float, None, optional=True, doc="client-side tokens per minute limit"),
     "MAX_CONCURRENT_MODEL_CALLS": _Key(int, None, optional=True, doc="calls in flight per client"),
+    "BATCH_POLL_INTERVAL": _Key(float, 5.0, doc="Batch API: first wait between polls of a batch, seconds"),
+    "BATCH_POLL_MAX": _Key(float, 60.0, doc="Batch API: cap on the wait between polls, seconds"),
 }
 
 DEFAULTS: Mapping[str, Any] = {name: key.default for name, key in _KEYS.items()}
