@@ -3,6 +3,7 @@ that misbehaves on purpose (closed keep-alive connections, chunked bodies, trick
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -444,3 +445,36 @@ def test_proxies_fall_back_to_the_sdks_client(monkeypatch: pytest.MonkeyPatch, e
     assert (http_client is not None) == lean
     if http_client is not None:
         http_client.close()
+
+
+def test_an_http_proxy_from_the_environment_is_honoured(raw: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    # With HTTP_PROXY set, the SDK's default client sends the request to the proxy (absolute-form
+    # target), which the lean transport would not do.
+    answer = json.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "via proxy"}, "finish_reason": "stop"}]}).encode()
+    srv = raw(lambda conn, i: srv.serve_requests(
+        conn, lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)))
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", srv.url)
+    with llmutils.OpenAIClient(base_url="http://llm.example.invalid/v1", api_key="k", model="m") as c:
+        assert c.send_message([{"role": "user", "content": "x"}])["content"] == "via proxy"
+    assert srv.requests[0].startswith(b"POST http://llm.example.invalid/v1/chat/completions HTTP/1.1")
+
+
+def test_client_close_closes_the_pooled_connection(raw: Callable[..., RawServer]) -> None:
+    answer = json.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}).encode()
+    ended = threading.Event()
+
+    def handler(conn: socket.socket, index: int) -> None:
+        srv.serve_requests(conn, lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+        ended.set()  # EOF from the client
+
+    srv = raw(handler)
+    c = llmutils.OpenAIClient(base_url=srv.url + "/v1", api_key="k", model="m")
+    assert c.send_message([{"role": "user", "content": "x"}])["content"] == "hi"
+    assert c.send_message([{"role": "user", "content": "y"}])["content"] == "hi"
+    assert srv.connections == 1 and not ended.is_set()
+    c.close()
+    assert ended.wait(5)
