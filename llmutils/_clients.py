@@ -1131,13 +1131,18 @@ class OpenAIClient:
         import httpx2
         import openai
 
+        from ._transport import sdk_request_options
+
         sdk, source = self._sdk(settings, path)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
             raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
-            http = sdk.post(self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
+            http = sdk.post(
+                self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True,
+                options=sdk_request_options(limit, openai.Omit()),
+            )
         except openai.APIStatusError as exc:
             raise self._status_error(exc, source, settings) from exc
         except openai.APITimeoutError as exc:

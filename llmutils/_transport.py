@@ -46,7 +46,15 @@ import httpx2
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-__all__ = ["LeanTransport", "lean_http_client", "sdk_http_options", "KEEPALIVE_EXPIRY", "SDK_TELEMETRY_HEADERS"]
+__all__ = [
+    "LeanTransport",
+    "lean_http_client",
+    "sdk_http_options",
+    "sdk_request_options",
+    "KEEPALIVE_EXPIRY",
+    "SDK_TELEMETRY_HEADERS",
+    "SDK_REQUEST_TELEMETRY_HEADERS",
+]
 
 KEEPALIVE_EXPIRY = 5.0
 """Seconds an idle connection is kept for reuse (httpx's default)."""
@@ -65,6 +73,10 @@ SDK_TELEMETRY_HEADERS = (
 )
 """The openai SDK's platform headers (language, OS, versions): telemetry no endpoint needs, and
 about a fifth of the SDK's per-request CPU to build and send; llmutils does not send them."""
+
+SDK_REQUEST_TELEMETRY_HEADERS = ("x-stainless-retry-count", "x-stainless-read-timeout")
+"""The SDK's per-request telemetry headers (its own retry count, always 0 here, and the read
+timeout): not sent either."""
 
 _RECHECK_AFTER = 0.5  # seconds idle after which a pooled socket is checked for a close before reuse
 _CHUNK = 65536
@@ -509,6 +521,12 @@ def lean_http_client(url: str, make_client: Callable[..., httpx2.Client] | None 
         return None
     make = make_client or httpx2.Client
     return make(transport=LeanTransport())
+
+
+def sdk_request_options(timeout: float, omit: object) -> dict[str, Any]:
+    """The ``options=`` of one ``sdk.post(...)``: its ``timeout``, and the SDK's per-request
+    telemetry headers (:data:`SDK_REQUEST_TELEMETRY_HEADERS`) left out (``omit``: ``openai.Omit()``)."""
+    return {"timeout": timeout, "headers": {name: omit for name in SDK_REQUEST_TELEMETRY_HEADERS}}
 
 
 def sdk_http_options(

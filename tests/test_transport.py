@@ -138,6 +138,7 @@ def test_llmutils_client_sends_through_the_lean_transport(server: OpenAITestServ
     headers = server.requests[-1].headers
     assert headers["authorization"] == "Bearer k"
     assert "x-stainless-os" not in headers and "connection" not in headers  # the lean client, no telemetry
+    assert "x-stainless-retry-count" not in headers and "x-stainless-read-timeout" not in headers
     assert "gzip" in headers["accept-encoding"] and headers["user-agent"].startswith("OpenAI/Python")
 
 
