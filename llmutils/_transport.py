@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx2
 
+from ._imports import importing
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -299,7 +301,8 @@ class LeanTransport(httpx2.BaseTransport):
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            context = httpx2.create_ssl_context(trust_env=True)
+            with importing():  # it imports httpcore2 and certifi: not while a fork is under way
+                context = httpx2.create_ssl_context(trust_env=True)
             context.set_alpn_protocols(["http/1.1"])
             self._ssl_context = context
         return self._ssl_context
@@ -471,7 +474,8 @@ class LeanTransport(httpx2.BaseTransport):
     def _fallback_transport(self) -> httpx2.HTTPTransport:
         with self._lock:
             if self._fallback is None:
-                self._fallback = httpx2.HTTPTransport()
+                with importing():
+                    self._fallback = httpx2.HTTPTransport()
             return self._fallback
 
     def close(self) -> None:
