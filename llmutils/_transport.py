@@ -31,6 +31,7 @@ What it does:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import select
 import socket
@@ -39,7 +40,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx2
 
@@ -49,13 +50,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 __all__ = [
+    "KEEPALIVE_EXPIRY",
+    "SDK_REQUEST_TELEMETRY_HEADERS",
+    "SDK_TELEMETRY_HEADERS",
     "LeanTransport",
     "lean_http_client",
     "sdk_http_options",
     "sdk_request_options",
-    "KEEPALIVE_EXPIRY",
-    "SDK_TELEMETRY_HEADERS",
-    "SDK_REQUEST_TELEMETRY_HEADERS",
 ]
 
 KEEPALIVE_EXPIRY = 5.0
@@ -91,11 +92,12 @@ _NO_BODY_STATUS = frozenset({204, 304})
 class _Connection:
     """One socket to one origin, with the buffered file its responses are read from."""
 
-    __slots__ = ("sock", "rfile", "idle_since", "reused")
+    __slots__ = ("idle_since", "reused", "rfile", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=_CHUNK)
+        # A BufferedReader (what makefile makes for "rb" and a buffer size; its stub says IOBase for any size).
+        self.rfile = cast(io.BufferedReader, sock.makefile("rb", buffering=_CHUNK))
         self.idle_since = 0.0
         self.reused = False
 
@@ -151,7 +153,7 @@ class _Body(httpx2.SyncByteStream):
                 yield from self._sized(conn, self._length)
             else:
                 yield from self._until_close(conn)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             self.close()
             raise httpx2.ReadTimeout(str(exc) or "timed out reading the response body") from exc
         except OSError as exc:
@@ -283,7 +285,7 @@ class LeanTransport(httpx2.BaseTransport):
     def _connect(self, scheme: str, host: str, port: int, timeout: float | None) -> _Connection:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise httpx2.ConnectTimeout(f"timed out connecting to {host}:{port}") from exc
         except OSError as exc:
             raise httpx2.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
@@ -291,7 +293,7 @@ class LeanTransport(httpx2.BaseTransport):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
                 sock = self._context().wrap_socket(sock, server_hostname=host)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             sock.close()
             raise httpx2.ConnectTimeout(f"timed out in the TLS handshake with {host}:{port}") from exc
         except OSError as exc:
@@ -335,7 +337,7 @@ class LeanTransport(httpx2.BaseTransport):
                 self._send(conn, head, body, chunked_request, write_timeout)
                 conn.sock.settimeout(read_timeout)
                 status_line = conn.rfile.readline(_MAX_LINE)
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 conn.close()
                 if isinstance(exc, _WriteTimeout):
                     raise httpx2.WriteTimeout("timed out sending the request") from exc
@@ -355,7 +357,7 @@ class LeanTransport(httpx2.BaseTransport):
             break
         try:
             return self._response(request, key, conn, status_line)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             conn.close()
             raise httpx2.ReadTimeout("timed out reading the response head") from exc
         except OSError as exc:
@@ -384,7 +386,7 @@ class LeanTransport(httpx2.BaseTransport):
             body = request.content
         except httpx2.RequestNotRead:
             stream = request.stream
-            assert isinstance(stream, httpx2.SyncByteStream)
+            assert isinstance(stream, httpx2.SyncByteStream)  # noqa: S101 - a sync Client's stream always is (httpx asserts it too)
             body = stream
         return head, body, chunked
 
@@ -405,7 +407,7 @@ class LeanTransport(httpx2.BaseTransport):
                 sock.sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
             if chunked:
                 sock.sendall(b"0\r\n\r\n")
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise _WriteTimeout() from exc
         except OSError as exc:
             raise _WriteError() from exc
@@ -413,6 +415,7 @@ class LeanTransport(httpx2.BaseTransport):
     def _response(self, request: httpx2.Request, key: tuple[str, str, int], conn: _Connection,
                   status_line: bytes) -> httpx2.Response:
         readline = conn.rfile.readline
+        chunked = False  # set again for each head below; here too, for mypy (it takes `chunked` as unset after the loop)
         while True:
             if not status_line.endswith(b"\n"):
                 raise httpx2.RemoteProtocolError("Server disconnected without sending a response.")
@@ -511,7 +514,8 @@ def _proxy_applies(url: str) -> bool:
     if not (proxies.get(scheme.lower()) or proxies.get("all")):
         return False
     host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-    return not urllib.request.proxy_bypass_environment(host, proxies)
+    # CPython's own (what urllib uses on Linux), not in typeshed.
+    return not urllib.request.proxy_bypass_environment(host, proxies)  # type: ignore[attr-defined]
 
 
 def lean_http_client(url: str, make_client: Callable[..., httpx2.Client] | None = None) -> httpx2.Client | None:
