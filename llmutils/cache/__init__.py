@@ -33,9 +33,9 @@ __all__ = [
     "CACHE_MODES",
     "KEY_VERSION",
     "CacheBackend",
-    "MemoryCache",
     "CacheStats",
     "CopyResult",
+    "MemoryCache",
     "RedisCache",
     "SQLiteCache",
     "copy_cache",
@@ -58,8 +58,17 @@ class CacheBackend(Protocol):
     """
 
     mode: str
-    ttl: float | None
-    path: Any
+
+    # Read-only here: a backend may keep them as plain attributes or as properties (MemoryCache).
+    @property
+    def ttl(self) -> float | None:
+        """Seconds an entry stays valid (None: for ever)."""
+        ...
+
+    @property
+    def path(self) -> Any:
+        """Where the entries are (a file path, or a URL with its password masked)."""
+        ...
 
     @property
     def disabled(self) -> bool:
