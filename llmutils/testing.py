@@ -48,7 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-__all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "BatchOutcome", "FakeBatchAPI", "main"]
+__all__ = ["BatchOutcome", "FakeBatchAPI", "Fault", "OpenAITestServer", "RecordedRequest", "main"]
 
 logger = logging.getLogger("llmutils")
 
@@ -219,7 +219,7 @@ class Fault:
         ``status`` the shape llama-cpp-python's server gives it (its error route turns every exception,
         validation errors included, into a 500 ``internal_server_error`` whose message is the
         pydantic error list)."""
-        error = {"type": "missing", "loc": ("body", field), "msg": "Field required", "input": None}
+        error: dict[str, Any] = {"type": "missing", "loc": ("body", field), "msg": "Field required", "input": None}
         if status < 500:
             return cls(status_code=status, body={"detail": [{**error, "loc": list(error["loc"])}]})
         return cls(status_code=status, body=_error_body(repr([error]), "internal_server_error"))
@@ -320,7 +320,9 @@ class Fault:
         return cls(drop_after=int(after))
 
     @classmethod
-    def stream_error(cls, after: int, message: str = "The server had an error while processing your request.", code: str = "server_error") -> Fault:
+    def stream_error(
+        cls, after: int, message: str = "The server had an error while processing your request.", code: str = "server_error"
+    ) -> Fault:
         """Stream ``after`` events, then an error event (``data: {"error": ...}`` on chat, ``event: error``
         on Responses) and end the stream, as the API does when generation fails midway."""
         return cls(error_after=int(after), body=_error_body(message, "server_error", code))
@@ -1007,8 +1009,12 @@ class OpenAITestServer:
             if isinstance(tool, dict) and tool.get("type") == "function" and not tool.get("name"):
                 param = f"tools[{index}].name"
                 raise _RequestError(400, f"Missing required parameter: '{param}'.", "missing_required_parameter", param)
-        text_config = body.get("text") if isinstance(body.get("text"), dict) else {}
-        text_format = text_config.get("format") if isinstance(text_config.get("format"), dict) else {"type": "text"}
+        text_config = body.get("text")
+        if not isinstance(text_config, dict):
+            text_config = {}
+        text_format = text_config.get("format")
+        if not isinstance(text_format, dict):
+            text_format = {"type": "text"}
         if text_format.get("type") == "json_schema":
             for name in ("name", "schema"):
                 if name not in text_format:
@@ -1018,7 +1024,8 @@ class OpenAITestServer:
         with self._lock:
             known = previous in self._stored_responses
         if previous is not None and not known:
-            raise _RequestError(400, f"Previous response with id '{previous}' not found.", "previous_response_not_found", "previous_response_id")
+            message = f"Previous response with id '{previous}' not found."
+            raise _RequestError(400, message, "previous_response_not_found", "previous_response_id")
 
         number = request.request_id.removeprefix("req_")
         model = body.get("model") or "unknown"
@@ -1229,7 +1236,7 @@ def _sse(data: Any, event: str | None = None) -> bytes:
     """Encode one Server-Sent Event (``data`` as JSON unless it is a str)."""
     payload = data if isinstance(data, str) else json.dumps(data)
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {payload}\n\n".encode("utf-8")
+    return f"{head}data: {payload}\n\n".encode()
 
 
 def _stream_error_event(error: Mapping[str, Any], *, responses: bool) -> bytes:
@@ -1345,7 +1352,9 @@ def _parse_multipart(content_type: str, raw: bytes) -> dict[str, Any] | None:
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str):
             continue
-        payload = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)  # bytes (None for a nested multipart)
+        if not isinstance(payload, bytes):
+            payload = b""
         filename = part.get_filename()
         if filename is not None:
             fields[name] = {"filename": filename, "content": payload}
@@ -1442,7 +1451,8 @@ class FakeBatchAPI:
     def batch(self, batch_id: str) -> dict[str, Any]:
         """A copy of a batch object as the API would show it now (without advancing its clock)."""
         with self._lock:
-            return json.loads(json.dumps(self._batches[batch_id].obj))
+            copied: dict[str, Any] = json.loads(json.dumps(self._batches[batch_id].obj))
+            return copied
 
     def file_content(self, file_id: str) -> bytes:
         """The bytes of an uploaded or generated file."""
@@ -1540,13 +1550,13 @@ class FakeBatchAPI:
             return _Response(200, self._add_file(str(upload["filename"]), purpose, upload["content"], lifetime))
         with self._lock:
             obj = self._files.get(file_id)
-            data = self._contents.get(file_id)
-        if obj is None or data is None:
+            stored = self._contents.get(file_id)
+        if obj is None or stored is None:
             raise _RequestError(404, f"No such File object: {file_id}", None, "id")
         if content:
             if request.method != "GET":
                 raise _RequestError(405, f"Method {request.method} is not allowed on file content")
-            return _Response(200, data, content_type="application/octet-stream")
+            return _Response(200, stored, content_type="application/octet-stream")
         if request.method == "DELETE":
             with self._lock:
                 self._files.pop(file_id, None)
@@ -1583,17 +1593,14 @@ class FakeBatchAPI:
         body = request.body if isinstance(request.body, dict) else None
         if body is None:
             raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
-        file_id = body.get("input_file_id")
-        endpoint = body.get("endpoint")
-        window = body.get("completion_window")
-        for name, value in (("input_file_id", file_id), ("endpoint", endpoint), ("completion_window", window)):
-            if not isinstance(value, str) or not value:
-                raise _RequestError(400, f"Missing required parameter: '{name}'.", "missing_required_parameter", name)
-        assert isinstance(endpoint, str) and isinstance(file_id, str)
+        file_id = _required_str(body, "input_file_id")
+        endpoint = _required_str(body, "endpoint")
+        window = _required_str(body, "completion_window")
         if _v1(endpoint) not in _BATCH_ENDPOINTS:
             raise _RequestError(400, f"Invalid value for 'endpoint': {endpoint!r}.", "invalid_value", "endpoint")
         if window != "24h":
-            raise _RequestError(400, "Invalid value for 'completion_window': only '24h' is supported.", "invalid_value", "completion_window")
+            message = "Invalid value for 'completion_window': only '24h' is supported."
+            raise _RequestError(400, message, "invalid_value", "completion_window")
         output_lifetime = None
         expiry = body.get("output_expires_after")
         if expiry is not None:
@@ -1641,7 +1648,8 @@ class FakeBatchAPI:
         with self._lock:
             self._batches[batch_id] = _FakeBatch(obj, lines, outcome, azure, output_lifetime=output_lifetime)
             self.created.append(batch_id)
-            return json.loads(json.dumps(obj))
+            copied: dict[str, Any] = json.loads(json.dumps(obj))
+            return copied
 
     def _list(self, request: RecordedRequest) -> dict[str, Any]:
         try:
@@ -1690,7 +1698,8 @@ class FakeBatchAPI:
         now = int(time.time())
         obj = batch.obj
         if status == "failed":
-            errors = list(batch.outcome.errors) or [{"code": "scripted_failure", "message": "The batch failed (scripted).", "param": None, "line": None}]
+            scripted = {"code": "scripted_failure", "message": "The batch failed (scripted).", "param": None, "line": None}
+            errors = list(batch.outcome.errors) or [scripted]
             with self._lock:
                 obj.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
             return
@@ -1782,6 +1791,14 @@ def _lifetime(anchor: Any, seconds: Any, param: str) -> int:
     return value
 
 
+def _required_str(body: dict[str, Any], name: str) -> str:
+    """``body[name]``, a non-empty str, or the API's 400 for a missing parameter."""
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise _RequestError(400, f"Missing required parameter: '{name}'.", "missing_required_parameter", name)
+    return value
+
+
 def _v1(url: str) -> str:
     """``/chat/completions`` (Azure's spelling) as ``/v1/chat/completions``; other URLs unchanged."""
     return url if url.startswith("/v1/") else "/v1" + url if url.startswith("/") else url
@@ -1832,9 +1849,11 @@ def _read_batch_lines(content: bytes, endpoint: str) -> tuple[list[dict[str, Any
     if not lines and not errors:
         errors.append({"code": "empty_file", "message": "The batch input file is empty.", "param": None, "line": None})
     if len(lines) > _BATCH_MAX_LINES:
-        errors.append({"code": "too_many_requests", "message": f"A batch holds at most {_BATCH_MAX_LINES} requests; this file has {len(lines)}.", "param": None, "line": None})
+        message = f"A batch holds at most {_BATCH_MAX_LINES} requests; this file has {len(lines)}."
+        errors.append({"code": "too_many_requests", "message": message, "param": None, "line": None})
     if len(models) > 1:
-        errors.append({"code": "model_mismatch", "message": "Every request of a batch must use the same model.", "param": "body.model", "line": None})
+        message = "Every request of a batch must use the same model."
+        errors.append({"code": "model_mismatch", "message": message, "param": "body.model", "line": None})
     return lines, errors
 
 

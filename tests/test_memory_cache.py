@@ -138,7 +138,7 @@ def test_threads_share_the_tier_safely(tmp_path: Path) -> None:
                     cache.set(key, answer(key))
                 elif got != answer(key):
                     errors.append(AssertionError(got))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]

@@ -203,7 +203,9 @@ def test_keep_alive_reuses_one_connection(raw: Callable[..., RawServer], client:
 
 def test_a_connection_closed_by_the_server_is_replaced(raw: Callable[..., RawServer], client: httpx2.Client) -> None:
     # The server answers one request per connection and closes without saying so.
-    srv = raw(lambda conn, i: srv.serve_requests(conn, lambda n: f"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{n}".encode(), close_after=1))
+    srv = raw(
+        lambda conn, i: srv.serve_requests(conn, lambda n: f"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{n}".encode(), close_after=1)
+    )
     assert [client.post(srv.url, content=b"a").text for _ in range(3)] == ["1", "2", "3"]
     assert srv.connections == 3
 
