@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,10 @@ def fill(path: Path, start: int, count: int) -> list[str]:
         cache.set(make_key(request(start)), response(start))  # the store creates the file, schema, WAL
     now = time.time()
     rows = [
-        (make_key(request(i)), json.dumps({"value": response(i), "created": now, "expires": None}, ensure_ascii=False, separators=(",", ":")))
+        (
+            make_key(request(i)),
+            json.dumps({"value": response(i), "created": now, "expires": None}, ensure_ascii=False, separators=(",", ":")),
+        )
         for i in range(start, start + count)
     ]
     with closing(sqlite3.connect(path)) as conn:
@@ -101,7 +104,7 @@ def timed(candidates: list[tuple[str, Callable[[], Any]]], n: int, rounds: int |
     per_round: list[list[float]] = [[] for _ in candidates]
     clock = time.perf_counter
     for _ in range(rounds):
-        for (_, fn), out in zip(candidates, per_round):
+        for (_, fn), out in zip(candidates, per_round, strict=True):
             for _ in range(warmup):
                 fn()
             samples = []
@@ -167,7 +170,7 @@ def part1_hit(workdir: Path, n: int = 5000) -> None:
         ]
         per_round = timed(candidates, n)
         base = med(per_round[0])
-        for (name, _), values in zip(candidates, per_round):
+        for (name, _), values in zip(candidates, per_round, strict=True):
             print(f"   {name:<44} {spread(values)}   x{med(values) / base:5.1f} raw")
         deep = med(per_round[7])
         print(f"   full send_message hit / raw SELECT: {med(per_round[6]) / base:.1f}x (target <= 6x)")
@@ -218,7 +221,7 @@ def part2_writes(workdir: Path, sizes: tuple[int, int] = (1000, 50_000), writes:
     print(f"2. write cost per new entry ({writes} writes each over {ROUNDS} interleaved rounds; old pickle: median of a few)")
     paths = [workdir / f"w{size}.sqlite" for size in sizes]
     caches = []
-    for size, path in zip(sizes, paths):
+    for size, path in zip(sizes, paths, strict=True):
         fill(path, 0, size)
         cache = SQLiteCache(path)
         cache.set("warm", 1)  # start the writer thread outside the timing
@@ -233,12 +236,12 @@ def part2_writes(workdir: Path, sizes: tuple[int, int] = (1000, 50_000), writes:
         return write
 
     try:
-        per_round = timed([(str(size), writer(cache)) for size, cache in zip(sizes, caches)], writes, warmup=10)
+        per_round = timed([(str(size), writer(cache)) for size, cache in zip(sizes, caches, strict=True)], writes, warmup=10)
         errors = [cache.stats().errors for cache in caches]
     finally:
         for cache in caches:
             cache.close()
-    for size, values, err in zip(sizes, per_round, errors):
+    for size, values, err in zip(sizes, per_round, errors, strict=True):
         print(f"   SQLiteCache.set with {size:>6,} stored: {spread(values, 1e3, 'ms/write', 3)}  (errors {err})")
     small, large = sizes
     print(f"   ratio {large:,} / {small:,}: {med(per_round[1]) / med(per_round[0]):.2f}  (target <= 1.5)")
@@ -246,10 +249,15 @@ def part2_writes(workdir: Path, sizes: tuple[int, int] = (1000, 50_000), writes:
         old = {f"old-{i}": json.loads(json.dumps(response(i))) for i in range(size)}
         target = workdir / f"old{size}.pickle"
         counter = iter(range(10**9, 10**10))
-        [values] = timed([("old", lambda: _old_pickle_write(old, target, f"new-{next(counter)}", response(0)))], reps, rounds=1, warmup=1)
-        print(f"   old whole-dict pickle with {size:>6,} stored: {med(values) * 1e3:7.1f} ms/write  (file {target.stat().st_size / 1e6:.1f} MB)")
+
+        def write_old(old: dict[str, Any] = old, target: Path = target, counter: Iterator[int] = counter) -> None:
+            _old_pickle_write(old, target, f"new-{next(counter)}", response(0))
+
+        [values] = timed([("old", write_old)], reps, rounds=1, warmup=1)
+        megabytes = target.stat().st_size / 1e6
+        print(f"   old whole-dict pickle with {size:>6,} stored: {med(values) * 1e3:7.1f} ms/write  (file {megabytes:.1f} MB)")
         target.unlink()
-        del old
+        del old, write_old  # free the big dict before the next one is built
     return paths[-1]
 
 
@@ -487,7 +495,7 @@ def part5_redis(workdir: Path, url: str | None = None, n: int = 5000) -> None:
             ]
             per_round = timed(candidates, n)
             base = med(per_round[0])
-            for (name, _), values in zip(candidates, per_round):
+            for (name, _), values in zip(candidates, per_round, strict=True):
                 print(f"   {name:<44} {spread(values)}   x{med(values) / base:5.1f} raw GET")
             print(f"   RedisCache errors: {store.stats().errors}; send_message hits {client.cache_stats().hits}")
         finally:

@@ -15,8 +15,8 @@ It asserts nothing. Measures:
 
 1. cache hit, warm: one repeated ``send_message``-like call served from each library's own
    cache (llmutils' SQLite file; dspy's disk + memory cache, its default; langchain's
-   ``SQLiteCache``; litellm's disk cache, or its in-memory one where it has no disk cache), beside the floor: a raw ``sqlite3`` SELECT of llmutils'
-   stored row from the same file;
+   ``SQLiteCache``; litellm's disk cache, or its in-memory one where it has no disk cache), beside the
+   floor: a raw ``sqlite3`` SELECT of llmutils' stored row from the same file;
 2. client CPU per uncached request: process CPU time (all threads) per sequential request with the
    cache off, unique prompts, against a server with no latency, timed from an idle process until
    it is idle again (so one library's background work is charged to it, not to the next one);
@@ -229,7 +229,7 @@ def available(peers: tuple[type[Peer], ...]) -> list[type[Peer]]:
     for peer in peers:
         try:
             __import__(peer.module)
-        except Exception as exc:  # noqa: BLE001 - any import failure means "skip this peer"
+        except Exception as exc:  # any import failure means "skip this peer"
             print(f"   skipped {peer.name}: cannot import {peer.module} ({type(exc).__name__}: {exc}); "
                   f"install the bench extra: pip install -e '.[bench]'")
             continue
@@ -304,7 +304,7 @@ def threads_throughput(call: Callable[[list[dict[str, str]]], Any], tag: str, n:
     def one(i: int) -> None:
         try:
             call(prompt(tag, i))
-        except Exception as exc:  # noqa: BLE001 - counted, and shown below
+        except Exception as exc:  # counted, and shown below
             errors.append(exc)
 
     with ThreadPoolExecutor(workers) as pool:
@@ -337,7 +337,7 @@ def measure(out: dict[str, list[float]], calls: dict[str, Any], name: str, what:
     """Append one round's figure of ``name`` to ``out``; a peer that fails is dropped from this measure."""
     try:
         out.setdefault(name, []).append(run())
-    except Exception as exc:  # noqa: BLE001 - a failing peer is reported and skipped, not fatal
+    except Exception as exc:  # a failing peer is reported and skipped, not fatal
         print(f"   dropped {name} from the {what} measure: {type(exc).__name__}: {str(exc)[:200]}")
         calls.pop(name, None)
         out.pop(name, None)
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                 hit_calls[p.label]()  # the one miss: stores the entry every later call hits
             except NotImplementedError:
                 continue
-            except Exception as exc:  # noqa: BLE001 - a peer whose cache cannot be set up is skipped
+            except Exception as exc:  # a peer whose cache cannot be set up is skipped
                 print(f"   no cache-hit figure for {p.name}: {type(exc).__name__}: {exc}")
                 continue
             if isinstance(p, LLMUtils):
@@ -411,11 +411,11 @@ def main(argv: list[str] | None = None) -> None:
             if floor is not None:
                 hits.setdefault("floor: raw sqlite3 SELECT of the row", []).append(per_call(floor, args.hits))
             for name, call in rotated(list(hit_calls.items()), r):
-                measure(hits, hit_calls, name, "cache hit", lambda: per_call(call, args.hits))
+                measure(hits, hit_calls, name, "cache hit", lambda call=call: per_call(call, args.hits))
             for name, call in rotated(list(cpu_calls.items()), r):
-                measure(cpu, cpu_calls, name, "CPU", lambda: cpu_per_request(call, f"cpu{r}", args.requests))
+                measure(cpu, cpu_calls, name, "CPU", lambda call=call, r=r: cpu_per_request(call, f"cpu{r}", args.requests))
             for name, call in rotated(list(rps_calls.items()), r):
-                measure(rps, rps_calls, name, "throughput", lambda: threads_throughput(call, f"rps{r}", args.threaded))
+                measure(rps, rps_calls, name, "throughput", lambda call=call, r=r: threads_throughput(call, f"rps{r}", args.threaded))
         for p in made:
             p.close()
     for peer in peers if "import" in wanted else []:

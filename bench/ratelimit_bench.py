@@ -7,6 +7,7 @@ default). Prints figures only; it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import threading
 import time
 
@@ -74,7 +75,7 @@ def main() -> None:
     print(f"threads={args.threads} seconds={args.seconds:g} target={args.rpm:g} rpm")
     print(f"granted={len(stamps)} achieved={achieved:.1f} rpm error={error:+.2f}%")
     if len(stamps) > 1:
-        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
         steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) * 60.0
         print(f"steady rate (first to last grant)={steady:.1f} rpm")
         print(f"gap between grants: min={min(gaps) * 1000:.1f} ms mean={sum(gaps) / len(gaps) * 1000:.1f} ms "

@@ -10,8 +10,9 @@ share a GIL with the client threads being measured (``--server inprocess`` to co
 2. the raw ``openai.OpenAI(max_retries=0).chat.completions.create`` in the same thread pool, and an
    ``openai.AsyncOpenAI`` baseline (``asyncio.gather`` bounded by a ``Semaphore(32)``), all sending
    the same request body; each is measured ``--rounds`` times (default 5), interleaved, and the
-   median round is reported with the inter-quartile range (``llmutils.batch`` once, for information). With the openai SDK's CPU cost per request, the
-   32-thread figures are bounded by one core of client CPU (the GIL), not by the server latency;
+   median round is reported with the inter-quartile range (``llmutils.batch`` once, for information).
+   With the openai SDK's CPU cost per request, the 32-thread figures are bounded by one core of
+   client CPU (the GIL), not by the server latency;
    another busy process on the machine shows up directly in them, so the load average is printed;
 3. llmutils' own CPU cost per call (a MockClient with the cache off: no SDK, no network);
 4. a replay of cached items: a ``MockClient`` with the cache on writes the entries, then a
@@ -182,7 +183,7 @@ def run_async(base_url: str, tag: str, n: int, concurrency: int, warmup: int) ->
             async with limit:
                 try:
                     answer = await sdk.chat.completions.create(model=MODEL, messages=messages(prefix, i), **SAMPLING)
-                    answer.choices[0].message.content
+                    answer.choices[0].message.content  # noqa: B018 - read the answer, as a caller does
                     return True
                 except Exception:
                     return False
@@ -268,14 +269,14 @@ def replay(items: int, threads: int, folder: Path) -> dict[str, float]:
             chunks = [prompts[t::n_threads] for t in range(n_threads)]
             errors: list[BaseException] = []
 
-            def read(chunk: list[list[dict[str, str]]]) -> None:
+            def read(chunk: list[list[dict[str, str]]], errors: list[BaseException]) -> None:
                 try:
                     for prompt in chunk:
                         reader.send_message(prompt)
-                except BaseException as exc:  # noqa: BLE001 - reported below
+                except BaseException as exc:  # reported below
                     errors.append(exc)
 
-            pool = [threading.Thread(target=read, args=(chunk,)) for chunk in chunks]
+            pool = [threading.Thread(target=read, args=(chunk, errors)) for chunk in chunks]
             start = time.perf_counter()
             for thread in pool:
                 thread.start()
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [
         (f"llmutils, 1 worker ({args.single} req)", f"{one.rate:,.1f} req/s ({one.iqr})", cpu(one), "", "", ""),
-        (f"llmutils, 32 threads ({n} req)", f"{threads.rate:,.1f} req/s ({threads.iqr})", cpu(threads), f"{threads.rate / one.rate:.1f}x 1 worker", ">= 20x", verdict(threads.rate / one.rate, 20)),
+        (f"llmutils, 32 threads ({n} req)", f"{threads.rate:,.1f} req/s ({threads.iqr})", cpu(threads),
+         f"{threads.rate / one.rate:.1f}x 1 worker", ">= 20x", verdict(threads.rate / one.rate, 20)),
         (f"raw openai.OpenAI, 32 threads ({n} req)", f"{raw.rate:,.1f} req/s ({raw.iqr})", cpu(raw), "", "", ""),
         ("  llmutils / raw SDK", "", "", f"{threads.rate / raw.rate:.3f}x", ">= 0.95x", verdict(threads.rate / raw.rate, 0.95)),
         (f"AsyncOpenAI, Semaphore(32) ({n} req)", f"{aio.rate:,.1f} req/s ({aio.iqr})", cpu(aio), "", "", ""),
@@ -429,8 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     failures = {name: f.failed for name, f in tp.items() if f.failed}
     print()
     print(
-        f"medians of {args.rounds} interleaved round(s), rates with their inter-quartile range; CPU ms/req is this process's CPU time (all threads; "
-        f"the server's is not counted in subprocess mode) per request; failed requests: {failures or 'none'}"
+        f"medians of {args.rounds} interleaved round(s), rates with their inter-quartile range; "
+        f"CPU ms/req is this process's CPU time (all threads; the server's is not counted in subprocess mode) per request; "
+        f"failed requests: {failures or 'none'}"
     )
     print(
         f"rate limiter: {rl['completed']:.0f} completed in the window, {rl['failed']:.0f} failed, "
