@@ -843,3 +843,20 @@ def test_each_mapping_round_trips(client: OpenAIClient, server: OpenAITestServer
     for chat_only in ("messages", "n", "max_tokens", "max_completion_tokens", "seed", "stop", "frequency_penalty",
                       "presence_penalty", "response_format", "reasoning_effort", "logprobs", "verbosity"):
         assert chat_only not in body
+
+
+def test_a_responses_cache_key_follows_the_documented_scheme(server: OpenAITestServer, tmp_path: Any) -> None:
+    """README's key scheme: sha256 of canonical JSON of {"v": 1, "kind", "api", "endpoint", "params"}."""
+    import hashlib
+    import sqlite3
+
+    path = tmp_path / "keys.sqlite"
+    with OpenAIClient(base_url=server.base_url, api_key="k", api="responses", cache_file_name=str(path),
+                      cache_api_calls=True) as client:
+        client.send_message([{"role": "user", "content": "key scheme"}])
+        sent = server.requests[-1].body
+    doc = {"v": 1, "kind": "responses", "api": "openai", "endpoint": server.base_url, "params": sent}
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    with sqlite3.connect(path) as db:
+        keys = [row[0] for row in db.execute("select key from responses")]
+    assert keys == [hashlib.sha256(canonical.encode("utf-8")).hexdigest()]
