@@ -860,3 +860,10 @@ def test_a_responses_cache_key_follows_the_documented_scheme(server: OpenAITestS
     with sqlite3.connect(path) as db:
         keys = [row[0] for row in db.execute("select key from responses")]
     assert keys == [hashlib.sha256(canonical.encode("utf-8")).hexdigest()]
+
+
+def test_create_response_call_bounds_are_not_sent(server: OpenAITestServer) -> None:
+    """timeout, total_timeout and max_attempts bound the call; the body holds only the Responses params."""
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        client.create_response(input="bounds", timeout=5, total_timeout=10, max_attempts=2, store=False)
+    assert server.requests[-1].body == {"model": client.settings()["MODEL"], "input": "bounds", "store": False}
