@@ -355,3 +355,33 @@ def test_none_in_the_call_turns_configured_reasoning_settings_off(
 def test_none_in_embedding_arguments_is_not_sent(oai: OpenAIClient, server: OpenAITestServer) -> None:
     oai.get_embedding("x", dimensions=None, encoding_format=None, user=None)
     assert _body(server) == {"model": "text-embedding-3-small", "input": ["x"], "encoding_format": "float"}
+
+
+def test_azure_ad_scope_reaches_the_entra_token_provider(
+    server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a key or a token provider, DefaultAzureCredential is asked for a token of AZURE_AD_SCOPE."""
+    import sys
+    import types
+
+    scopes: list[str] = []
+    identity = types.ModuleType("azure.identity")
+
+    class DefaultAzureCredential:  # the one piece of azure-identity llmutils uses, recorded
+        pass
+
+    def get_bearer_token_provider(credential: object, scope: str) -> object:
+        assert isinstance(credential, DefaultAzureCredential)
+        scopes.append(scope)
+        return lambda: "entra-token"
+
+    identity.DefaultAzureCredential = DefaultAzureCredential  # type: ignore[attr-defined]
+    identity.get_bearer_token_provider = get_bearer_token_provider  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "azure", types.ModuleType("azure"))
+    monkeypatch.setitem(sys.modules, "azure.identity", identity)
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
+    monkeypatch.setenv("LLMUTILS_AZURE_AD_SCOPE", "https://ai.azure.com/.default")
+    with AzureClient(model="dep", api_version="v1") as client:
+        client.send_message(HI)
+    assert scopes == ["https://ai.azure.com/.default"]
+    assert server.requests[-1].headers["authorization"] == "Bearer entra-token"
