@@ -311,6 +311,7 @@ def test_failed_maps_to_the_error_tree(code: str, error: type[Exception]) -> Non
     response = _response(status="failed", error={"code": code, "message": "went wrong"})
     with pytest.raises(error, match=f"{code}.*went wrong") as info:
         check_response(response, message=False)
+    assert info.value.code == code  # callers branch on exc.code, as for an HTTP error
     if error is InvalidRequestError:
         assert not isinstance(info.value, ContentFilterError)
 
