@@ -217,6 +217,9 @@ _KEYS: dict[str, _Key] = {
     "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),
     "TPM": _Key(float, None, optional=True, doc="client-side tokens per minute limit"),
     "MAX_CONCURRENT_MODEL_CALLS": _Key(int, None, optional=True, doc="calls in flight per client"),
+    # In the [OpenAI] section of the old module's config.ini (TinyTroupe's display limit): accepted
+    # so that file keeps working, and not used by llmutils.
+    "MAX_CONTENT_DISPLAY_LENGTH": _Key(int, None, optional=True, doc="the old module's display limit; accepted, unused"),
 }
 
 DEFAULTS: Mapping[str, Any] = {name: key.default for name, key in _KEYS.items()}

@@ -143,3 +143,41 @@ def test_import_reads_nothing(tmp_path: Path) -> None:
     code = "import llmutils; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# The [OpenAI] section of the old module's config.ini as TinyTroupe ships it (microsoft/TinyTroupe,
+# tinytroupe/config.ini), comments and the trailing space included.
+OLD_MODULE_SECTION = """[OpenAI]
+# Default options: openai, azure
+API_TYPE=openai
+AZURE_API_VERSION=2024-12-01-preview
+MODEL=gpt-5-mini
+REASONING_MODEL=o3-mini
+EMBEDDING_MODEL=text-embedding-3-small 
+MAX_COMPLETION_TOKENS=32000
+TIMEOUT=480
+MAX_ATTEMPTS=5
+WAITING_TIME=1
+EXPONENTIAL_BACKOFF_FACTOR=5
+MAX_CONCURRENT_MODEL_CALLS=4
+REASONING_EFFORT=high
+CACHE_API_CALLS=False
+CACHE_FILE_NAME=openai_api_cache.pickle
+MAX_CONTENT_DISPLAY_LENGTH=4000
+"""
+
+
+def test_the_old_modules_config_section_works_as_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: OpenAITestServer
+) -> None:
+    (tmp_path / "config.ini").write_text(OLD_MODULE_SECTION, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        client.send_message([{"role": "user", "content": "hi"}])
+        assert client.settings()["EMBEDDING_MODEL"] == "text-embedding-3-small"
+    assert server.requests[-1].body == {
+        "model": "gpt-5-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 32000,
+        "reasoning_effort": "high",
+    }
