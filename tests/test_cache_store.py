@@ -886,3 +886,13 @@ def test_import_pickle_of_a_bad_file_names_it(tmp_path: Path, path: Path, conten
             import_pickle_cache(old, cache, trusted=True)
         assert str(old) in str(info.value) and why in str(info.value)
         assert len(cache) == 0 and not cache.disabled
+
+
+def test_the_old_modules_pickle_cache_names_the_migration(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+    """A CACHE_FILE_NAME still pointing at the old pickle cache says how to migrate it, and it is left alone."""
+    old = tmp_path / "openai_api_cache.pickle"
+    old.write_bytes(pickle.dumps({"some old key": "an old answer"}))
+    before = old.read_bytes()
+    with SQLiteCache(old) as cache:
+        assert_degraded(cache, logs, "import-pickle", "--trusted")
+    assert old.read_bytes() == before
