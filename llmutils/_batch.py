@@ -69,6 +69,7 @@ T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
 DEFAULT_MAX_CONNECTION_FAILURES = 5
+VIAS = ("live", "batch-api")
 _POLL_SECONDS = 0.2  # how often the calling thread wakes while waiting (Ctrl-C on every platform)
 
 
@@ -510,6 +511,8 @@ def batch(
     progress: bool = False,
     on_result: Callable[[BatchResult], None] | None = None,
     max_connection_failures: int | None = DEFAULT_MAX_CONNECTION_FAILURES,
+    via: str = "live",
+    fallback: str | None = None,
     **params: Any,
 ) -> list[BatchResult]:
     """Send one chat request per item on ``workers`` threads; results come back in input order.
@@ -523,9 +526,19 @@ def batch(
     With the cache on, a re-run of a finished batch is served from the cache without a network
     call (``cached`` is True). ``progress=True`` shows a tqdm bar (done, cached, failed, tokens)
     on stderr. ``on_result`` and ``max_connection_failures`` (fail fast): see :func:`map_calls`.
+
+    ``via="batch-api"`` sends the items through the OpenAI / Azure Batch API instead, at half price,
+    answered within 24 h: same items, same results, same per-item errors. It needs the cache on (the
+    batches are recorded there, so calling again after Ctrl-C or a crash resumes them instead of
+    paying twice); ``fallback="live"`` sends what the batches did not answer as live calls.
+    ``on_result`` is then called in input order once the batches are done.
     """
     from ._templates import find_template
 
+    if via not in VIAS:
+        raise ConfigError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
+    if fallback is not None and via == "live":
+        raise ConfigError("fallback= applies to via='batch-api' only")
     for name in (system_template, user_template):
         if name is not None:
             find_template(name, template_dirs)
@@ -534,6 +547,20 @@ def batch(
 
     def send(item: Any) -> Any:
         return client.send_message(_messages_for(item, system_template, user_template, template_dirs), **params)
+
+    if via == "batch-api":
+        return _via_batch_api(
+            list(items),
+            send,
+            client,
+            (system_template, user_template, template_dirs),
+            workers=workers,
+            progress=progress,
+            fallback=fallback,
+            on_result=on_result,
+            max_connection_failures=max_connection_failures,
+            params=params,
+        )
 
     return map_calls(
         send,
@@ -545,3 +572,40 @@ def batch(
         on_result=on_result,
         max_connection_failures=max_connection_failures,
     )
+
+
+def _via_batch_api(
+    items: list[Any],
+    send: Callable[[Any], Any],
+    client: Any,
+    templates: tuple[str | None, str | None, Any],
+    *,
+    workers: int,
+    progress: bool,
+    fallback: str | None,
+    on_result: Callable[[BatchResult], None] | None,
+    max_connection_failures: int | None,
+    params: dict[str, Any],
+) -> list[BatchResult]:
+    """:func:`batch` through the Batch API: the items' messages here, the jobs in :mod:`llmutils._batchapi`."""
+    from ._batchapi import run_items
+
+    messages: list[Any] = []
+    for item in items:
+        try:
+            messages.append(_messages_for(item, *templates))
+        except LLMUtilsError as exc:
+            messages.append(exc)
+    results: list[BatchResult] = run_items(
+        items,
+        messages,
+        client=client,
+        fallback=fallback,
+        live=send,
+        workers=workers,
+        progress=progress,
+        on_result=on_result,
+        max_connection_failures=max_connection_failures,
+        **params,
+    )
+    return results

@@ -220,6 +220,8 @@ _KEYS: dict[str, _Key] = {
     # In the [OpenAI] section of the old module's config.ini (TinyTroupe's display limit): accepted
     # so that file keeps working, and not used by llmutils.
     "MAX_CONTENT_DISPLAY_LENGTH": _Key(int, None, optional=True, doc="the old module's display limit; accepted, unused"),
+    "BATCH_POLL_INTERVAL": _Key(float, 5.0, doc="Batch API: first wait between polls of a batch, seconds"),
+    "BATCH_POLL_MAX": _Key(float, 60.0, doc="Batch API: cap on the wait between polls, seconds"),
 }
 
 DEFAULTS: Mapping[str, Any] = {name: key.default for name, key in _KEYS.items()}
