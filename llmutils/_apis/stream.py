@@ -559,15 +559,30 @@ class MessageStream:
         self._deltas = deltas
 
     @classmethod
-    def replay(cls, message: dict[str, Any], usage: Mapping[str, Any] | None, *, cached: bool = True) -> MessageStream:
-        """A stream of a whole answer: its text in pieces of about 16 characters cut at word ends."""
+    def replay(
+        cls,
+        message: dict[str, Any],
+        usage: Mapping[str, Any] | None,
+        *,
+        cached: bool = True,
+        on_end: Callable[[], None] | None = None,
+    ) -> MessageStream:
+        """A stream of a whole answer: its text in pieces of about 16 characters cut at word ends.
+
+        ``on_end`` runs when the replay ends: read to its end, closed, or garbage-collected
+        unclosed. It must be idempotent (a replay read to its end runs it again on ``close()``).
+        """
         content = message.get("content")
 
         def deltas() -> Generator[str, None, tuple[dict[str, Any], Mapping[str, Any] | None]]:
-            yield from split_text(content) if isinstance(content, str) else ()
+            try:
+                yield from split_text(content) if isinstance(content, str) else ()
+            finally:
+                if on_end is not None:
+                    on_end()
             return message, usage
 
-        return cls(deltas(), cached=cached)
+        return cls(deltas(), cached=cached, on_close=on_end)
 
     @property
     def text(self) -> str:
