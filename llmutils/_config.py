@@ -344,8 +344,13 @@ def _read_file(stamp: tuple[str, int, int, int, int] | str | os.PathLike[str]) -
         parser.read(name, encoding="utf-8")
     except configparser.Error as exc:
         raise ConfigError(f"Cannot parse config file {name}: {exc}") from None
+    # The old module's config.ini holds other programs' sections beside [OpenAI] (TinyTroupe's
+    # [Simulation], [Cognition], [Logging], ...): those are not ours and are left alone. What is an
+    # error is a file whose settings llmutils would silently miss: [OpenAI] misspelt ([openai]), or
+    # sections with no [OpenAI] at all.
     others = [section for section in parser.sections() if section != CONFIG_SECTION]
-    if others:
+    misspelt = [section for section in others if section.lower() == CONFIG_SECTION.lower()]
+    if misspelt or (others and not parser.has_section(CONFIG_SECTION)):
         found = ", ".join(f"[{section}]" for section in parser.sections())
         raise ConfigError(
             f"Config file {name} has sections {found}; llmutils reads only [{CONFIG_SECTION}] "

@@ -145,7 +145,7 @@ def test_import_reads_nothing(tmp_path: Path) -> None:
     assert out.stdout.strip() == "ok", out.stderr
 
 
-@pytest.mark.parametrize("sections", [["openai"], ["OpenAI", "Azure"], ["Openai"]])
+@pytest.mark.parametrize("sections", [["openai"], ["OpenAI", "openai"], ["Openai"], ["Azure"]])
 def test_a_section_other_than_openai_is_an_error_naming_the_file_and_sections(tmp_path: Path, sections: list[str]) -> None:
     text = "".join(f"[{section}]\nMODEL = m\n" for section in sections)
     (tmp_path / "config.ini").write_text(text, encoding="utf-8")
@@ -228,3 +228,16 @@ def test_the_old_modules_config_section_works_as_is(
         "max_completion_tokens": 32000,
         "reasoning_effort": "high",
     }
+
+
+def test_other_programs_sections_beside_openai_are_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: OpenAITestServer
+) -> None:
+    """The old module's whole config.ini: [OpenAI] is read, TinyTroupe's own sections are not ours."""
+    others = "\n[Simulation]\nPARALLEL_AGENT_GENERATION=True\n\n[ActionGenerator]\nMAX_ATTEMPTS=2\n\n[Logging]\nLOGLEVEL=ERROR\n"
+    (tmp_path / "config.ini").write_text(OLD_MODULE_SECTION + others, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert resolve()["MAX_ATTEMPTS"] == 5  # [ActionGenerator]'s MAX_ATTEMPTS is not ours
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        client.send_message([{"role": "user", "content": "hi"}])
+    assert server.requests[-1].body["model"] == "gpt-5-mini"
