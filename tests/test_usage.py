@@ -13,7 +13,6 @@ import pytest
 from llmutils._exceptions import ConfigError
 from llmutils._usage import ModelUsage, UsageTracker, get_prices, set_prices
 
-
 # The shipped price table is genai-prices', which needs Python 3.11+ (on 3.10 only overrides price).
 needs_genai_prices = pytest.mark.skipif(
     importlib.util.find_spec("genai_prices") is None, reason="genai-prices (the default prices) needs Python 3.11+"
