@@ -825,7 +825,8 @@ def _client_parts(client: Any, api: str = "chat") -> _ClientParts:
     # Azure's api-version paths spell the line URL without /v1; its /openai/v1 path (Responses) with it.
     azure_style = "api-version" in (getattr(sdk, "default_query", None) or {})
     url = batch_url(kind, azure=azure_style)
-    return _ClientParts(settings, cache, location, BatchAPI(sdk, where=client.endpoint_url(), policy=client.retry_policy()), url)
+    api_endpoints = BatchAPI(sdk, where=client.endpoint_url(), policy=client.retry_policy())
+    return _ClientParts(settings, cache, location, api_endpoints, url)
 
 
 def _which_api(settings: Mapping[str, Any], model: str, api: str | None) -> str:

@@ -80,7 +80,7 @@ if TYPE_CHECKING:
 
     from .cache import CacheBackend
 
-__all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo", "PreparedRequest"]
+__all__ = ["AzureClient", "CallInfo", "Message", "MockClient", "OpenAIClient", "PreparedRequest"]
 
 logger = logging.getLogger("llmutils")
 
@@ -1499,9 +1499,11 @@ class OpenAIClient:
         if api is not None and api not in ("chat", "responses"):
             raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
         _check_messages(messages, items=api != "chat")
-        given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
-                 max_attempts, waiting_time, exponential_backoff_factor)
-        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
+        given = (
+            model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
+            timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor,
+        )
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
             if value is not None and value is not UNSET:
                 _check_type(name, value, kinds)
         _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
@@ -1723,7 +1725,9 @@ class MockClient(OpenAIClient):
 
     def sdk_client(self, path: str = "") -> Any:
         """A MockClient sends nothing over HTTP, so it has no SDK client: always a ConfigError."""
-        raise ConfigError("MockClient answers in-process and has no openai SDK client; use an OpenAIClient or AzureClient")
+        raise ConfigError(
+            "MockClient answers in-process and has no openai SDK client; use an OpenAIClient or AzureClient"
+        )
 
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         return {}, "none (mock)"
