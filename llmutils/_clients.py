@@ -94,21 +94,26 @@ _READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 ResponseCheck = Callable[[Mapping[str, Any]], None]
 
 
-def _check_messages(messages: Any, *, items: bool = False) -> list[Message]:
-    """Messages must be a non-empty list of dicts with a role (``items``: or Responses items with a type)."""
+def _check_messages(messages: Any, *, items: bool = False) -> bool:
+    """Messages must be a non-empty list of dicts with a role (``items``: or Responses items with a type).
+
+    Returns whether a Responses item (no role) was let through, which only the Responses API takes.
+    """
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError(
             f"messages must be a non-empty list of dicts like {{'role': 'user', 'content': '...'}}, "
             f"got {type(messages).__name__}"
         )
+    found_items = False
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidRequestError(f"messages[{i}] must be a dict, got {type(message).__name__}")
         if items and "role" not in message and isinstance(message.get("type"), str):
+            found_items = True
             continue
         if not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}] has no 'role' (a string such as 'user'): {message!r:.80}")
-    return messages
+    return found_items
 
 
 # The typed arguments of send_message, in signature order.
@@ -380,6 +385,7 @@ class OpenAIClient:
         cache_url: str | None = None,
         cache_mode: str | None = None,
         cache_ttl: float | None = None,
+        cache_memory_items: int | None = None,
         rpm: float | None = None,
         tpm: float | None = None,
         max_concurrent_calls: int | None = None,
@@ -404,6 +410,7 @@ class OpenAIClient:
             ("CACHE_URL", cache_url),
             ("CACHE_MODE", cache_mode),
             ("CACHE_TTL", cache_ttl),
+            ("CACHE_MEMORY_ITEMS", cache_memory_items),
             ("RPM", rpm),
             ("TPM", tpm),
             ("MAX_CONCURRENT_MODEL_CALLS", max_concurrent_calls),
@@ -415,7 +422,7 @@ class OpenAIClient:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
-        self._caches: dict[tuple[str, str, str, float | None], CacheBackend] = {}
+        self._caches: dict[tuple[str, str, str, float | None, int], CacheBackend] = {}
         self._limits: dict[tuple[Any, ...], tuple[RateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
         self._warned_usage = False
@@ -493,7 +500,7 @@ class OpenAIClient:
         """
         if api is not None and api not in ("chat", "responses"):
             raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
-        _check_messages(messages, items=api != "chat")
+        has_items = _check_messages(messages, items=api != "chat")
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
         for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
@@ -538,7 +545,8 @@ class OpenAIClient:
             if info is not None:
                 self._local.info = info._replace(finish_reason=finish_reason(response, stop=stop))
             return to_chat_message(response, stop=stop)
-        _check_messages(messages)  # a Responses item (no role) cannot go to chat
+        if has_items:
+            _check_messages(messages)  # a Responses item (no role) cannot go to chat: says which
         response = self._call(_chat.KIND, _chat.PATH, params, settings, deadline, timeout_s, check_chat_response, policy)
         answer = read_chat_response(response, n)
         came = fewer_choices(response, n)
@@ -984,14 +992,14 @@ class OpenAIClient:
         location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
         # A relative file name means a different file in another working directory.
         where = "" if "://" in location or os.path.isabs(location) else os.getcwd()
-        key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"])
+        key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"], settings["CACHE_MEMORY_ITEMS"])
         cache = self._caches.get(key)
         if cache is None:
             with self._lock:
                 cache = self._caches.get(key)
                 if cache is None:
                     target = os.path.join(where, location) if where else location
-                    cache = open_cache(target, mode=key[2], ttl=key[3])
+                    cache = open_cache(target, mode=key[2], ttl=key[3], memory_items=key[4])
                     self._caches[key] = cache
         return cache
 
@@ -1267,13 +1275,23 @@ class OpenAIClient:
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         openai = lazy_import("openai")
+        sdk_http_options = lazy_import(f"{__package__}._transport").sdk_http_options  # imports httpx2
         return openai.OpenAI(
             base_url=settings["BASE_URL"],
             organization=self._organization,
             max_retries=0,
-            default_headers=self._default_headers or None,
+            **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             **credentials,
         )
+
+    def _sdk_url(self, sdk: Any, path: str) -> str:
+        """The URL to give ``sdk.post``: absolute (the SDK's public ``base_url`` + ``path``), which
+        spares the SDK parsing and joining it again on every request; Azure keeps ``path``, which
+        its SDK turns into a deployment URL."""
+        base = str(sdk.base_url)
+        if "?" in base or "#" in base:
+            return path
+        return base.rstrip("/") + "/" + path.lstrip("/")
 
     def _sdk(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str]:
         """The SDK client for these settings (and ``path``), created once (and again in a forked
@@ -1352,13 +1370,17 @@ class OpenAIClient:
         httpx2 = lazy_import("httpx2")
         openai = lazy_import("openai")
 
+        sdk_request_options = lazy_import(f"{__package__}._transport").sdk_request_options
         sdk, source, key = self._sdk_and_key(settings, path)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
             raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
-            http = sdk.post(path, body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
+            http = sdk.post(
+                self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True,
+                options=sdk_request_options(limit, openai.Omit()),
+            )
         except openai.APIStatusError as exc:
             _scrub_sdk_error(exc, key)
             raise self._status_error(exc, source, settings) from exc
@@ -1618,6 +1640,9 @@ class AzureClient(OpenAIClient):
         if azure_endpoint is not None:
             self._client_settings = {**self._client_settings, **validate({"AZURE_ENDPOINT": azure_endpoint}, "AzureClient()")}
 
+    def _sdk_url(self, sdk: Any, path: str) -> str:
+        return path
+
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
         endpoint = settings["AZURE_ENDPOINT"]
         if not endpoint:
@@ -1652,6 +1677,7 @@ class AzureClient(OpenAIClient):
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         openai = lazy_import("openai")
+        sdk_http_options = lazy_import(f"{__package__}._transport").sdk_http_options  # imports httpx2
         api_version = self._api_version or settings["AZURE_API_VERSION"]
         if flavor == "v1" or api_version == AZURE_V1_API_VERSION:
             # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/ (the Responses API is served
@@ -1662,14 +1688,14 @@ class AzureClient(OpenAIClient):
                 api_key=credentials.get("api_key") or credentials["azure_ad_token_provider"],
                 organization=self._organization,
                 max_retries=0,
-                default_headers=self._default_headers or None,
+                **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             )
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
             api_version=api_version,
             organization=self._organization,
             max_retries=0,
-            default_headers=self._default_headers or None,
+            **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             **credentials,
         )
 

@@ -211,6 +211,7 @@ _KEYS: dict[str, _Key] = {
     ),
     "CACHE_MODE": _Key(str, "readwrite", choices=("off", "readwrite", "readonly", "replay", "refresh")),
     "CACHE_TTL": _Key(float, None, optional=True, doc="seconds an entry stays valid"),
+    "CACHE_MEMORY_ITEMS": _Key(int, 0, doc="decoded answers kept in memory in front of the cache (0: none)"),
     "BASE_URL": _Key(str, None, optional=True, url=True, doc="OpenAI-compatible endpoint"),
     "AZURE_ENDPOINT": _Key(str, None, optional=True, url=True),
     "AZURE_API_VERSION": _Key(str, DEFAULT_AZURE_API_VERSION, doc="a dated version, or 'v1' for {endpoint}/openai/v1/"),
