@@ -1520,7 +1520,7 @@ class OpenAIClient:
         """
         if api is not None and api not in ("chat", "responses"):
             raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
-        _check_messages(messages, items=api != "chat")
+        has_items = _check_messages(messages, items=api != "chat")
         given = (
             model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
             timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor,
@@ -1551,7 +1551,8 @@ class OpenAIClient:
         if self._api(settings, params["model"], api) == "responses":
             kind, path, body = _responses.KIND, _responses.PATH, request_from_chat(params)  # refuses n > 1
         else:
-            _check_messages(messages)  # a Responses item (no role) cannot go to chat
+            if has_items:
+                _check_messages(messages)  # a Responses item (no role) cannot go to chat: says which
             kind, path, body = _chat.KIND, _chat.PATH, params
         return PreparedRequest(kind, path, body, self._cache_key(kind, body, settings), self._display(settings))
 
