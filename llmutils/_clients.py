@@ -579,6 +579,9 @@ class OpenAIClient:
         retries, limits, deadline and usage accounting. ``model`` defaults to the ``MODEL`` setting.
         A ``background=True`` request is never cached (its answer is not finished).
 
+        :param timeout: seconds for one HTTP attempt (``TIMEOUT``); not sent.
+        :param total_timeout: seconds for the whole call, retries included (``TOTAL_TIMEOUT``); not sent.
+        :param max_attempts: attempts, the first included (``MAX_ATTEMPTS``); not sent.
         :raises InvalidRequestError: no ``input`` (nor ``previous_response_id``, ``conversation`` or
             ``prompt``), ``stream=True``, or a bad argument; before anything is sent.
         :raises ContentFilterError: the answer is ``incomplete`` because of the content filter.

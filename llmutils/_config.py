@@ -222,6 +222,9 @@ _KEYS: dict[str, _Key] = {
     "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),
     "TPM": _Key(float, None, optional=True, doc="client-side tokens per minute limit"),
     "MAX_CONCURRENT_MODEL_CALLS": _Key(int, None, optional=True, doc="calls in flight per client"),
+    # In the [OpenAI] section of the old module's config.ini (TinyTroupe's display limit): accepted
+    # so that file keeps working, and not used by llmutils.
+    "MAX_CONTENT_DISPLAY_LENGTH": _Key(int, None, optional=True, doc="the old module's display limit; accepted, unused"),
     "BATCH_POLL_INTERVAL": _Key(float, 5.0, doc="Batch API: first wait between polls of a batch, seconds"),
     "BATCH_POLL_MAX": _Key(float, 60.0, doc="Batch API: cap on the wait between polls, seconds"),
 }
@@ -343,8 +346,13 @@ def _read_file(stamp: tuple[str, int, int, int, int]) -> dict[str, Any]:
         parser.read(name, encoding="utf-8")
     except configparser.Error as exc:
         raise ConfigError(f"Cannot parse config file {name}: {exc}") from None
+    # The old module's config.ini holds other programs' sections beside [OpenAI] (TinyTroupe's
+    # [Simulation], [Cognition], [Logging], ...): those are not ours and are left alone. What is an
+    # error is a file whose settings llmutils would silently miss: [OpenAI] misspelt ([openai]), or
+    # sections with no [OpenAI] at all.
     others = [section for section in parser.sections() if section != CONFIG_SECTION]
-    if others:
+    misspelt = [section for section in others if section.lower() == CONFIG_SECTION.lower()]
+    if misspelt or (others and not parser.has_section(CONFIG_SECTION)):
         found = ", ".join(f"[{section}]" for section in parser.sections())
         raise ConfigError(
             f"Config file {name} has sections {found}; llmutils reads only [{CONFIG_SECTION}] "

@@ -351,13 +351,14 @@ def _error_from_failed(response: Mapping[str, Any]) -> LLMUtilsError:
     error: Mapping[str, Any] = response["error"] if isinstance(response.get("error"), Mapping) else {}
     code = str(error.get("code") or "")
     detail = f"the response {response.get('id', '')} failed ({code or 'no code'}): {error.get('message') or 'no message'}"
+    said = {"code": code or None}  # what callers branch on, as for an HTTP error (exc.code)
     if code == "rate_limit_exceeded":
-        return RateLimitError(detail)
+        return RateLimitError(detail, **said)
     if code in _TRANSIENT_CODES:
-        return NonTerminalError(detail)
+        return NonTerminalError(detail, **said)
     if code in _POLICY_CODES:
-        return ContentFilterError(f"Refused by a safety policy: {detail}")
-    return InvalidRequestError(detail)
+        return ContentFilterError(f"Refused by a safety policy: {detail}", **said)
+    return InvalidRequestError(detail, **said)
 
 
 def check_response(response: Mapping[str, Any], *, message: bool = True) -> None:
