@@ -27,6 +27,7 @@ if _TYPE_CHECKING:
     from ._clients import CallInfo as CallInfo
     from ._clients import MockClient as MockClient
     from ._clients import OpenAIClient as OpenAIClient
+    from ._clients import PreparedRequest as PreparedRequest
     from ._config import DEFAULTS as DEFAULTS
     from ._config import force_default_value as force_default_value
     from ._config import override_defaults as override_defaults
@@ -97,6 +98,7 @@ _EXPORTS: dict[str, str] = {
     "NonTerminalError": "._exceptions",
     "NotAttemptedError": "._exceptions",
     "OpenAIClient": "._clients",
+    "PreparedRequest": "._clients",
     "OutputParseError": "._exceptions",
     "QuotaExceededError": "._exceptions",
     "RateLimitError": "._exceptions",
@@ -175,6 +177,7 @@ __all__ = [
     "NotAttemptedError",
     "OpenAIClient",
     "OutputParseError",
+    "PreparedRequest",
     "QuotaExceededError",
     "RateLimitError",
     "RateLimiter",

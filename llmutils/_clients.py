@@ -80,7 +80,7 @@ if TYPE_CHECKING:
 
     from .cache import CacheBackend
 
-__all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo"]
+__all__ = ["AzureClient", "CallInfo", "Message", "MockClient", "OpenAIClient", "PreparedRequest"]
 
 logger = logging.getLogger("llmutils")
 
@@ -307,6 +307,22 @@ class CallInfo(NamedTuple):
     usage: Mapping[str, Any] | None
     warnings: tuple[str, ...] = ()
     finish_reason: str | None = None
+
+
+class PreparedRequest(NamedTuple):
+    """A request built but not sent: what :meth:`OpenAIClient.send_message` would send, and its cache key.
+
+    ``kind`` is the API (``chat`` or ``responses``), ``path`` its endpoint path
+    (``/chat/completions`` or ``/responses``), ``body`` the JSON body, ``cache_key`` the key its
+    answer is stored under in the cache, and ``endpoint`` the server it goes to, as shown in
+    messages (any password in the URL masked). Made by :meth:`OpenAIClient.build_request`.
+    """
+
+    kind: str
+    path: str
+    body: dict[str, Any]
+    cache_key: str
+    endpoint: str
 
 
 class _Flight:
@@ -1461,6 +1477,121 @@ class OpenAIClient:
             return ContentFilterError(f"Refused by the content filter ({detail})", retryable=False, **context)
         return InvalidRequestError(detail, retryable=decision.retry, **context)
 
+    # -- building apart from sending (for code that sends another way, e.g. the Batch API) -----
+
+    @_bounded_recursion
+    def build_request(
+        self,
+        messages: list[Message],
+        model: str | None = None,
+        temperature: float | None = UNSET,
+        max_tokens: int | None = UNSET,
+        top_p: float | None = UNSET,
+        frequency_penalty: float | None = UNSET,
+        presence_penalty: float | None = UNSET,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        waiting_time: float | None = None,
+        exponential_backoff_factor: float | None = None,
+        n: int = 1,
+        *,
+        total_timeout: float | None = None,
+        api: str | None = None,
+        **more: Any,
+    ) -> PreparedRequest:
+        """Build the request :meth:`send_message` would send for the same arguments, without sending it.
+
+        The body and the cache key are exactly those of ``send_message`` (same settings, same
+        builders of :mod:`llmutils._apis`, same key), so an answer stored under ``cache_key`` by
+        other means (the Batch API runner does this) is a cache hit for a later ``send_message``
+        of the same request. Nothing is sent, read from the cache or counted. The arguments are
+        ``send_message``'s and are checked the same way; ``timeout``, ``total_timeout``,
+        ``max_attempts``, ``waiting_time`` and ``exponential_backoff_factor`` say how to send, so
+        they do not change the request.
+
+        >>> request = MockClient().build_request([{"role": "user", "content": "Hi"}], temperature=0)
+        >>> request.kind, request.path, request.body
+        ('chat', '/chat/completions', {'model': 'gpt-4.1-mini', 'messages': [...], 'temperature': 0})
+
+        :param messages: the chat messages (on the Responses API, Responses input items too).
+        :param api: ``"chat"`` or ``"responses"``; by default chosen as ``send_message`` chooses.
+        :raises InvalidRequestError: a bad argument (the same checks as ``send_message``, and
+            ``stream=True``), ``n > 1`` on the Responses API, or a parameter that is not a JSON
+            value.
+        :raises ConfigError: the client is not configured well enough to name its endpoint.
+        """
+        if api is not None and api not in ("chat", "responses"):
+            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
+        has_items = _check_messages(messages, items=api != "chat")
+        given = (
+            model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
+            timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor,
+        )
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
+            if value is not None and value is not UNSET:
+                _check_type(name, value, kinds)
+        _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        if more.get("stream"):
+            raise InvalidRequestError(
+                "stream=True is not supported by build_request, which builds send_message's request; "
+                "client.stream_message(...) streams an answer"
+            )
+        settings = self._settings()
+        params = build_chat_request(
+            settings,
+            messages,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            stop=stop,
+            n=n,
+            more=more,
+        )
+        if self._api(settings, params["model"], api) == "responses":
+            kind, path, body = _responses.KIND, _responses.PATH, request_from_chat(params)  # refuses n > 1
+        else:
+            if has_items:
+                _check_messages(messages)  # a Responses item (no role) cannot go to chat: says which
+            kind, path, body = _chat.KIND, _chat.PATH, params
+        return PreparedRequest(kind, path, body, self._cache_key(kind, body, settings), self._display(settings))
+
+    def sdk_client(self, path: str = "") -> Any:
+        """The ``openai`` SDK client that requests to ``path`` go through, for endpoints llmutils does
+        not wrap (the Batch API's ``files`` and ``batches``).
+
+        It has this client's endpoint, credentials and default headers and ``max_retries=0`` (retry
+        through :meth:`retry_policy`). It is shared and owned by this client: do not close it,
+        :meth:`close` does. On Azure, ``path`` chooses between the deployment API and the v1 API
+        (``/responses`` is served only on v1).
+
+        :raises AuthenticationError: no credentials were found.
+        :raises ConfigError: the endpoint is not configured.
+        """
+        sdk, _source = self._sdk(self._settings(), path)
+        return sdk
+
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of a call made now without per-call arguments: the configuration, with
+        the injected ``retry`` policy's given fields over it, and the injected ``sleep``."""
+        return self._policy(self._settings(), None, None, None, None, None)
+
+    def cache_backend(self) -> CacheBackend | None:
+        """The cache a call made now uses (opened on first use, closed by :meth:`close`), or None
+        when caching is off. Answers written to it under a :attr:`PreparedRequest.cache_key` are
+        what later calls of that request are served."""
+        return self._cache(self._settings())
+
+    def endpoint_url(self) -> str:
+        """The endpoint calls go to now, as shown in messages and reprs: any password in the URL masked.
+
+        :raises ConfigError: the endpoint is not configured (an Azure client without an endpoint).
+        """
+        return self._display(self._settings())
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -1621,6 +1752,12 @@ class MockClient(OpenAIClient):
 
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
         return "mock://"
+
+    def sdk_client(self, path: str = "") -> Any:
+        """A MockClient sends nothing over HTTP, so it has no SDK client: always a ConfigError."""
+        raise ConfigError(
+            "MockClient answers in-process and has no openai SDK client; use an OpenAIClient or AzureClient"
+        )
 
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         return {}, "none (mock)"

@@ -331,10 +331,11 @@ def config_file_values(path: str | os.PathLike[str] | None = None) -> dict[str, 
     return {} if stamp is None else dict(_read_file(stamp))
 
 
-def _read_file(stamp: tuple[str, int, int, int, int] | str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse the ``[OpenAI]`` section of the file ``stamp`` names, cached until the file changes."""
-    if not isinstance(stamp, tuple):  # a path (older callers)
-        return config_file_values(stamp)
+def _read_file(stamp: tuple[str, int, int, int, int]) -> dict[str, Any]:
+    """Parse the ``[OpenAI]`` section of the file ``stamp`` names, cached until the file changes.
+
+    Other modules read the file through :func:`config_file_values` (or :func:`resolve`).
+    """
     cached = _file_cache.get(stamp[1:])
     if cached is not None:
         return cached
