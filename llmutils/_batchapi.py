@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -53,23 +54,23 @@ from ._retry import RetryPolicy
 from .cache import is_cache_url, mask_url
 
 __all__ = [
-    "TERMINAL_STATUSES",
-    "FILE_LIFETIME",
     "AZURE_EXTRAS_SINCE",
+    "FALLBACKS",
+    "FILE_LIFETIME",
     "LEDGER_TABLE",
+    "TERMINAL_STATUSES",
+    "BatchAPI",
     "BatchJob",
     "BatchLedger",
-    "SQLiteLedger",
-    "RedisLedger",
-    "open_ledger",
-    "BatchAPI",
     "BatchRun",
-    "run_batch_job",
-    "error_for_status",
+    "RedisLedger",
+    "SQLiteLedger",
     "batch_api_for",
+    "error_for_status",
     "ledger_for",
+    "open_ledger",
+    "run_batch_job",
     "run_items",
-    "FALLBACKS",
 ]
 
 logger = logging.getLogger("llmutils")
@@ -277,7 +278,7 @@ class RedisLedger:
                 keys = self._redis.mget([_REDIS_KEYS + i["input_file_id"] for i in infos])
         except self._errors as exc:
             raise self._fail("read the recorded batches", exc) from exc
-        jobs = [_job_from(info, json.loads(k) if k else ()) for info, k in zip(infos, keys)]
+        jobs = [_job_from(info, json.loads(k) if k else ()) for info, k in zip(infos, keys, strict=True)]
         return sorted(jobs, key=lambda j: j.created, reverse=True)
 
     def find(self, batch_or_file_id: str) -> BatchJob | None:
@@ -455,7 +456,7 @@ class BatchAPI:
             kwargs: dict[str, Any] = {"limit": 100}
             if after:
                 kwargs["after"] = after
-            page = self._call("looking for a batch of file " + input_file_id, lambda: self.sdk.batches.list(**kwargs))
+            page = self._call("looking for a batch of file " + input_file_id, functools.partial(self.sdk.batches.list, **kwargs))
             for batch in page.data:
                 if batch.input_file_id == input_file_id:
                     return self._dict(batch)
@@ -607,7 +608,7 @@ def run_batch_job(
                 continue
             resumed = _resume(job, api, ledger, url)
             if resumed is not None:
-                assert resumed[0].batch_id is not None
+                assert resumed[0].batch_id is not None  # noqa: S101 - a resumed job has its batch (for mypy)
                 run.resumed.append(resumed[0].batch_id)
                 active[resumed[0].batch_id] = resumed
                 covered.update(job.keys)
@@ -621,12 +622,14 @@ def run_batch_job(
                 run.errors[key] = exc
                 continue
             if size > max_bytes:
-                run.errors[key] = BatchAPIError(f"this request is {size} bytes, more than one batch file may hold ({max_bytes}); send it live")
+                run.errors[key] = BatchAPIError(
+                    f"this request is {size} bytes, more than one batch file may hold ({max_bytes}); send it live"
+                )
                 continue
             to_send.append(key)
         for spec in build_input_files(((k, bodies[k]) for k in to_send), url, max_requests=max_requests, max_bytes=max_bytes):
             job, obj = _submit(spec.content, spec.keys, spec.model, api, ledger, url, metadata)
-            assert job.batch_id is not None
+            assert job.batch_id is not None  # noqa: S101 - _submit records the batch it created (for mypy)
             run.submitted.append(job.batch_id)
             run.lines_submitted += len(spec.keys)
             active[job.batch_id] = (job, obj)
@@ -937,7 +940,7 @@ def run_items(
     results: list[Any] = [None] * len(items)
     keys: dict[int, str] = {}
     requests: list[tuple[str, Mapping[str, Any]]] = []
-    for index, (item, msgs) in enumerate(zip(items, messages)):
+    for index, (item, msgs) in enumerate(zip(items, messages, strict=True)):
         if isinstance(msgs, LLMUtilsError):
             results[index] = BatchResult(index, item, error=msgs)
             continue
@@ -990,7 +993,7 @@ def run_items(
         else:
             results[index] = BatchResult(index, item, error=error)
     if retry_live:
-        assert live is not None
+        assert live is not None  # noqa: S101 - fallback="live" comes with a live client (for mypy)
         logger.info("llmutils: sending %d requests the Batch API did not answer as live calls", len(retry_live))
         sent = map_calls(
             live,
