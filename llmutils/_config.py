@@ -165,6 +165,13 @@ _KEYS: dict[str, _Key] = {
     "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),
     "TPM": _Key(float, None, optional=True, doc="client-side tokens per minute limit"),
     "MAX_CONCURRENT_MODEL_CALLS": _Key(int, None, optional=True, doc="calls in flight per client"),
+    "RATE_LIMIT_URL": _Key(
+        str,
+        None,
+        optional=True,
+        doc="Redis URL that makes RPM/TPM shared by every process using it and RATE_LIMIT_NAME: redis://host:6379/0",
+    ),
+    "RATE_LIMIT_NAME": _Key(str, None, optional=True, doc="name of the shared RPM/TPM budget (default: the endpoint URL)"),
 }
 
 DEFAULTS: Mapping[str, Any] = {name: key.default for name, key in _KEYS.items()}
