@@ -40,7 +40,8 @@ from typing import Any
 from sqlitedict import SqliteDict
 
 import llmutils
-from llmutils._cache import TABLE, SQLiteCache, make_key
+from llmutils.cache import SQLiteCache, make_key
+from llmutils.cache.base import TABLE
 
 __all__ = ["main", "part1_hit", "part2_writes", "part3_concurrency", "part4_cold_open", "part5_redis"]
 
@@ -300,7 +301,7 @@ def part3_concurrency(workdir: Path) -> None:
 COLD = """
 import sys, time
 t0 = time.perf_counter()
-from llmutils._cache import SQLiteCache
+from llmutils.cache import SQLiteCache
 t1 = time.perf_counter()
 cache = SQLiteCache(sys.argv[1])
 hit = cache.get(sys.argv[2])
@@ -343,7 +344,7 @@ BENCH_PREFIX = "llmutils-bench:v1:"
 
 
 def _redis_writer(url: str, wid: int, n: int, out: Any) -> None:
-    from llmutils._cache_redis import RedisCache
+    from llmutils.cache import RedisCache
 
     raised = 0
     with RedisCache(url, prefix=BENCH_PREFIX) as cache:
@@ -356,7 +357,7 @@ def _redis_writer(url: str, wid: int, n: int, out: Any) -> None:
 
 
 def _redis_reader(url: str, stop: Any, out: Any) -> None:
-    from llmutils._cache_redis import RedisCache
+    from llmutils.cache import RedisCache
 
     raised = reads = 0
     with RedisCache(url, prefix=BENCH_PREFIX) as cache:
@@ -403,7 +404,7 @@ def part5_redis(workdir: Path, url: str | None = None, n: int = 5000) -> None:
     except ImportError:
         print("5. Redis: skipped (redis-py is not installed: pip install 'llmutils[redis]')")
         return
-    from llmutils._cache_redis import RedisCache
+    from llmutils.cache import RedisCache
 
     started = None
     if url is None:

@@ -8,22 +8,26 @@ pool) is created once per client, on first use, and again in a child after ``os.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-import re
+import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._cache import CacheStats, make_key
-from ._cache_redis import mask_url, open_cache
+from ._apis import chat as _chat
+from ._apis import embeddings as _embeddings
+from ._apis.chat import build_chat_request, check_chat_response, is_reasoning_model, read_chat_response
+from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
 from ._config import api_key_from_env, resolve, validate
+from ._deadline import Deadline
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -39,9 +43,12 @@ from ._exceptions import (
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
+from .cache import CacheStats, make_key, mask_url, open_cache
 
 if TYPE_CHECKING:
-    from ._cache_redis import CacheBackend
+    import httpx2
+
+    from .cache import CacheBackend
 
 __all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo"]
 
@@ -49,18 +56,12 @@ logger = logging.getLogger("llmutils")
 
 Message = dict[str, Any]
 
-# Parameters that change the answer of a chat call. Anything else the caller passes through
-# (**more) changes it too; only these transport settings are left out of the cache key.
-_TRANSPORT_PARAMS = frozenset({"timeout", "total_timeout", "max_attempts", "waiting_time", "exponential_backoff_factor"})
-# Parameters reasoning models (o1, o3, o4, gpt-5) reject.
-_SAMPLING_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "max_tokens")
-_REASONING_MODEL = re.compile(r"^(o\d|gpt-5)(?!.*-chat)", re.IGNORECASE)
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+_READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 
-
-def is_reasoning_model(model: str, configured: str | None = None) -> bool:
-    """Whether ``model`` takes reasoning parameters (o1/o3/o4/gpt-5 families, or the configured one)."""
-    return model == configured or bool(_REASONING_MODEL.match(model))
+# A response check run inside each attempt: raises NonTerminalError for a malformed 200 (retried,
+# never cached) or a terminal LLMUtilsError.
+ResponseCheck = Callable[[Mapping[str, Any]], None]
 
 
 def _check_messages(messages: Any) -> list[Message]:
@@ -111,31 +112,6 @@ def _check_positive(**values: Any) -> None:
             raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
 
 
-def _check_chat_response(body: Mapping[str, Any]) -> None:
-    """A chat completion must have choices with a message each; a filtered answer is terminal.
-
-    Checked inside the retried attempt, so a malformed 200 is retried and never cached.
-    """
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise NonTerminalError("the response has no choices")
-    for choice in choices:
-        if not isinstance(choice, Mapping) or not isinstance(choice.get("message"), Mapping):
-            raise NonTerminalError("a choice in the response has no message")
-        if choice.get("finish_reason") == "content_filter" and not choice["message"].get("content"):
-            raise ContentFilterError("The answer was withheld by the content filter (finish_reason=content_filter)")
-
-
-def _check_embedding_response(body: Mapping[str, Any], expected: int) -> None:
-    """An embeddings response must hold one list of numbers per input."""
-    data = body.get("data")
-    if not isinstance(data, list) or len(data) != expected:
-        raise NonTerminalError(f"expected {expected} embeddings, the response has {len(data) if isinstance(data, list) else 'none'}")
-    for item in data:
-        if not isinstance(item, Mapping) or not isinstance(item.get("embedding"), list):
-            raise NonTerminalError("an item of the embeddings response has no embedding list")
-
-
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``), if it did."""
     ms = headers.get("retry-after-ms")
@@ -154,6 +130,15 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
             except (TypeError, ValueError):
                 return None
     return None
+
+
+def _shut_down(http: Any) -> None:
+    """Shut the socket of ``http`` down so a blocked read returns at once (the deadline passed)."""
+    stream = http.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class CallInfo(NamedTuple):
@@ -323,50 +308,27 @@ class OpenAIClient:
         if more.get("stream"):
             raise InvalidRequestError("stream=True is not supported by send_message; it returns whole answers")
         settings = self.settings()
-        model = model or settings["MODEL"]
-        params: dict[str, Any] = {"model": model, "messages": messages}
-        # An Azure deployment name says nothing of its model: MODEL_ALIASES tells (deployment=model).
-        if is_reasoning_model(settings["MODEL_ALIASES"].get(model, model), settings["REASONING_MODEL"]):
-            budget = more.pop("max_completion_tokens", None) or max_tokens or settings["MAX_COMPLETION_TOKENS"]
-            if budget is not None:
-                params["max_completion_tokens"] = budget
-            effort = more.pop("reasoning_effort", None) or settings["REASONING_EFFORT"]
-            if effort is not None:
-                params["reasoning_effort"] = effort
-            given = (temperature, top_p, frequency_penalty, presence_penalty)
-            ignored = [name for name, value in zip(_SAMPLING_PARAMS, given) if value is not None]
-            if ignored:
-                logger.debug("llmutils: %s is a reasoning model; not sending %s", model, ", ".join(ignored))
-        else:
-            for name, value, key in (
-                ("temperature", temperature, "TEMPERATURE"),
-                ("top_p", top_p, "TOP_P"),
-                ("frequency_penalty", frequency_penalty, "FREQ_PENALTY"),
-                ("presence_penalty", presence_penalty, "PRESENCE_PENALTY"),
-            ):
-                value = settings[key] if value is None else value
-                if value is not None:
-                    params[name] = value
-            if "max_completion_tokens" not in more:
-                budget = settings["MAX_TOKENS"] if max_tokens is None else max_tokens
-                if budget is not None:
-                    params["max_tokens"] = budget
-        if stop is not None:
-            params["stop"] = stop
-        if n != 1:
-            params["n"] = n
-        params.update(more)
+        deadline = Deadline(self._total_timeout(settings, total_timeout))
+        params = build_chat_request(
+            settings,
+            messages,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            stop=stop,
+            n=n,
+            more=more,
+        )
+
         def policy() -> RetryPolicy:
             return self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
 
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
-        def send(params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
-            body = self._chat_completion(params, timeout, settings)
-            _check_chat_response(body)
-            return body
-
-        response = self._cached_call("chat", params, settings, policy, timeout_s, send)
-        return _extract_messages(response, n)
+        response = self._call(_chat.KIND, _chat.PATH, params, settings, deadline, timeout_s, check_chat_response, policy)
+        return read_chat_response(response, n)
 
     def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
         """Return the embedding vector of ``text`` (cached like chat calls when the cache is on)."""
@@ -390,20 +352,19 @@ class OpenAIClient:
             _check_type(name, value, kinds)
         _check_positive(timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
         settings = self.settings()
-        params: dict[str, Any] = {"model": model or settings["EMBEDDING_MODEL"], "input": list(texts), **more}
-        params.setdefault("encoding_format", "float")
+        deadline = Deadline(self._total_timeout(settings, total_timeout))
+        params = build_embeddings_request(settings, texts, model=model, more=more)
+        expected = len(params["input"])
+
         def policy() -> RetryPolicy:
             return self._policy(settings, timeout, total_timeout, max_attempts, None, None)
 
-        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
-        def send(params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
-            body = self._embedding(params, timeout, settings)
-            _check_embedding_response(body, len(texts))
-            return body
+        def check(body: Mapping[str, Any]) -> None:
+            check_embeddings_response(body, expected)
 
-        response = self._cached_call("embedding", params, settings, policy, timeout_s, send)
-        _check_embedding_response(response, len(texts))
-        return [item["embedding"] for item in sorted(response["data"], key=lambda item: item.get("index", 0))]
+        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        response = self._call(_embeddings.KIND, _embeddings.PATH, params, settings, deadline, timeout_s, check, policy)
+        return read_embeddings_response(response, expected)
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -447,20 +408,32 @@ class OpenAIClient:
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"request parameters must be JSON values to be cached: {exc}") from None
 
-    def _cached_call(
+    def _call(
         self,
         kind: str,
+        path: str,
         params: dict[str, Any],
         settings: Mapping[str, Any],
-        make_policy: Callable[[], RetryPolicy],
+        deadline: Deadline,
         timeout: float,
-        send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
+        check: ResponseCheck,
+        make_policy: Callable[[], RetryPolicy],
     ) -> dict[str, Any]:
-        """Serve from the cache, or send (rate-limited, retried, single-flight) and store."""
+        """The one send path of every API: serve from the cache, or send and store.
+
+        ``path`` and ``params`` are the request (built by :mod:`llmutils._apis`); ``check`` is the
+        API's response check, run inside each attempt; ``deadline`` bounds every wait of the call
+        (the identical request in flight, the cache's locks, the limiter, each attempt, the backoff).
+        Identical requests in flight share one request (single-flight); a Redis cache extends that
+        across processes and machines.
+        """
         cache = self._cache(settings)
+
+        def send() -> dict[str, Any]:
+            return self._send_with_retries(path, params, settings, make_policy(), deadline, timeout, check)
+
         if cache is None:
-            response = self._send_with_retries(params, settings, make_policy(), timeout, send)
-            return self._finish(kind, params, response, cached=False)
+            return self._finish(kind, params, send(), cached=False)
         key = self._cache_key(kind, params, settings)
         hit = cache.get(key)
         if hit is not None:
@@ -471,8 +444,6 @@ class OpenAIClient:
                 f"replay mode: no cached answer in {cache.path} for this {kind} request to "
                 f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
             )
-        policy = make_policy()  # built only on a miss: a hit never needs it
-        started = time.monotonic()
         with self._lock:
             flight = self._inflight.get(key)
             leader = flight is None
@@ -480,26 +451,15 @@ class OpenAIClient:
                 flight = self._inflight[key] = _Flight()
         assert flight is not None
         if not leader:
-            if not flight.done.wait(policy.total_timeout):
-                raise TotalTimeoutError(
-                    f"total_timeout={policy.total_timeout:g}s ran out waiting for the identical request in flight",
-                    attempts=0,
-                )
+            if not flight.done.wait(deadline.timeout_for(None)):
+                raise deadline.error("waiting for the identical request in flight")
             if flight.response is not None:
                 return self._finish(kind, params, json.loads(json.dumps(flight.response)), cached=True)
-            if policy.total_timeout is not None:  # what is left of the bound after the wait
-                policy = policy.with_values(total_timeout=max(0.001, policy.total_timeout - (time.monotonic() - started)))
-            response = self._send_with_retries(params, settings, policy, timeout, send)
-            cache.set(key, response)
+            response = send()  # what is left of the deadline after the wait
+            cache.set(key, response, deadline=deadline)
             return self._finish(kind, params, response, cached=False)
         try:
-            shared = getattr(cache, "single_flight", None)
-            if shared is not None:  # Redis: one call for the same request across processes and machines
-                bound = timeout if policy.total_timeout is None else min(timeout, policy.total_timeout)
-                response, cached = shared(key, lambda: self._send_with_retries(params, settings, policy, timeout, send), lock_ttl=bound)
-            else:
-                response, cached = self._send_with_retries(params, settings, policy, timeout, send), False
-                cache.set(key, response)
+            response, cached = cache.single_flight(key, send, deadline=deadline)
             flight.response = response
         finally:
             with self._lock:
@@ -528,25 +488,27 @@ class OpenAIClient:
 
     def _send_with_retries(
         self,
+        path: str,
         params: dict[str, Any],
         settings: Mapping[str, Any],
         policy: RetryPolicy,
+        deadline: Deadline,
         timeout: float,
-        send: Callable[[dict[str, Any], float, Mapping[str, Any]], dict[str, Any]],
+        check: ResponseCheck,
     ) -> dict[str, Any]:
+        """Send ``params`` to ``path`` with the retry policy, the limiters and the deadline."""
         limiter, in_flight = self._limiters(settings)
         estimate = self._estimate_tokens(params) if limiter.tpm else 0
 
-        def attempt(time_left: float | None) -> dict[str, Any]:
-            reservation = limiter.acquire(estimate, timeout=time_left)
-            limit = timeout if time_left is None else max(0.001, min(timeout, time_left))
-            if not in_flight.acquire(timeout=time_left):
-                raise TotalTimeoutError(
-                    f"total_timeout={policy.total_timeout:g}s ran out waiting for one of the "
-                    f"{in_flight.max_in_flight} call slots (MAX_CONCURRENT_MODEL_CALLS)"
+        def attempt(deadline: Deadline) -> dict[str, Any]:
+            reservation = limiter.acquire(estimate, deadline=deadline)
+            if not in_flight.acquire(timeout=deadline.timeout_for(None)):
+                raise deadline.error(
+                    f"waiting for one of the {in_flight.max_in_flight} call slots (MAX_CONCURRENT_MODEL_CALLS)"
                 )
             try:
-                response = send(params, limit, settings)
+                response = self._post(path, params, settings, deadline, timeout)
+                check(response)
             except RateLimitError as exc:
                 if exc.retry_after and limiter.enabled:  # hold the other threads too
                     limiter.pause(min(exc.retry_after, policy.max_wait))
@@ -560,7 +522,7 @@ class OpenAIClient:
                 reservation.reconcile(max(usage["total_tokens"], estimate))
             return response
 
-        return policy.call(attempt)
+        return policy.call(attempt, deadline)
 
     @staticmethod
     def _estimate_tokens(params: Mapping[str, Any]) -> int:
@@ -572,6 +534,15 @@ class OpenAIClient:
             return sum(count_tokens(text, model) for text in params["input"])
         budget = params.get("max_completion_tokens") or params.get("max_tokens") or 0
         return int(count_tokens(params["messages"], model)) + int(budget) * int(params.get("n", 1))
+
+    def _total_timeout(self, settings: Mapping[str, Any], total_timeout: float | None) -> float | None:
+        """The call's ``total_timeout``: the argument, else the injected policy's, else the setting."""
+        if total_timeout is not None:
+            return float(total_timeout)
+        if self._retry is not None and self._retry.total_timeout is not None:
+            return self._retry.total_timeout
+        value = settings["TOTAL_TIMEOUT"]
+        return None if value is None else float(value)
 
     def _policy(
         self,
@@ -658,22 +629,64 @@ class OpenAIClient:
                     self._sdk_clients[identity] = sdk
         return sdk, source
 
-    def _request(self, sdk: Any, path: str, params: Mapping[str, Any], timeout: float, source: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-        """POST ``params`` to ``path`` through the SDK and return the decoded JSON body.
+    def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
+        """POST ``params`` to ``path`` and return the decoded JSON object (one attempt).
 
-        The SDK's documented custom-request call (``client.post(..., cast_to=httpx2.Response)``) keeps
-        its auth, Azure deployment routing and typed errors, but skips the per-call transformation
-        and model parsing of ``chat.completions.create``, which cost as much CPU again per request.
+        The whole body is read in chunks through :meth:`_open_stream`, so the call's deadline
+        ends a body that trickles in, not the next read timeout.
+        """
+        with self._open_stream(path, params, settings, deadline, timeout) as http:
+            raw = self._read_body(http, deadline, timeout, settings)
+            request_id = http.headers.get("x-request-id")
+            status = http.status_code
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise NonTerminalError(
+                f"HTTP {status} from {self._display(settings)} with a body that is not JSON",
+                status_code=status,
+                request_id=request_id,
+            ) from exc
+        if not isinstance(body, dict):
+            raise NonTerminalError("the response body is not a JSON object", request_id=request_id)
+        return body
+
+    @contextlib.contextmanager
+    def _open_stream(
+        self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float
+    ) -> Iterator[httpx2.Response]:
+        """Send one request and yield its raw HTTP response, headers read and body not yet read.
+
+        This is the single place where a request leaves the client; whole answers
+        (:meth:`_post`) and SSE streams both read the body from the response it yields
+        (``response.iter_bytes()`` / ``response.iter_lines()``) and must call
+        :meth:`_read_error` for an exception raised while iterating.
+
+        It uses the SDK's documented custom-request call in streaming mode,
+        ``client.post(path, body=..., cast_to=httpx2.Response, stream=True, options={"timeout": ...})``,
+        which keeps the SDK's auth, Azure deployment routing and typed status errors (mapped here to
+        the llmutils tree, the error body read by the SDK) but skips its per-call model parsing.
+        Connecting and waiting for the headers are bounded by ``timeout`` and what is left of
+        ``deadline``; while the block runs, the deadline's watchdog shuts the socket down the moment
+        the deadline passes, so a read that stalls between two bytes ends then. The response is
+        closed when the block exits.
         """
         import httpx2
         import openai
 
+        sdk, source = self._sdk(settings)
+        limit = deadline.timeout_for(timeout)
+        assert limit is not None
+        if limit <= 0:
+            raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
-            http = sdk.post(path, body=params, cast_to=httpx2.Response, options={"timeout": timeout})
+            http = sdk.post(path, body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
         except openai.APIStatusError as exc:
             raise self._status_error(exc, source, settings) from exc
         except openai.APITimeoutError as exc:
-            raise NonTerminalError(f"request timed out after {timeout:g}s ({self._display(settings)})") from exc
+            if deadline.expired:
+                raise deadline.error(f"waiting for {self._display(settings)} to answer") from exc
+            raise NonTerminalError(f"request timed out after {limit:g}s ({self._display(settings)})") from exc
         except openai.APIConnectionError as exc:
             raise NonTerminalError(f"connection error to {self._display(settings)}: {exc.__cause__ or exc}") from exc
         except openai.OpenAIError as exc:
@@ -684,18 +697,38 @@ class OpenAIClient:
             if type(exc).__module__.partition(".")[0] != "httpx2":
                 raise
             raise InvalidRequestError(f"the request to {self._display(settings)} cannot be sent: {exc}") from exc
-        request_id = http.headers.get("x-request-id")
         try:
-            body = json.loads(http.content)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise NonTerminalError(
-                f"HTTP {http.status_code} from {self._display(settings)} with a body that is not JSON",
-                status_code=http.status_code,
-                request_id=request_id,
-            ) from exc
-        if not isinstance(body, dict):
-            raise NonTerminalError("the response body is not a JSON object", request_id=request_id)
-        return body
+            with deadline.at_expiry(lambda: _shut_down(http)):
+                yield http
+        finally:
+            http.close()
+
+    def _read_body(self, http: httpx2.Response, deadline: Deadline, timeout: float, settings: Mapping[str, Any]) -> bytes:
+        """The whole body of ``http``, read in chunks until it ends or the deadline passes."""
+        chunks: list[bytes] = []
+        try:
+            for chunk in http.iter_bytes(_READ_CHUNK):
+                chunks.append(chunk)
+                if deadline.expired:
+                    break
+        except Exception as exc:
+            raise self._read_error(exc, deadline, timeout, settings) from exc
+        if deadline.expired:
+            raise deadline.error(f"reading the response body from {self._display(settings)} ({sum(map(len, chunks))} bytes so far)")
+        return b"".join(chunks)
+
+    def _read_error(self, exc: BaseException, deadline: Deadline, timeout: float, settings: Mapping[str, Any]) -> BaseException:
+        """The llmutils error for ``exc`` raised while reading a response body."""
+        import httpx2
+
+        where = self._display(settings)
+        if deadline.expired:
+            return deadline.error(f"reading the response body from {where}")
+        if isinstance(exc, httpx2.TimeoutException):
+            return NonTerminalError(f"reading the response body from {where} timed out after {timeout:g}s")
+        if isinstance(exc, (httpx2.HTTPError, OSError)):
+            return NonTerminalError(f"the connection to {where} broke while reading the response body: {exc}")
+        return exc
 
     def _status_error(self, exc: Any, source: str, settings: Mapping[str, Any]) -> LLMUtilsError:
         status = exc.status_code
@@ -716,14 +749,6 @@ class OpenAIClient:
             return ContentFilterError(f"Refused by the content filter ({detail})", **context)
         return InvalidRequestError(detail, **context)
 
-    def _chat_completion(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
-        sdk, source = self._sdk(settings)
-        return self._request(sdk, "/chat/completions", params, timeout, source, settings)
-
-    def _embedding(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
-        sdk, source = self._sdk(settings)
-        return self._request(sdk, "/embeddings", params, timeout, source, settings)
-
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -742,21 +767,6 @@ class OpenAIClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _extract_messages(response: Mapping[str, Any], n: int) -> Message | list[Message]:
-    """The assistant message dict(s) of a chat completion (new dicts: the response is never shared)."""
-    _check_chat_response(response)  # also for entries stored by older versions
-    messages = []
-    for choice in sorted(response["choices"], key=lambda c: c.get("index", 0)):
-        message = choice["message"]
-        cleaned = {k: v for k, v in message.items() if v is not None}
-        cleaned.setdefault("role", "assistant")
-        cleaned.setdefault("content", None)
-        messages.append(cleaned)
-    if n == 1:
-        return messages[0]
-    return messages
 
 
 class AzureClient(OpenAIClient):
@@ -879,7 +889,13 @@ class MockClient(OpenAIClient):
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         return {}, "none (mock)"
 
-    def _chat_completion(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
+        """Answer in-process, as the endpoint would: a chat completion or embeddings."""
+        if path == _embeddings.PATH:
+            return self._embedding(params)
+        return self._chat_completion(params)
+
+    def _chat_completion(self, params: Mapping[str, Any]) -> dict[str, Any]:
         messages = params["messages"]
         with self._lock:
             self.calls += 1
@@ -908,7 +924,7 @@ class MockClient(OpenAIClient):
             },
         }
 
-    def _embedding(self, params: dict[str, Any], timeout: float, settings: Mapping[str, Any]) -> dict[str, Any]:
+    def _embedding(self, params: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:
             self.calls += 1
         dimensions = int(params.get("dimensions") or 8)

@@ -31,7 +31,8 @@ from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 
-from ._exceptions import ConfigError, InvalidRequestError, RateLimitError
+from ._deadline import Deadline
+from ._exceptions import ConfigError, InvalidRequestError, LLMUtilsError, RateLimitError
 
 __all__ = [
     "RateLimiter",
@@ -198,31 +199,38 @@ class RateLimiter:
                 self._paused_until = until
                 logger.debug("rate limiter paused for %.3f s", seconds)
 
-    def acquire(self, tokens: int = 0, *, timeout: float | None = None) -> Reservation:
+    def acquire(self, tokens: int = 0, *, timeout: float | None = None, deadline: Deadline | None = None) -> Reservation:
         """Block until one request of ``tokens`` tokens may be sent; FIFO among waiters.
 
         ``tokens`` is the estimate (prompt + max output); it is ignored when ``tpm`` is off.
         With ``timeout`` (seconds) raise :class:`RateLimitError` when the wait would run
         past it; the head of the queue raises at once when it can compute that it would.
+        With a ``deadline`` (the call's ``total_timeout``) that comes first, raise its
+        :class:`~llmutils.TotalTimeoutError` instead.
         """
         if tokens < 0:
             raise InvalidRequestError(f"tokens must be >= 0, got {tokens}")
         if not self.enabled and self._paused_until <= self._clock():
             return Reservation(None, 0)
         reserved = tokens if self._tok is not None else 0
+        by_deadline = False
+        if deadline is not None and deadline.bounded:
+            left = deadline.remaining()
+            if timeout is None or left < timeout:
+                timeout, by_deadline = left, True
         with self._lock:
-            deadline = None if timeout is None else self._clock() + timeout
+            end = None if timeout is None else self._clock() + timeout
             waiter = _Waiter(self._lock)
             self._queue.append(waiter)
             try:
                 while True:
                     now = self._clock()
                     if self._queue[0] is not waiter:
-                        if deadline is not None:
-                            if now >= deadline:
+                        if end is not None:
+                            if now >= end:
                                 ahead = self._queue.index(waiter)
-                                raise self._timeout_error(timeout, None, ahead)
-                            waiter.cond.wait(deadline - now)
+                                raise self._timeout_error(timeout, None, ahead, deadline if by_deadline else None)
+                            waiter.cond.wait(end - now)
                         else:
                             waiter.cond.wait()
                         continue
@@ -233,8 +241,8 @@ class RateLimiter:
                         if self._tok is not None:
                             self._tok.take(reserved)
                         return Reservation(self, reserved)
-                    if deadline is not None and now + wait > deadline:
-                        raise self._timeout_error(timeout, wait, 0)
+                    if end is not None and now + wait > end:
+                        raise self._timeout_error(timeout, wait, 0, deadline if by_deadline else None)
                     if self._sleep is None:
                         waiter.cond.wait(wait)
                     else:
@@ -263,9 +271,11 @@ class RateLimiter:
             wait = max(wait, self._tok.wait(tokens))
         return wait
 
-    def _timeout_error(self, timeout: float | None, wait: float | None, ahead: int) -> RateLimitError:
+    def _timeout_error(self, timeout: float | None, wait: float | None, ahead: int, deadline: Deadline | None = None) -> LLMUtilsError:
         """The error for an acquisition that ran out of time (lock held)."""
         need = f"it needs {wait:.3f} s more" if wait is not None else f"{ahead} request(s) still queued ahead"
+        if deadline is not None:
+            return deadline.error(f"waiting for the client-side rate limit (rpm={self._rpm}, tpm={self._tpm}; {need})")
         return RateLimitError(
             f"client-side rate limit (rpm={self._rpm}, tpm={self._tpm}): no slot within the "
             f"{timeout} s timeout ({need}); raise the timeout, lower the concurrency, or raise "

@@ -2,8 +2,9 @@
 
 Only :class:`~llmutils.NonTerminalError` is retried. The wait grows from ``waiting_time`` by
 ``backoff_factor`` per attempt, plus jitter, capped at ``max_wait``; a server's ``Retry-After``
-replaces it (still capped). ``total_timeout`` bounds the whole call: a wait that would end past it
-stops at once.
+replaces it (still capped). ``total_timeout`` bounds the whole call through one
+:class:`~llmutils._deadline.Deadline`: each attempt gets it, and a backoff wait that would end past
+it stops at once.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_before_delay,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from ._deadline import Deadline
 from ._exceptions import (
     LLMUtilsError,
     NonTerminalError,
@@ -32,7 +34,7 @@ from ._exceptions import (
     TotalTimeoutError,
 )
 
-__all__ = ["RetryPolicy", "wait_retry_after"]
+__all__ = ["RetryPolicy", "wait_retry_after", "stop_at_deadline"]
 
 logger = logging.getLogger("llmutils")
 
@@ -66,6 +68,18 @@ class _wait_jitter(wait_base):
         return wait + random.uniform(0, wait * self.fraction) if self.fraction else wait
 
 
+class stop_at_deadline(stop_base):
+    """Stop when the next backoff wait would not end before ``deadline`` (never when unbounded)."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if not self.deadline.bounded:
+            return False
+        return (retry_state.upcoming_sleep or 0.0) >= self.deadline.remaining()
+
+
 def _log_retry(retry_state: RetryCallState) -> None:
     exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
     logger.warning(
@@ -95,11 +109,17 @@ class RetryPolicy:
         """A copy with the given fields changed (``None`` values are ignored)."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
-    def retrying(self) -> tenacity.Retrying:
-        """The tenacity ``Retrying`` object for one call."""
+    def deadline(self) -> Deadline:
+        """A new deadline for one call from now (unbounded without ``total_timeout``)."""
+        return Deadline(self.total_timeout)
+
+    def retrying(self, deadline: Deadline | None = None) -> tenacity.Retrying:
+        """The tenacity ``Retrying`` object for one call bounded by ``deadline``."""
         stop = stop_after_attempt(max(1, self.max_attempts))
-        if self.total_timeout is not None:
-            stop = stop | stop_before_delay(self.total_timeout)
+        if deadline is None:
+            deadline = self.deadline()
+        if deadline.bounded:
+            stop = stop | stop_at_deadline(deadline)
         backoff = wait_exponential(multiplier=self.waiting_time, exp_base=self.backoff_factor, max=self.max_wait)
         return tenacity.Retrying(
             stop=stop,
@@ -110,39 +130,37 @@ class RetryPolicy:
             reraise=False,
         )
 
-    def call(self, attempt: Callable[[float | None], T]) -> T:
-        """Run ``attempt(time_left)`` until it succeeds or the policy gives up.
+    def call(self, attempt: Callable[[Deadline], T], deadline: Deadline | None = None) -> T:
+        """Run ``attempt(deadline)`` until it succeeds or the policy gives up.
 
-        ``time_left`` is what remains of ``total_timeout`` (None when unbounded), so one HTTP
-        attempt never outlives the whole call. Terminal errors pass through untouched; when the
-        retries run out, :class:`RetriesExhaustedError` (or :class:`TotalTimeoutError`) chains the last
-        error and carries ``attempts``.
+        ``deadline`` (made from ``total_timeout`` when not given) is the call's one time bound:
+        each attempt bounds its own waits by it, and no backoff wait runs past it. Terminal errors
+        (a :class:`TotalTimeoutError` raised inside an attempt included) pass through untouched;
+        when the retries run out, :class:`RetriesExhaustedError` (or :class:`TotalTimeoutError`)
+        chains the last error and carries ``attempts``.
         """
-        start = time.monotonic()
+        if deadline is None:
+            deadline = self.deadline()
         attempts = 0
 
         def one_attempt() -> T:
             nonlocal attempts
+            deadline.check(f"before attempt {attempts + 1} could start", attempts=attempts)
             attempts += 1
-            left = None
-            if self.total_timeout is not None:
-                left = self.total_timeout - (time.monotonic() - start)
-                if left <= 0:
-                    raise NonTerminalError(f"no time left of total_timeout={self.total_timeout:g}s")
             try:
-                return attempt(left)
+                return attempt(deadline)
             except LLMUtilsError as exc:
                 exc.attempts = attempts
                 raise
 
         try:
-            return self.retrying()(one_attempt)
+            return self.retrying(deadline)(one_attempt)
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()
-            timed_out = self.total_timeout is not None and attempts < self.max_attempts
+            timed_out = deadline.bounded and attempts < self.max_attempts
             if timed_out:
                 error: RetriesExhaustedError = TotalTimeoutError(
-                    f"Gave up after {attempts} attempt(s): total_timeout={self.total_timeout:g}s would be "
+                    f"Gave up after {attempts} attempt(s): total_timeout={deadline.total:g}s would be "
                     f"exceeded. Last error: {last}",
                     attempts=attempts,
                 )

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._cooldown import Cooldown
 from ._exceptions import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ class TokenCount(int):
 class _Slot:
     """The load state of one encoding."""
 
-    __slots__ = ("lock", "encoding", "error", "thread", "attempted", "next_attempt_at")
+    __slots__ = ("lock", "encoding", "error", "thread", "attempted", "off")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -141,7 +142,8 @@ class _Slot:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.attempted = False
-        self.next_attempt_at = 0.0
+        # Off after a failed load: estimates for _RETRY_AFTER seconds, then one caller tries again.
+        self.off = Cooldown(_RETRY_AFTER, clock=lambda: _monotonic())
 
 
 _slots: dict[str, _Slot] = {}
@@ -252,22 +254,22 @@ def _get_encoding(name: str) -> Encoding | None:
     encoding = slot.encoding
     if encoding is not None:
         return encoding
-    if slot.next_attempt_at > _monotonic():
+    if slot.off.blocked():
         return None
     with slot.lock:
         if slot.encoding is not None:
             return slot.encoding
-        if slot.next_attempt_at > _monotonic():
+        if slot.off.blocked():
             return None
         try:
             import tiktoken
         except ImportError as exc:
-            slot.next_attempt_at = math.inf
+            slot.off.trip(permanent=True)
             _warn_once(name, f"tiktoken is not installed: {exc}")
             return None
         if slot.attempted:
             # A retry: other callers estimate meanwhile instead of queueing on this lock.
-            slot.next_attempt_at = _monotonic() + _RETRY_AFTER
+            slot.off.trip(interval=_RETRY_AFTER)
         slot.attempted = True
         thread = slot.thread
         if thread is None or not thread.is_alive():
@@ -282,9 +284,9 @@ def _get_encoding(name: str) -> Encoding | None:
             thread.start()
         thread.join(_LOAD_TIMEOUT)
         if slot.encoding is not None:
-            slot.next_attempt_at = 0.0
+            slot.off.reset()
             return slot.encoding
-        slot.next_attempt_at = _monotonic() + _RETRY_AFTER
+        slot.off.trip(interval=_RETRY_AFTER)
         if thread.is_alive():
             reason = f"no answer within {_LOAD_TIMEOUT:g} s"
         else:

@@ -595,15 +595,14 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
 
 def _shown_location(location: str) -> str:
     """A cache location for messages: a URL with its password masked, or an absolute file path."""
-    from ._cache_redis import is_cache_url, mask_url
+    from .cache import is_cache_url, mask_url
 
     return mask_url(location) if is_cache_url(location) else os.path.abspath(location)
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     """stats, clear, vacuum or import-pickle on the cache (a SQLite file or Redis)."""
-    from ._cache import SQLiteCache, import_pickle_cache
-    from ._cache_redis import open_cache
+    from .cache import SQLiteCache, import_pickle_cache, open_cache
 
     with _config.override_defaults(**_overrides(args)):
         settings = _config.resolve()
@@ -646,8 +645,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _cmd_cache_copy(args: argparse.Namespace) -> int:
     """Copy every live entry of SRC into DEST (SQLite file -> Redis, or any other pair)."""
-    from ._cache import SQLiteCache
-    from ._cache_redis import copy_cache, open_cache
+    from .cache import SQLiteCache, copy_cache, open_cache
 
     with open_cache(args.source, mode="readonly") as source, open_cache(args.dest, mode="readwrite") as dest:
         if isinstance(source, SQLiteCache) and not os.path.exists(source.path):

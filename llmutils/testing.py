@@ -90,6 +90,7 @@ class Fault:
     headers: Mapping[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
     delay: float = 0.0
+    bytes_per_s: float = 0.0  # > 0: the body trickles in at this rate (see trickle())
 
     @classmethod
     def status(cls, code: int, body: Any = None, headers: Mapping[str, str] | None = None) -> Fault:
@@ -163,6 +164,17 @@ class Fault:
         return cls(delay=float(seconds))
 
     @classmethod
+    def trickle(cls, bytes_per_s: float) -> Fault:
+        """Send the headers at once, then the normal body ``bytes_per_s`` bytes per second.
+
+        As a stalled proxy or an overloaded server does: every read gets a byte before a read
+        timeout could fire, so only a bound on the whole call ends it.
+        """
+        if not bytes_per_s > 0:
+            raise ValueError(f"bytes_per_s must be > 0, got {bytes_per_s!r}")
+        return cls(bytes_per_s=float(bytes_per_s))
+
+    @classmethod
     def not_json(cls) -> Fault:
         """Answer 200 labelled ``application/json`` whose body is not JSON."""
         return cls(status_code=200, body=b"this is not JSON {", content_type="application/json")
@@ -182,6 +194,7 @@ class _Response:
     body: Any
     headers: Mapping[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    trickle: float = 0.0  # bytes per second of the body; 0 sends it at once
 
 
 class _RequestError(Exception):
@@ -349,6 +362,17 @@ class _Handler(BaseHTTPRequestHandler):
         lines = [f"{self.protocol_version} {response.status} {_reason(response.status)}"]
         lines += [f"{name}: {value}" for name, value in headers.values()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if response.trickle > 0:
+            self.wfile.write(head)
+            self.wfile.flush()
+            stopping = self.server.owner._stopping
+            for i in range(len(payload)):
+                if stopping.wait(1.0 / response.trickle):
+                    self.close_connection = True
+                    return
+                self.wfile.write(payload[i : i + 1])
+                self.wfile.flush()
+            return
         self.wfile.write(head + payload)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
@@ -573,13 +597,14 @@ class OpenAITestServer:
             if fault.delay > 0 and self._stopping.wait(fault.delay):
                 return None
             if fault.status_code is not None:
-                return _Response(fault.status_code, fault.body, fault.headers, fault.content_type)
+                return _Response(fault.status_code, fault.body, fault.headers, fault.content_type, fault.bytes_per_s)
+        trickle = fault.bytes_per_s if fault is not None else 0.0
         try:
             if not body_is_json or not isinstance(request.body, dict):
                 raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
             if kind == "chat":
-                return _Response(200, self._chat(request))
-            return _Response(200, self._embeddings(request))
+                return _Response(200, self._chat(request), trickle=trickle)
+            return _Response(200, self._embeddings(request), trickle=trickle)
         except _RequestError as exc:
             return exc.response
         except Exception:

@@ -27,8 +27,7 @@ import pytest
 
 import llmutils
 from llmutils import CacheMissError, ConfigError, OpenAIClient
-from llmutils._cache import SQLiteCache, make_key
-from llmutils._cache_redis import CacheBackend, RedisCache, copy_cache, is_cache_url, mask_url, open_cache
+from llmutils.cache import CacheBackend, RedisCache, SQLiteCache, copy_cache, is_cache_url, make_key, mask_url, open_cache
 from llmutils.cli import main
 from llmutils.testing import Fault, OpenAITestServer
 
@@ -244,7 +243,7 @@ def test_off_mode_never_connects(logs: pytest.LogCaptureFixture) -> None:
     with RedisCache(f"redis://127.0.0.1:{_free_port()}/0", mode="off") as cache:
         cache.set("k", 1)
         assert cache.get("k") is None and len(cache) == 0
-        assert cache.stats() == llmutils._cache.CacheStats()
+        assert cache.stats() == llmutils.CacheStats()
     assert warnings_logged(logs) == []
 
 
@@ -266,7 +265,7 @@ def test_round_trip_format_counters_clear(url: str) -> None:
         assert r.pttl(f"llmutils:v1:{key}") == -1  # no ttl, no expiry
         with pytest.raises(TypeError, match="not a JSON value"):
             cache.set("bad", {"x": {1, 2}})
-        assert cache.stats() == llmutils._cache.CacheStats(hits=2, misses=1, writes=1, errors=0)
+        assert cache.stats() == llmutils.CacheStats(hits=2, misses=1, writes=1, errors=0)
         cache.reset_stats()
         assert cache.stats().hits == 0
         r.set("someone:else", "x")
@@ -319,7 +318,7 @@ def test_client_chooses_the_backend(url: str, server: OpenAITestServer, tmp_path
     monkeypatch.setenv("LLMUTILS_CACHE_URL", url)
     with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name="c.sqlite") as client:
         assert [ask(client, "one"), ask(client, "one")] == [False, True]
-        assert client.cache_stats() == llmutils._cache.CacheStats(hits=1, misses=1, writes=1, errors=0)
+        assert client.cache_stats() == llmutils.CacheStats(hits=1, misses=1, writes=1, errors=0)
     monkeypatch.delenv("LLMUTILS_CACHE_URL")
     assert not (tmp_path / "c.sqlite").exists()
     # force_api_cache() with a URL as the "file name"; then the cache_url= argument.
@@ -440,6 +439,21 @@ def test_a_dead_lock_holder_blocks_no_longer_than_its_lock(url: str, server: Ope
     assert warnings_logged(logs) == []
 
 
+def test_a_dead_lock_holder_never_makes_a_call_miss_its_total_timeout(url: str, server: OpenAITestServer) -> None:
+    with api_client(server, url) as client, raw_client(url) as r:
+        ask(client, "hello")
+        [entry] = r.keys("llmutils:v1:*")
+        r.delete(entry)
+        server.reset()
+        # A holder that died right after taking a long lock: its lock outlives the caller's budget.
+        r.set(entry.replace(b"llmutils:v1:", b"llmutils:lock:v1:"), "a crashed process", px=60_000)
+        started = time.monotonic()
+        with pytest.raises(llmutils.TotalTimeoutError):
+            client.send_message([{"role": "user", "content": "hello"}], total_timeout=1)
+        assert time.monotonic() - started < 1.5
+        assert server.request_count == 0  # it waited for the holder until its own deadline, no longer
+
+
 def test_a_failing_holder_releases_its_lock(url: str, server: OpenAITestServer) -> None:
     server.script(Fault.bad_request())
     with api_client(server, url) as client, raw_client(url) as r:
@@ -451,7 +465,7 @@ def test_a_failing_holder_releases_its_lock(url: str, server: OpenAITestServer) 
 
 FORK = r"""
 import os, sys
-from llmutils._cache_redis import RedisCache
+from llmutils.cache import RedisCache
 cache = RedisCache(sys.argv[1])
 cache.set("parent", 1)
 pid = os.fork()

@@ -21,17 +21,10 @@ from typing import Any
 import pytest
 import sqlitedict
 
-from llmutils import _cache
-from llmutils._cache import (
-    CACHE_MODES,
-    KEY_VERSION,
-    META_TABLE,
-    TABLE,
-    CacheStats,
-    SQLiteCache,
-    import_pickle_cache,
-    make_key,
-)
+from llmutils.cache import CACHE_MODES, KEY_VERSION, CacheStats, SQLiteCache, import_pickle_cache, make_key
+from llmutils.cache import keys as cache_keys
+from llmutils.cache import sqlite as _cache
+from llmutils.cache.base import META_TABLE, TABLE
 from llmutils._exceptions import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,13 +92,13 @@ def test_make_key_is_sha256_of_canonical_versioned_json() -> None:
 
 def test_make_key_changes_with_key_version(monkeypatch: pytest.MonkeyPatch) -> None:
     before = make_key({"model": "m"})
-    monkeypatch.setattr(_cache, "KEY_VERSION", KEY_VERSION + 1)
+    monkeypatch.setattr(cache_keys, "KEY_VERSION", KEY_VERSION + 1)
     assert make_key({"model": "m"}) != before
 
 
 def test_make_key_is_stable_across_processes() -> None:
     payload = {"b": [1, 2.5, None, True], "a": {"z": "ü", "y": {}}}
-    code = "import json,sys; from llmutils._cache import make_key; print(make_key(json.loads(sys.argv[1])))"
+    code = "import json,sys; from llmutils.cache import make_key; print(make_key(json.loads(sys.argv[1])))"
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(payload)],
         capture_output=True, text=True, timeout=60, env=child_env(PYTHONHASHSEED="12345"),
@@ -332,7 +325,7 @@ def test_threads_share_one_cache_without_loss(path: Path) -> None:
 
 WRITER = """
 import sys
-from llmutils._cache import SQLiteCache
+from llmutils.cache import SQLiteCache
 path, wid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with SQLiteCache(path) as cache:
     for i in range(n):
@@ -343,7 +336,7 @@ print("writes", s.writes, "errors", s.errors, "disabled", cache.disabled)
 
 READER = """
 import sys
-from llmutils._cache import SQLiteCache
+from llmutils.cache import SQLiteCache
 path, n = sys.argv[1], int(sys.argv[2])
 with SQLiteCache(path) as cache:
     for i in range(n):
@@ -442,7 +435,7 @@ def test_fork_while_other_threads_use_the_cache(path: Path) -> None:
 
 FORK_WITHOUT_HOOKS = """
 import os, sys, weakref
-from llmutils import _cache
+from llmutils.cache import sqlite as _cache
 cache = _cache.SQLiteCache(sys.argv[1])
 cache.set("parent", 1)
 assert cache.get("parent") == 1
@@ -739,7 +732,7 @@ DISK_FULL = """
 import logging, resource, signal, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-from llmutils._cache import SQLiteCache
+from llmutils.cache import SQLiteCache
 cache = SQLiteCache(sys.argv[1])
 cache.set("first", 0)
 resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
@@ -768,7 +761,7 @@ def test_full_disk_degrades(path: Path) -> None:
 
 SIGKILL_WRITER = """
 import sys
-from llmutils._cache import SQLiteCache
+from llmutils.cache import SQLiteCache
 cache = SQLiteCache(sys.argv[1])
 i = 0
 while True:
@@ -797,7 +790,7 @@ def test_sigkill_mid_write_keeps_every_committed_entry(path: Path) -> None:
 
 EXIT_WITHOUT_CLOSE = """
 import sys
-from llmutils._cache import SQLiteCache
+from llmutils.cache import SQLiteCache
 cache = SQLiteCache(sys.argv[1])
 cache.set("k", {"a": 1})
 assert cache.get("k") == {"a": 1}

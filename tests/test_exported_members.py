@@ -7,7 +7,7 @@ import llmutils
 
 def test_all_is_exactly_the_public_surface() -> None:
     public = {name for name in vars(llmutils) if not name.startswith("_")}
-    modules = {"testing", "cli", "templates"}  # importable submodules, not re-exported names
+    modules = {"testing", "cli", "templates", "cache"}  # importable submodules, not re-exported names
     assert public - modules - {"annotations"} == set(llmutils.__all__)
 
 

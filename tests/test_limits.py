@@ -17,6 +17,7 @@ import pytest
 
 from llmutils import OpenAIClient, RetryPolicy
 from llmutils import _clients
+from llmutils._deadline import Deadline
 from llmutils._ratelimit import ConcurrencyLimiter, RateLimiter, Reservation
 from llmutils.cli import main
 from llmutils.testing import Fault, OpenAITestServer
@@ -57,9 +58,9 @@ class Limiters:
         spy = self
 
         class SpyLimiter(RateLimiter):
-            def acquire(self, tokens: int = 0, *, timeout: float | None = None) -> Reservation:
+            def acquire(self, tokens: int = 0, *, timeout: float | None = None, deadline: Deadline | None = None) -> Reservation:
                 spy.acquired.append(tokens)
-                return super().acquire(tokens, timeout=timeout)
+                return super().acquire(tokens, timeout=timeout, deadline=deadline)
 
             def pause(self, seconds: float) -> None:
                 spy.pauses.append(seconds)

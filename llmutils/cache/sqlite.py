@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -34,119 +33,32 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 from sqlitedict import SqliteDict
 
-from ._exceptions import ConfigError
+from .._cooldown import Cooldown
+from .._deadline import Deadline
+from .._exceptions import ConfigError
+from .base import CACHE_MODES, META_TABLE, SCHEMA_VERSION, TABLE, VALUE_FORMAT, WRITE_MODES, CacheBase, check_ttl
+from .keys import KEY_VERSION
 
-__all__ = [
-    "CACHE_MODES",
-    "KEY_VERSION",
-    "SCHEMA_VERSION",
-    "TABLE",
-    "META_TABLE",
-    "CacheStats",
-    "SQLiteCache",
-    "make_key",
-    "import_pickle_cache",
-]
+__all__ = ["SQLiteCache", "DEFAULT_RETRY_INTERVAL"]
 
 logger = logging.getLogger("llmutils")
 
-CACHE_MODES = ("off", "readwrite", "readonly", "replay", "refresh")
-KEY_VERSION = 1  # part of every key: bump it and no old entry can ever match again
-SCHEMA_VERSION = 1  # layout of the file; a file with a newer one is left alone
 DEFAULT_RETRY_INTERVAL = 30.0  # seconds a transient fault keeps the cache off before it is tried again
-TABLE = "responses"
-META_TABLE = "llmutils_meta"
-VALUE_FORMAT = '{"value": <response>, "created": <unix time>, "expires": <unix time or null>}'
 
-_READ_MODES = frozenset({"readwrite", "readonly", "replay"})
-_WRITE_MODES = frozenset({"readwrite", "refresh"})
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _SELECT = f'SELECT value FROM "{TABLE}" WHERE key = ?'
 _CREATE_TABLE = f'CREATE TABLE IF NOT EXISTS "{TABLE}" (key TEXT PRIMARY KEY, value BLOB)'  # sqlitedict's DDL
 _CREATE_META = f'CREATE TABLE IF NOT EXISTS "{META_TABLE}" (key TEXT PRIMARY KEY, value TEXT)'
 # What failed, ranked: an outage ends when something at least as demanding works again.
 _OPEN, _READ, _WRITE = 0, 1, 2
-
-
-# -- keys and values ---------------------------------------------------------------------------
-
-
-def _check_json(obj: Any, where: str) -> None:
-    """Raise TypeError unless ``obj`` is plain JSON (str-keyed dicts, lists, finite numbers...)."""
-    problem = _non_json(obj)
-    if problem is not None:
-        raise TypeError(f"{where}{problem}")
-
-
-def _non_json(obj: Any) -> str | None:
-    """Where and why ``obj`` is not plain JSON, or None; builds no text unless something is wrong."""
-    kind = type(obj)
-    if kind is str or kind is int or kind is bool or obj is None:
-        return None
-    if kind is dict or isinstance(obj, dict):
-        for k, v in obj.items():
-            if type(k) is not str and not isinstance(k, str):
-                return f" has a key {k!r} of type {type(k).__name__}; JSON keys must be str"
-            problem = _non_json(v)
-            if problem is not None:
-                return f"[{k!r}]{problem}"
-        return None
-    if kind is list or isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            problem = _non_json(v)
-            if problem is not None:
-                return f"[{i}]{problem}"
-        return None
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else f" is {obj!r}, which JSON cannot represent"
-    if isinstance(obj, (str, int)):
-        return None
-    return f" is a {kind.__name__}, not a JSON value"
-
-
-# Built once: json.dumps() with options builds a new encoder on every call.
-_KEY_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-_VALUE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-
-
-def make_key(payload: Mapping[str, Any], *, check: bool = True) -> str:
-    """Return the SHA-256 hex of canonical JSON of ``{"v": KEY_VERSION, **payload}``: same request, same key, anywhere.
-
-    Canonical means sorted keys, compact separators and ``ensure_ascii=False``, so the key does not
-    depend on dict order, the process, the run or the Python version. Anything that is not plain
-    JSON (bytes, sets, objects, NaN, non-str dict keys) raises TypeError rather than being str()-ed.
-    ``check=False`` skips the walk that names the culprit (the hot path of a cache hit): the encoder
-    still rejects non-JSON values (TypeError) and NaN (ValueError), but int dict keys become strings,
-    exactly as they would in the request body.
-    """
-    if not isinstance(payload, Mapping):
-        raise TypeError(f"payload must be a mapping, not {type(payload).__name__}")
-    if "v" in payload:
-        raise ValueError("payload key 'v' is reserved for KEY_VERSION")
-    doc = {"v": KEY_VERSION, **payload}
-    if check:
-        _check_json(doc, "payload")
-    return hashlib.sha256(_KEY_JSON(doc).encode("utf-8", "surrogatepass")).hexdigest()
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """A snapshot of one cache's counters: lookups served (hits), not served (misses), writes, faults."""
-
-    hits: int = 0
-    misses: int = 0
-    writes: int = 0
-    errors: int = 0
 
 
 class _Fault(Exception):
@@ -229,54 +141,7 @@ def _close_all_at_exit() -> None:
 # -- the store ---------------------------------------------------------------------------------
 
 
-class _CacheBase:
-    """What every cache backend shares: thread-safe counters, ``set`` and the stored entry's form."""
-
-    mode: str
-    ttl: float | None
-
-    _stats_lock: threading.Lock
-    _hits: int
-    _misses: int
-    _writes: int
-    _errors: int
-
-    def stats(self) -> CacheStats:
-        """Return a snapshot of this object's hits, misses, writes and errors."""
-        with self._stats_lock:
-            return CacheStats(self._hits, self._misses, self._writes, self._errors)
-
-    def reset_stats(self) -> None:
-        """Set every counter back to zero."""
-        with self._stats_lock:
-            self._hits = self._misses = self._writes = self._errors = 0
-
-    def _count(self, hits: int = 0, misses: int = 0, writes: int = 0, errors: int = 0) -> None:
-        with self._stats_lock:
-            self._hits += hits
-            self._misses += misses
-            self._writes += writes
-            self._errors += errors
-
-    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
-        """Store ``value`` (plain JSON, else TypeError) under ``key``; a no-op in off/readonly/replay."""
-        if self.mode not in _WRITE_MODES:
-            return
-        self._put(key, value, ttl)
-
-    def _put(self, key: str, value: Any, ttl: float | None) -> bool:
-        raise NotImplementedError
-
-    def _entry(self, key: str, value: Any, ttl: float | None, now: float) -> tuple[str, float | None]:
-        """Check key, value and ttl; return the JSON text to store and the ttl that applies."""
-        if not isinstance(key, str):
-            raise TypeError(f"cache key must be str, not {type(key).__name__}")
-        ttl = self.ttl if ttl is None else _check_ttl(ttl)
-        _check_json(value, "value")
-        return _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl}), ttl
-
-
-class SQLiteCache(_CacheBase):
+class SQLiteCache(CacheBase):
     """A response cache in one SQLite file, safe to share across threads, processes and forks.
 
     Usage::
@@ -317,7 +182,7 @@ class SQLiteCache(_CacheBase):
             raise ConfigError(f"retry_interval {retry_interval!r} must be a number of seconds >= 0")
         self.path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
         self.mode = mode
-        self.ttl = _check_ttl(ttl)
+        self.ttl = check_ttl(ttl)
         self.busy_timeout = float(busy_timeout)
         self.retry_interval = float(retry_interval)
         self._clock = clock
@@ -332,10 +197,11 @@ class SQLiteCache(_CacheBase):
         self._ready = False
         self._db: SqliteDict | None = None
         self._pid = os.getpid()
-        self._disabled = False  # not in use now (a fault); see _still_off() for when it is tried again
-        self._permanent = False  # the fault was not transient: off for the life of the object
-        self._retry_at = 0.0  # clock() time from which a transient outage may be retried
+        # Off after a fault: for retry_interval seconds if transient, for good otherwise.
+        self._off = Cooldown(self.retry_interval, clock=lambda: self._clock())
         self._outage: int | None = None  # rank of what failed in the current outage (_OPEN/_READ/_WRITE)
+        self._busy_ms = int(self.busy_timeout * 1000)  # the writer's busy_timeout now
+        self._warned_deadline = False
         self._warned_rows = False
         self._hits = self._misses = self._writes = self._errors = 0
         _LIVE.add(self)
@@ -343,17 +209,11 @@ class SQLiteCache(_CacheBase):
     def __repr__(self) -> str:
         return f"SQLiteCache({str(self.path)!r}, mode={self.mode!r})"
 
-    def __enter__(self) -> SQLiteCache:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
     @property
     def disabled(self) -> bool:
         """True while a fault keeps this cache out of use: until ``retry_interval`` has passed after a
         transient fault (locked, disk I/O, disk full), for good after any other fault."""
-        return self._disabled
+        return self._off.blocked()
 
     # -- lookups and writes -------------------------------------------------------------------
 
@@ -366,27 +226,27 @@ class SQLiteCache(_CacheBase):
             return None
         if (
             mode == "refresh"
-            or self._disabled and self._still_off()
+            or self._off.blocked()
             or not (self._ready and self._pid == os.getpid()) and not self._open()
         ):
-            self._count(misses=1)
+            self.count(misses=1)
             return None
         item = self._checkout()
         if item is None:
-            self._count(misses=1)
+            self.count(misses=1)
             return None
         try:
             row = item[1].execute(_SELECT, (key,)).fetchone()
         except sqlite3.Error as exc:
             self._checkin(item, keep=False)
             self._fault(f"reading failed ({type(exc).__name__}: {exc})", exc, _READ)
-            self._count(misses=1)
+            self.count(misses=1)
             return None
         self._checkin(item)
         if self._outage is not None:
             self._works(_READ)
         if row is None:
-            self._count(misses=1)
+            self.count(misses=1)
             return None
         try:
             entry = json.loads(row[0])
@@ -397,31 +257,63 @@ class SQLiteCache(_CacheBase):
             self._bad_row(key, exc)
             return None
         if expired:
-            self._count(misses=1)
+            self.count(misses=1)
             return None
-        self._count(hits=1)
+        self.count(hits=1)
         return value
 
-    def _put(self, key: str, value: Any, ttl: float | None) -> bool:
-        """Write one entry; True if it was committed (faults are logged and counted, never raised)."""
-        text, ttl = self._entry(key, value, ttl, self._clock())
-        if self._disabled and self._still_off():
+    def put(self, key: str, value: Any, ttl: float | None = None, *, deadline: Deadline | None = None) -> bool:
+        """Write one entry; True if it was committed (faults are logged and counted, never raised).
+
+        With a bounded ``deadline`` the write waits for another writer (a thread of this process,
+        or another process's lock) only as long as the call has left: a write that cannot finish in
+        time is dropped, counted as an error and logged once, and the cache stays on.
+        """
+        text, ttl = self.entry_text(key, value, ttl, self._clock())
+        if self._off.blocked():
             return False
-        with self._lock:
+        wait = None if deadline is None else deadline.timeout_for(self.busy_timeout)
+        if not (self._lock.acquire() if wait is None else self._lock.acquire(timeout=wait)):
+            self._late_write("another thread was still writing")
+            return False
+        try:
             db = self._writer()
             if db is None:
                 return False
+            limit = self.busy_timeout if deadline is None else deadline.timeout_for(self.busy_timeout)
+            busy_ms = int(self.busy_timeout * 1000 if limit is None else limit * 1000)
             with _quiet():
                 try:
+                    if busy_ms != self._busy_ms:
+                        db.conn.select_one(f"PRAGMA busy_timeout = {busy_ms}")
+                        self._busy_ms = busy_ms
                     db[key] = text  # autocommit=True: blocks until committed, raises the write's own error
                 except Exception as exc:
                     self._close_writer()
+                    if busy_ms < int(self.busy_timeout * 1000) and _is_busy_error(exc):
+                        self._late_write("the file stayed locked by another connection")
+                        return False
                     self._fault(f"writing failed ({type(exc).__name__}: {exc})", exc, _WRITE)
                     return False
-        self._count(writes=1)
+        finally:
+            self._lock.release()
+        self.count(writes=1)
         if self._outage is not None:
             self._works(_WRITE)
         return True
+
+    def _late_write(self, why: str) -> None:
+        """A write given up because the call's deadline came first: an error, one WARNING, cache stays on."""
+        self.count(errors=1)
+        level = logging.DEBUG if self._warned_deadline else logging.WARNING
+        self._warned_deadline = True
+        logger.log(
+            level,
+            "llmutils cache %s: a write was dropped because %s past the call's total_timeout; "
+            "the answer was returned without being cached",
+            self.path,
+            why,
+        )
 
     # -- maintenance --------------------------------------------------------------------------
 
@@ -446,8 +338,22 @@ class SQLiteCache(_CacheBase):
             "ttl": self.ttl,
             "key_version": KEY_VERSION,
             "schema_version": SCHEMA_VERSION,
-            "disabled": self._disabled,
+            "disabled": self._off.blocked(),
         }
+
+    def iter_entries(self) -> Iterator[tuple[str, str | bytes]]:
+        """Every stored ``(key, JSON text)``, read through a read-only connection of its own.
+
+        Raises :class:`ConfigError` when the file cannot be read as a cache.
+        """
+        len(self)  # opens and checks the file: a file that is not a cache turns the cache off
+        if self.disabled:
+            raise ConfigError(f"cannot read {self.path} as a cache (see the warning above)")
+        conn = sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True, timeout=self.busy_timeout)
+        try:
+            yield from conn.execute(f'SELECT key, value FROM "{TABLE}"')
+        finally:
+            conn.close()
 
     def clear(self) -> None:
         """Delete every entry (the file, its schema marker and its WAL setting stay)."""
@@ -500,7 +406,7 @@ class SQLiteCache(_CacheBase):
     def vacuum(self) -> None:
         """Rebuild the file to give back the space of deleted entries, and truncate the WAL."""
         self._require_writable("vacuum()")
-        if self._disabled and self._still_off() or not self._open():
+        if self._off.blocked() or not self._open():
             return
         with self._lock:
             try:
@@ -533,7 +439,7 @@ class SQLiteCache(_CacheBase):
         with self._lock:
             if self._pid != os.getpid():
                 self._forget_inherited()
-            if self._disabled and self._still_off():
+            if self._off.blocked():
                 return False
             if self._ready:
                 return True
@@ -549,7 +455,7 @@ class SQLiteCache(_CacheBase):
 
     def _prepare(self) -> None:
         """Refuse what is not our cache file, else create it (WAL, schema marker) if we may write."""
-        writable = self.mode in _WRITE_MODES
+        writable = self.mode in WRITE_MODES
         path = self.path
         try:
             st: os.stat_result | None = os.stat(path)
@@ -650,7 +556,7 @@ class SQLiteCache(_CacheBase):
         """The process's sqlitedict for this file, opened on first write (caller holds ``_lock``)."""
         if self._pid != os.getpid():
             self._forget_inherited()
-        if self._disabled and self._still_off():
+        if self._off.blocked():
             return None
         if not self._ready:
             try:
@@ -679,6 +585,7 @@ class SQLiteCache(_CacheBase):
                 try:
                     # sqlitedict's timeout= is its thread start-up wait and it sets synchronous=OFF.
                     db.conn.select_one(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                    self._busy_ms = int(self.busy_timeout * 1000)
                     db.conn.select_one("PRAGMA synchronous = NORMAL")
                 except Exception as exc:
                     self._db = db
@@ -699,7 +606,7 @@ class SQLiteCache(_CacheBase):
                 return self._pool.pop()
             gen = self._gen
         try:
-            conn = self._connect(readonly=self.mode not in _WRITE_MODES)
+            conn = self._connect(readonly=self.mode not in WRITE_MODES)
             try:
                 conn.execute("PRAGMA query_only = ON")  # readers never write, whatever the mode
             except BaseException:
@@ -715,7 +622,7 @@ class SQLiteCache(_CacheBase):
         with self._pool_lock:
             self._busy -= 1
             if item is not None:
-                if keep and item[0] == self._gen and not self._disabled:
+                if keep and item[0] == self._gen and not self._off.blocked():
                     self._pool.append(item)
                 else:
                     item[1].close()
@@ -734,7 +641,7 @@ class SQLiteCache(_CacheBase):
         """All rows of a maintenance query through a pooled reader; [] when off, disabled or on a fault."""
         if (
             self.mode == "off"
-            or self._disabled and self._still_off()
+            or self._off.blocked()
             or not (self._ready and self._pid == os.getpid()) and not self._open()
         ):
             return []
@@ -758,17 +665,12 @@ class SQLiteCache(_CacheBase):
         """Count the error and turn the cache off: for ``retry_interval`` seconds if the fault is
         transient, else for good; log one WARNING naming the file per outage."""
         transient = _is_transient(exc)
+        self.count(errors=1)
         with self._stats_lock:
-            self._errors += 1
-            first = self._outage is None or (not transient and not self._permanent)
             self._outage = op if self._outage is None else max(self._outage, op)
-            self._disabled = True
-            if transient:
-                self._retry_at = self._clock() + self.retry_interval
-            else:
-                self._permanent = True
+        first = self._off.trip(permanent=not transient)
         if first:
-            if self._permanent:
+            if self._off.permanent:
                 then = "calls go on without the cache and the file is left as it is"
             else:
                 then = f"calls go on without the cache, which is tried again in {self.retry_interval:g}s"
@@ -778,36 +680,24 @@ class SQLiteCache(_CacheBase):
             logger.debug("llmutils cache %s (still off) %s", self.path, reason)
         self._drain_pool()
 
-    def _still_off(self) -> bool:
-        """While disabled: True, unless the back-off of a transient fault is over (then use it again)."""
-        if self._permanent or self._clock() < self._retry_at:
-            return True
-        with self._stats_lock:
-            if not self._disabled:
-                return False
-            if self._permanent or self._clock() < self._retry_at:
-                return True
-            self._disabled = False
-        logger.debug("llmutils cache %s: trying it again after a transient fault", self.path)
-        return False
-
     def _works(self, op: int) -> None:
         """An ``op`` succeeded: end the outage if it is at least as demanding as what failed."""
         with self._stats_lock:
-            if self._outage is None or op < self._outage or self._disabled:
+            if self._outage is None or op < self._outage or self._off.blocked():
                 return
             self._outage = None
+        self._off.reset()
         logger.info("llmutils cache %s works again; using it", self.path)
 
     def _bad_row(self, key: str, exc: BaseException) -> None:
         """A stored value that is not our JSON envelope: a miss and an error, but the cache stays on."""
-        self._count(misses=1, errors=1)
+        self.count(misses=1, errors=1)
         level = logging.DEBUG if self._warned_rows else logging.WARNING
         self._warned_rows = True
         logger.log(level, "llmutils cache %s: entry %s is not a valid cache value (%s); treated as a miss", self.path, key, exc)
 
     def _require_writable(self, what: str) -> None:
-        if self.mode not in _WRITE_MODES:
+        if self.mode not in WRITE_MODES:
             raise ConfigError(f"{what} writes to the cache, but {self.path} is open in mode {self.mode!r}; use 'readwrite'")
 
     def _close_writer(self) -> None:
@@ -867,6 +757,7 @@ class SQLiteCache(_CacheBase):
             # Only this thread survives the fork: fresh locks are safe and cannot be stuck.
             self._lock = threading.Lock()
             self._stats_lock = threading.Lock()
+            self._off.after_fork()
             self._pool_lock = threading.Lock()
             self._pool_cv = threading.Condition(self._pool_lock)
             self._busy = 0
@@ -877,12 +768,15 @@ class SQLiteCache(_CacheBase):
         self._lock.release()
 
 
-def _check_ttl(ttl: float | None) -> float | None:
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < math.inf:
-        raise ConfigError(f"cache ttl {ttl!r} must be a number of seconds > 0, or None for no expiry")
-    return float(ttl)
+def _is_busy_error(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or what it chains) is SQLite's "database is locked"/"busy"."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, sqlite3.OperationalError):
+            return _is_busy(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -918,82 +812,3 @@ def _describe(exc: sqlite3.Error, busy_timeout: float) -> str:
     if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
         return f"stayed locked by another connection for more than busy_timeout={busy_timeout:g}s ({exc})"
     return f"could not be opened as a cache ({type(exc).__name__}: {exc})"
-
-
-# -- migration from the old pickle cache ---------------------------------------------------------
-
-
-def _to_json_value(obj: Any) -> Any:
-    """An old cached response as plain JSON: pydantic/openai objects are dumped, dicts kept."""
-    methods = (("model_dump", {"mode": "json"}), ("to_dict_recursive", {}), ("to_dict", {}), ("dict", {}))
-    for name, kwargs in methods:
-        method = getattr(obj, name, None)
-        if callable(method):
-            try:
-                return method(**kwargs)
-            except TypeError:
-                continue
-    return obj
-
-
-def import_pickle_cache(
-    pickle_path: str | os.PathLike[str],
-    cache: SQLiteCache,
-    *,
-    trusted: bool = False,
-    key_prefix: str = "legacy:",
-) -> int:
-    """Copy an old ``openai_api_cache.pickle`` ({str key: response}) into ``cache``; return entries written.
-
-    Unpickling runs whatever code the file contains, so this refuses unless ``trusted=True`` says
-    the file is your own. Responses are stored as JSON (``model_dump()``/``to_dict()`` when they
-    have it); entries that are not JSON-able are skipped with one WARNING. The old keys cannot be
-    turned into new request keys, so they are kept as ``key_prefix + old key``. A file that is
-    not a pickle (or is truncated) raises :class:`ConfigError` naming it.
-    """
-    path = Path(os.fspath(pickle_path))
-    if not trusted:
-        raise ConfigError(
-            f"refusing to read {path}: loading a pickle file runs any code it contains. "
-            "Pass trusted=True (CLI: --trusted) only for a file you or your own program wrote."
-        )
-    if cache.mode not in _WRITE_MODES:
-        raise ConfigError(f"import needs a cache open for writing, but {cache.path} is in mode {cache.mode!r}")
-    import pickle  # only here, behind trusted=True: the store itself never unpickles
-
-    with open(path, "rb") as f:
-        try:
-            data = pickle.load(f)  # noqa: S301 - the caller vouched for this file
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(
-                f"cannot load {path}: it refers to code that is not installed here ({type(exc).__name__}: {exc}); "
-                "install the packages of the program that wrote it and try again"
-            ) from exc
-        except Exception as exc:  # UnpicklingError, EOFError (truncated), ValueError, ...
-            raise ConfigError(
-                f"{path} is not a pickle file (or it is truncated): {type(exc).__name__}: {exc}; "
-                "pass the old openai_api_cache.pickle file, whole"
-            ) from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} holds a {type(data).__name__}, not the dict of an old llmutils cache")
-    written = 0
-    skipped: list[str] = []
-    for old_key, obj in data.items():
-        if not isinstance(old_key, str):
-            skipped.append(repr(old_key))
-            continue
-        try:
-            ok = cache._put(key_prefix + old_key, _to_json_value(obj), None)
-        except TypeError:
-            skipped.append(old_key)
-            continue
-        if ok:
-            written += 1
-    if skipped:
-        logger.warning(
-            "llmutils cache import from %s: skipped %d entries that are not JSON values (first: %s)",
-            path,
-            len(skipped),
-            skipped[0],
-        )
-    return written

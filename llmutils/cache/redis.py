@@ -1,6 +1,6 @@
-"""The shared cache on Redis, the interface both cache backends offer, and the factory that picks one.
+"""The shared cache on Redis: one server for every process and machine that points at it.
 
-SQLite (:class:`~llmutils._cache.SQLiteCache`) serves one machine. When several machines share
+SQLite (:class:`~llmutils.cache.SQLiteCache`) serves one machine. When several machines share
 one cache (a batch spread over workers, a web app with several servers), point them all at one
 Redis with ``CACHE_URL = redis://[:password@]host:6379/0``. Same keys (:func:`make_key`), same JSON
 values, same modes and counters; TTL is native Redis expiry. On the server (``redis-cli``)::
@@ -25,40 +25,20 @@ import logging
 import math
 import os
 import re
-import sqlite3
 import threading
 import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from typing import Any
 
-from ._cache import (
-    _WRITE_MODES,
-    CACHE_MODES,
-    KEY_VERSION,
-    SCHEMA_VERSION,
-    TABLE,
-    CacheStats,
-    SQLiteCache,
-    _CacheBase,
-    _check_ttl,
-)
-from ._exceptions import ConfigError
+from .._cooldown import Cooldown
+from .._deadline import Deadline
+from .._exceptions import ConfigError
+from .base import CACHE_MODES, SCHEMA_VERSION, WRITE_MODES, CacheBase, check_ttl, mask_url, url_secrets
+from .keys import KEY_VERSION
 
-__all__ = [
-    "CacheBackend",
-    "RedisCache",
-    "CopyResult",
-    "open_cache",
-    "copy_cache",
-    "is_cache_url",
-    "mask_url",
-    "REDIS_SCHEMES",
-]
+__all__ = ["RedisCache", "REDIS_SCHEMES"]
 
 logger = logging.getLogger("llmutils")
 
@@ -67,7 +47,6 @@ DEFAULT_SOCKET_TIMEOUT = 1.0  # seconds: a dead or hung Redis costs a call at mo
 DEFAULT_RETRY_INTERVAL = 5.0  # seconds without trying Redis again after a fault
 DEFAULT_LOCK_TTL = 60.0  # seconds a single-flight lock lives at most (a crashed holder blocks no longer)
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MISSING = object()
 
 # Single-flight, one round trip: the entry if it is there, else the lock if it is free.
@@ -85,103 +64,6 @@ return 1
 """
 
 
-@runtime_checkable
-class CacheBackend(Protocol):
-    """What the client needs of a cache: :class:`SQLiteCache` and :class:`RedisCache` both have it.
-
-    ``path`` names the cache in messages (a file path, or a URL with its password masked);
-    ``disabled`` is True while a fault keeps the cache out of use.
-    """
-
-    mode: str
-    ttl: float | None
-    path: Any
-
-    @property
-    def disabled(self) -> bool: ...
-
-    def get(self, key: str) -> Any | None: ...
-
-    def set(self, key: str, value: Any, *, ttl: float | None = None) -> None: ...
-
-    def stats(self) -> CacheStats: ...
-
-    def reset_stats(self) -> None: ...
-
-    def __len__(self) -> int: ...
-
-    def info(self) -> dict[str, Any]: ...
-
-    def clear(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-# -- locations --------------------------------------------------------------------------------
-
-
-def is_cache_url(location: str | os.PathLike[str]) -> bool:
-    """Whether ``location`` is a URL (``scheme://...``) rather than a file path."""
-    return isinstance(location, str) and bool(_URL.match(location))
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (in the user part and in a ``password=`` query)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            user, sep, _ = userinfo.partition(":")
-            netloc = f"{user}:***@{host}" if sep else f"{userinfo}@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            if any(k.lower() == "password" for k, _ in pairs):
-                query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
-        # Not urlunsplit(): it turns unix:///path into unix:/path.
-        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
-    except ValueError:
-        return url.split("://", 1)[0] + "://***"
-
-
-def _secrets(url: str) -> list[str]:
-    """The password(s) in ``url``, raw and unquoted, to scrub from error texts."""
-    found: list[str] = []
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            found.append(parts.password)
-        found.extend(v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v)
-    except ValueError:
-        pass
-    return [s for s in {*found, *(unquote(s) for s in found)} if s]
-
-
-def open_cache(location: str | os.PathLike[str], *, mode: str = "readwrite", ttl: float | None = None) -> CacheBackend:
-    """The cache at ``location``: ``redis://``, ``rediss://`` or ``unix://`` is a :class:`RedisCache`;
-    ``sqlite:///relative.sqlite``, ``sqlite:////absolute.sqlite`` or a plain path is a :class:`SQLiteCache`.
-
-    >>> open_cache("redis://:secret@cache.internal:6379/0", ttl=86400)
-    RedisCache('redis://:***@cache.internal:6379/0', mode='readwrite')
-    """
-    if not is_cache_url(location):
-        return SQLiteCache(os.fspath(location), mode=mode, ttl=ttl)
-    text = os.fspath(location)
-    scheme = text.split("://", 1)[0].lower()
-    if scheme in REDIS_SCHEMES:
-        return RedisCache(text, mode=mode, ttl=ttl)
-    if scheme == "sqlite":
-        path = text[len("sqlite:///") :] if text.lower().startswith("sqlite:///") else ""
-        if not path:
-            raise ConfigError(f"cache URL {text!r} names no file: use sqlite:///relative.sqlite or sqlite:////abs/path.sqlite")
-        return SQLiteCache(path, mode=mode, ttl=ttl)
-    raise ConfigError(
-        f"cache URL {mask_url(text)!r} has an unknown scheme {scheme!r}: use redis://host:6379/0, rediss://, "
-        "unix:///path/redis.sock, sqlite:///file.sqlite or a plain file path"
-    )
-
-
 # -- the Redis store ------------------------------------------------------------------------------
 
 _LIVE: weakref.WeakSet[RedisCache] = weakref.WeakSet()
@@ -191,14 +73,14 @@ def _after_fork_in_child() -> None:
     """Fresh locks in a forked child (a thread that held one is not there); redis-py redials by itself."""
     for cache in list(_LIVE):
         cache._stats_lock = threading.Lock()
-        cache._state_lock = threading.Lock()
+        cache._off.after_fork()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class RedisCache(_CacheBase):
+class RedisCache(CacheBase):
     """A response cache on a Redis server, shared by every process and machine that points at it.
 
     Usage::
@@ -237,13 +119,13 @@ class RedisCache(_CacheBase):
         self.path = mask_url(url)
         """The URL with its password masked: what messages and info() show."""
         self.mode = mode
-        self.ttl = _check_ttl(ttl)
+        self.ttl = check_ttl(ttl)
         self.retry_interval = float(retry_interval)
         self.lock_ttl = float(lock_ttl)
         self.prefix = prefix
         self._lock_prefix = prefix.replace(":v", ":lock:v", 1) if ":v" in prefix else prefix + "lock:"
         self._channel_prefix = prefix.replace(":v", ":done:v", 1) if ":v" in prefix else prefix + "done:"
-        self._secrets = _secrets(url)
+        self._secrets = url_secrets(url)
         self._clock = clock
         try:
             import redis
@@ -269,21 +151,13 @@ class RedisCache(_CacheBase):
         self._claim = self._redis.register_script(_CLAIM)
         self._release = self._redis.register_script(_RELEASE)
         self._stats_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._down = False
-        self._retry_at = 0.0
+        self._off = Cooldown(self.retry_interval, clock=lambda: self._clock())
         self._warned_values = False
         self._hits = self._misses = self._writes = self._errors = 0
         _LIVE.add(self)
 
     def __repr__(self) -> str:
         return f"RedisCache({self.path!r}, mode={self.mode!r})"
-
-    def __enter__(self) -> RedisCache:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
     @property
     def url(self) -> str:
@@ -293,7 +167,7 @@ class RedisCache(_CacheBase):
     @property
     def disabled(self) -> bool:
         """True while a fault keeps Redis out of use (until ``retry_interval`` has passed and it answers)."""
-        return self._down
+        return self._off.tripped
 
     # -- lookups and writes -------------------------------------------------------------------
 
@@ -305,25 +179,28 @@ class RedisCache(_CacheBase):
         if mode == "off":
             return None
         if mode == "refresh" or not self._usable():
-            self._count(misses=1)
+            self.count(misses=1)
             return None
         try:
             raw = self._redis.get(self.prefix + key)
         except self._errors_type as exc:
             self._fault("reading", exc)
-            self._count(misses=1)
+            self.count(misses=1)
             return None
         self._ok()
         value = self._decode(key, raw)
         if value is _MISSING:
-            self._count(misses=1)
+            self.count(misses=1)
             return None
-        self._count(hits=1)
+        self.count(hits=1)
         return value
 
-    def _put(self, key: str, value: Any, ttl: float | None) -> bool:
-        """Write one entry; True if Redis took it (faults are logged and counted, never raised)."""
-        text, ttl = self._entry(key, value, ttl, time.time())
+    def put(self, key: str, value: Any, ttl: float | None = None, *, deadline: Deadline | None = None) -> bool:
+        """Write one entry; True if Redis took it (faults are logged and counted, never raised).
+
+        Each command is bounded by ``socket_timeout``, so a write never waits on a lock.
+        """
+        text, ttl = self.entry_text(key, value, ttl, time.time())
         if not self._usable():
             return False
         try:
@@ -332,28 +209,38 @@ class RedisCache(_CacheBase):
             self._fault("writing", exc)
             return False
         self._ok()
-        self._count(writes=1)
+        self.count(writes=1)
         return True
 
-    def single_flight(self, key: str, send: Callable[[], Any], *, lock_ttl: float | None = None) -> tuple[Any, bool]:
+    def single_flight(
+        self,
+        key: str,
+        send: Callable[[], Any],
+        *,
+        deadline: Deadline | None = None,
+        lock_ttl: float | None = None,
+    ) -> tuple[Any, bool]:
         """Return ``(value, True)`` if another process or machine stored ``key`` meanwhile, else
         ``(send(), False)`` after storing it: N workers asking the same thing make one call.
 
         A short lock (``SET NX PX``, at most ``lock_ttl`` or :attr:`lock_ttl` seconds) marks the one
         sending; the others wait for its notification (pub/sub), and send themselves if it fails or
         dies (its lock expires) without storing anything. Only in readwrite mode; otherwise, or when
-        Redis is down, it just sends and stores.
+        Redis is down, it just sends and stores. A waiter waits no longer than ``deadline`` allows;
+        then ``send`` runs with what is left (and raises TotalTimeoutError when nothing is).
         """
         ttl = self.lock_ttl if lock_ttl is None else min(self.lock_ttl, max(0.1, lock_ttl))
+        if deadline is not None and deadline.bounded:
+            ttl = min(ttl, max(0.1, deadline.remaining()))
         if self.mode != "readwrite" or ttl <= 0 or not self._usable():
-            return self._send_and_store(key, send), False
+            return self._send_and_store(key, send, deadline), False
         token = uuid.uuid4().hex
         entry, lock = self.prefix + key, self._lock_prefix + key
         try:
             claimed = self._claim(keys=[entry, lock], args=[token, _ms(ttl)])
         except self._errors_type as exc:
             self._fault("taking the single-flight lock", exc)
-            return self._send_and_store(key, send), False
+            return self._send_and_store(key, send, deadline), False
         self._ok()
         if claimed[0] == 1:  # stored between our lookup and now
             value = self._decode(key, claimed[1])
@@ -361,21 +248,21 @@ class RedisCache(_CacheBase):
                 return value, True
         elif claimed[0] == 2:  # ours: send, store, release, wake the waiters
             try:
-                return self._send_and_store(key, send), False
+                return self._send_and_store(key, send, deadline), False
             finally:
                 try:
                     self._release(keys=[lock], args=[token, self._channel_prefix + key])
                 except self._errors_type as exc:
                     self._fault("releasing the single-flight lock", exc)
         else:
-            value = self._wait(key, ttl)
+            value = self._wait(key, ttl if deadline is None else deadline.timeout_for(ttl) or 0.0)
             if value is not _MISSING:
                 return value, True
-        return self._send_and_store(key, send), False
+        return self._send_and_store(key, send, deadline), False
 
-    def _send_and_store(self, key: str, send: Callable[[], Any]) -> Any:
+    def _send_and_store(self, key: str, send: Callable[[], Any], deadline: Deadline | None) -> Any:
         value = send()
-        self.set(key, value)
+        self.set(key, value, deadline=deadline)
         return value
 
     def _wait(self, key: str, ttl: float) -> Any:
@@ -409,7 +296,7 @@ class RedisCache(_CacheBase):
         try:
             return json.loads(raw)["value"]
         except (TypeError, ValueError, KeyError) as exc:
-            self._count(errors=1)
+            self.count(errors=1)
             level = logging.DEBUG if self._warned_values else logging.WARNING
             self._warned_values = True
             logger.log(level, "llmutils cache %s: entry %s is not a valid cache value (%s); treated as a miss", self.path, key, exc)
@@ -428,6 +315,38 @@ class RedisCache(_CacheBase):
             self._fault("listing keys", exc)
             return
         self._ok()
+
+    def iter_entries(self) -> Iterator[tuple[str, str | bytes]]:
+        """Every stored ``(key, JSON bytes)``; raises :class:`ConfigError` when Redis cannot be read."""
+        keys = list(self.keys())
+        if self.disabled:
+            raise ConfigError(f"cannot read {self.path} (see the warning above)")
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            try:
+                values = self._redis.mget([self.prefix + k for k in chunk])
+            except self._errors_type as exc:
+                self._fault("reading", exc)
+                raise ConfigError(f"reading {self.path} failed (see the warning above)") from None
+            yield from ((k, v) for k, v in zip(chunk, values) if v is not None)
+
+    def put_entries(self, entries: list[tuple[str, Any, float | None]]) -> int:
+        """Write ``(key, value, ttl)`` entries in one pipeline; return how many Redis took."""
+        if not entries or not self._usable():
+            return 0
+        now = time.time()
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for key, value, ttl in entries:
+                    text, ttl = self.entry_text(key, value, ttl, now)
+                    pipe.set(self.prefix + key, text.encode("utf-8", "surrogatepass"), px=_ms(ttl))
+                pipe.execute()
+        except self._errors_type as exc:
+            self._fault("writing", exc)
+            return 0
+        self._ok()
+        self.count(writes=len(entries))
+        return len(entries)
 
     def __len__(self) -> int:
         """Number of stored entries (0 when off or unreachable)."""
@@ -457,7 +376,7 @@ class RedisCache(_CacheBase):
 
     def clear(self) -> None:
         """Delete every entry under this cache's prefix (other keys on the server are left alone)."""
-        if self.mode not in _WRITE_MODES:
+        if self.mode not in WRITE_MODES:
             raise ConfigError(f"clear() writes to the cache, but {self.path} is open in mode {self.mode!r}; use 'readwrite'")
         batch: list[str] = []
         for key in self.keys():
@@ -482,23 +401,16 @@ class RedisCache(_CacheBase):
 
     def _usable(self) -> bool:
         """False while in the back-off after a fault: Redis is not even tried."""
-        return not self._down or self._clock() >= self._retry_at
+        return not self._off.blocked()
 
     def _ok(self) -> None:
-        if self._down:
-            with self._state_lock:
-                was, self._down = self._down, False
-            if was:
-                logger.info("llmutils cache %s answers again; using it", self.path)
+        if self._off.tripped and self._off.reset():
+            logger.info("llmutils cache %s answers again; using it", self.path)
 
     def _fault(self, doing: str, exc: BaseException) -> None:
         """Count the error, keep Redis out of use for retry_interval, and log one WARNING per outage."""
-        with self._stats_lock:
-            self._errors += 1
-        with self._state_lock:
-            first = not self._down
-            self._down = True
-            self._retry_at = self._clock() + self.retry_interval
+        self.count(errors=1)
+        first = self._off.trip()
         reason = self._scrub(f"{type(exc).__name__}: {exc}")
         if first:
             logger.warning(
@@ -523,102 +435,3 @@ def _ms(ttl: float | None) -> int | None:
 
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
-# -- copying between backends -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CopyResult:
-    """What :func:`copy_cache` did: entries copied, skipped as expired, skipped as unreadable."""
-
-    copied: int = 0
-    expired: int = 0
-    invalid: int = 0
-
-
-def _entries(cache: Any) -> Iterator[tuple[str, Any]]:
-    """(key, stored JSON text or bytes) of every entry of a SQLite or Redis cache."""
-    if isinstance(cache, RedisCache):
-        keys = list(cache.keys())
-        if cache.disabled:
-            raise ConfigError(f"cannot read {cache.path} (see the warning above)")
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            try:
-                values = cache._redis.mget([cache.prefix + k for k in chunk])
-            except cache._errors_type as exc:
-                cache._fault("reading", exc)
-                raise ConfigError(f"reading {cache.path} failed (see the warning above)") from None
-            yield from ((k, v) for k, v in zip(chunk, values) if v is not None)
-        return
-    if not isinstance(cache, SQLiteCache):
-        raise TypeError(f"cannot copy from {type(cache).__name__}: only SQLiteCache and RedisCache")
-    len(cache)  # opens and checks the file: a file that is not a cache turns the cache off
-    if cache.disabled:
-        raise ConfigError(f"cannot read {cache.path} as a cache (see the warning above)")
-    conn = sqlite3.connect(f"file:{quote(str(cache.path))}?mode=ro", uri=True, timeout=cache.busy_timeout)
-    try:
-        yield from conn.execute(f'SELECT key, value FROM "{TABLE}"')
-    finally:
-        conn.close()
-
-
-def copy_cache(source: CacheBackend, dest: CacheBackend, *, batch_size: int = 500) -> CopyResult:
-    """Copy every live entry of ``source`` into ``dest`` (SQLite -> Redis, or either way); return counts.
-
-    Entries keep their JSON and their remaining lifetime (expired ones are skipped); an entry
-    already in ``dest`` is overwritten. ``dest`` must be open for writing.
-    ``llmutils cache copy llmutils_cache.sqlite redis://host:6379/0`` does the same from the shell.
-    """
-    if dest.mode not in _WRITE_MODES:
-        raise ConfigError(f"copy writes to {dest.path}, which is open in mode {dest.mode!r}; use 'readwrite'")
-    copied = expired = invalid = 0
-    now = time.time()
-    pending: list[tuple[str, bytes, int | None]] = []
-
-    def flush() -> None:
-        nonlocal copied
-        if not pending:
-            return
-        assert isinstance(dest, RedisCache)
-        if dest._usable():
-            try:
-                with dest._redis.pipeline(transaction=False) as pipe:
-                    for key, text, px in pending:
-                        pipe.set(dest.prefix + key, text, px=px)
-                    pipe.execute()
-            except dest._errors_type as exc:
-                dest._fault("writing", exc)
-            else:
-                dest._ok()
-                dest._count(writes=len(pending))
-                copied += len(pending)
-        pending.clear()
-
-    for key, raw in _entries(source):
-        try:
-            entry = json.loads(raw)
-            value = entry["value"]
-            expires = entry.get("expires")
-            left = None if expires is None else float(expires) - now
-        except (TypeError, ValueError, KeyError, AttributeError):
-            invalid += 1
-            continue
-        if left is not None and left <= 0:
-            expired += 1
-            continue
-        if isinstance(dest, RedisCache):
-            text = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
-            pending.append((key, text, _ms(left)))
-            if len(pending) >= batch_size:
-                flush()
-        elif isinstance(dest, SQLiteCache):
-            copied += dest._put(key, value, left)
-        else:
-            raise TypeError(f"cannot copy into {type(dest).__name__}: only SQLiteCache and RedisCache")
-        if dest.disabled:
-            break
-    if isinstance(dest, RedisCache):
-        flush()
-    return CopyResult(copied, expired, invalid)

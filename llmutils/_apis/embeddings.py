@@ -1,0 +1,42 @@
+"""Embeddings (``POST /embeddings``): the request body and the vectors the caller gets back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._exceptions import NonTerminalError
+
+__all__ = ["PATH", "KIND", "build_embeddings_request", "check_embeddings_response", "read_embeddings_response"]
+
+PATH = "/embeddings"
+KIND = "embedding"
+
+
+def build_embeddings_request(
+    settings: Mapping[str, Any],
+    texts: Sequence[str],
+    *,
+    model: str | None = None,
+    more: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON body of an embeddings request: ``EMBEDDING_MODEL`` unless ``model``, floats unless asked."""
+    params: dict[str, Any] = {"model": model or settings["EMBEDDING_MODEL"], "input": list(texts), **(more or {})}
+    params.setdefault("encoding_format", "float")
+    return params
+
+
+def check_embeddings_response(body: Mapping[str, Any], expected: int) -> None:
+    """An embeddings response must hold one list of numbers per input."""
+    data = body.get("data")
+    if not isinstance(data, list) or len(data) != expected:
+        raise NonTerminalError(f"expected {expected} embeddings, the response has {len(data) if isinstance(data, list) else 'none'}")
+    for item in data:
+        if not isinstance(item, Mapping) or not isinstance(item.get("embedding"), list):
+            raise NonTerminalError("an item of the embeddings response has no embedding list")
+
+
+def read_embeddings_response(response: Mapping[str, Any], expected: int) -> list[list[float]]:
+    """The vectors, in input order."""
+    check_embeddings_response(response, expected)
+    return [item["embedding"] for item in sorted(response["data"], key=lambda item: item.get("index", 0))]

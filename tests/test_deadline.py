@@ -1,0 +1,171 @@
+"""The per-call deadline: every wait inside a call ends by ``total_timeout`` (plus a little)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmutils import OpenAIClient, RetryPolicy, TotalTimeoutError
+from llmutils._deadline import Deadline
+from llmutils._ratelimit import RateLimiter
+from llmutils.testing import Fault, OpenAITestServer
+
+HELLO = [{"role": "user", "content": "hello"}]
+SLACK = 0.5  # what the issue allows past total_timeout
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="llmutils")
+    return caplog
+
+
+def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "llmutils"]
+
+
+# -- the value itself ---------------------------------------------------------------------------
+
+
+def test_an_unbounded_deadline_never_expires_and_bounds_nothing() -> None:
+    deadline = Deadline(None)
+    assert not deadline.bounded and not deadline.expired
+    assert deadline.remaining() == math.inf
+    assert deadline.timeout_for(None) is None and deadline.timeout_for(3.0) == 3.0
+    deadline.check("doing nothing")
+
+
+def test_a_bounded_deadline_counts_down_and_raises_when_spent() -> None:
+    clock = FakeClock()
+    deadline = Deadline(5, clock=clock)
+    assert deadline.remaining() == 5.0 and deadline.timeout_for(60.0) == 5.0 and deadline.timeout_for(2.0) == 2.0
+    clock.now += 4.5
+    assert deadline.timeout_for(None) == pytest.approx(0.5)
+    clock.now += 1
+    assert deadline.expired and deadline.remaining() == 0.0
+    with pytest.raises(TotalTimeoutError, match=r"total_timeout=5s ran out waiting for a slot"):
+        deadline.check("waiting for a slot")
+
+
+def test_at_expiry_runs_the_callback_only_when_the_deadline_passes_inside_the_block() -> None:
+    fired = threading.Event()
+    with Deadline(0.05).at_expiry(fired.set):
+        assert fired.wait(5)
+    quiet = threading.Event()
+    with Deadline(0.2).at_expiry(quiet.set):
+        pass
+    time.sleep(0.3)  # noqa: the callback must NOT run after the block: give it the chance to misbehave
+    assert not quiet.is_set()
+
+
+# -- the body read -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(server: OpenAITestServer) -> Iterator[OpenAIClient]:
+    policy = RetryPolicy(max_attempts=3, waiting_time=0.01, jitter=0)
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as c:
+        yield c
+
+
+def test_a_trickling_body_ends_at_the_deadline_not_at_a_read_timeout(client: OpenAIClient, server: OpenAITestServer) -> None:
+    # One byte per second: no read ever waits long enough for timeout=2 to fire, so only the
+    # call's deadline can end it (the whole body would take minutes).
+    server.script(Fault.trickle(1))
+    started = time.monotonic()
+    with pytest.raises(TotalTimeoutError, match="reading the response body") as info:
+        client.send_message(HELLO, timeout=2, total_timeout=1.5)
+    elapsed = time.monotonic() - started
+    assert 1.4 <= elapsed < 1.5 + SLACK
+    assert info.value.attempts == 1 and server.request_count == 1
+
+
+def test_a_slow_trickle_that_finishes_in_time_is_read_whole(client: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.trickle(2000))
+    assert client.send_message(HELLO, total_timeout=30) == {"role": "assistant", "content": "echo: hello"}
+
+
+def test_timeout_stays_the_limit_of_one_attempt(server: OpenAITestServer) -> None:
+    waits: list[float] = []
+    policy = RetryPolicy(max_attempts=2, waiting_time=0.01, jitter=0, sleep=waits.append)
+    server.script(Fault.slow(1.0))
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as c:
+        assert c.send_message(HELLO, timeout=0.3, total_timeout=10)["content"] == "echo: hello"
+    assert server.request_count == 2 and waits == [0.01]
+
+
+# -- the rate limiter, the call slot, the backoff ------------------------------------------------
+
+
+def test_the_rate_limiter_wait_is_bounded_by_the_deadline() -> None:
+    limiter = RateLimiter(rpm=1)
+    limiter.acquire()
+    started = time.monotonic()
+    with pytest.raises(TotalTimeoutError, match="rate limit"):
+        limiter.acquire(deadline=Deadline(0.2))
+    assert time.monotonic() - started < 0.2 + SLACK
+
+
+def test_a_backoff_that_would_end_past_the_deadline_is_not_slept(server: OpenAITestServer) -> None:
+    waits: list[float] = []
+    policy = RetryPolicy(max_attempts=5, waiting_time=10, jitter=0, sleep=waits.append)
+    server.script(Fault.server_error())
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as c, pytest.raises(TotalTimeoutError) as info:
+        c.send_message(HELLO, total_timeout=2)
+    assert waits == [] and info.value.attempts == 1 and server.request_count == 1
+
+
+# -- the cache ---------------------------------------------------------------------------------
+
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")  # the write lock, as a long VACUUM or an open sqlite3 shell would hold it
+print("locked", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+def test_a_sqlite_write_lock_held_by_another_process_never_makes_a_call_miss_its_deadline(
+    server: OpenAITestServer, tmp_path: Path, logs: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "c.sqlite"
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=path) as c:
+        c.send_message([{"role": "user", "content": "make the file"}])
+        with subprocess.Popen([sys.executable, "-c", HOLD_WRITE_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as holder:
+            assert holder.stdin is not None and holder.stdout is not None
+            try:
+                assert holder.stdout.readline().strip() == "locked"
+                for text in ("one", "two"):
+                    started = time.monotonic()
+                    answer = c.send_message([{"role": "user", "content": text}], total_timeout=1)
+                    assert time.monotonic() - started < 1 + SLACK  # the busy timeout is 30 s
+                    assert answer["content"] == f"echo: {text}"
+                assert c.cache_stats().errors == 2
+                late = [m for m in warnings_logged(logs) if "total_timeout" in m]
+                assert len(late) == 1 and str(path) in late[0]
+            finally:
+                holder.stdin.close()
+                holder.wait(10)
+        c.send_message([{"role": "user", "content": "three"}], total_timeout=1)
+        assert c.cache_stats().writes == 2  # the cache stayed on: "make the file" and "three"
+        assert c.send_message([{"role": "user", "content": "three"}])["content"] == "echo: three"
+        assert c.last_call is not None and c.last_call.cached
+    assert len(warnings_logged(logs)) == 1
