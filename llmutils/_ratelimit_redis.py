@@ -44,8 +44,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._exceptions import ConfigError, InvalidRequestError, RateLimitError
+from ._deadline import Deadline
+from ._exceptions import ConfigError, InvalidRequestError, LLMUtilsError, RateLimitError
 from ._ratelimit import RateLimiter, Reservation
+from .cache import mask_url
 
 __all__ = [
     "RedisRateLimiter",
@@ -152,14 +154,6 @@ def rate_limit_name(endpoint: str) -> str:
     return f"{parts.scheme}://{host}{path}" if parts.scheme else (endpoint.strip().rstrip("/") or "default")
 
 
-def _mask(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for log lines and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
-
-
 class RedisRateLimiter:
     """Requests-per-minute and tokens-per-minute limits shared through Redis by every process.
 
@@ -255,8 +249,8 @@ class RedisRateLimiter:
 
     @property
     def enabled(self) -> bool:
-        """True when an ``rpm`` or ``tpm`` limit is set."""
-        return self._rpm is not None or self._tpm is not None
+        """Always True: even without ``rpm``/``tpm``, a 429's shared pause holds every process."""
+        return True
 
     @property
     def rpm(self) -> float | None:
@@ -284,23 +278,33 @@ class RedisRateLimiter:
         return self._waiting + self._local.waiting
 
     def __repr__(self) -> str:
-        return f"RedisRateLimiter({_mask(self._url)!r}, name={self._name!r}, rpm={self._rpm!r}, tpm={self._tpm!r})"
+        return f"RedisRateLimiter({mask_url(self._url)!r}, name={self._name!r}, rpm={self._rpm!r}, tpm={self._tpm!r})"
 
-    def acquire(self, tokens: int = 0, *, timeout: float | None = None) -> Reservation:
+    def acquire(self, tokens: int = 0, *, timeout: float | None = None, deadline: Deadline | None = None) -> Reservation:
         """Wait for this request's slot in the shared budget; first come, first served.
 
         ``tokens`` is the estimate (prompt + max output); it is ignored when ``tpm`` is off.
         With ``timeout`` (seconds), raise :class:`RateLimitError` at once, without taking a
-        slot, when the slot would come later than that.
+        slot, when the slot would come later than that; with a ``deadline`` (the call's
+        ``total_timeout``) that comes first, raise its :class:`~llmutils.TotalTimeoutError`.
         """
-        if not isinstance(tokens, int) or tokens < 0:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise InvalidRequestError(f"tokens must be an integer >= 0, got {tokens!r}")
+        by_deadline = False
+        if deadline is not None and deadline.bounded:
+            left = deadline.remaining()
+            if timeout is None or left < timeout:
+                timeout, by_deadline = left, True
         start = self._clock()
         reserved = tokens if self._tpm is not None else 0
         while True:
             left = None if timeout is None else timeout - (self._clock() - start)
             if not self._redis_usable():
-                return self._local.acquire(reserved, timeout=None if left is None else max(0.0, left))
+                return self._local.acquire(
+                    reserved,
+                    timeout=None if left is None or by_deadline else max(0.0, left),
+                    deadline=deadline if by_deadline else None,
+                )
             bound_ms = -1.0 if left is None else max(0.0, left) * 1000.0
             try:
                 granted, wait_us, paused_seen = self._scripts["acquire"](
@@ -320,7 +324,7 @@ class RedisRateLimiter:
             self._came_back()
             wait = int(wait_us) / 1e6
             if not int(granted):
-                raise self._timeout_error(timeout, wait)
+                raise self._timeout_error(timeout, wait, deadline if by_deadline else None)
             if wait <= 0.0:
                 return Reservation(self, reserved)
             self._wait(wait)
@@ -387,7 +391,7 @@ class RedisRateLimiter:
                 "shared rate limit %r on %s is unavailable (%s: %s); each process now limits itself "
                 "locally (rpm=%s, tpm=%s); Redis is tried again every %g s",
                 self._name,
-                _mask(self._url),
+                mask_url(self._url),
                 type(exc).__name__,
                 exc,
                 self._rpm,
@@ -402,13 +406,18 @@ class RedisRateLimiter:
             with self._lock:
                 was_down, self._outage = self._outage, False
             if was_down:
-                logger.info("shared rate limit %r on %s is back in use", self._name, _mask(self._url))
+                logger.info("shared rate limit %r on %s is back in use", self._name, mask_url(self._url))
 
-    def _timeout_error(self, timeout: float | None, wait: float) -> RateLimitError:
+    def _timeout_error(self, timeout: float | None, wait: float, deadline: Deadline | None) -> LLMUtilsError:
+        """The error for a slot that would come too late: the deadline's, or a RateLimitError."""
+        if deadline is not None:
+            return deadline.error(
+                f"waiting for the shared rate limit {self._name!r} (rpm={self._rpm}, tpm={self._tpm}; "
+                f"the next slot is {wait:.3f} s away)"
+            )
         return RateLimitError(
             f"shared rate limit {self._name!r} (rpm={self._rpm}, tpm={self._tpm}): no slot within the "
             f"{timeout} s timeout (the next one is {wait:.3f} s away); raise the timeout, lower the "
             "concurrency, or raise the rpm/tpm settings if the provider allows more",
             retry_after=wait,
         )
-

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from llmutils._exceptions import ConfigError, InvalidRequestError, RateLimitError
+from llmutils._deadline import Deadline
+from llmutils._exceptions import ConfigError, InvalidRequestError, RateLimitError, TotalTimeoutError
 from llmutils._ratelimit_redis import RedisRateLimiter, rate_limit_name
 from redis_servers import CI_URL, NO_SERVER, REDIS_SERVER, RedisServer
 
@@ -171,6 +172,18 @@ def test_timeout_raises_at_once_without_taking_a_slot(redis_url: str, name: str)
     assert 1.0 - (time.monotonic() - start) - 0.01 <= waits.waits[0] <= 1.002
 
 
+def test_the_call_deadline_bounds_the_wait(redis_url: str, name: str) -> None:
+    waits = Recorder()
+    a = RedisRateLimiter(redis_url, name=name, rpm=60, sleep=waits)
+    a.acquire()
+    with pytest.raises(TotalTimeoutError, match="total_timeout=0.5s ran out waiting for the shared rate limit"):
+        a.acquire(timeout=30, deadline=Deadline(0.5))
+    with pytest.raises(RateLimitError, match="no slot within the 0.2 s timeout"):
+        a.acquire(timeout=0.2, deadline=Deadline(30))  # the shorter bound wins
+    a.acquire(deadline=Deadline(5))
+    assert waits.waits and waits.waits[0] <= 1.002
+
+
 def test_a_pause_holds_every_limiter_with_the_name(redis_url: str, name: str) -> None:
     waits = Recorder()
     a = RedisRateLimiter(redis_url, name=name, rpm=6000, sleep=waits)
@@ -200,7 +213,7 @@ def test_a_pause_set_while_a_caller_sleeps_on_its_slot_gives_it_a_new_slot(redis
 def test_pause_with_no_limits_still_holds(redis_url: str, name: str) -> None:
     waits = Recorder()
     a = RedisRateLimiter(redis_url, name=name, sleep=waits)
-    assert not a.enabled
+    assert a.enabled and a.rpm is None and a.tpm is None
     a.pause(1.0)
     a.acquire()
     assert 0.9 <= waits.waits[0] <= 1.002
