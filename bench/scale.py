@@ -154,7 +154,7 @@ CHILD = textwrap.dedent(
     args = json.loads(sys.argv[1])
     client = llmutils.OpenAIClient(
         base_url=args["base_url"], api_key="bench", model=args["model"], cache_api_calls=False,
-        rpm=args["rpm"], rate_limit_url=args["redis_url"], rate_limit_name=args["name"], max_attempts=1,
+        rpm=args["rpm"], rate_limit_url=args["redis_url"], rate_limit_name=args["name"],
     )
     client.send_message([{"role": "user", "content": "warm up"}])  # connect before the start
     print("ready", flush=True)

@@ -1,0 +1,335 @@
+"""Outgrowing one process: picklable clients, single-flight across processes on SQLite, batches on executors.
+
+Real components only: llmutils' test server on 127.0.0.1, real SQLite files, real subprocesses
+(spawned, so nothing is inherited by fork), a real redis-server and a real Dask cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import llmutils
+from llmutils import AzureClient, LLMCall, MockClient, OpenAIClient, RetryPolicy
+from llmutils._deadline import Deadline
+from llmutils.cache import SQLiteCache, make_key
+from llmutils.testing import OpenAITestServer
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+# -- pickling ---------------------------------------------------------------------------------------
+
+
+def roundtrip(obj: Any) -> Any:
+    return pickle.loads(pickle.dumps(obj))
+
+
+def test_every_client_kind_pickles_to_its_configuration(tmp_path: Path) -> None:
+    clients = [
+        OpenAIClient(api_key="sk-explicit", base_url="http://127.0.0.1:9/v1", model="m", rpm=60, cache_api_calls=True,
+                     cache_file_name=tmp_path / "c.sqlite", rate_limit_url="redis://127.0.0.1:9/0",
+                     default_headers={"X-Team": "a"}, prices={"m": (1.0, 2.0)}),
+        AzureClient(api_key="az-explicit", azure_endpoint="https://x.openai.azure.com", api_version="2024-10-21", model="dep"),
+        MockClient(answers=["first", "second"], model="mock-model"),
+    ]
+    for client in clients:
+        copy = roundtrip(client)
+        assert type(copy) is type(client)
+        assert copy.settings() == client.settings()
+        assert copy._lock is not client._lock
+    assert clients[0].settings()["RATE_LIMIT_URL"] == "redis://127.0.0.1:9/0"
+    openai_copy, azure_copy, mock_copy = (roundtrip(c) for c in clients)
+    assert openai_copy._api_key == "sk-explicit" and openai_copy._default_headers == {"X-Team": "a"}
+    assert azure_copy._api_key == "az-explicit" and azure_copy._api_version == "2024-10-21"
+    assert mock_copy.send_message(HELLO)["content"] == "first"  # the scripted answers travel
+
+
+def test_runtime_state_stays_behind(server: OpenAITestServer, tmp_path: Path) -> None:
+    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
+                          rpm=6000, max_concurrent_calls=4)
+    client.send_message(HELLO)  # opens the SDK's connections, the cache file and the limiters
+    assert client._sdk_clients and client._caches and client._limits is not None and client.usage.totals().requests == 1
+    copy = roundtrip(client)
+    assert not copy._sdk_clients and not copy._caches and copy._limits is None and not copy._inflight
+    assert copy.usage.totals().requests == 0 and copy.last_call is None
+    assert copy.send_message(HELLO)["content"] == "echo: hello" and copy.last_call.cached  # same cache file
+    mock = MockClient()
+    mock.send_message(HELLO)
+    assert mock.calls == 1 and roundtrip(mock).calls == 0
+
+
+def test_a_key_from_the_environment_does_not_travel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "az-from-the-environment")
+    for client in (OpenAIClient(), AzureClient(azure_endpoint="https://x.openai.azure.com")):
+        assert b"from-the-environment" not in pickle.dumps(client)
+    assert b"sk-explicit" in pickle.dumps(OpenAIClient(api_key="sk-explicit"))  # said in the README
+
+
+def test_an_azure_entra_provider_given_travels_and_a_default_one_does_not() -> None:
+    given = AzureClient(azure_endpoint="https://x.openai.azure.com", azure_ad_token_provider=_token)
+    assert roundtrip(given)._token_provider is _token
+    default = AzureClient(azure_endpoint="https://x.openai.azure.com")
+    default._entra_token_provider = threading.Lock()  # stands for DefaultAzureCredential's provider: never pickled
+    assert roundtrip(default)._entra_token_provider is None
+
+
+def _token() -> str:
+    return "entra-token"
+
+
+def test_llmcall_and_retry_policy_pickle() -> None:
+    call = LLMCall("system_default", "summarize", output_type=int, client=MockClient(answers=["7", "8"]), temperature=0)
+    call.call(text="x")
+    assert call.messages is not None
+    copy = roundtrip(call)
+    assert copy.messages is None and copy.model_output is None and copy.model_params == {"temperature": 0}
+    assert call.call(text="x") == 8 and copy.call(text="y") == 8  # the answers left travelled
+    policy = RetryPolicy(max_attempts=3, waiting_time=0.5, total_timeout=9.0)
+    assert roundtrip(policy) == policy
+
+
+def test_an_unpicklable_injected_piece_is_named() -> None:
+    client = MockClient(handler=lambda messages, params: "x")
+    with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
+        pickle.dumps(client)
+
+
+@pytest.fixture
+def keyed_server() -> Iterator[OpenAITestServer]:
+    with OpenAITestServer(api_key="sk-worker-env") as srv:
+        yield srv
+
+
+def test_clients_and_llmcall_work_in_a_spawned_process(keyed_server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-worker-env")  # the worker reads its own environment
+    ask = operator.methodcaller("send_message", HELLO)
+    openai_client = OpenAIClient(base_url=keyed_server.base_url)
+    mock = MockClient(answers=["scripted"])
+    summarize = LLMCall("system_default", "summarize", client=OpenAIClient(base_url=keyed_server.base_url))
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        assert pool.submit(ask, openai_client).result(timeout=60)["content"] == "echo: hello"
+        assert pool.submit(ask, mock).result(timeout=60)["content"] == "scripted"
+        assert "echo:" in pool.submit(summarize.call, text="a long story").result(timeout=60)
+        pid = pool.submit(os.getpid).result(timeout=60)
+    assert pid != os.getpid()
+    assert keyed_server.request_count == 2
+    assert all(r.headers.get("authorization") == "Bearer sk-worker-env" for r in keyed_server.requests)
+
+
+# -- single-flight across processes on SQLite ------------------------------------------------------
+
+SQLITE_CHILD = textwrap.dedent(
+    """
+    import json, random, sys, threading
+    import llmutils
+
+    args = json.loads(sys.argv[1])
+    client = llmutils.OpenAIClient(base_url=args["base_url"], api_key="k", cache_api_calls=True,
+                                   cache_file_name=args["cache"])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    wrong = []
+
+    def run(seed):
+        order = list(range(args["prompts"]))
+        random.Random(seed).shuffle(order)
+        for i in order:
+            text = f"shared prompt {i}"
+            answer = client.send_message([{"role": "user", "content": text}])["content"]
+            if answer != f"echo: {text}":
+                wrong.append(answer)
+
+    threads = [threading.Thread(target=run, args=(args["seed"] * 100 + t,)) for t in range(args["threads"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"wrong": wrong}), flush=True)
+    """
+)
+
+
+def test_four_processes_eight_threads_share_one_request_per_prompt_on_sqlite(server: OpenAITestServer, tmp_path: Path) -> None:
+    server.latency = 0.02  # long enough for identical requests of several processes to overlap
+    cache = str(tmp_path / "shared.sqlite")
+    SQLiteCache(cache).set(make_key({"warm": True}), {"x": 1})  # the file exists before the race
+    spec = {"base_url": server.base_url, "cache": cache, "prompts": 100, "threads": 8}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SQLITE_CHILD, json.dumps({**spec, "seed": n})],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in range(4)
+    ]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["wrong"] == []
+    assert server.request_count == 100
+    assert sorted(r.body["messages"][-1]["content"] for r in server.requests) == sorted(f"shared prompt {i}" for i in range(100))
+
+
+def test_a_waiter_takes_over_when_the_lease_expires(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    holder, waiter = SQLiteCache(path), SQLiteCache(path)
+    holder.lease_ttl = 0.3
+    key = make_key({"q": 1})
+    holding, release = threading.Event(), threading.Event()
+
+    def stuck() -> dict[str, Any]:
+        holding.set()
+        release.wait(30)
+        return {"from": "holder"}
+
+    thread = threading.Thread(target=holder.single_flight, args=(key, stuck))
+    thread.start()
+    try:
+        assert holding.wait(10)
+        value, shared = waiter.single_flight(key, lambda: {"from": "waiter"}, deadline=Deadline(20))
+        assert (value, shared) == ({"from": "waiter"}, False)  # the hung holder's lease ran out
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_a_waiter_gets_the_holders_answer(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    holder, waiter = SQLiteCache(path), SQLiteCache(path)
+    key = make_key({"q": 2})
+    holding, release = threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def slow() -> dict[str, Any]:
+        holding.set()
+        release.wait(30)
+        return {"from": "holder"}
+
+    thread = threading.Thread(target=holder.single_flight, args=(key, slow))
+    thread.start()
+    try:
+        assert holding.wait(10)
+        timer = threading.Timer(0.2, release.set)
+        timer.start()
+        value, shared = waiter.single_flight(key, lambda: sent.append("waiter") or {"from": "waiter"}, deadline=Deadline(20))
+        assert (value, shared, sent) == ({"from": "holder"}, True, [])
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_a_waiter_sends_itself_when_the_holder_fails(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    holder, waiter = SQLiteCache(path), SQLiteCache(path)
+    key = make_key({"q": 3})
+    holding, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def failing() -> dict[str, Any]:
+        holding.set()
+        release.wait(30)
+        raise llmutils.NonTerminalError("HTTP 500")
+
+    def hold() -> None:
+        try:
+            holder.single_flight(key, failing)
+        except llmutils.NonTerminalError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        threading.Timer(0.1, release.set).start()
+        value, shared = waiter.single_flight(key, lambda: {"from": "waiter"}, deadline=Deadline(20))
+        assert (value, shared) == ({"from": "waiter"}, False)
+    finally:
+        release.set()
+        thread.join(10)
+    assert len(errors) == 1
+
+
+def test_a_waiter_takes_over_at_once_when_the_holder_process_died(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    key = make_key({"q": 4})
+    code = textwrap.dedent(
+        f"""
+        import threading
+        from llmutils.cache import SQLiteCache
+
+        def hang():
+            print("holding", flush=True)
+            threading.Event().wait()
+
+        SQLiteCache({str(path)!r}).single_flight({key!r}, hang)
+        """
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+        finally:
+            proc.kill()
+            proc.wait(10)  # reaped: its pid is gone
+    waiter = SQLiteCache(path)
+    value, shared = waiter.single_flight(key, lambda: {"from": "waiter"}, deadline=Deadline(5))
+    assert (value, shared) == ({"from": "waiter"}, False)  # long before the 60 s lease would end
+
+
+def test_the_deadline_bounds_the_wait_for_a_lease(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    holder, waiter = SQLiteCache(path), SQLiteCache(path)
+    key = make_key({"q": 5})
+    holding, release = threading.Event(), threading.Event()
+    thread = threading.Thread(target=holder.single_flight, args=(key, lambda: holding.set() or release.wait(30) and {"x": 1}))
+    thread.start()
+    try:
+        assert holding.wait(10)
+
+        def send() -> dict[str, Any]:
+            raise deadline.error("sending")  # what the client's send does when nothing is left
+
+        deadline = Deadline(0.3)
+        with pytest.raises(llmutils.TotalTimeoutError):
+            waiter.single_flight(key, send, deadline=deadline)
+        assert deadline.expired
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_leases_are_rows_a_person_can_read(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "c.sqlite"
+    cache = SQLiteCache(path)
+    key = make_key({"q": 6})
+    seen: list[Any] = []
+
+    def look() -> dict[str, Any]:
+        with sqlite3.connect(path) as conn:
+            seen.extend(conn.execute("SELECT key, pid, expires > strftime('%s','now') FROM llmutils_leases").fetchall())
+        return {"x": 1}
+
+    assert cache.single_flight(key, look) == ({"x": 1}, False)
+    assert seen == [(key, os.getpid(), 1)]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM llmutils_leases").fetchone()[0] == 0  # dropped after
+    assert cache.get(key) == {"x": 1}
