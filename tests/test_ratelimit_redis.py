@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
+import llmutils
+from llmutils import OpenAIClient
 from llmutils._deadline import Deadline
 from llmutils._exceptions import ConfigError, InvalidRequestError, RateLimitError, TotalTimeoutError
 from llmutils._ratelimit_redis import RedisRateLimiter, rate_limit_name
+from llmutils.testing import Fault, OpenAITestServer
 from redis_servers import CI_URL, NO_SERVER, REDIS_SERVER, RedisServer
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install -e '.[test]'")
@@ -51,6 +54,9 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
@@ -458,3 +464,60 @@ def test_redis_stopped_mid_run_each_process_goes_on_locally_with_one_warning(own
         warnings = [line for line in stderr.splitlines() if line.startswith("WARNING llmutils")]
         assert len(warnings) == 1, stderr
         assert "locally" in warnings[0]
+
+
+# -- through clients ---------------------------------------------------------------------------------
+
+
+def test_clients_with_rate_limit_url_share_one_budget_named_after_the_endpoint(
+    server: OpenAITestServer, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMUTILS_RATE_LIMIT_URL", redis_url)  # the environment, for one of them
+    a = OpenAIClient(base_url=server.base_url, api_key="k", rpm=1200)
+    b = OpenAIClient(base_url=server.base_url, api_key="k", rpm=1200, rate_limit_url=redis_url)  # the argument
+    name = rate_limit_name(server.base_url)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        raw.delete(f"llmutils:ratelimit:{{{name}}}")
+        start = time.monotonic()
+        for i in range(5):
+            a.send_message([{"role": "user", "content": f"a{i}"}])
+            b.send_message([{"role": "user", "content": f"b{i}"}])
+        elapsed = time.monotonic() - start
+        assert raw.exists(f"llmutils:ratelimit:{{{name}}}") == 1
+    finally:
+        raw.close()
+    assert elapsed >= 9 * 0.05 - 0.01  # ten requests 50 ms apart between the two (each alone: 0.2 s)
+    assert server.request_count == 10
+
+
+def test_rate_limit_name_splits_or_joins_budgets(server: OpenAITestServer, redis_url: str, name: str) -> None:
+    client = OpenAIClient(base_url=server.base_url, api_key="k", rpm=60, rate_limit_url=redis_url, rate_limit_name=name)
+    client.send_message(HELLO)
+    other = RedisRateLimiter(redis_url, name=name, rpm=60)
+    with pytest.raises(RateLimitError):  # the client took the budget's slot: the next is a second away
+        other.acquire(timeout=0.5)
+
+
+def test_a_429_retry_after_pauses_every_client_on_the_url(server: OpenAITestServer, redis_url: str, name: str) -> None:
+    waits = Recorder()
+    a = OpenAIClient(base_url=server.base_url, api_key="k", rate_limit_url=redis_url, rate_limit_name=name, sleep=waits)
+    b = OpenAIClient(base_url=server.base_url, api_key="k", rate_limit_url=redis_url, rate_limit_name=name)
+    server.script(Fault.rate_limit(retry_after=1))
+    with pytest.raises(llmutils.LLMUtilsError):
+        a.send_message(HELLO, max_attempts=1)
+    start = time.monotonic()
+    b.send_message(HELLO)  # no rpm/tpm set: the shared pause alone holds it
+    assert time.monotonic() - start >= 0.8
+
+
+def test_a_bad_rate_limit_url_fails_before_any_request(server: OpenAITestServer) -> None:
+    with pytest.raises(ConfigError, match="RATE_LIMIT_URL"):
+        OpenAIClient(base_url=server.base_url, api_key="k", rate_limit_url="http://:hunter2@localhost:6379")
+    assert server.request_count == 0
+
+
+def test_without_rate_limit_url_nothing_changes(server: OpenAITestServer) -> None:
+    client = OpenAIClient(base_url=server.base_url, api_key="k", rpm=600)
+    client.send_message(HELLO)
+    assert type(client._limits[1]).__name__ == "RateLimiter"  # type: ignore[index]
