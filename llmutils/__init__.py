@@ -39,6 +39,7 @@ from ._exceptions import RetriesExhaustedError as RetriesExhaustedError
 from ._exceptions import TemplateError as TemplateError
 from ._exceptions import TotalTimeoutError as TotalTimeoutError
 from ._ratelimit import RateLimiter as RateLimiter
+from ._ratelimit_redis import RedisRateLimiter as RedisRateLimiter
 from ._registry import client as client
 from ._registry import force_api_cache as force_api_cache
 from ._registry import force_api_type as force_api_type
@@ -80,6 +81,7 @@ __all__ = [
     "QuotaExceededError",
     "RateLimitError",
     "RateLimiter",
+    "RedisRateLimiter",
     "RedisCache",
     "RetriesExhaustedError",
     "RetryPolicy",
