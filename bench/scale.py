@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rpm-processes", type=int, default=4)
     parser.add_argument("--rpm-seconds", type=float, default=20.0)
     parser.add_argument("--redis-url", default=None, help="default: start a redis-server of our own")
+    parser.add_argument("--part", choices=("all", "processes", "rate"), default="all", help="run one part only")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.rounds, args.rpm_seconds = 500, 1, 6.0
@@ -257,27 +258,30 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     started = time.perf_counter()
-    with serve(args.latency) as url:
-        rates = throughput(url, args)
-    with serve(0.0) as url, redis_server(args.redis_url) as redis_url:
-        shared = shared_rate(url, redis_url, args)
-    one, two = rates["1 process"], rates["2 processes"]
-    ratio = statistics.median(two) / statistics.median(one)
-    print()
-    print(f"batch, {args.requests} requests, {args.workers} threads per process, {args.latency * 1000:g} ms latency (requests/s):")
-    print(f"  1 process                       {spread(one)}")
-    print(f"  2 processes (--processes 2)     {spread(two)}")
-    print(f"  ratio 2 / 1                     {ratio:.2f}x")
-    print(
-        f"shared limit {args.rpm:g} rpm, {args.rpm_processes} processes x 4 threads, {args.rpm_seconds:g} s: "
-        f"{shared['achieved']:,.1f} rpm ({shared['deviation']:+.2f}%, target within 5%: "
-        f"{'met' if abs(shared['deviation']) <= 5 else 'MISSED'}); without sharing: "
-        f"{args.rpm * args.rpm_processes:,.0f} rpm"
-    )
-    print(
-        f"  share of requests per process: {shared['min_share']:.1f}% .. {shared['max_share']:.1f}% "
-        f"(fair: {100 / args.rpm_processes:.1f}%); failed: {shared['failed']:.0f}"
-    )
+    if args.part in ("all", "processes"):
+        with serve(args.latency) as url:
+            rates = throughput(url, args)
+        one, two = rates["1 process"], rates["2 processes"]
+        ratio = statistics.median(two) / statistics.median(one)
+        print()
+        print(f"batch, {args.requests} requests, {args.workers} threads per process, {args.latency * 1000:g} ms latency (requests/s):")
+        print(f"  1 process                       {spread(one)}")
+        print(f"  2 processes (--processes 2)     {spread(two)}")
+        print(f"  ratio 2 / 1                     {ratio:.2f}x")
+    if args.part in ("all", "rate"):
+        with serve(0.0) as url, redis_server(args.redis_url) as redis_url:
+            shared = shared_rate(url, redis_url, args)
+        print()
+        print(
+            f"shared limit {args.rpm:g} rpm, {args.rpm_processes} processes x 4 threads, {args.rpm_seconds:g} s: "
+            f"{shared['achieved']:,.1f} rpm ({shared['deviation']:+.2f}%, target within 5%: "
+            f"{'met' if abs(shared['deviation']) <= 5 else 'MISSED'}); without sharing: "
+            f"{args.rpm * args.rpm_processes:,.0f} rpm"
+        )
+        print(
+            f"  share of requests per process: {shared['min_share']:.1f}% .. {shared['max_share']:.1f}% "
+            f"(fair: {100 / args.rpm_processes:.1f}%); failed: {shared['failed']:.0f}"
+        )
     print(f"total time {time.perf_counter() - started:.0f} s; load average after: {os.getloadavg()[0]:.2f}")
 
 
