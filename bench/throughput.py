@@ -9,8 +9,8 @@ share a GIL with the client threads being measured (``--server inprocess`` to co
    32 workers of a ``ThreadPoolExecutor``, against 50 ms of server latency;
 2. the raw ``openai.OpenAI(max_retries=0).chat.completions.create`` in the same thread pool, and an
    ``openai.AsyncOpenAI`` baseline (``asyncio.gather`` bounded by a ``Semaphore(32)``), all sending
-   the same request body; each is measured ``--rounds`` times, interleaved, best round kept
-   (``llmutils.batch`` once, for information). With the openai SDK's CPU cost per request, the
+   the same request body; each is measured ``--rounds`` times (default 5), interleaved, and the
+   median round is reported with the inter-quartile range (``llmutils.batch`` once, for information). With the openai SDK's CPU cost per request, the
    32-thread figures are bounded by one core of client CPU (the GIL), not by the server latency;
    another busy process on the machine shows up directly in them, so the load average is printed;
 3. llmutils' own CPU cost per call (a MockClient with the cache off: no SDK, no network);
@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,26 @@ class Figure(NamedTuple):
     rate: float
     failed: int
     cpu_ms: float
+
+
+class Rounds(NamedTuple):
+    """The figures of one way of sending over every round: medians, and the spread of the rate."""
+
+    rate: float
+    failed: int
+    cpu_ms: float
+    q1: float
+    q3: float
+
+    @classmethod
+    def of(cls, figures: list[Figure]) -> Rounds:
+        rates = sorted(f.rate for f in figures)
+        q1, _, q3 = statistics.quantiles(rates, n=4) if len(rates) >= 2 else (rates[0], 0.0, rates[0])
+        return cls(statistics.median(rates), sum(f.failed for f in figures), statistics.median(f.cpu_ms for f in figures), q1, q3)
+
+    @property
+    def iqr(self) -> str:
+        return f"IQR {self.q1:,.0f}-{self.q3:,.0f}"
 
 
 @contextmanager
@@ -179,16 +200,15 @@ def run_async(base_url: str, tag: str, n: int, concurrency: int, warmup: int) ->
     return asyncio.run(go())
 
 
-def throughput(base_url: str, args: argparse.Namespace) -> dict[str, Figure]:
-    """Parts 1 and 2: best requests/s of each way of sending, over interleaved rounds."""
+def throughput(base_url: str, args: argparse.Namespace) -> dict[str, Rounds]:
+    """Parts 1 and 2: requests/s of each way of sending over interleaved rounds (median, IQR)."""
     workers = 32
     client = llmutils_client(base_url)
     sdk = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
-    best: dict[str, Figure] = {}
+    figures: dict[str, list[Figure]] = {}
 
     def keep(name: str, figure: Figure) -> None:
-        if name not in best or figure.rate > best[name].rate:
-            best[name] = figure
+        figures.setdefault(name, []).append(figure)
 
     def warm(r: int) -> None:
         # 32 open keep-alive connections in each pool before it is timed: idle connections expire
@@ -199,8 +219,8 @@ def throughput(base_url: str, args: argparse.Namespace) -> dict[str, Figure]:
 
     try:
         warm(-1)
-        keep("llmutils 1 worker", run_llmutils(client, "one", args.single, 1))
         for r in range(args.rounds):
+            keep("llmutils 1 worker", run_llmutils(client, f"one{r}", args.single, 1))
             warm(r)
             keep("llmutils 32 threads", run_llmutils(client, f"t{r}", args.requests, workers))
             keep("raw SDK 32 threads", run_raw(sdk, f"r{r}", args.requests, workers))
@@ -210,7 +230,7 @@ def throughput(base_url: str, args: argparse.Namespace) -> dict[str, Figure]:
     finally:
         client.close()
         sdk.close()
-    return best
+    return {name: Rounds.of(found) for name, found in figures.items()}
 
 
 def own_overhead(calls: int = 5000) -> float:
@@ -220,13 +240,13 @@ def own_overhead(calls: int = 5000) -> float:
     prompt = messages("overhead", 0)
     for _ in range(500):
         client.send_message(prompt)
-    best = float("inf")
-    for _ in range(3):
+    rounds = []
+    for _ in range(5):
         cpu = time.process_time()
         for _ in range(calls):
             client.send_message(prompt)
-        best = min(best, (time.process_time() - cpu) / calls * 1e6)
-    return best
+        rounds.append((time.process_time() - cpu) / calls * 1e6)
+    return statistics.median(rounds)
 
 
 # -- part 3: cache replay ------------------------------------------------------------------------
@@ -344,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (about 25 s)")
     parser.add_argument("--requests", type=int, default=2000, help="requests per 32-worker run")
     parser.add_argument("--single", type=int, default=100, help="requests for the 1-worker run")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is kept")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     parser.add_argument("--latency", type=float, default=0.05, help="server latency, seconds")
     parser.add_argument("--replay-items", type=int, default=10_000)
     parser.add_argument("--rpm", type=float, default=600.0)
@@ -352,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", choices=("subprocess", "inprocess"), default="subprocess")
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.single, args.rounds, args.replay_items, args.rpm_seconds = 500, 30, 1, 2000, 6.0
+        args.requests, args.single, args.rounds, args.replay_items, args.rpm_seconds = 500, 30, 3, 2000, 6.0
 
     print(
         f"llmutils {llmutils.__version__}, openai {openai.__version__}, Python {platform.python_version()}, "
@@ -374,15 +394,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     n = args.requests
 
-    def cpu(f: Figure) -> str:
+    def cpu(f: Rounds) -> str:
         return f"{f.cpu_ms:.2f}"
 
     rows = [
-        (f"llmutils, 1 worker ({args.single} req)", f"{one.rate:,.1f} req/s", cpu(one), "", "", ""),
-        (f"llmutils, 32 threads ({n} req)", f"{threads.rate:,.1f} req/s", cpu(threads), f"{threads.rate / one.rate:.1f}x 1 worker", ">= 20x", verdict(threads.rate / one.rate, 20)),
-        (f"raw openai.OpenAI, 32 threads ({n} req)", f"{raw.rate:,.1f} req/s", cpu(raw), "", "", ""),
+        (f"llmutils, 1 worker ({args.single} req)", f"{one.rate:,.1f} req/s ({one.iqr})", cpu(one), "", "", ""),
+        (f"llmutils, 32 threads ({n} req)", f"{threads.rate:,.1f} req/s ({threads.iqr})", cpu(threads), f"{threads.rate / one.rate:.1f}x 1 worker", ">= 20x", verdict(threads.rate / one.rate, 20)),
+        (f"raw openai.OpenAI, 32 threads ({n} req)", f"{raw.rate:,.1f} req/s ({raw.iqr})", cpu(raw), "", "", ""),
         ("  llmutils / raw SDK", "", "", f"{threads.rate / raw.rate:.3f}x", ">= 0.95x", verdict(threads.rate / raw.rate, 0.95)),
-        (f"AsyncOpenAI, Semaphore(32) ({n} req)", f"{aio.rate:,.1f} req/s", cpu(aio), "", "", ""),
+        (f"AsyncOpenAI, Semaphore(32) ({n} req)", f"{aio.rate:,.1f} req/s ({aio.iqr})", cpu(aio), "", "", ""),
         ("  llmutils threads / asyncio", "", "", f"{threads.rate / aio.rate:.3f}x", ">= 0.9x", verdict(threads.rate / aio.rate, 0.9)),
         (f"llmutils.batch(workers=32) ({n} req)", f"{bat.rate:,.1f} req/s", cpu(bat), f"{bat.rate / raw.rate:.3f}x raw", "", ""),
         ("llmutils' own cost per call (MockClient)", f"{overhead:.0f} us CPU", f"{overhead / 1000:.2f}", "", "", ""),
@@ -409,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     failures = {name: f.failed for name, f in tp.items() if f.failed}
     print()
     print(
-        f"best of {args.rounds} interleaved round(s); CPU ms/req is this process's CPU time (all threads; "
+        f"medians of {args.rounds} interleaved round(s), rates with their inter-quartile range; CPU ms/req is this process's CPU time (all threads; "
         f"the server's is not counted in subprocess mode) per request; failed requests: {failures or 'none'}"
     )
     print(

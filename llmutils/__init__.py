@@ -8,6 +8,11 @@
 Importing llmutils reads no file and imports neither ``openai`` nor ``tiktoken``.
 """
 
+# First, before the slow imports: Ctrl-C while the llmutils command starts exits 130 quietly.
+from ._sigint import quiet_ctrl_c_while_starting as _quiet_ctrl_c_while_starting
+
+_quiet_ctrl_c_while_starting()
+
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
@@ -32,6 +37,7 @@ from ._exceptions import ContentFilterError as ContentFilterError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LLMUtilsError as LLMUtilsError
 from ._exceptions import NonTerminalError as NonTerminalError
+from ._exceptions import NotAttemptedError as NotAttemptedError
 from ._exceptions import OutputParseError as OutputParseError
 from ._exceptions import QuotaExceededError as QuotaExceededError
 from ._exceptions import RateLimitError as RateLimitError
@@ -76,6 +82,7 @@ __all__ = [
     "MockClient",
     "ModelUsage",
     "NonTerminalError",
+    "NotAttemptedError",
     "OpenAIClient",
     "OutputParseError",
     "QuotaExceededError",

@@ -6,15 +6,25 @@
 
 What is kept per item and what stops the run:
 
-* an :class:`LLMUtilsError` (an HTTP failure after its retries, a template that does not render,
-  an item of the wrong shape) is kept in that item's :attr:`BatchResult.error`; the other items
-  go on;
+* an :class:`LLMUtilsError` (an HTTP failure after its retries, a template that does not render
+  on this item's variables, an item of the wrong shape) is kept in that item's
+  :attr:`BatchResult.error`; the other items go on;
+* fail fast: when the results show that every request would fail the same way, no new item is
+  sent: after the first :class:`AuthenticationError`, or after ``max_connection_failures``
+  connection failures in a row (no HTTP response at all: refused, DNS, TLS, timeouts) with no
+  success in between. Items already in flight finish; the others get a
+  :class:`NotAttemptedError` whose ``reason`` (also logged once, as one WARNING line) says why;
 * any other exception is a bug (in a handler, in a callback): the run stops, items not yet
   started are dropped, and the exception propagates with its traceback;
 * ``KeyboardInterrupt`` (Ctrl-C) in the calling thread stops the run at once: no new item
-  starts and the exception is re-raised without waiting for the requests in flight. Workers are
+  starts, results already back still go to ``on_result``, and the exception is re-raised
+  without waiting for the requests in flight. Workers are
   daemon threads, so a process that exits on Ctrl-C does not wait for them either; a request in
   flight finishes (or times out) in the background and its result is dropped.
+
+The pieces are small and separate so that other runners can reuse them: :func:`run_item` (the
+work of one item), :class:`ReorderBuffer` (finishing order to input order), :class:`FailFast`
+(the stop rule) and :func:`is_connection_failure`.
 
 Workers run in a copy of the caller's :mod:`contextvars` context, so
 :func:`~llmutils.override_defaults` around :func:`batch` applies to every item.
@@ -25,21 +35,40 @@ from __future__ import annotations
 import contextvars
 import logging
 import queue
+import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._exceptions import ConfigError, InvalidRequestError, LLMUtilsError
+from ._exceptions import (
+    AuthenticationError,
+    ConfigError,
+    InvalidRequestError,
+    LLMUtilsError,
+    NotAttemptedError,
+)
 
-__all__ = ["BatchResult", "batch", "map_calls"]
+__all__ = [
+    "BatchResult",
+    "batch",
+    "map_calls",
+    "run_item",
+    "ReorderBuffer",
+    "FailFast",
+    "is_connection_failure",
+    "DEFAULT_WORKERS",
+    "DEFAULT_MAX_CONNECTION_FAILURES",
+]
 
 logger = logging.getLogger("llmutils")
 
 T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
+DEFAULT_MAX_CONNECTION_FAILURES = 5
 _POLL_SECONDS = 0.2  # how often the calling thread wakes while waiting (Ctrl-C on every platform)
 
 
@@ -60,6 +89,11 @@ class BatchResult:
         return self.error is None
 
     @property
+    def attempted(self) -> bool:
+        """False when the batch stopped early (fail fast) before this item was sent."""
+        return not isinstance(self.error, NotAttemptedError)
+
+    @property
     def content(self) -> str | None:
         """The text of the answer when ``output`` is an assistant message dict, else None."""
         if isinstance(self.output, Mapping):
@@ -75,45 +109,16 @@ class BatchResult:
         return sum(v for k in ("prompt_tokens", "completion_tokens") if isinstance(v := self.usage.get(k), int))
 
 
-class _Progress:
-    """A tqdm bar on stderr with done/cached/failed/tokens, or nothing when disabled."""
-
-    def __init__(self, total: int, enabled: bool, desc: str) -> None:
-        self.cached = self.failed = self.tokens = 0
-        self._bar: Any = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
-
-    def _postfix(self) -> str:
-        return f"cached={self.cached} failed={self.failed} tokens={self.tokens}"
-
-    def update(self, result: BatchResult) -> None:
-        """Count one finished item."""
-        self.cached += result.cached
-        self.failed += not result.ok
-        if not result.cached:
-            self.tokens += result.tokens
-        if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
-            self._bar.update(1)
-
-    def close(self) -> None:
-        """Draw the bar one last time and release the terminal line."""
-        if self._bar is not None:
-            self._bar.close()
+# -- the work of one item --------------------------------------------------------------------------
 
 
-def _default_client() -> Any:
-    from ._registry import client
+def run_item(fn: Callable[[T], Any], index: int, item: T, client: Any) -> BatchResult:
+    """Run ``fn(item)`` and return its :class:`BatchResult`.
 
-    return client()
-
-
-def _call_one(fn: Callable[[T], Any], index: int, item: T, client: Any) -> BatchResult:
-    """Run ``fn(item)``; keep an LLMUtilsError, and read cached/usage from the client's last call."""
+    An :class:`LLMUtilsError` becomes the result's ``error``; any other exception propagates
+    (a bug). ``cached`` and ``usage`` are read from ``client.last_call`` (the calling thread's
+    last call) when ``fn`` made one.
+    """
     before = getattr(client, "last_call", None)
     try:
         output = fn(item)
@@ -126,6 +131,234 @@ def _call_one(fn: Callable[[T], Any], index: int, item: T, client: Any) -> Batch
     return BatchResult(index, item, output=output, cached=bool(info.cached), usage=info.usage)
 
 
+# -- finishing order to input order ----------------------------------------------------------------
+
+
+class ReorderBuffer:
+    """Turn results arriving in finishing order into input order, holding those ahead of a gap.
+
+    >>> buffer = ReorderBuffer()
+    >>> buffer.push(BatchResult(1, "b"))      # item 0 is not finished: held
+    []
+    >>> [r.index for r in buffer.push(BatchResult(0, "a"))]
+    [0, 1]
+
+    Not thread-safe: push from one thread (the one collecting results).
+    """
+
+    def __init__(self, first: int = 0) -> None:
+        self._next = first
+        self._held: dict[int, BatchResult] = {}
+
+    @property
+    def next_index(self) -> int:
+        """The index the buffer waits for before it can hand anything else out."""
+        return self._next
+
+    def __len__(self) -> int:
+        """The number of results held, waiting for an earlier one."""
+        return len(self._held)
+
+    def push(self, result: BatchResult) -> list[BatchResult]:
+        """Add one finished result; return the results now ready, in input order (maybe none)."""
+        if result.index < self._next or result.index in self._held:
+            raise ValueError(f"result {result.index} was already pushed")
+        self._held[result.index] = result
+        ready = []
+        while self._next in self._held:
+            ready.append(self._held.pop(self._next))
+            self._next += 1
+        return ready
+
+    def drain(self) -> list[BatchResult]:
+        """Return every result still held, in input order, skipping the gaps (the run was cut short)."""
+        ready = [self._held[i] for i in sorted(self._held)]
+        self._held.clear()
+        if ready:
+            self._next = ready[-1].index + 1
+        return ready
+
+
+# -- the fail-fast rule -------------------------------------------------------------------------------
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The error, then its causes (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def is_connection_failure(error: BaseException) -> bool:
+    """True when no HTTP response came back: connection refused or reset, DNS, TLS, a timeout.
+
+    Reads the error's chain of causes: an HTTP status anywhere in it means the server answered
+    (not a connection failure); the SDK's ``APIConnectionError`` (timeouts included) or an OS
+    connection error means it did not.
+    """
+    openai = sys.modules.get("openai")
+    connection_errors: tuple[type[BaseException], ...] = (ConnectionError, socket.gaierror, TimeoutError)
+    sdk_error = getattr(openai, "APIConnectionError", None)
+    if isinstance(sdk_error, type):
+        connection_errors += (sdk_error,)
+    for exc in _chain(error):
+        if isinstance(exc, LLMUtilsError) and exc.status_code is not None:
+            return False
+        if isinstance(exc, connection_errors):
+            return True
+    return False
+
+
+class FailFast:
+    """Decide when a batch should stop sending because every request would fail the same way.
+
+    Stop after the first :class:`AuthenticationError`, or after ``max_connection_failures``
+    connection failures (:func:`is_connection_failure`) in a row: an item the server answered
+    (a success, or an HTTP error) resets the count; a cache hit or an item that failed before
+    sending leaves it as it is. ``None`` or ``0`` never stops on connection failures.
+
+    >>> rule = FailFast(max_connection_failures=5)
+    >>> rule.observe(result)   # True once, when the batch should stop; ``rule.reason`` says why
+    """
+
+    def __init__(self, max_connection_failures: int | None = DEFAULT_MAX_CONNECTION_FAILURES) -> None:
+        if max_connection_failures is not None and (
+            isinstance(max_connection_failures, bool)
+            or not isinstance(max_connection_failures, int)
+            or max_connection_failures < 0
+        ):
+            raise ConfigError(f"max_connection_failures must be an int >= 0 or None, got {max_connection_failures!r}")
+        self.max_connection_failures = max_connection_failures or None
+        self.reason: str | None = None
+        self._in_a_row = 0
+
+    def observe(self, result: BatchResult) -> bool:
+        """Count one finished item; return True the first time the batch should stop."""
+        if self.reason is not None:
+            return False
+        error = result.error
+        if error is None:
+            if not result.cached:
+                self._in_a_row = 0
+            return False
+        if isinstance(error, AuthenticationError):
+            self.reason = f"item {result.index} failed with AuthenticationError, so every request would: {error}"
+            return True
+        if is_connection_failure(error):
+            self._in_a_row += 1
+            limit = self.max_connection_failures
+            if limit is not None and self._in_a_row >= limit:
+                self.reason = (
+                    f"{self._in_a_row} connection failures in a row with no success in between "
+                    f"(last: item {result.index}: {error})"
+                )
+                return True
+        elif error.status_code is not None:
+            self._in_a_row = 0
+        return False
+
+
+def _not_attempted(index: int, item: Any, reason: str) -> BatchResult:
+    return BatchResult(index, item, error=NotAttemptedError(f"not attempted: the batch stopped early: {reason}", reason=reason))
+
+
+# -- the progress bar ----------------------------------------------------------------------------------
+
+
+class _BarHandler(logging.Handler):
+    """Stand-in for a console log handler while a bar is drawn: the same text, through ``tqdm.write``."""
+
+    def __init__(self, original: logging.StreamHandler[Any], write: Callable[..., None]) -> None:
+        super().__init__(original.level)
+        self.original = original
+        self.filters = list(original.filters)
+        self._write = write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._write(self.original.format(record), file=self.original.stream)
+        except Exception:  # as logging.StreamHandler does: report, never raise into the caller
+            self.handleError(record)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
+
+
+@contextmanager
+def _logs_through_bar(write: Callable[..., None]) -> Iterator[None]:
+    """Print console log lines (llmutils' and the root logger's) above the bar, not glued to it.
+
+    Like tqdm's ``logging_redirect_tqdm``, but only handlers that write to the console are
+    replaced, and nothing is added to a logger that has none (Python's last-resort handler is
+    redirected instead).
+    """
+    saved: list[tuple[logging.Logger, list[logging.Handler]]] = []
+    for each in (logger, logging.getLogger()):
+        if any(_is_console(h) for h in each.handlers):
+            saved.append((each, each.handlers))
+            each.handlers = [_BarHandler(h, write) if _is_console(h) else h for h in each.handlers]  # type: ignore[arg-type]
+    last_resort = logging.lastResort
+    if isinstance(last_resort, logging.StreamHandler):
+        logging.lastResort = _BarHandler(last_resort, write)
+    try:
+        yield
+    finally:
+        for each, handlers in saved:
+            each.handlers = handlers
+        logging.lastResort = last_resort
+
+
+class _Progress:
+    """A tqdm bar on stderr with done/cached/failed/tokens, or nothing when disabled."""
+
+    def __init__(self, total: int, enabled: bool, desc: str) -> None:
+        self.cached = self.failed = self.tokens = self.skipped = 0
+        self._bar: Any = None
+        self._redirect: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._redirect = _logs_through_bar(tqdm.write)
+            self._redirect.__enter__()
+
+    def _postfix(self) -> str:
+        skipped = f" not_attempted={self.skipped}" if self.skipped else ""
+        return f"cached={self.cached} failed={self.failed} tokens={self.tokens}{skipped}"
+
+    def update(self, result: BatchResult) -> None:
+        """Count one finished item."""
+        self.cached += result.cached
+        self.failed += not result.ok
+        self.skipped += not result.attempted
+        if not result.cached:
+            self.tokens += result.tokens
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        """Draw the bar one last time, release the terminal line and put the log handlers back."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+
+
+# -- the runner --------------------------------------------------------------------------------------
+
+
+def _default_client() -> Any:
+    from ._registry import client
+
+    return client()
+
+
 def map_calls(
     fn: Callable[[T], Any],
     items: Iterable[T],
@@ -135,6 +368,7 @@ def map_calls(
     progress: bool = False,
     desc: str = "llmutils",
     on_result: Callable[[BatchResult], None] | None = None,
+    max_connection_failures: int | None = DEFAULT_MAX_CONNECTION_FAILURES,
 ) -> list[BatchResult]:
     """Apply ``fn`` to every item on ``workers`` threads; return one :class:`BatchResult` per item, in order.
 
@@ -142,57 +376,89 @@ def map_calls(
     >>> map_calls(lambda v: summarize.call(**v), [{"text": a} for a in articles], workers=16)
 
     ``client`` (default: the configured client) is where ``cached`` and ``usage`` are read from
-    (its ``last_call`` on the worker's thread). ``progress`` shows a tqdm bar on stderr.
-    ``on_result`` is called in the calling thread as each item finishes (in finishing order).
-    Errors and Ctrl-C: see the module docstring.
+    (its ``last_call`` on the worker's thread). ``progress`` shows a tqdm bar on stderr (log lines
+    are printed above it). ``on_result`` is called in the calling thread as each item finishes
+    (in finishing order; wrap it with a :class:`ReorderBuffer` for input order), and for every
+    item not attempted when the run stops early. ``max_connection_failures``: see
+    :class:`FailFast`. Errors and Ctrl-C: see the module docstring.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
+    rule = FailFast(max_connection_failures)
     todo = list(items)
     if client is None:
         client = _default_client()
     results: list[BatchResult | None] = [None] * len(todo)
-    bar = _Progress(len(todo), progress, desc)
-    pending: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for index in range(len(todo)):
-        pending.put(index)
     finished: queue.SimpleQueue[tuple[int, BatchResult | None, BaseException | None]] = queue.SimpleQueue()
     stop = threading.Event()
+    lock = threading.Lock()
+    taken = 0  # items handed to a worker; frozen once ``stop`` is set (both change under ``lock``, as ``rule``)
 
     def work() -> None:
-        while not stop.is_set():
+        nonlocal taken
+        while True:
+            with lock:
+                if stop.is_set() or taken >= len(todo):
+                    return
+                index = taken
+                taken += 1
             try:
-                index = pending.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                finished.put((index, _call_one(fn, index, todo[index], client), None))
+                result = run_item(fn, index, todo[index], client)
+                with lock:  # judged here, before this worker takes another item: nothing more is sent
+                    if rule.observe(result):
+                        stop.set()
+                finished.put((index, result, None))
             except BaseException as exc:  # a bug, or KeyboardInterrupt raised in a worker: stop all
                 stop.set()
                 finished.put((index, None, exc))
                 return
 
+    def collect(result: BatchResult) -> None:
+        results[result.index] = result
+        bar.update(result)
+        if on_result is not None:
+            on_result(result)
+
     threads = [
         threading.Thread(target=contextvars.copy_context().run, args=(work,), name=f"llmutils-batch-{i}", daemon=True)
         for i in range(min(workers, len(todo)))
     ]
+    bar = _Progress(len(todo), progress, desc)
+    received = 0
     try:
         for thread in threads:
             thread.start()
-        for _ in range(len(todo)):
-            while True:
-                try:
-                    index, result, exc = finished.get(timeout=_POLL_SECONDS)
-                    break
-                except queue.Empty:
-                    continue
+        while received < len(todo):
+            if stop.is_set():
+                with lock:
+                    if received >= taken:  # everything in flight has come back
+                        break
+            try:
+                index, result, exc = finished.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                continue
+            received += 1
             if exc is not None:
                 raise exc
             assert result is not None
-            results[index] = result
-            bar.update(result)
-            if on_result is not None:
-                on_result(result)
+            collect(result)
+        if rule.reason is not None:
+            skipped = [i for i, r in enumerate(results) if r is None]
+            logger.warning("batch stopped early: %s; %d of %d items not attempted", rule.reason, len(skipped), len(todo))
+            for index in skipped:
+                collect(_not_attempted(index, todo[index], rule.reason))
+    except KeyboardInterrupt:
+        stop.set()
+        while True:  # results that came back before Ctrl-C still reach on_result: nothing answered is lost
+            try:
+                index, result, exc = finished.get_nowait()
+            except queue.Empty:
+                break
+            if result is not None:
+                collect(result)
+        done = sum(r is not None for r in results)
+        logger.info("batch interrupted after %d of %d items; items not started were dropped", done, len(todo))
+        raise
     except BaseException:
         stop.set()
         done = sum(r is not None for r in results)
@@ -242,6 +508,8 @@ def batch(
     user_template: str | None = None,
     template_dirs: Any = None,
     progress: bool = False,
+    on_result: Callable[[BatchResult], None] | None = None,
+    max_connection_failures: int | None = DEFAULT_MAX_CONNECTION_FAILURES,
     **params: Any,
 ) -> list[BatchResult]:
     """Send one chat request per item on ``workers`` threads; results come back in input order.
@@ -249,15 +517,31 @@ def batch(
     Each item is a list of messages, a dict with a ``"messages"`` list (its other keys are
     ignored, e.g. an id of yours), or a dict of template variables rendered with
     ``system_template`` / ``user_template`` (see :func:`~llmutils._templates.compose_messages`).
-    ``**params`` (``model``, ``temperature``, ...) go to every ``client.send_message`` call;
-    ``output`` is what it returns (the assistant message dict). With the cache on, a re-run of a
-    finished batch is served from the cache without a network call (``cached`` is True).
-    ``progress=True`` shows a tqdm bar (done, cached, failed, tokens) on stderr.
+    The templates are loaded first: a name that does not exist raises :class:`TemplateError`
+    before any request. ``**params`` (``model``, ``temperature``, ...) go to every
+    ``client.send_message`` call; ``output`` is what it returns (the assistant message dict).
+    With the cache on, a re-run of a finished batch is served from the cache without a network
+    call (``cached`` is True). ``progress=True`` shows a tqdm bar (done, cached, failed, tokens)
+    on stderr. ``on_result`` and ``max_connection_failures`` (fail fast): see :func:`map_calls`.
     """
+    from ._templates import find_template
+
+    for name in (system_template, user_template):
+        if name is not None:
+            find_template(name, template_dirs)
     if client is None:
         client = _default_client()
 
     def send(item: Any) -> Any:
         return client.send_message(_messages_for(item, system_template, user_template, template_dirs), **params)
 
-    return map_calls(send, items, workers=workers, client=client, progress=progress, desc="batch")
+    return map_calls(
+        send,
+        items,
+        workers=workers,
+        client=client,
+        progress=progress,
+        desc="batch",
+        on_result=on_result,
+        max_connection_failures=max_connection_failures,
+    )

@@ -16,6 +16,7 @@ The tree::
     │   │                                   error (``__cause__``) tell why
     │   └── TotalTimeoutError               the ``total_timeout`` bound ran out first
     ├── TemplateError                       a prompt template is missing, broken or under-filled
+    ├── NotAttemptedError                   a batch stopped early (fail fast) before sending this item
     └── OutputParseError (ValueError)       a model answer could not be coerced to ``output_type``
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "RetriesExhaustedError",
     "TotalTimeoutError",
     "TemplateError",
+    "NotAttemptedError",
     "OutputParseError",
 ]
 
@@ -109,6 +111,14 @@ class TotalTimeoutError(RetriesExhaustedError):
 
 class TemplateError(LLMUtilsError):
     """A prompt template could not be found, parsed or rendered."""
+
+
+class NotAttemptedError(LLMUtilsError):
+    """A batch stopped early (every request would have failed) before sending this item; ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class OutputParseError(LLMUtilsError, ValueError):

@@ -21,6 +21,15 @@ Rendering uses ``StrictUndefined`` (a missing variable is an error; test optiona
 ``lstrip_blocks`` (a line holding only a ``{% ... %}`` tag leaves no blank line) and keeps the
 file's trailing newline. One Jinja2 environment is built per search path and reused; rendering
 is safe from many threads.
+
+Trust model: a template is code that shapes what is sent, but it runs in Jinja2's
+:class:`~jinja2.sandbox.SandboxedEnvironment`: it cannot reach Python internals (``__class__``,
+``__globals__``, ...), so a template file cannot run ``os.popen`` or read files. Only files inside
+the search path are loaded: a name or an ``{% include %}`` that resolves (through a symlink)
+to a file outside every directory of the search path is refused. Any failure while rendering
+(a missing variable, ``{{ 1 / n }}`` with ``n = 0``, ``{{ x + 1 }}`` with a text ``x``) raises
+:class:`TemplateError` naming the template, the line and the variables on it; never a raw
+exception. Variables are data, never evaluated as templates.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import copy
 import functools
 import importlib.resources
 import json
+import linecache
 import logging
 import math
 import os
@@ -42,10 +52,11 @@ from types import TracebackType
 from typing import Any, Union
 
 import jinja2
+import jinja2.sandbox
 
 from ._exceptions import InvalidRequestError, OutputParseError, TemplateError
 
-__all__ = ["render_template", "compose_messages", "template_search_path", "LLMCall"]
+__all__ = ["render_template", "compose_messages", "template_search_path", "find_template", "LLMCall"]
 
 logger = logging.getLogger("llmutils")
 
@@ -148,15 +159,34 @@ class _TemplateLoader(jinja2.BaseLoader):
     def get_source(
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str | None, Callable[[], bool] | None]:
-        """Return the source, file name and up-to-date check of ``template``."""
+        """Return the source, file name and up-to-date check of ``template``.
+
+        Raises :class:`TemplateError` when the file found resolves (through a symlink) to a
+        place outside every directory of the search path.
+        """
         _check_name(template)
         for loader in self._loaders:
             for candidate in _candidates(template):
                 try:
-                    return loader.get_source(environment, candidate)
+                    found = loader.get_source(environment, candidate)
                 except jinja2.TemplateNotFound:
                     continue
+                self._check_inside(template, found[1])
+                return found
         raise jinja2.TemplateNotFound(template)
+
+    def _check_inside(self, template: str, filename: str | None) -> None:
+        """Refuse a file that resolves outside the search path (a symlink pointing elsewhere)."""
+        if filename is None:
+            return
+        real = Path(filename).resolve()
+        if any(real.is_relative_to(root) for root in self.search_path):
+            return
+        raise TemplateError(
+            f"template {template!r} ({filename}) resolves to {real}, outside the template search path "
+            f"({', '.join(str(p) for p in self.search_path)}); refusing to load it. Copy the file into a "
+            "template directory, or add its real directory to template_dirs="
+        )
 
     def list_templates(self) -> list[str]:
         """Return the names of the ``.j2`` templates available, without the suffix."""
@@ -177,7 +207,7 @@ def _environment(search_path: tuple[Path, ...]) -> jinja2.Environment:
     with _environments_lock:
         env = _environments.get(search_path)
         if env is None:
-            env = jinja2.Environment(
+            env = jinja2.sandbox.SandboxedEnvironment(
                 loader=_TemplateLoader(search_path),
                 undefined=jinja2.StrictUndefined,
                 autoescape=False,
@@ -192,16 +222,75 @@ def _environment(search_path: tuple[Path, ...]) -> jinja2.Environment:
         return env
 
 
-def _location(tb: TracebackType | None, search_path: tuple[Path, ...]) -> str:
-    """Return ``" (FILE, line N)"`` for the innermost template frame of a traceback, or ``""``."""
+def _template_frame(tb: TracebackType | None, search_path: tuple[Path, ...]) -> tuple[str, int] | None:
+    """Return the file and line of the innermost template frame of a traceback, if any."""
     roots = tuple(str(path) + os.sep for path in search_path)
-    where = ""
+    found = None
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
         if filename.startswith(roots):
-            where = f" ({filename}, line {tb.tb_lineno})"
+            found = (filename, tb.tb_lineno)
         tb = tb.tb_next
-    return where
+    return found
+
+
+def _location(tb: TracebackType | None, search_path: tuple[Path, ...]) -> str:
+    """Return ``" (FILE, line N)"`` for the innermost template frame of a traceback, or ``""``."""
+    frame = _template_frame(tb, search_path)
+    return f" ({frame[0]}, line {frame[1]})" if frame else ""
+
+
+_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _variables_on_line(
+    frame: tuple[str, int] | None, variables: Mapping[str, Any], env: jinja2.Environment, error: type[BaseException]
+) -> list[str]:
+    """Return ``"'name' (type)"`` for each variable in the failing expression of a template line.
+
+    The ``{{ ... }}`` tags of that line are tried alone (only now, after a failure): those that
+    raise the same error name the culprits; when none does, every tag of the line counts.
+    """
+    if frame is None:
+        return []
+    line = linecache.getline(frame[0], frame[1])
+    tags = _TAG.findall(line)
+    failing = []
+    for tag in tags:
+        if not tag.startswith("{{"):
+            continue
+        try:
+            env.from_string(tag).render(variables)
+        except error:
+            failing.append(tag)
+        except Exception:  # noqa: S112 - another error (e.g. a name set earlier in the template): not this tag
+            continue
+    code = " ".join(failing or tags) or line
+    names: list[str] = []
+    for word in _IDENTIFIER.findall(code):
+        if word in variables and word not in names:
+            names.append(word)
+    return [f"{name!r} ({type(variables[name]).__name__})" for name in names]
+
+
+def _render_failure(
+    exc: Exception, name: str, variables: Mapping[str, Any], search_path: tuple[Path, ...], env: jinja2.Environment
+) -> TemplateError:
+    """Turn a Python error raised while rendering (TypeError, ZeroDivisionError, ...) into a TemplateError."""
+    frame = _template_frame(exc.__traceback__, search_path)
+    where = f" ({frame[0]}, line {frame[1]})" if frame else ""
+    named = _variables_on_line(frame, variables, env, type(exc))
+    if len(named) == 1:
+        culprit = f" with variable {named[0]}"
+    elif named:
+        culprit = f" with variables {', '.join(named)}"
+    else:
+        culprit = ""
+    return TemplateError(
+        f"template {name!r}{where} failed{culprit}: {type(exc).__name__}: {exc}. "
+        "Fix the item's variables, or make the template handle such values"
+    )
 
 
 def _not_found(name: str, missing: str, search_path: tuple[Path, ...], env: jinja2.Environment) -> TemplateError:
@@ -244,18 +333,55 @@ def _translate(exc: jinja2.TemplateError, name: str, search_path: tuple[Path, ..
     return TemplateError(f"template {name!r}{where}: {type(exc).__name__}: {message}")
 
 
-def _render(name: str, variables: Mapping[str, Any], template_dirs: TemplateDirs) -> str:
-    """Find, load and render one template with ``variables``."""
+def _load(name: str, template_dirs: TemplateDirs) -> tuple[jinja2.Template, tuple[Path, ...]]:
+    """Find and compile one template; every problem is a :class:`TemplateError`."""
     _check_name(name)
     search_path = tuple(template_search_path(template_dirs))
     env = _environment(search_path)
     try:
-        template = env.get_template(name)
-        text = template.render(variables)
+        return env.get_template(name), search_path
     except jinja2.TemplateError as exc:
         raise _translate(exc, name, search_path, env) from exc
+
+
+def _check_variables(variables: object, where: str) -> Mapping[str, Any]:
+    """Accept a mapping of template variables (or None); refuse anything else with a TemplateError."""
+    if variables is None:
+        return {}
+    if not isinstance(variables, Mapping):
+        raise TemplateError(
+            f"{where}: the template variables must be a mapping such as a dict of names to values, "
+            f"got {type(variables).__name__}"
+        )
+    return variables
+
+
+def _render(name: str, variables: Mapping[str, Any], template_dirs: TemplateDirs) -> str:
+    """Find, load and render one template with ``variables``."""
+    template, search_path = _load(name, template_dirs)
+    try:
+        text = template.render(variables)
+    except TemplateError as exc:  # refused by the loader: an include outside the search path
+        if exc.message.startswith(f"template {name!r}"):
+            raise
+        raise TemplateError(f"template {name!r} includes a refused file: {exc.message}") from exc
+    except jinja2.TemplateError as exc:
+        raise _translate(exc, name, search_path, template.environment) from exc
+    except Exception as exc:  # the template's own code failed on these values
+        raise _render_failure(exc, name, variables, search_path, template.environment) from exc
     logger.debug("rendered template %r from %s", name, template.filename)
     return text
+
+
+def find_template(name: str, template_dirs: TemplateDirs = None) -> Path:
+    """Return the file the template ``name`` resolves to, after checking that it loads and parses.
+
+    Nothing is rendered. Use it to fail before any request when a template name is wrong
+    (:func:`~llmutils.batch` does). Raises :class:`TemplateError` when the template is missing,
+    has a syntax error, or resolves outside the search path.
+    """
+    template, _ = _load(name, template_dirs)
+    return Path(template.filename or name)
 
 
 def render_template(
@@ -273,7 +399,7 @@ def render_template(
     ``template_dirs`` (one directory or several) is searched before ``$LLMUTILS_TEMPLATES``,
     ``./templates`` and the shipped templates. Any problem raises :class:`TemplateError`.
     """
-    merged = {**(variables or {}), **more_vars}
+    merged = {**_check_variables(variables, f"render_template({name!r})"), **more_vars}
     return _render(name, merged, template_dirs)
 
 
@@ -309,7 +435,8 @@ def compose_messages(
     ``template_dirs``) and ``more_vars`` (which win on clashes). A ``None`` template adds no
     message. Each message's content is stripped of leading and trailing whitespace. Nothing is sent.
     """
-    merged = {**variables, **more_vars} if variables else more_vars
+    given = _check_variables(variables, "compose_messages()")
+    merged = {**given, **more_vars} if given else more_vars
     return _compose(system_template, user_template, merged, template_dirs)
 
 

@@ -7,8 +7,8 @@ Runs offline on the ``mock`` backend when no API key, base URL or API type is co
     llmutils --help
 
 Exit codes: 0 success; 1 a runtime error, or (``batch``) at least one item failed; 2 a usage
-error; 130 interrupted (Ctrl-C). Errors are one line on stderr, ``llmutils: error: ...``;
-``-v`` adds the traceback.
+error; 130 interrupted (Ctrl-C, at any moment). Errors are one line on stderr,
+``llmutils: error: ...``; ``-v`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -16,19 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
+import signal
 import sys
-import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from types import FrameType
+from typing import IO, Any, NoReturn
 
 from . import _config
+from ._batch import DEFAULT_MAX_CONNECTION_FAILURES
 from ._exceptions import ConfigError, LLMUtilsError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "run", "build_parser"]
 
 logger = logging.getLogger("llmutils")
 
@@ -43,11 +48,57 @@ _OFFLINE_NOTICE = (
 )
 
 
+_ARGUMENT_PREFIX = re.compile(r"^argument (-[^/:\s]+)(?:/[^:\s]+)*: ")
+
+
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line: ``llmutils: error: ... (see --help)``."""
+    """An ArgumentParser whose usage errors are one line: ``llmutils: error: ... (see --help)``.
+
+    A bad option value names the option first: ``--rpm: must be > 0, got -5``.
+    """
 
     def error(self, message: str) -> NoReturn:
+        message = _ARGUMENT_PREFIX.sub(r"\1: ", message)
         self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _number(kind: Callable[[str], float], text: str, rule: str) -> float:
+    """Parse ``text`` as ``kind``; a value that does not parse is reported with the option's rule."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+    return value
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (the error says ``must be >= N, got X``)."""
+
+    def parse(text: str) -> int:
+        value = int(_number(int, text, f"an integer >= {minimum}"))
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    value = _number(float, text, "a number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a number >= 0."""
+    value = _number(float, text, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _fail(message: str) -> NoReturn:
@@ -130,8 +181,8 @@ def _add_var_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_params(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, help="sampling temperature")
-    parser.add_argument("--max-tokens", type=int, metavar="N", help="maximum output tokens")
+    parser.add_argument("--temperature", type=_non_negative_float, help="sampling temperature")
+    parser.add_argument("--max-tokens", type=_int_at_least(1), metavar="N", help="maximum output tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,11 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
             '(e.g. {"text": "..."} with --template summarize; {"prompt": "..."} by default), or\n'
             '{"messages": [...]} (sent as is; other keys are ignored), or a list of messages.\n'
             'An output line is {"index", "input", "output", "cached"}, or {"index", "input",\n'
-            '"error": {"type", "message"}} for an item that failed; one failure never stops the rest.\n\n'
+            '"error": {"type", "message"}} for an item that failed; one failure never stops the rest.\n'
+            "OUT is written as results arrive (in input order), so a crash or a kill loses nothing\n"
+            "already written; an existing OUT is overwritten and keeps its permissions.\n\n"
+            "Fail fast: after an authentication error, or after --max-connection-failures connection\n"
+            "failures in a row, nothing more is sent; the other items are written as NotAttemptedError.\n\n"
             "The cache is ON by default here: answers are stored as they arrive, so running the\n"
             "same command again (after Ctrl-C, or to retry failed items) sends only what is missing.\n"
-            "A progress bar and a summary line go to stderr. Exit code 0 when every item succeeded,\n"
-            "1 when any failed, 130 when interrupted (nothing is written to OUT then)."
+            "A progress bar (when stderr is a terminal) and a summary line go to stderr. Exit code 0\n"
+            "when every item succeeded, 1 when any failed, 2 a usage error, 130 when interrupted\n"
+            "(OUT then holds the results received so far)."
         ),
         epilog="examples:\n  llmutils batch examples/prompts.jsonl out.jsonl --template summarize\n"
         "  llmutils --base-url http://localhost:11434/v1 --model llama3.2 batch in.jsonl out.jsonl --workers 4\n"
@@ -195,12 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     batch.add_argument("input", metavar="IN", help="input JSONL file ('-' for stdin)")
-    batch.add_argument("output", metavar="OUT", help="output JSONL file, written when the batch ends ('-' for stdout)")
-    batch.add_argument("--workers", "-w", type=int, default=8, metavar="N", help="parallel requests (default: 8)")
-    batch.add_argument("--rpm", type=float, metavar="N", help="client-side limit: requests per minute")
-    batch.add_argument("--tpm", type=float, metavar="N", help="client-side limit: tokens per minute")
+    batch.add_argument("output", metavar="OUT", help="output JSONL file, written as results arrive ('-' for stdout)")
+    batch.add_argument("--workers", "-w", type=_int_at_least(1), default=8, metavar="N", help="parallel requests (default: 8)")
+    batch.add_argument("--rpm", type=_positive_float, metavar="N", help="client-side limit: requests per minute")
+    batch.add_argument("--tpm", type=_positive_float, metavar="N", help="client-side limit: tokens per minute")
     batch.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar on stderr (default: on)"
+        "--max-connection-failures",
+        type=_int_at_least(0),
+        default=DEFAULT_MAX_CONNECTION_FAILURES,
+        metavar="N",
+        help=f"stop sending after N connection failures in a row with no success "
+        f"(default: {DEFAULT_MAX_CONNECTION_FAILURES}; 0: never stop)",
+    )
+    batch.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
     )
     _add_template_options(batch, user_default="user_default")
     _add_model_params(batch)
@@ -242,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         "cache",
         help="inspect or maintain the cache (SQLite file or Redis)",
         description=(
-            "Inspect or maintain the cache: --cache-url (default: the configured CACHE_URL) when set, else the\n"
-            "SQLite file --cache-file (default: the configured CACHE_FILE_NAME)."
+            "Inspect or maintain one cache: the one named by --cache-file or --cache-url (and only that\n"
+            "one), else the configured CACHE_URL when set, else the configured CACHE_FILE_NAME."
         ),
         epilog="examples:\n  llmutils cache stats\n  llmutils cache stats --cache-url redis://localhost:6379/0\n"
         "  llmutils cache copy llmutils_cache.sqlite redis://localhost:6379/0",
@@ -302,6 +369,10 @@ def _opt(args: argparse.Namespace, name: str, default: Any = None) -> Any:
 def _overrides(args: argparse.Namespace, *, cache_default: bool | None = None) -> dict[str, Any]:
     """Config values set by the command line; they win over config files and the environment."""
     values: dict[str, Any] = {}
+    if _opt(args, "cache_file") is not None:
+        if _opt(args, "cache_url") is not None:
+            args.parser.error("--cache-file and --cache-url name two caches; give one")
+        values["CACHE_URL"] = None  # a file named on the command line wins over a configured CACHE_URL
     for option, key in (
         ("base_url", "BASE_URL"),
         ("model", "MODEL"),
@@ -388,6 +459,8 @@ def _parse_vars(args: argparse.Namespace) -> dict[str, Any]:
                 variables[name.strip()] = json.loads(value)
             except ValueError as exc:
                 args.parser.error(f"--var {spec!r}: the value after ':=' is not valid JSON ({exc})")
+            except RecursionError:
+                args.parser.error(f"--var {name}=...: the JSON value is nested too deeply")
         else:
             variables[name.strip()] = value
     return variables
@@ -431,6 +504,8 @@ def _read_jsonl(path: str) -> list[Any]:
             items.append(json.loads(line))
         except ValueError as exc:
             _fail(f"{path} line {number} is not valid JSON ({exc}); each line must be one JSON object")
+        except RecursionError:
+            _fail(f"{path} line {number} is nested too deeply to read; each line must be one JSON object")
     return items
 
 
@@ -489,64 +564,149 @@ def _record(result: Any) -> dict[str, Any]:
     return record
 
 
-def _write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-    """Write the lines to ``path`` at once (a temporary file renamed into place), or to stdout."""
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if path == "-":
-        sys.stdout.write(lines)
-        sys.stdout.flush()
-        return
-    directory = os.path.dirname(os.path.abspath(path))
+def _json_line(record: Any, encoding: str | None) -> str:
+    """One JSON line, readable UTF-8 when the text allows, else ``\\uXXXX`` escapes (a lone surrogate)."""
+    line = json.dumps(record, ensure_ascii=False) + "\n"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".llmutils-", suffix=".jsonl", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(lines)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        _fail(f"cannot write {path}: {exc}")
+        line.encode(encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return json.dumps(record) + "\n"  # the same value, escaped: it reads back identical
+    return line
+
+
+class _JsonlWriter:
+    """OUT while the batch runs: one line per result, in input order, written as soon as it is ready.
+
+    Results arrive in finishing order; a :class:`~llmutils._batch.ReorderBuffer` holds those
+    ahead of a gap. Each line is flushed, so a crash or a kill loses nothing already answered
+    (and the cache holds the rest). The file is opened before the first request, which is the
+    check that OUT can be written; an existing file keeps its permission bits, a new one gets
+    the umask's.
+    """
+
+    def __init__(self, path: str) -> None:
+        from ._batch import ReorderBuffer
+
+        self.path = path
+        self.written = 0
+        self._buffer = ReorderBuffer()
+        self._ready: list[Any] = []
+        self._file: IO[str]
+        if path == "-":
+            self._file = sys.stdout
+        else:
+            try:
+                self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                _fail(f"cannot write {path}: {exc.strerror or exc}")
+
+    def push(self, result: Any) -> None:
+        """Take one finished result; write every line that is now in order."""
+        self._ready.extend(self._buffer.push(result))
+        self._write_ready()
+
+    def drain(self) -> None:
+        """The run was cut short: write every result still held, in input order, skipping gaps."""
+        self._ready.extend(self._buffer.drain())
+        self._write_ready()
+
+    def _write_ready(self) -> None:
+        while self._ready:
+            line = _json_line(_record(self._ready[0]), getattr(self._file, "encoding", None))
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                _fail(f"cannot write {self.path}: {exc.strerror or exc}")
+            self._ready.pop(0)
+            self.written += 1
+
+    def close(self) -> None:
+        """Close OUT (stdout is only flushed)."""
+        if self._file is sys.stdout:
+            self._file.flush()
+        else:
+            self._file.close()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _same_file(a: str, b: str) -> bool:
+    if a == "-" or b == "-":
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_templates(args: argparse.Namespace, user_template: str | None) -> None:
+    """Load the named templates now: a wrong name fails before OUT is touched or anything is sent."""
+    from ._templates import find_template
+
+    for name in (args.system_template, user_template):
+        if name is not None:
+            find_template(name, args.template_dir)
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     """Answer every line of IN into OUT; exit 1 if any item failed."""
     from ._batch import batch
 
-    if args.workers < 1:
-        args.parser.error(f"--workers must be >= 1, got {args.workers}")
+    if _same_file(args.input, args.output):
+        args.parser.error(f"IN and OUT are the same file ({args.input}); writing OUT would destroy IN: choose another OUT")
     items = _read_jsonl(args.input)
+    user_template = args.template or (None if args.system_template else "user_default")
+    _check_templates(args, user_template)
+    progress = args.progress
+    if progress is None:  # on a terminal only, and not when the results go to that same terminal
+        progress = _is_terminal(sys.stderr) and not (args.output == "-" and _is_terminal(sys.stdout))
     started = time.monotonic()
-    with _client(args, cache_default=True) as client:
-        settings = client.settings()
-        cache_on = settings["CACHE_API_CALLS"] and settings["CACHE_MODE"] != "off"
-        try:
-            results = batch(
-                items,
-                client=client,
-                workers=args.workers,
-                system_template=args.system_template,
-                user_template=args.template or (None if args.system_template else "user_default"),
-                template_dirs=args.template_dir,
-                progress=args.progress,
-                **_model_params(args),
-            )
-        except KeyboardInterrupt:
-            path = _shown_location(settings["CACHE_URL"] or settings["CACHE_FILE_NAME"])
-            where = f"in the cache ({path}): run the same command again to resume" if cache_on else "lost (the cache is off)"
-            print(
-                f"{PROG}: interrupted; nothing was written to {args.output}. Answers received so far are {where}.",
-                file=sys.stderr,
-            )
-            return 130
-    _write_jsonl(args.output, [_record(r) for r in results])
+    out = _JsonlWriter(args.output)
+    try:
+        with _client(args, cache_default=True) as client:
+            settings = client.settings()
+            cache_on = settings["CACHE_API_CALLS"] and settings["CACHE_MODE"] != "off"
+            try:
+                results = batch(
+                    items,
+                    client=client,
+                    workers=args.workers,
+                    system_template=args.system_template,
+                    user_template=user_template,
+                    template_dirs=args.template_dir,
+                    progress=progress,
+                    on_result=out.push,
+                    max_connection_failures=args.max_connection_failures,
+                    **_model_params(args),
+                )
+            except KeyboardInterrupt:
+                out.drain()
+                path = _shown_location(settings["CACHE_URL"] or settings["CACHE_FILE_NAME"])
+                where = f"in the cache ({path}): run the same command again to resume" if cache_on else "lost (the cache is off)"
+                print(
+                    f"{PROG}: interrupted; {out.written} of {len(items)} results were written to {args.output} "
+                    f"(in input order; items not finished are left out). Answers received so far are {where}.",
+                    file=sys.stderr,
+                )
+                return 130
+    finally:
+        out.close()
     failed = [r for r in results if not r.ok]
+    skipped = sum(not r.attempted for r in results)
     cached = sum(r.cached for r in results)
     tokens = sum(r.tokens for r in results if not r.cached)
     seconds = time.monotonic() - started
+    not_attempted = f" ({skipped} not attempted)" if skipped else ""
     print(
-        f"{PROG}: {len(results)} items: {len(results) - len(failed)} ok, {len(failed)} failed, "
+        f"{PROG}: {len(results)} items: {len(results) - len(failed)} ok, {len(failed)} failed{not_attempted}, "
         f"{cached} cached, {tokens} tokens, {seconds:.2f}s -> {args.output}",
         file=sys.stderr,
     )
@@ -606,7 +766,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     with _config.override_defaults(**_overrides(args)):
         settings = _config.resolve()
-    location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
+    # A cache named on the command line is the one acted on, whatever CACHE_URL is configured.
+    location = _opt(args, "cache_file") or _opt(args, "cache_url") or settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
     if args.action == "import-pickle" and not args.trusted:
         _fail(
             f"refusing to load {args.pickle} without --trusted: loading a pickle runs any code it contains; "
@@ -663,11 +824,20 @@ def _cmd_cache_copy(args: argparse.Namespace) -> int:
 # -- entry point ---------------------------------------------------------------------------------
 
 
+class _Formatter(logging.Formatter):
+    """``llmutils: LEVEL: message``, without a second ``llmutils:`` when the message starts with one."""
+
+    _DOUBLED = re.compile(rf"^({PROG}: \w+: ){PROG}:?\s+")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._DOUBLED.sub(r"\1", super().format(record), count=1)
+
+
 @contextmanager
 def _logging(verbosity: int) -> Iterator[logging.Handler]:
     """Send llmutils' log records to stderr for this command: WARNING, or INFO (-v) / DEBUG (-vv)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler.setFormatter(_Formatter(f"{PROG}: %(levelname)s: %(message)s"))
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
@@ -681,8 +851,63 @@ def _logging(verbosity: int) -> Iterator[logging.Handler]:
         logger.propagate = old_propagate
 
 
+def _on_ctrl_c(signum: int, frame: FrameType | None) -> None:
+    """The first Ctrl-C stops the command (it writes what it has and exits 130); a second one kills it.
+
+    The second is the operating system's default action: the process ends by SIGINT at once (the
+    shell reports 130 too), never with a traceback from a half-handled first one.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _ctrl_c_stops_once(*, restore: bool) -> Iterator[None]:
+    """Install :func:`_on_ctrl_c` for SIGINT (main thread only; SIGINT ignored by the parent stays so)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _on_ctrl_c)
+    try:
+        yield
+    finally:
+        if restore:
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``llmutils`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    """Run the ``llmutils`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Ctrl-C returns 130 (after ``llmutils: interrupted`` on stderr); a second Ctrl-C while the
+    command finishes kills the process by SIGINT. The previous SIGINT handler is restored on return.
+    """
+    with _ctrl_c_stops_once(restore=True):
+        return _main(argv)
+
+
+def run() -> NoReturn:
+    """The ``llmutils`` command itself (the console script and ``python -m llmutils``): run, then exit.
+
+    Ctrl-C at any moment exits 130 without a traceback: while llmutils is imported (see
+    :mod:`llmutils._sigint`), while the command runs, and while the process exits.
+    """
+    code = 130
+    try:
+        with _ctrl_c_stops_once(restore=False):
+            code = _main(None)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # while the interpreter exits: end by the signal, no traceback
+    if code == 130:
+        logger.disabled = True  # requests abandoned in flight stay quiet while the interpreter exits
+    sys.exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -715,4 +940,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

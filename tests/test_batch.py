@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 import time
@@ -11,8 +12,17 @@ from typing import Any
 
 import pytest
 
-from llmutils import ConfigError, InvalidRequestError, MockClient, OpenAIClient, TemplateError, override_defaults
-from llmutils._batch import BatchResult, batch, map_calls
+from llmutils import (
+    AuthenticationError,
+    ConfigError,
+    InvalidRequestError,
+    MockClient,
+    NotAttemptedError,
+    OpenAIClient,
+    TemplateError,
+    override_defaults,
+)
+from llmutils._batch import BatchResult, FailFast, ReorderBuffer, batch, is_connection_failure, map_calls
 from llmutils.testing import Fault, OpenAITestServer
 
 
@@ -236,3 +246,115 @@ def test_bad_arguments() -> None:
 def test_default_client_is_the_configured_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMUTILS_API_TYPE", "mock")
     assert batch([_user("hi")])[0].content == "echo: hi"
+
+
+# -- one bad item fails alone; fail fast; the reusable pieces --------------------------------------
+
+
+def test_template_errors_on_an_items_values_fail_that_item_only(tmp_path: Path) -> None:
+    (tmp_path / "share.j2").write_text("{{ text }}: {{ 100 / parts }}", encoding="utf-8")
+    items: list[Any] = [{"text": "a", "parts": 4}, {"text": "b", "parts": 0}, {"text": "c", "parts": "x"}, "not variables", {"text": "d", "parts": 5}]
+    results = batch(items, client=MockClient(), user_template="share", template_dirs=tmp_path, workers=2)
+    assert [r.ok for r in results] == [True, False, False, False, True]
+    assert isinstance(results[1].error, TemplateError) and "'parts' (int)" in str(results[1].error)
+    assert isinstance(results[2].error, TemplateError) and "TypeError" in str(results[2].error)
+    assert isinstance(results[3].error, InvalidRequestError)
+    assert results[4].content == "echo: d: 20.0"
+
+
+def test_a_missing_template_raises_before_any_request(server: OpenAITestServer) -> None:
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        with pytest.raises(TemplateError, match="'summarise' not found"):
+            batch([_user("own messages"), {"text": "x"}], client=client, user_template="summarise")
+    assert server.request_count == 0
+
+
+def test_fail_fast_after_an_authentication_error(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(server, "api_key", "right")
+    seen: list[int] = []
+    with OpenAIClient(base_url=server.base_url, api_key="wrong") as client:
+        results = batch([_user(str(i)) for i in range(30)], client=client, workers=3, on_result=lambda r: seen.append(r.index))
+    assert server.request_count <= 3  # the first 401 stops every worker before it takes another item
+    assert [r.index for r in results] == list(range(30)) and sorted(seen) == list(range(30))
+    failed = [r for r in results if r.attempted]
+    assert len(failed) == server.request_count and all(isinstance(r.error, AuthenticationError) for r in failed)
+    skipped = [r for r in results if not r.attempted]
+    assert len(skipped) == 30 - server.request_count
+    assert all(isinstance(r.error, NotAttemptedError) and "AuthenticationError" in r.error.reason for r in skipped)
+    warnings = [r.getMessage() for r in caplog.records if "stopped early" in r.getMessage()]
+    assert len(warnings) == 1 and f"{len(skipped)} of 30 items not attempted" in warnings[0]
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.mark.parametrize(("limit", "expected_attempted"), [(None, 12), (0, 12), (1, 1), (4, 4)])
+def test_fail_fast_after_n_connection_failures_in_a_row(limit: int | None, expected_attempted: int) -> None:
+    with OpenAIClient(base_url=_closed_port_url(), api_key="k") as client:
+        results = batch([_user(str(i)) for i in range(12)], client=client, workers=1, max_connection_failures=limit, max_attempts=1)
+    assert sum(r.attempted for r in results) == expected_attempted
+    assert all(is_connection_failure(r.error) for r in results if r.attempted and r.error is not None)
+    assert all(isinstance(r.error, NotAttemptedError) for r in results if not r.attempted)
+    with pytest.raises(ConfigError, match="max_connection_failures"):
+        batch([_user("a")], client=MockClient(), max_connection_failures=-1)
+
+
+def test_the_default_is_five_connection_failures() -> None:
+    with OpenAIClient(base_url=_closed_port_url(), api_key="k") as client:
+        results = batch([_user(str(i)) for i in range(9)], client=client, workers=1, max_attempts=1)
+    assert sum(r.attempted for r in results) == 5
+
+
+def test_fail_fast_rule_counts_only_connection_failures_in_a_row(server: OpenAITestServer) -> None:
+    from llmutils import RetriesExhaustedError
+
+    connection = RetriesExhaustedError("gave up")
+    connection.__cause__ = ConnectionRefusedError(111, "refused")
+    http_error = InvalidRequestError("HTTP 400", status_code=400)
+    rule = FailFast(max_connection_failures=2)
+    assert rule.observe(BatchResult(0, None, error=connection)) is False
+    assert rule.observe(BatchResult(1, None, output="x", cached=True)) is False  # a cache hit proves nothing
+    assert rule.observe(BatchResult(2, None, error=http_error)) is False  # the server answered: count reset
+    assert rule.observe(BatchResult(3, None, error=connection)) is False
+    assert rule.observe(BatchResult(4, None, error=TemplateError("bad"))) is False  # failed before sending
+    assert rule.observe(BatchResult(5, None, error=connection)) is True
+    assert rule.reason is not None and rule.reason.startswith("2 connection failures in a row")
+    assert rule.observe(BatchResult(6, None, error=AuthenticationError("no"))) is False  # says so once
+    assert not is_connection_failure(http_error) and is_connection_failure(connection)
+
+
+def test_reorder_buffer_hands_results_out_in_input_order() -> None:
+    buffer = ReorderBuffer()
+    assert buffer.push(BatchResult(2, "c")) == [] and buffer.push(BatchResult(1, "b")) == []
+    assert len(buffer) == 2 and buffer.next_index == 0
+    assert [r.index for r in buffer.push(BatchResult(0, "a"))] == [0, 1, 2]
+    assert buffer.push(BatchResult(4, "e")) == [] and buffer.push(BatchResult(6, "g")) == []
+    assert [r.index for r in buffer.drain()] == [4, 6] and len(buffer) == 0
+    with pytest.raises(ValueError, match="already pushed"):
+        buffer.push(BatchResult(1, "b"))
+
+
+def test_progress_bar_prints_log_lines_above_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("LOG %(message)s"))
+    llm_logger = logging.getLogger("llmutils")
+    llm_logger.addHandler(handler)
+
+    def handler_fn(messages: list[dict[str, Any]], params: dict[str, Any]) -> str:
+        logging.getLogger("llmutils").warning("inside item %s", messages[-1]["content"])
+        return "ok"
+
+    try:
+        batch([_user("a"), _user("b")], client=MockClient(handler=handler_fn), progress=True, workers=1)
+    finally:
+        llm_logger.removeHandler(handler)
+    assert llm_logger.handlers == [] or handler not in llm_logger.handlers
+    err = capsys.readouterr().err
+    segments = [s for s in err.replace("\r", "\n").split("\n") if "LOG" in s]
+    assert segments == ["LOG inside item a", "LOG inside item b"], err

@@ -21,6 +21,7 @@ from llmutils.cli import main
 from llmutils.testing import Fault, OpenAITestServer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "prompts.jsonl"
+REDIS_URL = os.environ.get("LLMUTILS_TEST_REDIS_URL")  # read at import: the autouse fixture clears LLMUTILS_*
 _ENV_PREFIXES = ("OPENAI_", "AZURE_", "LLMUTILS_", "TIKTOKEN_")
 
 
@@ -54,7 +55,7 @@ def test_readme_batch_offline_then_again_from_cache(tmp_path: Path) -> None:
     first = _run("batch", str(EXAMPLES), "out.jsonl", "--template", "summarize", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "running offline on the mock backend" in first.stderr
-    assert "20/20" in first.stderr  # the progress bar
+    assert "20/20" not in first.stderr and "\r" not in first.stderr  # stderr is a pipe here: no progress bar
     assert "20 items: 20 ok, 0 failed, 0 cached" in first.stderr
     records = _lines(tmp_path / "out.jsonl")
     assert [r["index"] for r in records] == list(range(20))
@@ -101,9 +102,46 @@ def test_ctrl_c_stops_a_batch_at_once_and_says_how_to_resume(server: OpenAITestS
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, err
-    assert "interrupted; nothing was written to out.jsonl" in err and "run the same command again to resume" in err
+    assert "interrupted; 0 of 5 results were written to out.jsonl" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
-    assert not (tmp_path / "out.jsonl").exists()
+    assert (tmp_path / "out.jsonl").read_text() == ""  # created (checked writable) before the first request
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+def test_ctrl_c_keeps_every_answer_received_in_out(server: OpenAITestServer, tmp_path: Path) -> None:
+    fourth, release = threading.Event(), threading.Event()
+
+    def handler(body: dict[str, Any]) -> str:
+        text = body["messages"][-1]["content"]
+        if text == "4":
+            fourth.set()
+        if text in ("2", "4"):
+            release.wait(20)  # in flight when Ctrl-C comes
+        return f"answer {text}"
+
+    server.chat_handler = handler
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(8)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "2"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fourth.wait(20), "item 4 never reached the server"  # so 0, 1 and 3 are answered
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted; 3 of 8 results were written to out.jsonl" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert [(r["index"], r["output"]) for r in records] == [(0, "answer 0"), (1, "answer 1"), (3, "answer 3")]
 
 
 # -- batch, in process ---------------------------------------------------------------------------
@@ -151,8 +189,11 @@ def test_batch_input_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{not json}\n')
     assert main(["batch", "bad.jsonl", "out.jsonl"]) == 1
     assert "bad.jsonl line 2 is not valid JSON" in _one_error_line(capsys.readouterr().err)
+    (tmp_path / "deep.jsonl").write_text('{"prompt": "ok"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert main(["batch", "deep.jsonl", "out.jsonl"]) == 1
+    assert "deep.jsonl line 2 is nested too deeply" in _one_error_line(capsys.readouterr().err)
     assert main(["batch", "bad.jsonl", "out.jsonl", "--workers", "0"]) == 2
-    assert "--workers must be >= 1" in _one_error_line(capsys.readouterr().err)
+    assert "llmutils: error: --workers: must be >= 1, got 0 (see 'llmutils batch --help')" == _one_error_line(capsys.readouterr().err)
 
 
 # -- chat, render, tokens ------------------------------------------------------------------------
@@ -340,3 +381,307 @@ def test_render_accepts_any_variable_name(capsys: pytest.CaptureFixture[str]) ->
 
     assert main(["render", "--template", "user_default", "--var", "prompt=hi", "--var", "template_dirs=x"]) == 0
     assert "hi" in capsys.readouterr().out
+
+
+# -- batch never loses work (issue 9, section 4) ------------------------------------------------------
+
+
+def _write_jsonl(path: Path, lines: list[Any]) -> None:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+
+
+def test_one_bad_item_fails_alone_and_the_rest_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "calc.j2").write_text("{{ prompt }}: {{ 100 / n + count }}\n", encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text(
+        '{"prompt": "ok", "n": 4, "count": 1}\n'
+        '{"prompt": "div", "n": 0, "count": 1}\n'  # ZeroDivisionError in the template
+        '{"prompt": "type", "n": 4, "count": "x"}\n'  # TypeError in the template
+        '"just a string"\n'  # not a mapping of variables
+        '[1, 2]\n'  # a list that is not messages
+        '{"prompt": "bad \\ud83d half", "n": 5, "count": 0}\n',  # a lone surrogate
+        encoding="utf-8",
+    )
+    argv = ["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--template", "calc", "--template-dir", "t", "--no-cache"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "6 items: 2 ok, 4 failed" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert [r["index"] for r in records] == list(range(6))
+    assert records[0]["output"] == "echo: ok: 26.0"
+    assert records[1]["error"]["type"] == "TemplateError"
+    assert "'calc'" in records[1]["error"]["message"] and "variables 'n' (int), 'count' (int)" in records[1]["error"]["message"]
+    assert "ZeroDivisionError" in records[1]["error"]["message"]
+    assert records[2]["error"]["type"] == "TemplateError" and "'count' (str)" in records[2]["error"]["message"]
+    assert "TypeError" in records[2]["error"]["message"]
+    assert records[3]["error"]["type"] == "InvalidRequestError" and records[3]["input"] == "just a string"
+    assert records[4]["error"]["type"] == "InvalidRequestError"
+    assert records[5]["output"] == "echo: bad \ud83d half: 20.0"  # sent and written faithfully (escaped in the file)
+    assert "\\ud83d" in (tmp_path / "out.jsonl").read_text(encoding="utf-8")
+
+
+def test_a_surrogate_the_server_cannot_take_fails_that_item_only(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text('{"prompt": "bad \\ud83d half"}\n{"prompt": "fine"}\n', encoding="utf-8")
+    assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-cache", "-w", "1"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    first, second = _lines(tmp_path / "out.jsonl")
+    assert first["error"]["type"] == "InvalidRequestError" and first["input"] == {"prompt": "bad \ud83d half"}
+    assert second["output"] == "echo: fine" and server.request_count == 1
+
+
+def test_fail_fast_after_the_first_authentication_error(server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(server, "api_key", "the-right-key")
+    monkeypatch.setenv("OPENAI_API_KEY", "a-wrong-key")
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "1", "--no-cache"]) == 1
+    err = capsys.readouterr().err
+    assert server.request_count == 1  # not 20
+    stop_lines = [line for line in err.splitlines() if "stopped early" in line]
+    assert len(stop_lines) == 1 and "AuthenticationError" in stop_lines[0] and "19 of 20 items not attempted" in stop_lines[0]
+    assert "a-wrong-key" not in err
+    assert "20 items: 0 ok, 20 failed (19 not attempted)" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert records[0]["error"]["type"] == "AuthenticationError" and records[0]["error"]["status_code"] == 401
+    assert {r["error"]["type"] for r in records[1:]} == {"NotAttemptedError"}
+    assert [r["index"] for r in records] == list(range(20))
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_fail_fast_after_n_connection_failures_in_a_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LLMUTILS_MAX_ATTEMPTS", "1")
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    argv = ["--base-url", _closed_port_url(), "batch", "in.jsonl", "out.jsonl", "-w", "1", "--no-cache", "--max-connection-failures", "3"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "stopped early: 3 connection failures in a row" in err and "17 of 20 items not attempted" in err
+    records = _lines(tmp_path / "out.jsonl")
+    assert [r["error"]["type"] for r in records[:3]] == ["RetriesExhaustedError"] * 3
+    assert {r["error"]["type"] for r in records[3:]} == {"NotAttemptedError"} and len(records) == 20
+
+
+def test_out_is_checked_before_the_first_request(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    (tmp_path / "a_directory").mkdir()
+    for out in ("a_directory", "missing_dir/out.jsonl"):
+        assert main(["--base-url", server.base_url, "batch", "in.jsonl", out]) == 1
+        assert f"cannot write {out}" in _one_error_line(capsys.readouterr().err)
+    assert server.request_count == 0
+
+
+@pytest.mark.parametrize("out", ["in.jsonl", "./in.jsonl", "link.jsonl"])
+def test_in_equal_to_out_is_a_usage_error(out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "in.jsonl")
+    assert main(["--api-type", "mock", "batch", "in.jsonl", out]) == 2
+    assert "IN and OUT are the same file" in _one_error_line(capsys.readouterr().err)
+    assert _lines(tmp_path / "in.jsonl") == [{"prompt": "a"}]
+
+
+def test_out_keeps_its_permission_bits_and_a_new_one_follows_the_umask(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    (tmp_path / "old.jsonl").write_text("previous run\n")
+    os.chmod(tmp_path / "old.jsonl", 0o640)
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["--api-type", "mock", "batch", "in.jsonl", "old.jsonl", "--no-cache"]) == 0
+        assert main(["--api-type", "mock", "batch", "in.jsonl", "new.jsonl", "--no-cache"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "old.jsonl").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o644  # not 0600
+    assert _lines(tmp_path / "old.jsonl")[0]["output"] == "echo: a"
+
+
+def test_a_template_that_does_not_exist_fails_before_any_request(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.jsonl").write_text('{"messages": [{"role": "user", "content": "own message"}]}\n{"text": "x"}\n')
+    assert main(["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--template", "summarise"]) == 1
+    assert "'summarise' not found" in _one_error_line(capsys.readouterr().err)
+    assert server.request_count == 0 and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--rpm", "-5", "--rpm: must be > 0, got -5"),
+        ("--tpm", "0", "--tpm: must be > 0, got 0"),
+        ("--rpm", "nan", "--rpm: must be a number > 0, got nan"),
+        ("--workers", "many", "--workers: must be an integer >= 1, got 'many'"),
+        ("-w", "-2", "--workers: must be >= 1, got -2"),
+        ("--max-tokens", "0", "--max-tokens: must be >= 1, got 0"),
+        ("--temperature", "-0.5", "--temperature: must be >= 0, got -0.5"),
+        ("--max-connection-failures", "-1", "--max-connection-failures: must be >= 0, got -1"),
+    ],
+)
+def test_flag_errors_name_the_flag_and_exit_2(flag: str, value: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["batch", "in.jsonl", "out.jsonl", flag, value]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"llmutils: error: {expected} (see 'llmutils batch --help')"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_results_are_written_as_they_complete_so_a_kill_loses_nothing_answered(server: OpenAITestServer, tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def handler(body: dict[str, Any]) -> str:
+        text = body["messages"][-1]["content"]
+        if text == "10":
+            release.wait(20)  # item 10 hangs: the process is killed while it is in flight
+        return f"answer {text}"
+
+    server.chat_handler = handler
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "1"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    out = tmp_path / "out.jsonl"
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (out.exists() and out.read_text(encoding="utf-8").count("\n") >= 10):
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.02)  # polling a file another process writes; bounded by the deadline
+        proc.kill()
+        proc.communicate(timeout=10)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    records = _lines(out)
+    assert [r["output"] for r in records] == [f"answer {i}" for i in range(10)]
+
+
+def _wait_for_line(stream: Any, marker: str, timeout: float = 20) -> list[str]:
+    """Read lines from ``stream`` until one contains ``marker`` (in a thread, bounded by ``timeout``)."""
+    seen: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in stream:
+            seen.append(line)
+            if marker in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert found.wait(timeout), f"{marker!r} never appeared: {''.join(seen)[-2000:]}"
+    return seen
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+@pytest.mark.parametrize("marker", ["llmutils._exceptions", "jinja2.sandbox", "llmutils._clients", "llmutils.cli"])
+def test_ctrl_c_while_the_command_is_still_importing_exits_130_quietly(marker: str, server: OpenAITestServer, tmp_path: Path) -> None:
+    # -X importtime prints one line as each import finishes: a marker inside the first ~0.3 s.
+    release = threading.Event()
+    server.chat_handler = lambda body: "late" if release.wait(20) else "never"  # the batch cannot end first
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl"],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seen = _wait_for_line(proc.stderr, marker)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=20)  # reads the rest of stderr while the child exits
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "llmutils: interrupted" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal is POSIX")
+def test_progress_bar_on_a_terminal_with_log_lines_printed_through_it(server: OpenAITestServer, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    server.script(Fault.server_error(), Fault.server_error())  # two retry WARNINGs while the bar is drawn
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(20)])
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = {**_env(), "LLMUTILS_WAITING_TIME": "0.001"}
+    argv = [sys.executable, "-m", "llmutils", "--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "-w", "1"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    err = b"".join(chunks).decode("utf-8", "replace")
+    assert "20/20" in err  # the bar, on a terminal
+    segments = [s for s in err.replace("\r", "\n").split("\n") if "WARNING" in s]
+    assert len(segments) == 2 and all(s.startswith("llmutils: WARNING: attempt ") for s in segments), err  # not glued to the bar
+    assert "llmutils: WARNING: llmutils:" not in err
+
+
+def test_cache_commands_act_on_the_store_they_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    redis_url = _closed_port_url().replace("http://", "redis://").replace("/v1", "/0")
+    monkeypatch.setenv("LLMUTILS_CACHE_URL", redis_url)  # configured: Redis (here: one that does not answer)
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert main(["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--cache-file", "f.sqlite"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" not in err and (tmp_path / "f.sqlite").exists()  # the named file, Redis never tried
+    assert main(["cache", "stats", "--cache-file", "f.sqlite"]) == 0
+    out = capsys.readouterr().out
+    assert "entries: 2" in out and str(tmp_path / "f.sqlite") in out
+    assert main(["cache", "vacuum", "--cache-file", "f.sqlite"]) == 0
+    assert capsys.readouterr().out.startswith(f"vacuumed {tmp_path / 'f.sqlite'}")
+    assert main(["cache", "clear", "--cache-file", "f.sqlite"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"cleared 2 entries from {tmp_path / 'f.sqlite'}") and "WARNING" not in captured.err
+    assert main(["cache", "clear", "--cache-file", "f.sqlite", "--cache-url", redis_url]) == 2
+    assert "--cache-file and --cache-url name two caches" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="LLMUTILS_TEST_REDIS_URL is not set (.ci/run sets it)")
+def test_cache_clear_of_a_named_file_leaves_the_configured_redis_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("redis")
+    assert REDIS_URL is not None
+    _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "redis a"}, {"prompt": "redis b"}, {"prompt": "redis c"}])
+    assert main(["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--cache-url", REDIS_URL]) == 0
+    assert main(["--api-type", "mock", "batch", "in.jsonl", "out.jsonl", "--cache-file", "f.sqlite"]) == 0
+    monkeypatch.setenv("LLMUTILS_CACHE_URL", REDIS_URL)
+    capsys.readouterr()
+    try:
+        assert main(["cache", "stats"]) == 0
+        before = capsys.readouterr().out
+        assert "entries: " in before
+        assert main(["cache", "clear", "--cache-file", "f.sqlite"]) == 0
+        assert capsys.readouterr().out.startswith(f"cleared 3 entries from {tmp_path / 'f.sqlite'}")
+        assert main(["cache", "stats"]) == 0
+        after = capsys.readouterr().out
+        entries = [line for line in after.splitlines() if line.startswith("entries: ")]
+        assert entries == [line for line in before.splitlines() if line.startswith("entries: ")] and entries != ["entries: 0"]
+    finally:
+        main(["cache", "clear", "--cache-url", REDIS_URL])

@@ -200,6 +200,70 @@ def test_missing_include_names_both(isolated: Path, tmp_path: Path) -> None:
         render_template("outer", template_dirs=[tmp_path])
 
 
+# --------------------------------------------------------------------------- sandbox and trust
+
+
+def test_a_template_cannot_reach_python_internals(isolated: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    _write(tmp_path, "evil.j2", "{{ cycler.__init__.__globals__.os.popen('touch %s').read() }}" % marker)
+    _write(tmp_path, "evil2.j2", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    for name in ("evil", "evil2"):
+        with pytest.raises(TemplateError, match=f"template '{name}'.*SecurityError.*unsafe"):
+            render_template(name, template_dirs=[tmp_path])
+    assert not marker.exists()
+    key = tuple(template_search_path([tmp_path]))
+    assert isinstance(_templates._environment(key), jinja2.sandbox.SandboxedEnvironment)
+
+
+def test_a_symlink_resolving_outside_the_search_path_is_refused(isolated: Path, tmp_path: Path) -> None:
+    outside = _write(tmp_path / "outside", "secret.txt", "the secret")
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "leak.j2").symlink_to(outside)
+    (templates / "linked_dir").symlink_to(outside.parent, target_is_directory=True)
+    _write(templates, "includer.j2", "a {% include 'leak' %} b")
+    _write(templates, "real.j2", "real {{ x }}")
+    (templates / "alias.j2").symlink_to(templates / "real.j2")  # inside the search path: fine
+    for name, variables in (("leak", {}), ("linked_dir/secret.txt", {}), ("includer", {})):
+        with pytest.raises(TemplateError, match="outside the template search path") as info:
+            render_template(name, variables, template_dirs=[templates])
+        assert "the secret" not in str(info.value)
+    with pytest.raises(TemplateError, match="'includer' includes a refused file"):
+        render_template("includer", template_dirs=[templates])
+    assert render_template("alias", template_dirs=[templates], x=1) == "real 1"
+
+
+def test_render_time_python_errors_name_the_template_and_the_variable(isolated: Path, tmp_path: Path) -> None:
+    _write(tmp_path, "calc.j2", "Title: {{ title }}\nShare: {{ 100 / parts }}\nNext: {{ count + 1 }}\n")
+    with pytest.raises(TemplateError) as info:
+        render_template("calc", template_dirs=[tmp_path], title="t", parts=0, count=1)
+    message = str(info.value)
+    assert "template 'calc'" in message and "calc.j2, line 2" in message
+    assert "with variable 'parts' (int)" in message and "ZeroDivisionError" in message
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    with pytest.raises(TemplateError, match=r"line 3\) failed with variable 'count' \(str\): TypeError"):
+        render_template("calc", template_dirs=[tmp_path], title="t", parts=4, count="3")
+
+
+def test_variables_must_be_a_mapping(isolated: Path) -> None:
+    for bad in (5, ["prompt", "x"], "prompt=x"):
+        with pytest.raises(TemplateError, match="must be a mapping"):
+            render_template("user_default", bad)  # type: ignore[arg-type]
+        with pytest.raises(TemplateError, match="must be a mapping"):
+            compose_messages(None, "user_default", bad)  # type: ignore[arg-type]
+
+
+def test_find_template_checks_without_rendering(isolated: Path, tmp_path: Path) -> None:
+    _write(tmp_path, "needs.j2", "{{ required }}")
+    _write(tmp_path, "broken.j2", "{% if %}")
+    assert _templates.find_template("needs", [tmp_path]) == tmp_path.resolve() / "needs.j2"
+    assert _templates.find_template("summarize").name == "summarize.j2"
+    with pytest.raises(TemplateError, match="not found"):
+        _templates.find_template("absent", [tmp_path])
+    with pytest.raises(TemplateError, match="syntax error"):
+        _templates.find_template("broken", [tmp_path])
+
+
 # --------------------------------------------------------------------------- environments and threads
 
 
