@@ -333,3 +333,191 @@ def test_leases_are_rows_a_person_can_read(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM llmutils_leases").fetchone()[0] == 0  # dropped after
     assert cache.get(key) == {"x": 1}
+
+
+# -- batches on executors --------------------------------------------------------------------------
+
+
+def fail_on_fail(body: dict[str, Any]) -> str:
+    """A chat_handler: a 500 for the prompt "FAIL", else the usual echo."""
+    text = body["messages"][-1]["content"]
+    if text == "FAIL":
+        raise RuntimeError("this item fails on the server")
+    return f"echo: {text}"
+
+
+def prompts(tag: str, n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"{tag} {i}"}] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def spawn_pool() -> Iterator[ProcessPoolExecutor]:
+    """Two spawned worker processes, shared by the tests of this module (starting them takes seconds)."""
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        yield pool
+
+
+def test_batch_on_a_process_pool_keeps_order_and_per_item_errors(
+    server: OpenAITestServer, tmp_path: Path, spawn_pool: ProcessPoolExecutor
+) -> None:
+    server.chat_handler = fail_on_fail
+    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
+                          retry=RetryPolicy(max_attempts=1))
+    items: list[Any] = prompts("pool", 30)
+    items[7] = [{"role": "user", "content": "FAIL"}]
+    seen: list[int] = []
+    results = llmutils.batch(items, client=client, workers=4, executor=spawn_pool, chunk_size=5, on_result=lambda r: seen.append(r.index))
+    assert [r.index for r in results] == list(range(30))
+    assert [r.content for r in results if r.index != 7] == [f"echo: pool {i}" for i in range(30) if i != 7]
+    assert not results[7].ok and isinstance(results[7].error, llmutils.LLMUtilsError) and results[7].error.status_code == 500
+    assert sorted(seen) == list(range(30))
+    assert server.request_count == 30
+    again = llmutils.batch(items, client=client, workers=4, executor=spawn_pool, chunk_size=5)
+    assert [r.cached for r in again] == [i != 7 for i in range(30)]  # the failed item is sent again, alone
+    assert server.request_count == 31
+
+
+def test_map_calls_on_a_process_pool_refuses_what_cannot_pickle_before_any_request(
+    server: OpenAITestServer, spawn_pool: ProcessPoolExecutor
+) -> None:
+    client = OpenAIClient(base_url=server.base_url, api_key="k")
+    with pytest.raises(llmutils.ConfigError, match="cannot be pickled"):
+        llmutils.map_calls(lambda m: client.send_message(m), prompts("x", 3), client=client, executor=spawn_pool)
+    assert server.request_count == 0
+
+
+def test_map_calls_takes_any_executor_and_checks_it(server: OpenAITestServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = OpenAIClient(base_url=server.base_url, api_key="k")
+    with ThreadPoolExecutor(2) as pool:
+        results = llmutils.map_calls(_Ask(client), prompts("t", 9),
+                                     client=client, executor=pool, chunk_size=2)
+    assert [r.output["content"] for r in results] == [f"echo: t {i}" for i in range(9)]
+    with pytest.raises(llmutils.ConfigError, match="executor must be a concurrent.futures.Executor"):
+        llmutils.map_calls(_Ask(client), prompts("t", 1), client=client, executor=object())  # type: ignore[arg-type]
+    with pytest.raises(llmutils.ConfigError, match="chunk_size must be an int >= 1"):
+        llmutils.map_calls(_Ask(client), prompts("t", 1), client=client, executor=pool, chunk_size=0)
+
+
+class _Ask:
+    """A picklable fn for map_calls: send the item's messages with ``client``."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __call__(self, messages: list[dict[str, str]]) -> Any:
+        return self.client.send_message(messages)
+
+
+def test_the_calling_process_settings_go_with_the_chunks(server: OpenAITestServer, spawn_pool: ProcessPoolExecutor) -> None:
+    client = OpenAIClient(base_url=server.base_url, api_key="k")
+    with llmutils.override_defaults(model="model-from-the-caller"):
+        llmutils.batch(prompts("s", 2), client=client, executor=spawn_pool)
+    assert {r.body["model"] for r in server.requests} == {"model-from-the-caller"}
+
+
+def test_ctrl_c_cancels_the_chunks_not_started(server: OpenAITestServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = OpenAIClient(base_url=server.base_url, api_key="k")
+    got: list[int] = []
+
+    def interrupt(result: llmutils.BatchResult) -> None:
+        got.append(result.index)
+        raise KeyboardInterrupt
+
+    with ThreadPoolExecutor(1) as pool, pytest.raises(KeyboardInterrupt):
+        llmutils.batch(prompts("c", 40), client=client, workers=1, executor=pool, chunk_size=4, on_result=interrupt)
+    assert got == [0]
+    assert 4 <= server.request_count <= 8  # the first chunk, and at most the one running when Ctrl-C came
+
+
+def test_fail_fast_stops_the_chunks_not_started(server: OpenAITestServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with OpenAITestServer(api_key="the-right-key") as keyed:
+        client = OpenAIClient(base_url=keyed.base_url, api_key="a-wrong-key")
+        with ThreadPoolExecutor(1) as pool:
+            results = llmutils.batch(prompts("f", 20), client=client, workers=1, executor=pool, chunk_size=2)
+        assert isinstance(results[0].error, llmutils.AuthenticationError)
+        assert all(not r.attempted for r in results[4:])  # chunks 3 to 10 were cancelled
+        assert sum(r.attempted for r in results) == keyed.request_count <= 2  # one per chunk that ran
+
+
+def test_chunks_of_a_batch_share_one_client_per_worker(spawn_pool: ProcessPoolExecutor) -> None:
+    results = llmutils.map_calls(_WhichClient(MockClient()), range(24), executor=spawn_pool, chunk_size=2)
+    seen: dict[int, set[int]] = {}
+    for r in results:
+        pid, client_id = r.output
+        seen.setdefault(pid, set()).add(client_id)
+    assert os.getpid() not in seen
+    assert all(len(ids) == 1 for ids in seen.values()), seen  # twelve chunks, one client per worker
+
+
+class _WhichClient:
+    """A picklable fn that tells which process and which client object ran the item."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __call__(self, item: Any) -> tuple[int, int]:
+        return os.getpid(), id(self.client)
+
+
+# -- a Dask cluster with the Redis cache and the Redis limiter ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from redis_servers import CI_URL, NO_SERVER, REDIS_SERVER, RedisServer
+
+    if CI_URL:
+        yield CI_URL
+        return
+    if REDIS_SERVER is None:
+        pytest.skip(NO_SERVER)
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dask_executor() -> Iterator[Any]:
+    distributed = pytest.importorskip("distributed", reason="Dask is not installed: pip install -e '.[test]'")
+    with distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=2, host="127.0.0.1", dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as dask_client:
+        yield dask_client.get_executor()
+
+
+def test_a_batch_on_a_dask_cluster_shares_the_redis_cache_and_limiter(
+    server: OpenAITestServer, redis_url: str, dask_executor: Any
+) -> None:
+    import uuid
+
+    tag = uuid.uuid4().hex  # keys of our own on a shared Redis
+    unique = prompts(f"dask {tag}", 150)
+    items: list[Any] = unique + [unique[(i * 7) % 150] for i in range(50)]  # 200 items, 50 of them repeats
+    items.insert(100, {"messages": "not a list"})  # fails alone, before any request
+    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_url=redis_url,
+                          rpm=60_000, rate_limit_url=redis_url, rate_limit_name=f"test-{tag}")
+    results = llmutils.batch(items, client=client, workers=4, executor=dask_executor)
+    assert [r.index for r in results] == list(range(201))
+    assert isinstance(results[100].error, llmutils.InvalidRequestError)
+    expected = [None if isinstance(item, dict) else f"echo: {item[0]['content']}" for item in items]
+    assert [r.content for r in results] == expected
+    assert server.request_count == 150  # every repeat waited for its twin, whichever worker sent it
+    again = llmutils.batch(items, client=client, workers=4, executor=dask_executor)
+    assert server.request_count == 150
+    assert [r.cached for r in again] == [i != 100 for i in range(201)]
+    assert [r.content for r in again] == expected
+    import redis
+
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        assert raw.exists(f"llmutils:ratelimit:{{test-{tag}}}") == 1  # the workers took their slots there
+    finally:
+        raw.close()

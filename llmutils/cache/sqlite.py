@@ -72,7 +72,7 @@ _CREATE_LEASES = (
 )
 _LEASE_POLL_FIRST = 0.002  # seconds between looks for the holder's answer, growing to
 _LEASE_POLL_MAX = 0.05
-_LEASE_BUSY_TIMEOUT = 0.25  # seconds to wait for the file's write lock to take or look at a lease
+_LEASE_SHARE_OF_DEADLINE = 0.25  # of the call's time left, spent at most waiting for the lock to take a lease
 _HOST = socket.gethostname()
 _lease_ids = itertools.count()
 _SELECT_LEASE = f'SELECT holder, host, pid, expires FROM "{LEASE_TABLE}" WHERE key = ?'
@@ -418,11 +418,11 @@ class SQLiteCache(CacheBase):
             logger.debug("llmutils cache %s: no lease (%s)", self.path, exc)
             return None
         try:
-            # A lease is a tiny transaction: if the file stays locked longer (a long write elsewhere),
-            # go without one rather than spend the call's time on it.
-            wait = min(self.busy_timeout, _LEASE_BUSY_TIMEOUT)
-            if deadline is not None:
-                wait = deadline.timeout_for(wait) or 0.0
+            # Wait for the write lock as a cache write does, but spend at most a quarter of what is
+            # left of the call's time on it: then go without a lease (and maybe send a duplicate).
+            wait = self.busy_timeout
+            if deadline is not None and deadline.bounded:
+                wait = min(wait, deadline.remaining() * _LEASE_SHARE_OF_DEADLINE)
             conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
             if not self._leases_ready:
                 conn.execute(_CREATE_LEASES)
