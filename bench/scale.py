@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -52,8 +53,8 @@ MODEL = "gpt-4.1-mini"
 
 
 @contextmanager
-def serve(latency: float) -> Iterator[str]:
-    """Run llmutils' test server in a subprocess with ``latency``; yield its base URL."""
+def serve(latency: float) -> Iterator[tuple[str, int]]:
+    """Run llmutils' test server in a subprocess with ``latency``; yield its base URL and pid."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmutils.testing", "--port", "0", "--latency", str(latency)],
         stdout=subprocess.PIPE,
@@ -65,7 +66,7 @@ def serve(latency: float) -> Iterator[str]:
         match = re.search(r"serving at (\S+)", line)
         if match is None:
             raise RuntimeError(f"the test server did not start: {line!r}")
-        yield match.group(1)
+        yield match.group(1), proc.pid
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -117,27 +118,38 @@ def prompts(tag: str, n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": f"scale benchmark {tag} prompt {i}"}] for i in range(n)]
 
 
-def run_batch(client: llmutils.OpenAIClient, tag: str, n: int, workers: int, executor: Any) -> tuple[float, int]:
-    """requests/s and failures of one ``batch`` run."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_batch(client: llmutils.OpenAIClient, tag: str, n: int, workers: int, executor: Any, server_pid: int) -> tuple[float, int, float]:
+    """requests/s, failures, and the server's CPU use (1.0 = one core) of one ``batch`` run."""
+    cpu = cpu_seconds(server_pid)
     start = time.perf_counter()
     results = llmutils.batch(prompts(tag, n), client=client, workers=workers, executor=executor)
     elapsed = time.perf_counter() - start
     failed = sum(not r.ok for r in results)
-    return (n - failed) / elapsed, failed
+    return (n - failed) / elapsed, failed, (cpu_seconds(server_pid) - cpu) / elapsed
 
 
-def throughput(base_url: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Interleaved rounds of 1 process and 2 processes; every round's requests/s."""
+def throughput(base_url: str, server_pid: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Interleaved rounds of 1 process and 2 processes; every round's requests/s and server CPU use."""
     client = llmutils.OpenAIClient(base_url=base_url, api_key="bench", model=MODEL, cache_api_calls=False)
-    rates: dict[str, list[float]] = {"1 process": [], "2 processes": []}
+    rates: dict[str, list[float]] = {"1 process": [], "2 processes": [], "server 1": [], "server 2": []}
     failures = 0
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        run_batch(client, "warm-1", args.workers * 2, args.workers, None)
-        run_batch(client, "warm-2", args.workers * 4, args.workers, pool)  # start both workers, open connections
+        run_batch(client, "warm-1", args.workers * 2, args.workers, None, server_pid)
+        run_batch(client, "warm-2", args.workers * 4, args.workers, pool, server_pid)  # start both workers, open connections
         for r in range(args.rounds):
-            for name, executor in (("1 process", None), ("2 processes", pool)):
-                rate, failed = run_batch(client, f"{name}-{r}", args.requests, args.workers, executor)
+            for name, executor, server in (("1 process", None, "server 1"), ("2 processes", pool, "server 2")):
+                rate, failed, busy = run_batch(client, f"{name}-{r}", args.requests, args.workers, executor, server_pid)
                 rates[name].append(rate)
+                rates[server].append(busy)
                 failures += failed
     if failures:
         print(f"warning: {failures} requests failed in part 1", flush=True)
@@ -259,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.perf_counter()
     if args.part in ("all", "processes"):
-        with serve(args.latency) as url:
-            rates = throughput(url, args)
+        with serve(args.latency) as (url, pid):
+            rates = throughput(url, pid, args)
         one, two = rates["1 process"], rates["2 processes"]
         ratio = statistics.median(two) / statistics.median(one)
         print()
@@ -268,8 +280,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  1 process                       {spread(one)}")
         print(f"  2 processes (--processes 2)     {spread(two)}")
         print(f"  ratio 2 / 1                     {ratio:.2f}x")
+        print(
+            f"  the test server's CPU use (1.00 = one core; it is one Python process): "
+            f"{statistics.median(rates['server 1']):.2f} with 1 process, {statistics.median(rates['server 2']):.2f} with 2"
+        )
     if args.part in ("all", "rate"):
-        with serve(0.0) as url, redis_server(args.redis_url) as redis_url:
+        with serve(0.0) as (url, _pid), redis_server(args.redis_url) as redis_url:
             shared = shared_rate(url, redis_url, args)
         print()
         print(

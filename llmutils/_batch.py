@@ -22,6 +22,10 @@ What is kept per item and what stops the run:
   daemon threads, so a process that exits on Ctrl-C does not wait for them either; a request in
   flight finishes (or times out) in the background and its result is dropped.
 
+On other processes or machines: with ``executor=`` (a ``ProcessPoolExecutor``, a Dask cluster's
+executor) the items go out in chunks; each chunk runs on threads where the executor puts it and
+comes back as a list of results, which are collected as above (see :func:`_map_on_executor`).
+
 The pieces are small and separate so that other runners can reuse them: :func:`run_item` (the
 work of one item), :class:`ReorderBuffer` (finishing order to input order), :class:`FailFast`
 (the stop rule) and :func:`is_connection_failure`.
@@ -390,9 +394,11 @@ def map_calls(
 
     ``executor`` (any :class:`concurrent.futures.Executor`: a ``ProcessPoolExecutor``, a Dask
     ``distributed.Client(...).get_executor()``, ...) runs the items there instead, in chunks of
-    ``chunk_size`` (default ``2 * workers``), each chunk on ``workers`` threads where it runs; see
-    :func:`_map_on_executor`. ``fn``, ``client`` and the items must then pickle (Dask also takes
-    lambdas).
+    ``chunk_size`` (default ``2 * workers``), each chunk on ``workers`` threads where it runs, with
+    the calling process's settings; results still come back in input order with per-item errors,
+    the bar and ``on_result`` advance as chunks come back, and fail fast or Ctrl-C cancel the chunks
+    not started. ``fn``, ``client`` and the items must then pickle (Dask also takes lambdas); a
+    ``fn`` a ``ProcessPoolExecutor`` cannot take raises :class:`ConfigError` before any request.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an int >= 1, got {workers!r}")

@@ -485,12 +485,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def dask_executor() -> Iterator[Any]:
+def dask_client() -> Iterator[Any]:
+    """A Dask cluster of 2 worker processes on 127.0.0.1, shared by the tests of this module."""
     distributed = pytest.importorskip("distributed", reason="Dask is not installed: pip install -e '.[test]'")
     with distributed.LocalCluster(
         n_workers=2, processes=True, threads_per_worker=2, host="127.0.0.1", dashboard_address=None
-    ) as cluster, distributed.Client(cluster) as dask_client:
-        yield dask_client.get_executor()
+    ) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture
+def dask_executor(dask_client: Any) -> Any:
+    return dask_client.get_executor()
 
 
 def test_a_batch_on_a_dask_cluster_shares_the_redis_cache_and_limiter(
@@ -521,3 +527,44 @@ def test_a_batch_on_a_dask_cluster_shares_the_redis_cache_and_limiter(
         assert raw.exists(f"llmutils:ratelimit:{{test-{tag}}}") == 1  # the workers took their slots there
     finally:
         raw.close()
+
+
+def test_cli_batch_on_a_dask_cluster(server: OpenAITestServer, redis_url: str, dask_client: Any, tmp_path: Path) -> None:
+    import uuid
+
+    from llmutils.cli import main
+
+    tag = uuid.uuid4().hex
+    lines = [{"prompt": f"cli dask {tag} {i % 6}"} for i in range(12)]  # 6 prompts, each twice
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-progress", "-w", "2",
+            "--cache-url", redis_url, "--dask-scheduler", dask_client.scheduler.address]
+    assert main(argv) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["index"] for o in out] == list(range(12))
+    assert [o["input"] for o in out] == lines
+    assert server.request_count == 6
+
+
+def test_cli_batch_on_local_processes(server: OpenAITestServer, tmp_path: Path) -> None:
+    from llmutils.cli import main
+
+    lines = [{"prompt": f"cli processes {i % 10}"} for i in range(30)] + [{"messages": "not a list"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-progress", "-w", "3", "--processes", "2"]
+    assert main(argv) == 1  # one item failed, alone
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["index"] for o in out] == list(range(31))
+    assert out[30]["error"]["type"] == "InvalidRequestError" and all("output" in o for o in out[:30])
+    assert server.request_count == 10  # the SQLite cache (on by default): one request per prompt across both processes
+    assert main(argv) == 1
+    assert server.request_count == 10
+
+
+def test_cli_batch_processes_and_dask_are_exclusive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmutils.cli import main
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "x"}\n')
+    assert main(["batch", "in.jsonl", "out.jsonl", "--processes", "2", "--dask-scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert "not allowed with argument --processes" in capsys.readouterr().err
+    assert main(["batch", "in.jsonl", "out.jsonl", "--processes", "0"]) == 2
