@@ -36,6 +36,7 @@ from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ContentFilterError as ContentFilterError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LLMUtilsError as LLMUtilsError
+from ._exceptions import MalformedResponseError as MalformedResponseError
 from ._exceptions import NonTerminalError as NonTerminalError
 from ._exceptions import NotAttemptedError as NotAttemptedError
 from ._exceptions import OutputParseError as OutputParseError
@@ -79,6 +80,7 @@ __all__ = [
     "InvalidRequestError",
     "LLMCall",
     "LLMUtilsError",
+    "MalformedResponseError",
     "MockClient",
     "ModelUsage",
     "NonTerminalError",

@@ -19,14 +19,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._apis import chat as _chat
 from ._apis import embeddings as _embeddings
-from ._apis.chat import build_chat_request, check_chat_response, is_reasoning_model, read_chat_response
+from ._apis.chat import build_chat_request, check_chat_response, fewer_choices, is_reasoning_model, read_chat_response
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
-from ._config import api_key_from_env, resolve, validate
+from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, validate
 from ._deadline import Deadline
 from ._exceptions import (
     AuthenticationError,
@@ -39,6 +38,15 @@ from ._exceptions import (
     QuotaExceededError,
     RateLimitError,
     TotalTimeoutError,
+)
+from ._http import (
+    RETRYABLE_STATUS,
+    error_fields,
+    is_quota_exhausted,
+    is_validation_error,
+    lower_headers,
+    request_id_from,
+    retry_decision,
 )
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._ratelimit_redis import RedisRateLimiter, rate_limit_name
@@ -57,7 +65,6 @@ logger = logging.getLogger("llmutils")
 
 Message = dict[str, Any]
 
-_RETRYABLE_STATUS = frozenset({408, 409, 429})
 _READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 
 # A response check run inside each attempt: raises NonTerminalError for a malformed 200 (retried,
@@ -113,26 +120,6 @@ def _check_positive(**values: Any) -> None:
             raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``), if it did."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000
-        except ValueError:
-            pass
-    seconds = headers.get("retry-after")
-    if seconds:
-        try:
-            return float(seconds)
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(seconds).timestamp() - time.time())
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
 def _shut_down(http: Any) -> None:
     """Shut the socket of ``http`` down so a blocked read returns at once (the deadline passed)."""
     stream = http.extensions.get("network_stream")
@@ -143,12 +130,14 @@ def _shut_down(http: Any) -> None:
 
 
 class CallInfo(NamedTuple):
-    """What happened in one call: served from the cache or not, the model, and the API's usage."""
+    """What happened in one call: served from the cache or not, the model, the API's usage, and the
+    warnings the call logged about its answer (e.g. fewer choices than ``n``)."""
 
     kind: str
     model: str
     cached: bool
     usage: Mapping[str, Any] | None
+    warnings: tuple[str, ...] = ()
 
 
 class _Flight:
@@ -308,11 +297,11 @@ class OpenAIClient:
         self,
         messages: list[Message],
         model: str | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        top_p: float | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
+        temperature: float | None = UNSET,
+        max_tokens: int | None = UNSET,
+        top_p: float | None = UNSET,
+        frequency_penalty: float | None = UNSET,
+        presence_penalty: float | None = UNSET,
         stop: str | list[str] | None = None,
         timeout: float | None = None,
         max_attempts: int | None = None,
@@ -325,16 +314,19 @@ class OpenAIClient:
     ) -> Message | list[Message]:
         """Send a chat request and return the assistant message as a plain dict.
 
-        With ``n > 1`` the result is a list of ``n`` message dicts, in choice order. ``**more`` is
-        passed to the API as is (``response_format``, ``seed``, ``tools``, ``tool_choice``,
-        ``max_completion_tokens``, ``reasoning_effort``, ...). Unset arguments come from the
-        configuration. Raises an :class:`LLMUtilsError` subclass on failure, never returns None.
+        With ``n > 1`` the result is a list of the message dicts, in choice order: ``n`` of them,
+        or fewer when the server ignored ``n`` (one WARNING naming the server and both counts, and
+        ``last_call.warnings`` says so). ``**more`` is passed to the API as is
+        (``response_format``, ``seed``, ``tools``, ``tool_choice``, ``max_completion_tokens``,
+        ``reasoning_effort``, ...). Only what is set is sent: sampling arguments left out come from
+        the configuration (unset by default), and ``None`` turns a configured one off. Raises an
+        :class:`LLMUtilsError` subclass on failure, never returns None.
         """
         _check_messages(messages)
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
         for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
-            if value is not None:
+            if value is not None and value is not UNSET:
                 _check_type(name, value, kinds)
         if n != 1 or timeout is not None or total_timeout is not None or max_attempts is not None:
             _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
@@ -361,7 +353,18 @@ class OpenAIClient:
 
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
         response = self._call(_chat.KIND, _chat.PATH, params, settings, deadline, timeout_s, check_chat_response, policy)
-        return read_chat_response(response, n)
+        answer = read_chat_response(response, n)
+        came = fewer_choices(response, n)
+        if came is not None:
+            warning = (
+                f"llmutils: {self._display(settings)} returned {came} choice(s) for n={n} "
+                f"(model {params['model']!r}); returning the {came} that came (the server may ignore n)"
+            )
+            logger.warning(warning)
+            info = self.last_call
+            if info is not None:
+                self._local.info = info._replace(warnings=(warning,))
+        return answer
 
     def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
         """Return the embedding vector of ``text`` (cached like chat calls when the cache is on)."""
@@ -561,8 +564,8 @@ class OpenAIClient:
                 response = self._post(path, params, settings, deadline, timeout)
                 check(response)
             except RateLimitError as exc:
-                if exc.retry_after and limiter.enabled:  # hold the other threads too
-                    limiter.pause(min(exc.retry_after, policy.max_wait))
+                if exc.retryable and exc.retry_after and limiter.enabled:  # hold the other threads too
+                    limiter.pause(exc.retry_after)
                 raise
             finally:
                 in_flight.release()
@@ -688,18 +691,17 @@ class OpenAIClient:
         """
         with self._open_stream(path, params, settings, deadline, timeout) as http:
             raw = self._read_body(http, deadline, timeout, settings)
-            request_id = http.headers.get("x-request-id")
+            headers = lower_headers(http.headers)
             status = http.status_code
+        context: dict[str, Any] = {"status_code": status, "request_id": request_id_from(headers), "headers": headers}
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise NonTerminalError(
-                f"HTTP {status} from {self._display(settings)} with a body that is not JSON",
-                status_code=status,
-                request_id=request_id,
+                f"HTTP {status} from {self._display(settings)} with a body that is not JSON", **context
             ) from exc
         if not isinstance(body, dict):
-            raise NonTerminalError("the response body is not a JSON object", request_id=request_id)
+            raise NonTerminalError("the response body is not a JSON object", **context)
         return body
 
     @contextlib.contextmanager
@@ -782,23 +784,45 @@ class OpenAIClient:
         return exc
 
     def _status_error(self, exc: Any, source: str, settings: Mapping[str, Any]) -> LLMUtilsError:
+        """The llmutils error for an HTTP error answer: its class from the status, whether to retry
+        it and how long to wait from openai-python's rules (:mod:`llmutils._http`), and every field
+        the server sent (``code``, ``type``, ``param``, the request id, the headers)."""
         status = exc.status_code
-        request_id = exc.request_id
-        code = exc.code or ""
-        where = self._display(settings)
-        detail = f"HTTP {status} from {where}: {exc.message}"
-        context: dict[str, Any] = {"status_code": status, "request_id": request_id}
+        headers = exc.response.headers
+        info = error_fields(status, headers, exc.body)
+        decision = retry_decision(status, headers)
+        detail = f"HTTP {status} from {self._display(settings)}: {info.message}"
+        if not decision.retry and (status in RETRYABLE_STATUS or status >= 500):  # a retryable status the server refused
+            detail += f" (not retried: {decision.reason})"
+        context: dict[str, Any] = {
+            "status_code": status,
+            "request_id": info.request_id,
+            "code": info.code,
+            "type": info.type,
+            "param": info.param,
+            "headers": info.headers,
+        }
+        if status == 429 and is_quota_exhausted(info):  # by code, type or message: LiteLLM keeps only the message
+            return QuotaExceededError(f"Quota exhausted; waiting will not help ({detail})", retryable=False, **context)
+        if is_validation_error(status, exc.body):  # llama-cpp-python answers these with a 500
+            return InvalidRequestError(
+                f"The server rejected the request as invalid ({detail}); not retried: it would fail the same way",
+                retryable=False,
+                **context,
+            )
+        # A wait that is not obeyed is still told (the 300 s of a refused Retry-After: 300).
+        retry_after = decision.wait if decision.retry else decision.asked
         if status in (401, 403):
-            return AuthenticationError(f"Authentication failed ({detail}). Credentials used: {source}.", **context)
+            return AuthenticationError(
+                f"Authentication failed ({detail}). Credentials used: {source}.", retryable=decision.retry, **context
+            )
         if status == 429:
-            if "insufficient_quota" in (code, exc.type):
-                return QuotaExceededError(f"Quota exhausted; waiting will not help ({detail})", **context)
-            return RateLimitError(detail, retry_after=_retry_after(exc.response.headers), **context)
-        if status in _RETRYABLE_STATUS or status >= 500:
-            return NonTerminalError(detail, retry_after=_retry_after(exc.response.headers), **context)
-        if code == "content_filter" or "content_filter" in str(exc.body):
-            return ContentFilterError(f"Refused by the content filter ({detail})", **context)
-        return InvalidRequestError(detail, **context)
+            return RateLimitError(detail, retry_after=retry_after, retryable=decision.retry, **context)
+        if status in RETRYABLE_STATUS or status >= 500:
+            return NonTerminalError(detail, retry_after=retry_after, retryable=decision.retry, **context)
+        if info.code == "content_filter" or "content_filter" in str(exc.body):
+            return ContentFilterError(f"Refused by the content filter ({detail})", retryable=False, **context)
+        return InvalidRequestError(detail, retryable=decision.retry, **context)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -828,9 +852,14 @@ class AzureClient(OpenAIClient):
 
     Credentials: ``api_key``, else ``AZURE_OPENAI_API_KEY`` (or the older ``AZURE_OPENAI_KEY``), else
     a Microsoft Entra ID token provider: ``azure_ad_token_provider`` (any callable returning a token),
-    or ``DefaultAzureCredential`` when the ``azure`` extra (azure-identity) is installed.
+    or ``DefaultAzureCredential`` (scope ``AZURE_AD_SCOPE``) when the ``azure`` extra
+    (azure-identity) is installed.
+
+    ``api_version="v1"`` (or ``AZURE_API_VERSION = v1``) uses Azure's v1 API: OpenAI's paths under
+    ``{endpoint}/openai/v1/``, the deployment sent as ``model``, no ``api-version`` query.
 
     >>> AzureClient(azure_endpoint="https://my.openai.azure.com", model="my-gpt4o-deployment")
+    >>> AzureClient(azure_endpoint="https://my.openai.azure.com", api_version="v1", model="my-deployment")
     """
 
     api_type = "azure"
@@ -882,17 +911,26 @@ class AzureClient(OpenAIClient):
             ) from None
         with self._lock:
             if self._entra_token_provider is None:
-                self._entra_token_provider = get_bearer_token_provider(
-                    DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default"
-                )
+                self._entra_token_provider = get_bearer_token_provider(DefaultAzureCredential(), settings["AZURE_AD_SCOPE"])
         return {"azure_ad_token_provider": self._entra_token_provider}, "Entra ID (DefaultAzureCredential)"
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
         import openai
 
+        api_version = self._api_version or settings["AZURE_API_VERSION"]
+        if api_version == AZURE_V1_API_VERSION:
+            # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/: the plain OpenAI client,
+            # with the key, or the Entra token provider as a callable key (a fresh Bearer token per request).
+            return openai.OpenAI(
+                base_url=f"{self._endpoint(settings)}/openai/v1/",
+                api_key=credentials.get("api_key") or credentials["azure_ad_token_provider"],
+                organization=self._organization,
+                max_retries=0,
+                default_headers=self._default_headers or None,
+            )
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
-            api_version=self._api_version or settings["AZURE_API_VERSION"],
+            api_version=api_version,
             organization=self._organization,
             max_retries=0,
             default_headers=self._default_headers or None,

@@ -40,6 +40,9 @@ __all__ = [
     "override_defaults",
     "config_file_path",
     "api_key_from_env",
+    "UNSET",
+    "REASONING_EFFORTS",
+    "AZURE_V1_API_VERSION",
 ]
 
 CONFIG_SECTION = "OpenAI"
@@ -50,6 +53,32 @@ DEFAULT_REASONING_MODEL = "o4-mini"
 DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
 DEFAULT_CACHE_FILE_NAME = "llmutils_cache.sqlite"
+DEFAULT_AZURE_AD_SCOPE = "https://cognitiveservices.azure.com/.default"
+DEFAULT_MAX_WAIT = 8.0  # openai-python's MAX_RETRY_DELAY: the cap of one backoff wait
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+AZURE_V1_API_VERSION = "v1"
+"""The ``AZURE_API_VERSION`` that selects Azure's v1 API (``{endpoint}/openai/v1/``, no ``api-version`` query)."""
+
+
+class _Unset:
+    """The type of :data:`UNSET`."""
+
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+"""An argument that was not given (``None`` is a value: it turns a configured setting off)."""
 
 
 def _parse_bool(text: str) -> bool:
@@ -106,7 +135,7 @@ class _Key:
         """Turn a string (or an already typed value) into this key's type; raise ValueError if it cannot."""
         if isinstance(value, str):
             text = value.strip()
-            if self.optional and text.lower() in ("", "none", "null"):
+            if self.optional and text.lower() in ("", "none", "null") and text not in self.choices:
                 return None
             if self.kind is bool:
                 parsed: Any = _parse_bool(text)
@@ -144,19 +173,22 @@ _KEYS: dict[str, _Key] = {
     "MODEL": _Key(str, DEFAULT_MODEL, doc="chat model (or Azure deployment)"),
     "REASONING_MODEL": _Key(str, DEFAULT_REASONING_MODEL, doc="a model treated as a reasoning model"),
     "EMBEDDING_MODEL": _Key(str, DEFAULT_EMBEDDING_MODEL, doc="model for get_embedding"),
-    "MAX_TOKENS": _Key(int, 1024, optional=True, doc="max output tokens (non-reasoning models)"),
+    # Sampling keys are unset by default: only what is set is sent (the server's defaults apply).
+    "MAX_TOKENS": _Key(int, None, optional=True, doc="max output tokens (non-reasoning models); unset: not sent"),
     "MAX_COMPLETION_TOKENS": _Key(int, None, optional=True, doc="max output tokens for reasoning models"),
-    "TEMPERATURE": _Key(float, 1.0, optional=True),
-    "TOP_P": _Key(float, 1.0, optional=True),
-    "FREQ_PENALTY": _Key(float, 0.0, optional=True),
-    "PRESENCE_PENALTY": _Key(float, 0.0, optional=True),
-    "REASONING_EFFORT": _Key(str, None, optional=True, choices=("minimal", "low", "medium", "high")),
+    "TEMPERATURE": _Key(float, None, optional=True, doc="unset: not sent"),
+    "TOP_P": _Key(float, None, optional=True, doc="unset: not sent"),
+    "FREQ_PENALTY": _Key(float, None, optional=True, doc="sent as frequency_penalty; unset: not sent"),
+    "PRESENCE_PENALTY": _Key(float, None, optional=True, doc="unset: not sent"),
+    "REASONING_EFFORT": _Key(
+        str, None, optional=True, choices=REASONING_EFFORTS, doc="reasoning models; 'none' sends the sampling keys too"
+    ),
     "TIMEOUT": _Key(float, 60.0, doc="seconds for one HTTP attempt"),
     "TOTAL_TIMEOUT": _Key(float, None, optional=True, doc="seconds for a whole call, retries included"),
     "MAX_ATTEMPTS": _Key(int, 5, doc="HTTP attempts per call, the first included"),
     "WAITING_TIME": _Key(float, 1.0, doc="first backoff wait, seconds"),
     "EXPONENTIAL_BACKOFF_FACTOR": _Key(float, 2.0, doc="backoff multiplier per attempt"),
-    "MAX_WAIT": _Key(float, 60.0, doc="cap on one backoff wait, Retry-After included"),
+    "MAX_WAIT": _Key(float, DEFAULT_MAX_WAIT, doc="cap on one backoff wait of ours (a server's Retry-After is obeyed up to 120 s)"),
     "CACHE_API_CALLS": _Key(bool, False),
     "CACHE_FILE_NAME": _Key(str, DEFAULT_CACHE_FILE_NAME),
     "CACHE_URL": _Key(
@@ -169,8 +201,11 @@ _KEYS: dict[str, _Key] = {
     "CACHE_TTL": _Key(float, None, optional=True, doc="seconds an entry stays valid"),
     "BASE_URL": _Key(str, None, optional=True, url=True, doc="OpenAI-compatible endpoint"),
     "AZURE_ENDPOINT": _Key(str, None, optional=True, url=True),
-    "AZURE_API_VERSION": _Key(str, DEFAULT_AZURE_API_VERSION),
-    "MODEL_ALIASES": _Key(dict, {}, doc="alias=model pairs (Azure deployments) for token counting"),
+    "AZURE_API_VERSION": _Key(str, DEFAULT_AZURE_API_VERSION, doc="a dated version, or 'v1' for {endpoint}/openai/v1/"),
+    "AZURE_AD_SCOPE": _Key(str, DEFAULT_AZURE_AD_SCOPE, doc="Entra ID scope of the DefaultAzureCredential token"),
+    "MODEL_ALIASES": _Key(
+        dict, {}, doc="alias=model pairs: what a gateway alias or Azure deployment really is (reasoning, tokens)"
+    ),
     "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),
     "TPM": _Key(float, None, optional=True, doc="client-side tokens per minute limit"),
     "MAX_CONCURRENT_MODEL_CALLS": _Key(int, None, optional=True, doc="calls in flight per client"),

@@ -12,16 +12,26 @@ The tree::
     ├── NonTerminalError                    a failure that a retry may fix (429, 408, 409, 5xx,
     │   │                                   timeouts, connection errors, a 200 that is not JSON)
     │   └── RateLimitError                  HTTP 429
+    ├── MalformedResponseError              an answer wrong the same way on every attempt
+    │                                       (1 embedding for 3 inputs); never retried
     ├── RetriesExhaustedError               every attempt failed; ``attempts`` and the last
     │   │                                   error (``__cause__``) tell why
     │   └── TotalTimeoutError               the ``total_timeout`` bound ran out first
     ├── TemplateError                       a prompt template is missing, broken or under-filled
     ├── NotAttemptedError                   a batch stopped early (fail fast) before sending this item
     └── OutputParseError (ValueError)       a model answer could not be coerced to ``output_type``
+
+Every error made from an HTTP answer carries what the server said: ``status_code``, ``code``,
+``type``, ``param`` (from the error body, as strings, as the openai SDK reads them), ``request_id``
+(``x-request-id``, else LiteLLM's ``x-litellm-call-id``, else Azure's ``apim-request-id``) and the
+response ``headers`` (lower-case names). ``retryable`` says whether the retry policy tries again:
+by default a :class:`NonTerminalError` is retried and nothing else is, but for an HTTP answer the
+server decides as the openai SDK lets it (``x-should-retry``; a wait over 120 s is not retried).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -34,6 +44,7 @@ __all__ = [
     "CacheMissError",
     "NonTerminalError",
     "RateLimitError",
+    "MalformedResponseError",
     "RetriesExhaustedError",
     "TotalTimeoutError",
     "TemplateError",
@@ -45,9 +56,12 @@ __all__ = [
 class LLMUtilsError(Exception):
     """Base class of every error llmutils raises.
 
-    ``status_code`` and ``request_id`` are set when an HTTP response caused the error;
-    ``attempts`` is the number of HTTP attempts made when the error was raised.
+    ``status_code``, ``code``, ``type``, ``param``, ``request_id`` and ``headers`` are set when an
+    HTTP response caused the error (None and ``{}`` otherwise); ``attempts`` is the number of HTTP
+    attempts made when the error was raised; ``retryable`` whether the retry policy retries it.
     """
+
+    retryable: bool = False
 
     def __init__(
         self,
@@ -56,12 +70,23 @@ class LLMUtilsError(Exception):
         status_code: int | None = None,
         request_id: str | None = None,
         attempts: int | None = None,
+        code: str | None = None,
+        type: str | None = None,  # noqa: A002 - the name the API and the openai SDK use
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.request_id = request_id
         self.attempts = attempts
+        self.code = code
+        self.type = type
+        self.param = param
+        self.headers: Mapping[str, str] = dict(headers or {})
+        if retryable is not None:
+            self.retryable = retryable
 
     def __str__(self) -> str:
         return self.message
@@ -104,7 +129,12 @@ class CacheMissError(InvalidRequestError):
 
 
 class NonTerminalError(LLMUtilsError):
-    """A failure that may pass if the request is tried again (429, 408, 409, 5xx, timeouts)."""
+    """A failure that may pass if the request is tried again (429, 408, 409, 5xx, timeouts).
+
+    ``retry_after`` is the wait the server asked for, in seconds, when it did.
+    """
+
+    retryable = True
 
     def __init__(self, message: str, *, retry_after: float | None = None, **context: object) -> None:
         super().__init__(message, **context)  # type: ignore[arg-type]
@@ -113,6 +143,10 @@ class NonTerminalError(LLMUtilsError):
 
 class RateLimitError(NonTerminalError):
     """HTTP 429: the provider asks the client to slow down."""
+
+
+class MalformedResponseError(LLMUtilsError):
+    """The server answered, wrongly the same way every time (e.g. 1 embedding for 3 inputs); not retried."""
 
 
 class RetriesExhaustedError(LLMUtilsError):

@@ -1,10 +1,13 @@
 """The retry policy: tenacity's stop, wait and retry pieces, composed in one place.
 
-Only :class:`~llmutils.NonTerminalError` is retried. The wait grows from ``waiting_time`` by
-``backoff_factor`` per attempt, plus jitter, capped at ``max_wait``; a server's ``Retry-After``
-replaces it (still capped). ``total_timeout`` bounds the whole call through one
-:class:`~llmutils._deadline.Deadline`: each attempt gets it, and a backoff wait that would end past
-it stops at once.
+An error is retried when it is ``retryable``: every :class:`~llmutils.NonTerminalError` by default,
+and for an HTTP answer whatever openai-python's rules say (:mod:`llmutils._http`: ``x-should-retry``
+first, no retry when the server asks for more than 120 s). The wait is the server's (``Retry-After``
+and its variants, already judged usable: finite and in ``(0, 120]``), obeyed in full; else our own
+backoff, growing from ``waiting_time`` by ``backoff_factor`` per attempt, plus jitter, capped at
+``max_wait``. ``total_timeout`` bounds the whole call through one
+:class:`~llmutils._deadline.Deadline`: each attempt gets it, and a wait that would end past it stops
+at once.
 """
 
 from __future__ import annotations
@@ -19,17 +22,17 @@ from typing import Any, TypeVar
 import tenacity
 from tenacity import (
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential,
 )
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from ._config import DEFAULT_MAX_WAIT
 from ._deadline import Deadline
 from ._exceptions import (
     LLMUtilsError,
-    NonTerminalError,
     RetriesExhaustedError,
     TotalTimeoutError,
 )
@@ -42,7 +45,12 @@ T = TypeVar("T")
 
 
 class wait_retry_after(wait_base):
-    """Wait what the server asked for (``Retry-After``) if it did, else ``fallback``; never above ``cap``."""
+    """Wait what the server asked for (the error's ``retry_after``) in full if it did, else ``fallback``
+    capped at ``cap``.
+
+    The server's wait is not capped here: an error carries a ``retry_after`` only when openai-python
+    would obey it (finite, in ``(0, 120]``); a longer one makes the error not retryable at all.
+    """
 
     def __init__(self, fallback: wait_base, cap: float) -> None:
         self.fallback = fallback
@@ -52,8 +60,14 @@ class wait_retry_after(wait_base):
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None and outcome.failed else None
         asked = getattr(exc, "retry_after", None)
-        wait = float(asked) if asked is not None else self.fallback(retry_state)
-        return max(0.0, min(wait, self.cap))
+        if asked is not None and asked > 0:
+            return float(asked)
+        return max(0.0, min(self.fallback(retry_state), self.cap))
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """An llmutils error that says it is retryable (see :attr:`~llmutils.LLMUtilsError.retryable`)."""
+    return isinstance(exc, LLMUtilsError) and exc.retryable
 
 
 class _wait_jitter(wait_base):
@@ -100,7 +114,7 @@ class RetryPolicy:
     max_attempts: int = 5
     waiting_time: float = 1.0
     backoff_factor: float = 2.0
-    max_wait: float = 60.0
+    max_wait: float = DEFAULT_MAX_WAIT
     total_timeout: float | None = None
     jitter: float = 0.25
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
@@ -124,7 +138,7 @@ class RetryPolicy:
         return tenacity.Retrying(
             stop=stop,
             wait=wait_retry_after(_wait_jitter(backoff, self.jitter), cap=self.max_wait),
-            retry=retry_if_exception_type(NonTerminalError),
+            retry=retry_if_exception(_is_retryable),
             before_sleep=_log_retry,
             sleep=self.sleep,
             reraise=False,
@@ -168,7 +182,9 @@ class RetryPolicy:
                 error = RetriesExhaustedError(
                     f"Gave up after {attempts} attempt(s). Last error: {last}", attempts=attempts
                 )
-            if isinstance(last, LLMUtilsError):
+            if isinstance(last, LLMUtilsError):  # what the server said last, for callers to branch on
                 error.status_code = last.status_code
                 error.request_id = last.request_id
+                error.code, error.type, error.param = last.code, last.type, last.param
+                error.headers = last.headers
             raise error from last

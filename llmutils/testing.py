@@ -39,9 +39,10 @@ import socketserver
 import struct
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -51,6 +52,8 @@ __all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "main"]
 logger = logging.getLogger("llmutils")
 
 _V1_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+# Azure OpenAI's v1 API: OpenAI's paths under {endpoint}/openai/v1/, the deployment in "model", no api-version.
+_AZURE_V1_ROUTES = {"/openai/v1/chat/completions": "chat", "/openai/v1/embeddings": "embeddings"}
 _AZURE_ROUTE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)$")
 _JSON_FORMATS = ("json_object", "json_schema")
 _DEFAULT_EMBEDDING_DIMENSIONS = 8
@@ -87,10 +90,19 @@ class Fault:
 
     status_code: int | None = None
     body: Any = None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str | None] = field(default_factory=dict)
     content_type: str = "application/json"
     delay: float = 0.0
     bytes_per_s: float = 0.0  # > 0: the body trickles in at this rate (see trickle())
+    truncate: int | None = None
+
+    def with_headers(self, headers: Mapping[str, str | None]) -> Fault:
+        """A copy that also sends ``headers`` (a value None leaves that header out, even ``x-request-id``).
+
+        ``Fault.server_error(503).with_headers({"x-should-retry": "false"})`` is a 503 that says not
+        to retry it, as OpenAI's edge does.
+        """
+        return replace(self, headers={**self.headers, **headers})
 
     @classmethod
     def status(cls, code: int, body: Any = None, headers: Mapping[str, str] | None = None) -> Fault:
@@ -106,15 +118,92 @@ class Fault:
         retry_after: float | None = None,
         retry_after_ms: int | None = None,
         code: str | None = "rate_limit_exceeded",
+        *,
+        should_retry: bool | None = None,
+        reset_requests: str | None = None,
+        reset_tokens: str | None = None,
     ) -> Fault:
-        """Answer 429, with ``Retry-After`` / ``retry-after-ms`` headers when given."""
+        """Answer 429, with ``Retry-After`` / ``retry-after-ms`` headers when given.
+
+        ``should_retry`` adds ``x-should-retry``; ``reset_requests`` / ``reset_tokens`` add OpenAI's
+        ``x-ratelimit-reset-*`` durations (``"6m0s"``, ``"12ms"``) with the matching
+        ``x-ratelimit-remaining-*: 0``.
+        """
         headers: dict[str, str] = {}
         if retry_after is not None:
             headers["Retry-After"] = _format_number(retry_after)
         if retry_after_ms is not None:
             headers["retry-after-ms"] = str(int(retry_after_ms))
+        if should_retry is not None:
+            headers["x-should-retry"] = str(should_retry).lower()
+        for limit, reset in (("requests", reset_requests), ("tokens", reset_tokens)):
+            if reset is not None:
+                headers[f"x-ratelimit-reset-{limit}"] = reset
+                headers[f"x-ratelimit-remaining-{limit}"] = "0"
         body = _error_body("Rate limit reached for requests. Please try again later.", "requests", code)
         return cls(status_code=429, body=body, headers=headers)
+
+    @classmethod
+    def retry_after_date(cls, seconds: float, status: int = 429) -> Fault:
+        """Answer ``status`` with ``Retry-After`` as an HTTP-date ``seconds`` from when the fault is built
+        (negative: a date in the past)."""
+        date = email.utils.formatdate(time.time() + seconds, usegmt=True)
+        fault = cls.status(status) if status != 429 else cls.rate_limit()
+        return fault.with_headers({"Retry-After": date})
+
+    @classmethod
+    def litellm_rate_limit(
+        cls,
+        retry_after: float | None = None,
+        retry_after_ms: int | None = None,
+        message: str = "Rate limit reached for requests. Please try again later.",
+    ) -> Fault:
+        """Answer as a LiteLLM proxy does when its provider answered 429.
+
+        LiteLLM forwards the provider's headers under an ``llm_provider-`` prefix (so
+        ``Retry-After`` arrives as ``llm_provider-retry-after``), names the call with
+        ``x-litellm-call-id`` instead of ``x-request-id``, and rewrites the error body to
+        ``"type": "throttling_error", "code": "429"``, keeping only the provider's message.
+        """
+        headers: dict[str, str | None] = {"x-request-id": None, "x-litellm-call-id": _litellm_call_id()}
+        if retry_after is not None:
+            headers["llm_provider-retry-after"] = _format_number(retry_after)
+        if retry_after_ms is not None:
+            headers["llm_provider-retry-after-ms"] = str(int(retry_after_ms))
+        text = (
+            f"litellm.RateLimitError: RateLimitError: OpenAIException - {message}\n\n"
+            "LiteLLM: model group 'upstream' failed with the error above. No fallback was attempted."
+        )
+        body = _error_body(text, "throttling_error", "429")
+        return cls(status_code=429, body=body, headers=headers)
+
+    @classmethod
+    def litellm_quota(cls) -> Fault:
+        """Answer as LiteLLM does for a provider's ``insufficient_quota``: only the message tells."""
+        return cls.litellm_rate_limit(
+            message="You exceeded your current quota, please check your plan and billing details."
+        )
+
+    @classmethod
+    def fewer_choices(cls, count: int = 1) -> Fault:
+        """Answer normally with only the first ``count`` choices, as a server that ignores ``n`` does (llama.cpp)."""
+        return cls(truncate=int(count))
+
+    @classmethod
+    def fewer_embeddings(cls, count: int = 1) -> Fault:
+        """Answer an embeddings request with only the first ``count`` vectors (LiteLLM's mock answers one)."""
+        return cls(truncate=int(count))
+
+    @classmethod
+    def validation_error(cls, status: int = 500, field: str = "messages") -> Fault:
+        """Answer a request validation error: FastAPI's 422 ``{"detail": [...]}`` shape, or with a 5xx
+        ``status`` the shape llama-cpp-python's server gives it (its error route turns every exception,
+        validation errors included, into a 500 ``internal_server_error`` whose message is the
+        pydantic error list)."""
+        error = {"type": "missing", "loc": ("body", field), "msg": "Field required", "input": None}
+        if status < 500:
+            return cls(status_code=status, body={"detail": [{**error, "loc": list(error["loc"])}]})
+        return cls(status_code=status, body=_error_body(repr([error]), "internal_server_error"))
 
     @classmethod
     def insufficient_quota(cls) -> Fault:
@@ -127,12 +216,13 @@ class Fault:
         return cls(status_code=429, body=body)
 
     @classmethod
-    def server_error(cls, code: int = 500) -> Fault:
-        """Answer a 5xx with OpenAI's generic server-error body."""
+    def server_error(cls, code: int = 500, *, should_retry: bool | None = None) -> Fault:
+        """Answer a 5xx with OpenAI's generic server-error body (and ``x-should-retry`` when given)."""
         body = _error_body(
             "The server had an error while processing your request. Sorry about that!", "server_error"
         )
-        return cls(status_code=code, body=body)
+        fault = cls(status_code=code, body=body)
+        return fault if should_retry is None else fault.with_headers({"x-should-retry": str(should_retry).lower()})
 
     @classmethod
     def bad_request(
@@ -192,7 +282,7 @@ class _Response:
 
     status: int
     body: Any
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str | None] = field(default_factory=dict)
     content_type: str = "application/json"
     trickle: float = 0.0  # bytes per second of the body; 0 sends it at once
 
@@ -203,6 +293,11 @@ class _RequestError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.response = _Response(status, _error_body(message, "invalid_request_error", code, param))
+
+
+def _litellm_call_id() -> str:
+    """A LiteLLM-style call id (a UUID4 string)."""
+    return str(uuid.uuid4())
 
 
 def _reason(code: int) -> str:
@@ -355,6 +450,9 @@ class _Handler(BaseHTTPRequestHandler):
             ("x-request-id", request_id),
             *response.headers.items(),
         ):
+            if value is None:  # a fault can leave a default header out
+                headers.pop(name.lower(), None)
+                continue
             headers[name.lower()] = (name, str(value))
         headers["content-length"] = ("Content-Length", str(len(payload)))
         if self.close_connection:
@@ -581,7 +679,7 @@ class OpenAITestServer:
         if request.deployment is not None:
             kind: str | None = "chat" if request.path.endswith("/chat/completions") else "embeddings"
         else:
-            kind = _V1_ROUTES.get(request.path)
+            kind = _V1_ROUTES.get(request.path) or _AZURE_V1_ROUTES.get(request.path)
         if kind is None or request.method != "POST":
             message = f"Invalid URL ({request.method} {request.path})"
             return _Response(404, _error_body(message, "invalid_request_error"))
@@ -602,9 +700,12 @@ class OpenAITestServer:
         try:
             if not body_is_json or not isinstance(request.body, dict):
                 raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
-            if kind == "chat":
-                return _Response(200, self._chat(request), trickle=trickle)
-            return _Response(200, self._embeddings(request), trickle=trickle)
+            answer = self._chat(request) if kind == "chat" else self._embeddings(request)
+            if fault is not None and fault.truncate is not None:
+                items = "choices" if kind == "chat" else "data"
+                if isinstance(answer.get(items), list):
+                    answer = {**answer, items: answer[items][: fault.truncate]}
+            return _Response(200, answer, fault.headers if fault is not None else {}, trickle=trickle)
         except _RequestError as exc:
             return exc.response
         except Exception:

@@ -472,3 +472,97 @@ def test_latency(server: OpenAITestServer, client: openai.OpenAI) -> None:
     started = time.monotonic()
     client.chat.completions.create(model="m", messages=USER_HI)
     assert time.monotonic() - started >= 0.1
+
+
+# -- the real world: what gateways and local servers send (issue 10) ------------------------------
+
+
+def test_x_should_retry_false_stops_the_sdks_own_retries(server: OpenAITestServer) -> None:
+    server.script(Fault.server_error(503, should_retry=False))
+    with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=2) as sdk:
+        with pytest.raises(openai.InternalServerError) as caught:
+            sdk.chat.completions.create(model="m", messages=USER_HI)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert server.request_count == 1
+
+
+def test_with_headers_adds_and_removes_headers(server: OpenAITestServer, client: openai.OpenAI) -> None:
+    server.script(Fault.bad_request("no").with_headers({"x-request-id": None, "apim-request-id": "apim-1"}))
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=USER_HI)
+    headers = caught.value.response.headers
+    assert "x-request-id" not in headers and headers["apim-request-id"] == "apim-1"
+    assert caught.value.request_id is None
+
+
+def test_retry_after_as_an_http_date(server: OpenAITestServer, client: openai.OpenAI) -> None:
+    from llmutils._http import parse_retry_after
+
+    server.script(Fault.retry_after_date(30), Fault.retry_after_date(-30, status=503))
+    for expected, error in ((30, openai.RateLimitError), (-30, openai.InternalServerError)):
+        with pytest.raises(error) as caught:
+            client.chat.completions.create(model="m", messages=USER_HI)
+        header = caught.value.response.headers["retry-after"]
+        assert header.endswith(" GMT")
+        assert parse_retry_after({"retry-after": header}) == pytest.approx(expected, abs=2)
+
+
+def test_rate_limit_reset_and_should_retry_headers(server: OpenAITestServer, client: openai.OpenAI) -> None:
+    server.script(Fault.rate_limit(reset_requests="1s", reset_tokens="6m0s", should_retry=True))
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="m", messages=USER_HI)
+    headers = caught.value.response.headers
+    assert headers["x-ratelimit-reset-requests"] == "1s" and headers["x-ratelimit-reset-tokens"] == "6m0s"
+    assert headers["x-ratelimit-remaining-requests"] == headers["x-ratelimit-remaining-tokens"] == "0"
+    assert headers["x-should-retry"] == "true" and "retry-after" not in headers
+
+
+def test_litellm_shaped_errors(server: OpenAITestServer, client: openai.OpenAI) -> None:
+    server.script(Fault.litellm_rate_limit(retry_after=7, retry_after_ms=7000), Fault.litellm_quota())
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="m", messages=USER_HI)
+    headers = limited.value.response.headers
+    assert headers["llm_provider-retry-after"] == "7" and headers["llm_provider-retry-after-ms"] == "7000"
+    assert "retry-after" not in headers and "x-request-id" not in headers
+    assert len(headers["x-litellm-call-id"]) == 36
+    assert (limited.value.code, limited.value.type) == ("429", "throttling_error")
+    with pytest.raises(openai.RateLimitError) as quota:
+        client.chat.completions.create(model="m", messages=USER_HI)
+    assert (quota.value.code, quota.value.type) == ("429", "throttling_error")
+    assert "You exceeded your current quota" in quota.value.message
+
+
+def test_fewer_choices_than_n(server: OpenAITestServer, client: openai.OpenAI) -> None:
+    server.script(Fault.fewer_choices(1))
+    answer = client.chat.completions.create(model="m", messages=USER_HI, n=3)
+    assert [c.message.content for c in answer.choices] == ["echo: hello world"]
+    assert len(client.chat.completions.create(model="m", messages=USER_HI, n=3).choices) == 3  # one request only
+
+
+def test_fewer_embeddings_than_inputs(server: OpenAITestServer, client: openai.OpenAI) -> None:
+    server.script(Fault.fewer_embeddings(1))
+    assert len(client.embeddings.create(model="e", input=["a", "b", "c"]).data) == 1
+
+
+def test_validation_errors_as_servers_send_them(server: OpenAITestServer, client: openai.OpenAI) -> None:
+    from llmutils._http import is_validation_error
+
+    server.script(Fault.validation_error(), Fault.validation_error(422, field="n"))
+    with pytest.raises(openai.InternalServerError) as llama:
+        client.chat.completions.create(model="m", messages=USER_HI)
+    assert llama.value.type == "internal_server_error" and "Field required" in llama.value.message
+    assert is_validation_error(500, llama.value.response.json())
+    with pytest.raises(openai.UnprocessableEntityError) as fastapi:
+        client.chat.completions.create(model="m", messages=USER_HI)
+    assert fastapi.value.response.json()["detail"][0]["loc"] == ["body", "n"]
+    assert is_validation_error(422, fastapi.value.response.json())
+
+
+def test_azure_v1_routes_need_no_api_version(server: OpenAITestServer) -> None:
+    with openai.OpenAI(base_url=f"{server.azure_endpoint}/openai/v1/", api_key="k", max_retries=0) as sdk:
+        answer = sdk.chat.completions.create(model="my-deployment", messages=USER_HI)
+        vectors = sdk.embeddings.create(model="my-embedding", input=["a"])
+    assert answer.model == "my-deployment" and answer.choices[0].message.content == "echo: hello world"
+    assert len(vectors.data) == 1
+    assert [r.path for r in server.requests] == ["/openai/v1/chat/completions", "/openai/v1/embeddings"]
+    assert all("api-version" not in r.query and r.deployment is None for r in server.requests)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .._config import UNSET
 from .._exceptions import ContentFilterError, NonTerminalError
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "SAMPLING_PARAMS",
     "is_reasoning_model",
     "build_chat_request",
+    "fewer_choices",
     "check_chat_response",
     "read_chat_response",
 ]
@@ -47,47 +49,62 @@ def build_chat_request(
     messages: list[Message],
     *,
     model: str | None = None,
-    temperature: float | None = None,
-    max_tokens: int | None = None,
-    top_p: float | None = None,
-    frequency_penalty: float | None = None,
-    presence_penalty: float | None = None,
+    temperature: Any = UNSET,
+    max_tokens: Any = UNSET,
+    top_p: Any = UNSET,
+    frequency_penalty: Any = UNSET,
+    presence_penalty: Any = UNSET,
     stop: str | list[str] | None = None,
     n: int = 1,
     more: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of a chat completion request.
+    """The JSON body of a chat completion request: only what is set is sent.
 
-    Unset arguments (None) come from ``settings``; ``more`` is passed as is and wins. For a
-    reasoning model (``MODEL_ALIASES`` maps an Azure deployment to its model) the sampling
-    parameters are left out and ``max_completion_tokens``/``reasoning_effort`` are sent instead.
+    A sampling argument left :data:`~llmutils._config.UNSET` takes its setting (``TEMPERATURE``,
+    ``TOP_P``, ``FREQ_PENALTY``, ``PRESENCE_PENALTY``, ``MAX_TOKENS``, all unset by default); an
+    argument or setting that is None is not sent, so ``temperature=None`` turns a configured
+    temperature off. A plain call's body is exactly ``{"model", "messages"}``. ``more`` is passed as
+    is and wins.
+
+    For a reasoning model (its name, ``REASONING_MODEL``, or what ``MODEL_ALIASES`` says a gateway
+    alias or Azure deployment is) the output budget is sent as ``max_completion_tokens``
+    (``MAX_COMPLETION_TOKENS``, or the call's ``max_tokens``) with ``reasoning_effort``; the
+    sampling parameters are left out, except with effort ``"none"``, which accepts them (gpt-5.1
+    and later).
     """
     extra = dict(more or {})
     model = model or settings["MODEL"]
     params: dict[str, Any] = {"model": model, "messages": messages}
-    if is_reasoning_model(settings["MODEL_ALIASES"].get(model, model), settings["REASONING_MODEL"]):
-        budget = extra.pop("max_completion_tokens", None) or max_tokens or settings["MAX_COMPLETION_TOKENS"]
-        if budget is not None:
-            params["max_completion_tokens"] = budget
-        effort = extra.pop("reasoning_effort", None) or settings["REASONING_EFFORT"]
-        if effort is not None:
-            params["reasoning_effort"] = effort
-        given = (temperature, top_p, frequency_penalty, presence_penalty)
-        ignored = [name for name, value in zip(SAMPLING_PARAMS, given) if value is not None]
-        if ignored:
-            logger.debug("llmutils: %s is a reasoning model; not sending %s", model, ", ".join(ignored))
-    else:
+    sampling = {
+        name: settings[key] if value is UNSET else value
         for name, value, key in (
             ("temperature", temperature, "TEMPERATURE"),
             ("top_p", top_p, "TOP_P"),
             ("frequency_penalty", frequency_penalty, "FREQ_PENALTY"),
             ("presence_penalty", presence_penalty, "PRESENCE_PENALTY"),
-        ):
-            value = settings[key] if value is None else value
-            if value is not None:
-                params[name] = value
+        )
+    }
+    wanted = {name: value for name, value in sampling.items() if value is not None}
+    if is_reasoning_model(settings["MODEL_ALIASES"].get(model, model), settings["REASONING_MODEL"]):
+        if "max_completion_tokens" in extra:
+            budget = extra.pop("max_completion_tokens")
+        else:
+            budget = settings["MAX_COMPLETION_TOKENS"] if max_tokens is UNSET else max_tokens
+        if budget is not None:
+            params["max_completion_tokens"] = budget
+        effort = extra.pop("reasoning_effort") if "reasoning_effort" in extra else settings["REASONING_EFFORT"]
+        if effort is not None:
+            params["reasoning_effort"] = effort
+        if effort == "none":
+            params.update(wanted)
+        elif wanted:
+            logger.debug(
+                "llmutils: %s is a reasoning model (effort %s); not sending %s", model, effort, ", ".join(wanted)
+            )
+    else:
+        params.update(wanted)
         if "max_completion_tokens" not in extra:
-            budget = settings["MAX_TOKENS"] if max_tokens is None else max_tokens
+            budget = settings["MAX_TOKENS"] if max_tokens is UNSET else max_tokens
             if budget is not None:
                 params["max_tokens"] = budget
     if stop is not None:
@@ -96,6 +113,13 @@ def build_chat_request(
         params["n"] = n
     params.update(extra)
     return params
+
+
+def fewer_choices(response: Mapping[str, Any], n: int) -> int | None:
+    """How many choices came when fewer than ``n`` did (servers such as llama.cpp ignore ``n``), else None."""
+    choices = response.get("choices")
+    count = len(choices) if isinstance(choices, list) else 0
+    return count if count < n else None
 
 
 def check_chat_response(body: Mapping[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._exceptions import NonTerminalError
+from .._exceptions import MalformedResponseError, NonTerminalError
 
 __all__ = ["PATH", "KIND", "build_embeddings_request", "check_embeddings_response", "read_embeddings_response"]
 
@@ -27,10 +27,21 @@ def build_embeddings_request(
 
 
 def check_embeddings_response(body: Mapping[str, Any], expected: int) -> None:
-    """An embeddings response must hold one list of numbers per input."""
+    """An embeddings response must hold one list of numbers per input.
+
+    No ``data`` list is retried (a proxy's error page); a wrong count raises
+    :class:`~llmutils.MalformedResponseError` at once.
+    """
     data = body.get("data")
-    if not isinstance(data, list) or len(data) != expected:
-        raise NonTerminalError(f"expected {expected} embeddings, the response has {len(data) if isinstance(data, list) else 'none'}")
+    if not isinstance(data, list):
+        raise NonTerminalError("the embeddings response has no data list")
+    if len(data) != expected:
+        # The same request gets the same wrong count again (LiteLLM's mock, a server that embeds
+        # only the first input): terminal, not a transient failure worth the whole backoff.
+        raise MalformedResponseError(
+            f"{expected} inputs got {len(data)} embedding(s) back: the server's answer is malformed "
+            "(not retried: it would answer the same)"
+        )
     for item in data:
         if not isinstance(item, Mapping) or not isinstance(item.get("embedding"), list):
             raise NonTerminalError("an item of the embeddings response has no embedding list")
