@@ -651,6 +651,8 @@ def _map_on_executor(
         raise
     finally:
         bar.close()
+        with _chunk_state_lock:  # chunks that ran in this process (a thread pool) kept the pair here
+            _chunk_state.pop(token, None)
     return [r for r in results if r is not None]
 
 

@@ -436,6 +436,8 @@ def test_four_processes_share_one_rate(redis_url: str, name: str) -> None:
     count = sum(lo <= t < hi for t in stamps)
     expected = rate / 60 * (hi - lo)  # 200; without sharing it would be 800
     assert 0.95 * expected <= count <= 1.05 * expected, count
+    shares = [sum(lo <= t < hi for t, _ in child) / count for child, _ in children]
+    assert all(0.15 <= share <= 0.35 for share in shares), shares  # first come, first served: nobody starves
 
 
 def test_a_pause_holds_all_four_processes(redis_url: str, name: str) -> None:
