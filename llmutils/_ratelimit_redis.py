@@ -200,12 +200,13 @@ class RedisRateLimiter:
     ) -> None:
         if not isinstance(url, str) or urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(
-                f"RATE_LIMIT_URL must be a Redis URL (redis://host:6379/0, rediss://..., unix://...); got {url!r}"
+                f"RATE_LIMIT_URL must be a Redis URL (redis://host:6379/0, rediss://..., unix://...); "
+                f"got {mask_url(url) if isinstance(url, str) else url!r}"
             )
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"RATE_LIMIT_NAME must be a non-empty string, got {name!r}")
         for label, value in (("redis_timeout", redis_timeout), ("retry_interval", retry_interval)):
-            if not isinstance(value, (int, float)) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{label} must be a positive number of seconds, got {value!r}")
         # The local limiter checks rpm, tpm and the bursts, and is the fallback.
         self._local = RateLimiter(rpm=rpm, tpm=tpm, rpm_burst=rpm_burst, tpm_burst=tpm_burst, clock=clock)
@@ -232,12 +233,15 @@ class RedisRateLimiter:
         self._waiting = 0
         self._down_until = float("-inf")
         self._outage = False
-        self._client: Any = redis.Redis.from_url(
-            url, socket_timeout=redis_timeout, socket_connect_timeout=redis_timeout
-        )
+        try:
+            self._client: Any = redis.Redis.from_url(
+                url, socket_timeout=redis_timeout, socket_connect_timeout=redis_timeout
+            )
+        except ValueError as exc:
+            raise ConfigError(f"RATE_LIMIT_URL {mask_url(url)!r} cannot be used: {exc}") from None
         self._scripts = {
-            name: self._client.register_script(text)
-            for name, text in (
+            script: self._client.register_script(text)
+            for script, text in (
                 ("acquire", _ACQUIRE),
                 ("check", _CHECK_PAUSE),
                 ("pause", _PAUSE),

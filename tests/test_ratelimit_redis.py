@@ -244,6 +244,7 @@ def test_the_hash_expires_after_use(redis_url: str, name: str) -> None:
     [
         ({"url": "http://localhost:6379"}, "RATE_LIMIT_URL must be a Redis URL"),
         ({"url": "localhost:6379"}, "RATE_LIMIT_URL must be a Redis URL"),
+        ({"url": "redis://:secret@localhost:notaport/0"}, "RATE_LIMIT_URL 'redis://:\\*\\*\\*@localhost:notaport/0' cannot be used"),
         ({"name": " "}, "RATE_LIMIT_NAME must be a non-empty string"),
         ({"rpm": -1}, "rpm must be a positive number"),
         ({"tpm": -5}, "tpm must be a positive number"),
