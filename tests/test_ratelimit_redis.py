@@ -524,3 +524,15 @@ def test_without_rate_limit_url_nothing_changes(server: OpenAITestServer) -> Non
     client = OpenAIClient(base_url=server.base_url, api_key="k", rpm=600)
     client.send_message(HELLO)
     assert type(client._limits[1]).__name__ == "RateLimiter"  # type: ignore[index]
+
+
+def test_a_client_goes_on_when_its_rate_limit_redis_stops(
+    server: OpenAITestServer, own_redis: RedisServer, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = OpenAIClient(base_url=server.base_url, api_key="k", rpm=60_000, rate_limit_url=own_redis.url, rate_limit_name=name)
+    client.send_message(HELLO)
+    own_redis.stop()
+    for i in range(5):
+        assert client.send_message([{"role": "user", "content": f"after {i}"}])["content"] == f"echo: after {i}"
+    assert len(llmutils_records(caplog, logging.WARNING)) == 1
+    assert server.request_count == 6
