@@ -402,7 +402,7 @@ def part5_redis(workdir: Path, url: str | None = None, n: int = 5000) -> None:
     try:
         import redis
     except ImportError:
-        print("5. Redis: skipped (redis-py is not installed: pip install 'llmutils[redis]')")
+        print("5. Redis: skipped (redis-py is not installed: pip install 'llmutils-openai[redis]')")
         return
     from llmutils.cache import RedisCache
 

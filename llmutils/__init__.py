@@ -13,6 +13,8 @@ from ._sigint import quiet_ctrl_c_while_starting as _quiet_ctrl_c_while_starting
 
 _quiet_ctrl_c_while_starting()
 
+import logging as _logging  # noqa: E402
+
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
@@ -65,6 +67,10 @@ from ._usage import UsageTracker as UsageTracker
 from ._usage import set_prices as set_prices
 
 __version__ = "0.1.0"
+
+# A library adds no handler of its own (the logging HOWTO): without this, Python's last-resort
+# handler would print llmutils' WARNINGs to stderr in an application that never configured logging.
+_logging.getLogger("llmutils").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AuthenticationError",

@@ -23,10 +23,22 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._apis import chat as _chat
 from ._apis import embeddings as _embeddings
+from ._apis import responses as _responses
 from ._apis.chat import build_chat_request, check_chat_response, fewer_choices, is_reasoning_model, read_chat_response
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
+from ._apis.responses import (
+    check_response,
+    finish_reason,
+    input_as_messages,
+    is_responses_model,
+    normalize_usage,
+    output_from_message,
+    request_from_chat,
+    to_chat_message,
+)
 from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, validate
 from ._deadline import Deadline
+from ._otel import call_span
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -72,7 +84,8 @@ _READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 ResponseCheck = Callable[[Mapping[str, Any]], None]
 
 
-def _check_messages(messages: Any) -> list[Message]:
+def _check_messages(messages: Any, *, items: bool = False) -> list[Message]:
+    """Messages must be a non-empty list of dicts with a role (``items``: or Responses items with a type)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError(
             f"messages must be a non-empty list of dicts like {{'role': 'user', 'content': '...'}}, "
@@ -81,6 +94,8 @@ def _check_messages(messages: Any) -> list[Message]:
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidRequestError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        if items and "role" not in message and isinstance(message.get("type"), str):
+            continue
         if not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}] has no 'role' (a string such as 'user'): {message!r:.80}")
     return messages
@@ -131,13 +146,22 @@ def _shut_down(http: Any) -> None:
 
 class CallInfo(NamedTuple):
     """What happened in one call: served from the cache or not, the model, the API's usage, and the
-    warnings the call logged about its answer (e.g. fewer choices than ``n``)."""
+    warnings the call logged about its answer (e.g. fewer choices than ``n``).
+
+    ``kind`` is ``chat``, ``responses`` or ``embedding``. ``usage`` is the API's usage with the same
+    flat fields for both APIs added: ``prompt_tokens``, ``completion_tokens``, ``total_tokens``,
+    ``cached_tokens`` (served from the provider's prompt cache) and ``reasoning_tokens``.
+    ``finish_reason`` says why the answer ended, in chat's words (``stop``, ``length``,
+    ``tool_calls``, ``content_filter``); an incomplete Responses answer cut at
+    ``max_output_tokens`` is ``length``.
+    """
 
     kind: str
     model: str
     cached: bool
     usage: Mapping[str, Any] | None
     warnings: tuple[str, ...] = ()
+    finish_reason: str | None = None
 
 
 class _Flight:
@@ -174,7 +198,9 @@ class OpenAIClient:
 
     Constructor arguments apply to this client above config files, the environment and forced or
     context defaults; per-call arguments apply above them. ``retry`` injects a whole
-    :class:`RetryPolicy`; ``sleep`` only replaces how it waits (tests record the waits).
+    :class:`RetryPolicy`; ``sleep`` only replaces how it waits (tests record the waits). ``api``
+    (``"chat"`` or ``"responses"``) chooses the endpoint of :meth:`send_message`;
+    :meth:`create_response` calls the Responses API with its own parameters.
     """
 
     api_type = "openai"
@@ -202,6 +228,7 @@ class OpenAIClient:
         sleep: Callable[[float], None] | None = None,
         default_headers: Mapping[str, str] | None = None,
         prices: Mapping[str, tuple[float, float]] | None = None,
+        api: str | None = None,
     ) -> None:
         self._api_key = api_key
         self._organization = organization
@@ -223,6 +250,7 @@ class OpenAIClient:
             ("MAX_CONCURRENT_MODEL_CALLS", max_concurrent_calls),
             ("RATE_LIMIT_URL", rate_limit_url),
             ("RATE_LIMIT_NAME", rate_limit_name),
+            ("API", api),
         ):
             if value is not None:
                 given[name] = value
@@ -310,6 +338,7 @@ class OpenAIClient:
         n: int = 1,
         *,
         total_timeout: float | None = None,
+        api: str | None = None,
         **more: Any,
     ) -> Message | list[Message]:
         """Send a chat request and return the assistant message as a plain dict.
@@ -321,8 +350,14 @@ class OpenAIClient:
         ``reasoning_effort``, ...). Only what is set is sent: sampling arguments left out come from
         the configuration (unset by default), and ``None`` turns a configured one off. Raises an
         :class:`LLMUtilsError` subclass on failure, never returns None.
+
+        ``api`` (else the ``API`` setting, else ``responses`` for a model in ``RESPONSES_MODELS``,
+        else ``chat``) chooses the endpoint. On ``responses`` the same arguments are mapped to the
+        Responses API and the answer comes back in the same chat shape (``n`` > 1 is refused).
         """
-        _check_messages(messages)
+        if api is not None and api not in ("chat", "responses"):
+            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
+        _check_messages(messages, items=api != "chat")
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
         for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
@@ -352,6 +387,19 @@ class OpenAIClient:
             return self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
 
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        if self._api(settings, params["model"], api) == "responses":
+            body = request_from_chat(params)  # refuses n > 1 before anything is sent
+
+            def check(response: Mapping[str, Any]) -> None:
+                check_response(response, message=True)
+
+            response = self._call(_responses.KIND, _responses.PATH, body, settings, deadline, timeout_s, check, policy)
+            check(response)  # also for entries stored by older versions
+            info = self.last_call
+            if info is not None:
+                self._local.info = info._replace(finish_reason=finish_reason(response, stop=stop))
+            return to_chat_message(response, stop=stop)
+        _check_messages(messages)  # a Responses item (no role) cannot go to chat
         response = self._call(_chat.KIND, _chat.PATH, params, settings, deadline, timeout_s, check_chat_response, policy)
         answer = read_chat_response(response, n)
         came = fewer_choices(response, n)
@@ -365,6 +413,69 @@ class OpenAIClient:
             if info is not None:
                 self._local.info = info._replace(warnings=(warning,))
         return answer
+
+    def create_response(
+        self,
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        total_timeout: float | None = None,
+        max_attempts: int | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Call the Responses API with ``params`` as they are and return its JSON answer as a dict.
+
+        For what :meth:`send_message` does not express: built-in tools, ``previous_response_id``,
+        ``conversation``, ``store``, ``include``, ``prompt_cache_key``, ``service_tier``, ... The
+        call goes through the same cache (every sent parameter is part of the key), single-flight,
+        retries, limits, deadline and usage accounting. ``model`` defaults to the ``MODEL`` setting.
+        A ``background=True`` request is never cached (its answer is not finished).
+
+        :raises InvalidRequestError: no ``input`` (nor ``previous_response_id``, ``conversation`` or
+            ``prompt``), ``stream=True``, or a bad argument; before anything is sent.
+        :raises ContentFilterError: the answer is ``incomplete`` because of the content filter.
+        :raises LLMUtilsError: a ``failed`` response, mapped like HTTP errors (``server_error`` is
+            retried).
+        """
+        for name, value, kinds in (
+            ("model", model, (str,)),
+            ("timeout", timeout, (int, float)),
+            ("total_timeout", total_timeout, (int, float)),
+            ("max_attempts", max_attempts, (int,)),
+        ):
+            _check_type(name, value, kinds)
+        _check_positive(timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        if params.get("stream"):
+            raise InvalidRequestError("stream=True is not supported by create_response; it returns whole answers")
+        if params.get("input") is None and not any(params.get(k) for k in ("previous_response_id", "conversation", "prompt")):
+            raise InvalidRequestError("create_response needs input= (a string or a list of items), or previous_response_id=, conversation= or prompt=")
+        if "input" in params and not isinstance(params["input"], (str, list)):
+            raise InvalidRequestError(f"input must be a string or a list of items, got {type(params['input']).__name__}")
+        settings = self.settings()
+        deadline = Deadline(self._total_timeout(settings, total_timeout))
+        body = {"model": model or settings["MODEL"], **params}
+        if params.get("background"):
+            settings = {**settings, "CACHE_API_CALLS": False}
+
+        def policy() -> RetryPolicy:
+            return self._policy(settings, timeout, total_timeout, max_attempts, None, None)
+
+        def check(response: Mapping[str, Any]) -> None:
+            check_response(response, message=False)
+
+        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        response = self._call(_responses.KIND, _responses.PATH, body, settings, deadline, timeout_s, check, policy)
+        check(response)
+        return response
+
+    def _api(self, settings: Mapping[str, Any], model: str, api: str | None) -> str:
+        """The API a call goes to: ``api``, else the ``API`` setting, else by ``RESPONSES_MODELS``."""
+        if api is not None:
+            return api
+        if settings["API"] is not None:
+            return str(settings["API"])
+        name = settings["MODEL_ALIASES"].get(model, model)
+        return "responses" if is_responses_model(name, settings["RESPONSES_MODELS"]) else "chat"
 
     def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
         """Return the embedding vector of ``text`` (cached like chat calls when the cache is on)."""
@@ -455,6 +566,25 @@ class OpenAIClient:
         check: ResponseCheck,
         make_policy: Callable[[], RetryPolicy],
     ) -> dict[str, Any]:
+        """:meth:`_send_path` in one OpenTelemetry span when tracing is on (:mod:`llmutils._otel`)."""
+        with call_span(kind, str(params.get("model")), provider=self.api_type, server_url=lambda: self._endpoint(settings),
+                       params=params) as span:
+            response = self._send_path(kind, path, params, settings, deadline, timeout, check, make_policy)
+            info = self.last_call
+            span.finish(response, cached=info is not None and info.cached)
+        return response
+
+    def _send_path(
+        self,
+        kind: str,
+        path: str,
+        params: dict[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        check: ResponseCheck,
+        make_policy: Callable[[], RetryPolicy],
+    ) -> dict[str, Any]:
         """The one send path of every API: serve from the cache, or send and store.
 
         ``path`` and ``params`` are the request (built by :mod:`llmutils._apis`); ``check`` is the
@@ -508,7 +638,13 @@ class OpenAIClient:
         model = str(response.get("model") or params.get("model"))
         usage = response.get("usage")
         self.usage.record(model, usage, cached=cached)
-        self._local.info = CallInfo(kind, model, cached, usage)
+        if kind == _responses.KIND:
+            reason = finish_reason(response)
+        else:
+            choices = response.get("choices")
+            first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], Mapping) else {}
+            reason = first.get("finish_reason")
+        self._local.info = CallInfo(kind, model, cached, normalize_usage(usage), finish_reason=reason)
         return response
 
     def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]:
@@ -584,6 +720,12 @@ class OpenAIClient:
         from ._tokens import count_tokens
 
         model = str(params.get("model"))
+        raw_input = params.get("input")
+        if "messages" not in params and not (isinstance(raw_input, list) and all(isinstance(t, str) for t in raw_input)):
+            # A Responses body: instructions and input items (embeddings take a list of strings).
+            messages = input_as_messages(params)
+            prompt = int(count_tokens(messages, model)) if messages else 0
+            return prompt + int(params.get("max_output_tokens") or 0)
         if "input" in params:
             return sum(count_tokens(text, model) for text in params["input"])
         budget = params.get("max_completion_tokens") or params.get("max_tokens") or 0
@@ -653,7 +795,11 @@ class OpenAIClient:
             "api_key=..., or use API_TYPE=mock to work offline."
         )
 
-    def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
+    def _sdk_flavor(self, path: str) -> str:
+        """Which SDK client a request to ``path`` needs ("" for the usual one; Azure: see there)."""
+        return ""
+
+    def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         import openai
 
         return openai.OpenAI(
@@ -664,10 +810,11 @@ class OpenAIClient:
             **credentials,
         )
 
-    def _sdk(self, settings: Mapping[str, Any]) -> tuple[Any, str]:
-        """The SDK client for these settings, created once (and again in a forked child)."""
+    def _sdk(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str]:
+        """The SDK client for these settings (and ``path``), created once (and again in a forked child)."""
         credentials, source = self._credentials(settings)
-        identity = (self._endpoint(settings), settings["AZURE_API_VERSION"], *sorted(credentials.items(), key=lambda kv: kv[0]))
+        flavor = self._sdk_flavor(path)
+        identity = (self._endpoint(settings), settings["AZURE_API_VERSION"], flavor, *sorted(credentials.items(), key=lambda kv: kv[0]))
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
@@ -679,7 +826,7 @@ class OpenAIClient:
             with self._lock:
                 sdk = self._sdk_clients.get(identity)
                 if sdk is None:
-                    sdk = self._new_sdk_client(settings, credentials)
+                    sdk = self._new_sdk_client(settings, credentials, flavor)
                     self._sdk_clients[identity] = sdk
         return sdk, source
 
@@ -727,7 +874,7 @@ class OpenAIClient:
         import httpx2
         import openai
 
-        sdk, source = self._sdk(settings)
+        sdk, source = self._sdk(settings, path)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
@@ -907,20 +1054,25 @@ class AzureClient(OpenAIClient):
         except ImportError:
             raise AuthenticationError(
                 "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY, pass api_key=... or "
-                "azure_ad_token_provider=..., or install llmutils[azure] for Entra ID sign-in."
+                "azure_ad_token_provider=..., or install 'llmutils-openai[azure]' for Entra ID sign-in."
             ) from None
         with self._lock:
             if self._entra_token_provider is None:
                 self._entra_token_provider = get_bearer_token_provider(DefaultAzureCredential(), settings["AZURE_AD_SCOPE"])
         return {"azure_ad_token_provider": self._entra_token_provider}, "Entra ID (DefaultAzureCredential)"
 
-    def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any]) -> Any:
+    def _sdk_flavor(self, path: str) -> str:
+        """The Responses API is served on Azure's v1 path, ``{endpoint}/openai/v1/responses``."""
+        return "v1" if path == _responses.PATH else ""
+
+    def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         import openai
 
         api_version = self._api_version or settings["AZURE_API_VERSION"]
-        if api_version == AZURE_V1_API_VERSION:
-            # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/: the plain OpenAI client,
-            # with the key, or the Entra token provider as a callable key (a fresh Bearer token per request).
+        if flavor == "v1" or api_version == AZURE_V1_API_VERSION:
+            # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/ (the Responses API is served
+            # only there): the plain OpenAI client, no api-version, the model is the deployment; with
+            # the key, or the Entra token provider as a callable key (a fresh Bearer token per request).
             return openai.OpenAI(
                 base_url=f"{self._endpoint(settings)}/openai/v1/",
                 api_key=credentials.get("api_key") or credentials["azure_ad_token_provider"],
@@ -958,7 +1110,8 @@ class MockClient(OpenAIClient):
 
     It answers ``"echo: <last user message>"``, or the scripted ``answers`` in order (strings or
     message dicts), or whatever ``handler(messages, params)`` returns. Embeddings are deterministic
-    vectors derived from a hash of the text.
+    vectors derived from a hash of the text. On the Responses API it answers in the Responses shape
+    (the handler gets the input as chat messages).
 
     >>> MockClient(answers=["yes", "no"]).send_message([{"role": "user", "content": "?"}])
     {'role': 'assistant', 'content': 'yes'}
@@ -997,6 +1150,8 @@ class MockClient(OpenAIClient):
 
     def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
         """Answer in-process, as the endpoint would: a chat completion or embeddings."""
+        if path == _responses.PATH:
+            return self._response(params)
         if path == _embeddings.PATH:
             return self._embedding(params)
         return self._chat_completion(params)
@@ -1040,3 +1195,36 @@ class MockClient(OpenAIClient):
         ]
         tokens = sum(math.ceil(len(t) / 4) for t in params["input"])
         return {"object": "list", "data": data, "model": params["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def _response(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A Responses answer with the same rules as the chat mock (script, handler, echo, JSON)."""
+        messages = input_as_messages(params)
+        with self._lock:
+            self.calls += 1
+            number = self.calls
+            scripted = self._answers.pop(0) if self._answers else None
+        if scripted is None and self._handler is not None:
+            scripted = self._handler(messages, dict(params))
+        text = _last_user_text(messages)
+        message = dict(scripted) if isinstance(scripted, Mapping) else {"role": "assistant", "content": scripted}
+        if scripted is None:
+            text_format = (params.get("text") or {}).get("format") if isinstance(params.get("text"), Mapping) else None
+            json_wanted = isinstance(text_format, Mapping) and text_format.get("type") in ("json_object", "json_schema")
+            message["content"] = json.dumps({"echo": text}) if json_wanted else f"echo: {text}"
+        output = output_from_message(message, item_id=f"msg_mock_{number}")
+        input_tokens = sum(math.ceil(len(str(m.get("content") or "")) / 4) + 3 for m in messages) + 3
+        output_tokens = math.ceil(len(str(message.get("content") or "")) / 4)
+        return {
+            "id": f"resp_mock_{number}",
+            "object": "response",
+            "status": "completed",
+            "model": params.get("model"),
+            "output": output,
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
+        }

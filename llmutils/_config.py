@@ -53,6 +53,17 @@ DEFAULT_REASONING_MODEL = "o4-mini"
 DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
 DEFAULT_CACHE_FILE_NAME = "llmutils_cache.sqlite"
+#: Model name prefixes served only by the Responses API (``*`` matches any run of characters):
+#: the ``-pro`` reasoning models, the codex models, computer use and deep research.
+DEFAULT_RESPONSES_MODELS: tuple[str, ...] = (
+    "o1-pro",
+    "o3-pro",
+    "gpt-5*-pro",
+    "*codex*",
+    "computer-use-preview",
+    "o3-deep-research",
+    "o4-mini-deep-research",
+)
 DEFAULT_AZURE_AD_SCOPE = "https://cognitiveservices.azure.com/.default"
 DEFAULT_MAX_WAIT = 8.0  # openai-python's MAX_RETRY_DELAY: the cap of one backoff wait
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
@@ -141,6 +152,8 @@ class _Key:
                 parsed: Any = _parse_bool(text)
             elif self.kind is dict:
                 parsed = _parse_aliases(text)
+            elif self.kind is tuple:
+                parsed = tuple(item.strip() for item in text.replace("\n", ",").split(",") if item.strip())
             elif self.kind is int:
                 parsed = int(text)
             elif self.kind is float:
@@ -153,6 +166,8 @@ class _Key:
             return None
         elif self.kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             parsed = float(value)
+        elif self.kind is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            parsed = tuple(value)
         elif isinstance(value, self.kind) and not (self.kind is int and isinstance(value, bool)):
             parsed = value
         else:
@@ -183,6 +198,8 @@ _KEYS: dict[str, _Key] = {
     "REASONING_EFFORT": _Key(
         str, None, optional=True, choices=REASONING_EFFORTS, doc="reasoning models; 'none' sends the sampling keys too"
     ),
+    "API": _Key(str, None, optional=True, choices=("chat", "responses"), doc="chat or responses; unset: chat, or responses for RESPONSES_MODELS"),
+    "RESPONSES_MODELS": _Key(tuple, DEFAULT_RESPONSES_MODELS, doc="model name prefixes sent to the Responses API when API is unset"),
     "TIMEOUT": _Key(float, 60.0, doc="seconds for one HTTP attempt"),
     "TOTAL_TIMEOUT": _Key(float, None, optional=True, doc="seconds for a whole call, retries included"),
     "MAX_ATTEMPTS": _Key(int, 5, doc="HTTP attempts per call, the first included"),
@@ -391,6 +408,10 @@ def force_default_value(key: str, value: Any) -> None:
     """Set a default for the whole process, above config files and the environment.
 
     >>> force_default_value("MODEL", "gpt-4o-mini")
+
+    :param key: a setting (``MODEL``, any case; the keys are listed in :data:`DEFAULTS`).
+    :param value: its value, checked and converted as a config file's would be.
+    :raises ConfigError: an unknown key (with a suggestion) or a malformed value, naming both.
     """
     name = _key_name(key)
     parsed = _parse(name, value, "force_default_value()")
@@ -410,6 +431,11 @@ def override_defaults(**values: Any) -> Iterator[dict[str, Any]]:
 
     >>> with override_defaults(model="gpt-4o", temperature=0):
     ...     client().send_message([{"role": "user", "content": "hi"}])
+
+    :param values: settings by name (any case), above :func:`force_default_value` and below a
+        client's constructor arguments; the previous values come back when the block ends.
+    :returns: a context manager; ``as`` gives the overrides in force inside it.
+    :raises ConfigError: an unknown key or a malformed value, before the block runs.
     """
     parsed = validate(values, "override_defaults()")
     token = _context.set({**_context.get(), **parsed})

@@ -126,16 +126,15 @@ class RateLimiter:
         ...send the request...
         r.reconcile(usage["total_tokens"])
 
-    Parameters:
-        rpm: requests per minute; ``None`` or ``0`` means unlimited.
-        tpm: tokens per minute; ``None`` or ``0`` means unlimited.
-        rpm_burst: requests that may go back to back (bucket capacity); ``1`` spaces
-            requests evenly.
-        tpm_burst: tokens that may go back to back; default one second's budget
-            (``tpm / 60``). A larger request still goes, when the bucket is full.
-        clock: monotonic clock in seconds (inject a fake one in tests).
-        sleep: if given, the head of the queue calls it (lock released) instead of waiting
-            on a condition variable; tests pass a fake that advances a fake clock.
+    :param rpm: requests per minute; ``None`` or ``0`` means unlimited.
+    :param tpm: tokens per minute; ``None`` or ``0`` means unlimited.
+    :param rpm_burst: requests that may go back to back (bucket capacity); ``1`` spaces
+        requests evenly.
+    :param tpm_burst: tokens that may go back to back; default one second's budget
+        (``tpm / 60``). A larger request still goes, when the bucket is full.
+    :param clock: monotonic clock in seconds (inject a fake one in tests).
+    :param sleep: if given, the head of the queue calls it (lock released) instead of waiting
+        on a condition variable; tests pass a fake that advances a fake clock.
     """
 
     def __init__(

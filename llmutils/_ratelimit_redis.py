@@ -214,7 +214,7 @@ class RedisRateLimiter:
             import redis
         except ImportError as exc:  # pragma: no cover - the redis extra is part of the test install
             raise ConfigError(
-                "RATE_LIMIT_URL needs the redis package: pip install 'llmutils[redis]'"
+                "RATE_LIMIT_URL needs the redis package: pip install 'llmutils-openai[redis]'"
             ) from exc
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._url = url

@@ -30,7 +30,13 @@ _clients: dict[str, Any] = {}
 
 
 def register_client(api_type: str, client: Any) -> None:
-    """Make ``client`` the one :func:`client` returns when ``API_TYPE`` is ``api_type``."""
+    """Make ``client`` the one :func:`client` returns when ``API_TYPE`` is ``api_type``.
+
+    :param api_type: the name (``openai``, ``azure``, ``mock`` are registered at import; a new
+        name adds one, a known name replaces it).
+    :param client: any object with a ``send_message`` method, usually an :class:`OpenAIClient`.
+    :raises ConfigError: ``api_type`` is not a non-empty string, or ``client`` has no ``send_message``.
+    """
     if not isinstance(api_type, str) or not api_type:
         raise ConfigError(f"api_type must be a non-empty string, got {api_type!r}")
     if not isinstance(client, _Client):
@@ -40,13 +46,21 @@ def register_client(api_type: str, client: Any) -> None:
 
 
 def registered_api_types() -> list[str]:
-    """The API types that have a registered client."""
+    """The API types that have a registered client.
+
+    :returns: their names, sorted.
+    """
     with _lock:
         return sorted(_clients)
 
 
 def client() -> Any:
-    """The client registered for the configured ``API_TYPE`` (``openai`` unless configured)."""
+    """The client registered for the configured ``API_TYPE`` (``openai`` unless configured).
+
+    :returns: the registered client, read when called (so ``force_api_type`` and
+        ``override_defaults(api_type=...)`` apply).
+    :raises ConfigError: no client is registered under that name (the message lists those that are).
+    """
     api_type = resolve()["API_TYPE"]
     found = _clients.get(api_type)
     if found is None:
@@ -58,7 +72,11 @@ def client() -> Any:
 
 
 def force_api_type(api_type: str) -> None:
-    """Make :func:`client` return the client registered for ``api_type``, for the whole process."""
+    """Make :func:`client` return the client registered for ``api_type``, for the whole process.
+
+    :param api_type: a registered name (see :func:`registered_api_types`).
+    :raises ConfigError: ``api_type`` is not registered (the message lists those that are).
+    """
     if api_type not in _clients:
         raise ConfigError(
             f"Unknown api type {api_type!r}; registered: {', '.join(registered_api_types())}. "
@@ -68,7 +86,12 @@ def force_api_type(api_type: str) -> None:
 
 
 def force_api_cache(cache_api_calls: bool, cache_file_name: str | os.PathLike[str] | None = None) -> None:
-    """Turn the cache on or off (and choose its file) for every client that follows the config."""
+    """Turn the cache on or off (and choose its file) for every client that follows the config.
+
+    :param cache_api_calls: on or off, for the whole process (``CACHE_API_CALLS``).
+    :param cache_file_name: the SQLite file (``CACHE_FILE_NAME``), or a cache URL such as
+        ``redis://host:6379/0``; None keeps the configured one.
+    """
     force_default_value("CACHE_API_CALLS", bool(cache_api_calls))
     if cache_file_name is not None:
         force_default_value("CACHE_FILE_NAME", os.fspath(cache_file_name))

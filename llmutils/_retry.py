@@ -31,6 +31,7 @@ from tenacity.wait import wait_base
 
 from ._config import DEFAULT_MAX_WAIT
 from ._deadline import Deadline
+from ._otel import current_call_span
 from ._exceptions import (
     LLMUtilsError,
     RetriesExhaustedError,
@@ -96,6 +97,9 @@ class stop_at_deadline(stop_base):
 
 def _log_retry(retry_state: RetryCallState) -> None:
     exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
+    span = current_call_span()  # the call's OpenTelemetry span, if tracing is on: a retry event
+    if span is not None:
+        span.retry(retry_state.attempt_number, exc, retry_state.upcoming_sleep)
     logger.warning(
         "llmutils: attempt %d failed (%s); retrying in %.2f s",
         retry_state.attempt_number,
@@ -109,6 +113,14 @@ class RetryPolicy:
     """How a call is retried. Built from settings per call; inject one to change the pieces.
 
     >>> policy = RetryPolicy(max_attempts=3, waiting_time=0.5, sleep=recorded.append)
+
+    :param max_attempts: attempts per call, the first included (``MAX_ATTEMPTS``).
+    :param waiting_time: the first backoff wait in seconds (``WAITING_TIME``).
+    :param backoff_factor: what each wait is multiplied by (``EXPONENTIAL_BACKOFF_FACTOR``).
+    :param max_wait: the cap on one wait, a server's ``Retry-After`` included (``MAX_WAIT``).
+    :param total_timeout: seconds for the whole call, retries and waits included (None: unbounded).
+    :param jitter: up to this fraction is added at random to each computed wait.
+    :param sleep: how a wait is done (tests pass ``list.append`` to record the waits instead).
     """
 
     max_attempts: int = 5

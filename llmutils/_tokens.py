@@ -329,7 +329,12 @@ def _text_counter(model: str | None) -> tuple[Callable[[str], int], bool]:
 
 
 def count_text_tokens(text: str, model: str | None = None) -> TokenCount:
-    """Tokens in plain ``text`` (no message overhead) for ``model`` (None: the configured model)."""
+    """Tokens in plain ``text`` (no message overhead) for ``model`` (None: the configured model).
+
+    :param text: the text to count.
+    :param model: a model name, or an alias from ``MODEL_ALIASES``; unknown models use o200k_base.
+    :returns: the count, an ``int`` whose ``exact`` is False when it is an estimate.
+    """
     if not isinstance(text, str):
         raise InvalidRequestError(f"count_text_tokens: text must be a str, not {type(text).__name__} ({text!r:.80})")
     count, exact = _text_counter(_resolve_model(model))
@@ -410,7 +415,12 @@ def count_tokens(
 
     A str counts as plain text, without message overhead. The result is exact unless the
     encoding could not be loaded (``.exact`` is then False); see the module docstring.
-    Anything else raises :class:`~llmutils.InvalidRequestError` naming the bad item.
+
+    :param messages: chat messages (dicts with ``role`` and ``content``, list content and tool
+        calls included), or a str.
+    :param model: a model name, or an alias from ``MODEL_ALIASES``; unknown models use o200k_base.
+    :returns: the count, an ``int`` whose ``exact`` says whether tiktoken counted it.
+    :raises InvalidRequestError: an item that is not a message, naming it.
     """
     if isinstance(messages, str):
         return count_text_tokens(messages, model)

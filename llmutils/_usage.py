@@ -3,31 +3,33 @@
 Answers served from the llmutils cache are not billed, so they are counted apart:
 ``requests``, ``prompt_tokens`` and ``completion_tokens`` are what the API billed;
 ``cached_requests``, ``cached_prompt_tokens`` and ``cached_completion_tokens`` are what the
-cache served (the tokens the original call had used). Costs count billed tokens only.
+cache served (the tokens the original call had used). ``cached_tokens`` (the part of
+``prompt_tokens`` the provider served from its prompt cache, billed at a lower price) and
+``reasoning_tokens`` (the part of ``completion_tokens`` a reasoning model thought with) are
+billed subsets. Requests answered through the OpenAI Batch API (``record(..., batch=True)``) are
+billed requests too, also counted in ``batch_requests`` / ``batch_prompt_tokens`` /
+``batch_completion_tokens`` / ``batch_cached_tokens``, and priced at the Batch discount
+(:data:`BATCH_DISCOUNT`).
 
-Prices are an estimate. :data:`DEFAULT_PRICES` holds OpenAI's standard-tier list prices in
-USD per 1M input / output tokens as of August 2025; it ignores provider-side prompt-cache
-discounts, the Batch API, and Azure's regional prices. Override them per tracker with
-``UsageTracker(prices={...})`` or for the whole process with :func:`set_prices`. A model
-name with a date suffix (``gpt-4o-2024-08-06``) is priced as its family (``gpt-4o``), found
-by the longest matching prefix; an unknown model has no cost (``None``).
+Costs count billed tokens only and are an estimate: prices come from genai-prices, with overrides
+on top (``UsageTracker(prices={...})``, :func:`set_prices`); ``llmutils._prices`` tells how a
+price is found. A model without a price has no cost (``None``), and :meth:`UsageTracker.unpriced_models`
+names it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from types import MappingProxyType
 from typing import Any
 
-from ._exceptions import ConfigError
+from ._prices import BATCH_DISCOUNT, Price, check_prices, token_cost
 
 __all__ = [
-    "DEFAULT_PRICES",
+    "BATCH_DISCOUNT",
     "ModelUsage",
     "UsageTracker",
     "get_prices",
@@ -36,77 +38,28 @@ __all__ = [
 
 logger = logging.getLogger("llmutils")
 
-#: USD per 1M (input, output) tokens; OpenAI standard tier list prices as of August 2025.
-#: Read-only: change prices with set_prices() or UsageTracker(prices=...).
-DEFAULT_PRICES: Mapping[str, tuple[float, float]] = MappingProxyType({
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "o3": (2.00, 8.00),
-    "o3-mini": (1.10, 4.40),
-    "o4-mini": (1.10, 4.40),
-    "gpt-5": (1.25, 10.00),
-    "gpt-5-mini": (0.25, 2.00),
-    "gpt-5-nano": (0.05, 0.40),
-    "text-embedding-3-small": (0.02, 0.0),
-    "text-embedding-3-large": (0.13, 0.0),
-})
-
-# A suffix that names a snapshot of the same model: -2024-08-06 or -0613.
-_SNAPSHOT_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})")
-
 _prices_lock = threading.Lock()
-_prices: dict[str, tuple[float, float]] = dict(DEFAULT_PRICES)
+_prices: dict[str, Price] = {}  # process-wide overrides over genai-prices (set_prices)
 
 
-def _check_prices(prices: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    """Validate a price table and return a lower-cased copy."""
-    checked: dict[str, tuple[float, float]] = {}
-    for model, pair in prices.items():
-        try:
-            price_in, price_out = (float(x) for x in pair)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"price for {model!r} must be (USD per 1M input tokens, USD per 1M output tokens), "
-                f"got {pair!r}"
-            ) from None
-        if price_in < 0 or price_out < 0:
-            raise ConfigError(f"price for {model!r} must not be negative, got {pair!r}")
-        checked[model.lower()] = (price_in, price_out)
-    return checked
+def set_prices(prices: Mapping[str, tuple[float, ...]], *, replace: bool = False) -> None:
+    """Override prices for the whole process, on top of genai-prices.
 
-
-def set_prices(prices: Mapping[str, tuple[float, float]], *, replace: bool = False) -> None:
-    """Update the process-wide price table (USD per 1M input/output tokens); ``replace`` drops the rest."""
-    checked = _check_prices(prices)
+    :param prices: model -> ``(input, output)`` or ``(input, output, cached_input)``, USD per 1M tokens.
+    :param replace: drop the overrides set before (genai-prices stays underneath).
+    :raises ConfigError: a malformed or negative price, naming the model.
+    """
+    checked = check_prices(prices)
     with _prices_lock:
         if replace:
             _prices.clear()
         _prices.update(checked)
 
 
-def get_prices() -> dict[str, tuple[float, float]]:
-    """A copy of the process-wide price table in force."""
+def get_prices() -> dict[str, Price]:
+    """A copy of the process-wide price overrides (:func:`set_prices`)."""
     with _prices_lock:
         return dict(_prices)
-
-
-def _lookup(model: str, table: Mapping[str, tuple[float, float]]) -> tuple[float, float] | None:
-    """The price of ``model``: an exact entry, else the longest entry it extends by a date suffix."""
-    name = model.lower()
-    if name in table:
-        return table[name]
-    best: str | None = None
-    for family in table:
-        if (
-            name.startswith(family)
-            and _SNAPSHOT_SUFFIX.fullmatch(name, len(family))
-            and (best is None or len(family) > len(best))
-        ):
-            best = family
-    return table[best] if best is not None else None
 
 
 def _count(usage: Any, *names: str) -> int:
@@ -118,9 +71,27 @@ def _count(usage: Any, *names: str) -> int:
     return 0
 
 
+def _detail(usage: Any, parents: tuple[str, str], name: str) -> int:
+    """A count nested in the usage's ``*_details`` (``prompt_tokens_details.cached_tokens``), as an int (0 if none)."""
+    for parent in parents:
+        details = usage.get(parent) if isinstance(usage, Mapping) else getattr(usage, parent, None)
+        if details is not None:
+            return _count(details, name)
+    return 0
+
+
 @dataclass
 class ModelUsage:
-    """Totals for one model (or all models); billed and cache-served counts kept apart."""
+    """Totals for one model (or all models); billed and cache-served counts kept apart.
+
+    ``requests``, ``prompt_tokens``, ``completion_tokens``: what the API billed.
+    ``cached_requests``, ``cached_prompt_tokens``, ``cached_completion_tokens``: what the llmutils
+    cache served (not billed). ``cached_tokens``: the part of ``prompt_tokens`` the provider served
+    from its prompt cache (billed at the cached-input price). ``reasoning_tokens``: the part of
+    ``completion_tokens`` a reasoning model used to think (billed as output). ``batch_*``: the part
+    of the billed counts answered through the Batch API (billed at its discount). ``cost``: USD, or None
+    without a price (set by :meth:`UsageTracker.snapshot` and :meth:`UsageTracker.totals`).
+    """
 
     requests: int = 0
     cached_requests: int = 0
@@ -128,6 +99,12 @@ class ModelUsage:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    batch_requests: int = 0
+    batch_prompt_tokens: int = 0
+    batch_completion_tokens: int = 0
+    batch_cached_tokens: int = 0
     cost: float | None = None
 
     @property
@@ -135,14 +112,9 @@ class ModelUsage:
         """Billed tokens: prompt plus completion."""
         return self.prompt_tokens + self.completion_tokens
 
-    @property
-    def cached_tokens(self) -> int:
-        """Tokens served from the cache, not billed."""
-        return self.cached_prompt_tokens + self.cached_completion_tokens
-
 
 class UsageTracker:
-    """Thread-safe per-model totals of requests and tokens, with an optional cost estimate.
+    """Thread-safe per-model totals of requests and tokens, with a cost estimate.
 
     Example::
 
@@ -150,23 +122,42 @@ class UsageTracker:
         usage.record("gpt-4o-2024-08-06", {"prompt_tokens": 12, "completion_tokens": 5}, cached=False)
         usage.totals().prompt_tokens   # 12
         usage.cost()                   # USD for billed tokens, or None if a model has no price
+        usage.unpriced_models()        # [] : every billed model has a price
 
-    ``prices`` (USD per 1M input/output tokens) is layered over the process-wide table
-    (:func:`set_prices`, initially :data:`DEFAULT_PRICES`).
+    :param prices: price overrides, model -> ``(input, output)`` or ``(input, output, cached_input)``
+        in USD per 1M tokens, over the process-wide ones (:func:`set_prices`) and genai-prices.
+    :param aliases: alias -> model, to price a gateway alias or an Azure deployment as its model;
+        by default the ``MODEL_ALIASES`` setting, read when a cost is asked for.
+    :raises ConfigError: a malformed price.
     """
 
-    def __init__(self, *, prices: Mapping[str, tuple[float, float]] | None = None) -> None:
-        self._prices = _check_prices(prices or {})
+    def __init__(
+        self,
+        *,
+        prices: Mapping[str, tuple[float, ...]] | None = None,
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        self._prices = check_prices(prices or {})
+        self._aliases = dict(aliases) if aliases is not None else None
         self._lock = threading.Lock()
         self._models: dict[str, ModelUsage] = {}
         self._unpriced_logged: set[str] = set()
 
-    def record(self, model: str, usage: Mapping[str, Any] | Any | None, *, cached: bool = False) -> None:
-        """Count one answer for ``model``; ``usage`` is the API's usage (dict or object) or None."""
-        prompt = completion = 0
+    def record(
+        self, model: str, usage: Mapping[str, Any] | Any | None, *, cached: bool = False, batch: bool = False
+    ) -> None:
+        """Count one answer for ``model``.
+
+        :param usage: the API's usage (dict or object, chat or Responses field names) or None.
+        :param cached: served from the llmutils cache (not billed).
+        :param batch: billed through the Batch API (priced at its discount).
+        """
+        prompt = completion = prompt_cached = reasoning = 0
         if usage is not None:
             prompt = _count(usage, "prompt_tokens", "input_tokens")
             completion = _count(usage, "completion_tokens", "output_tokens")
+            prompt_cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
+            reasoning = _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
         with self._lock:
             totals = self._models.get(model)
             if totals is None:
@@ -179,14 +170,20 @@ class UsageTracker:
                 totals.requests += 1
                 totals.prompt_tokens += prompt
                 totals.completion_tokens += completion
+                totals.cached_tokens += prompt_cached
+                totals.reasoning_tokens += reasoning
+                if batch:
+                    totals.batch_requests += 1
+                    totals.batch_prompt_tokens += prompt
+                    totals.batch_completion_tokens += completion
+                    totals.batch_cached_tokens += prompt_cached
 
     def snapshot(self) -> dict[str, ModelUsage]:
         """Per-model copies of the totals, each with its ``cost`` (None if unpriced)."""
-        with self._lock:
-            copies = {model: dataclasses.replace(totals) for model, totals in self._models.items()}
-        table = self._table(None)
+        copies = self._copies()
+        table, aliases = self._table(None), self._model_aliases()
         for model, totals in copies.items():
-            totals.cost = self._model_cost(model, totals, table)
+            totals.cost = self._model_cost(model, totals, table, aliases)
         return copies
 
     def totals(self) -> ModelUsage:
@@ -201,46 +198,88 @@ class UsageTracker:
                 total.cost = None if usage.cost is None else total.cost + usage.cost
         return total
 
-    def cost(self, prices: Mapping[str, tuple[float, float]] | None = None) -> float | None:
-        """Estimated USD for billed tokens, ``prices`` layered over the tracker's table; None if unpriced."""
-        table = self._table(prices)
-        with self._lock:
-            copies = {model: dataclasses.replace(totals) for model, totals in self._models.items()}
+    def cost(self, prices: Mapping[str, tuple[float, ...]] | None = None) -> float | None:
+        """Estimated USD for the billed tokens of every model.
+
+        :param prices: overrides for this estimate only, over the tracker's and the process-wide ones.
+        :returns: the sum, or None when a billed model has no price (see :meth:`unpriced_models`).
+        :raises ConfigError: a malformed price.
+        """
+        table, aliases = self._table(prices), self._model_aliases()
         total = 0.0
-        for model, totals in copies.items():
-            cost = self._model_cost(model, totals, table)
+        for model, totals in self._copies().items():
+            cost = self._model_cost(model, totals, table, aliases)
             if cost is None:
                 return None
             total += cost
         return total
+
+    def unpriced_models(self, prices: Mapping[str, tuple[float, ...]] | None = None) -> list[str]:
+        """The billed models that have no price (sorted): why :meth:`cost` is None; add them with ``prices=``."""
+        table, aliases = self._table(prices), self._model_aliases()
+        return sorted(
+            model for model, totals in self._copies().items() if self._model_cost(model, totals, table, aliases) is None
+        )
 
     def reset(self) -> None:
         """Forget every count."""
         with self._lock:
             self._models.clear()
 
-    def _table(self, prices: Mapping[str, tuple[float, float]] | None) -> dict[str, tuple[float, float]]:
-        """The price table in force: process-wide, then this tracker's, then ``prices``."""
+    def _copies(self) -> dict[str, ModelUsage]:
+        """Copies of the per-model totals."""
+        with self._lock:
+            return {model: dataclasses.replace(totals) for model, totals in self._models.items()}
+
+    def _table(self, prices: Mapping[str, tuple[float, ...]] | None) -> dict[str, Price]:
+        """The overrides in force: process-wide, then this tracker's, then ``prices``."""
         table = get_prices()
         table.update(self._prices)
         if prices:
-            table.update(_check_prices(prices))
+            table.update(check_prices(prices))
         return table
 
+    def _model_aliases(self) -> Mapping[str, str]:
+        """The aliases given, else the ``MODEL_ALIASES`` setting in force."""
+        if self._aliases is not None:
+            return self._aliases
+        from ._config import resolve
+
+        return resolve().get("MODEL_ALIASES") or {}
+
     def _model_cost(
-        self, model: str, totals: ModelUsage, table: Mapping[str, tuple[float, float]]
+        self,
+        model: str,
+        totals: ModelUsage,
+        table: Mapping[str, Price],
+        aliases: Mapping[str, str],
     ) -> float | None:
-        """USD for one model's billed tokens; None (logged once at DEBUG) without a price."""
-        if totals.prompt_tokens == 0 and totals.completion_tokens == 0:
-            return 0.0
-        price = _lookup(model, table)
-        if price is None:
-            with self._lock:
-                first = model not in self._unpriced_logged
-                self._unpriced_logged.add(model)
-            if first:
-                logger.debug(
-                    "no price for model %r; its cost is unknown (add one with prices= or set_prices())", model
-                )
-            return None
-        return (totals.prompt_tokens * price[0] + totals.completion_tokens * price[1]) / 1_000_000
+        """USD for one model's billed tokens (its Batch API part at the discount); None without a price."""
+        t = totals
+        parts = [
+            (t.prompt_tokens - t.batch_prompt_tokens, t.completion_tokens - t.batch_completion_tokens,
+             t.cached_tokens - t.batch_cached_tokens, False),
+            (t.batch_prompt_tokens, t.batch_completion_tokens, t.batch_cached_tokens, True),
+        ]
+        usd = 0.0
+        for prompt, completion, cached, via_batch in parts:
+            cost = token_cost(
+                model,
+                input_tokens=prompt,
+                output_tokens=completion,
+                cached_tokens=cached,
+                batch=via_batch,
+                overrides=table,
+                aliases=aliases,
+            )
+            if cost is None:
+                with self._lock:
+                    first = model not in self._unpriced_logged
+                    self._unpriced_logged.add(model)
+                if first:
+                    logger.debug(
+                        "no price for model %r; its cost is unknown (add one with prices= or set_prices())", model
+                    )
+                return None
+            usd += cost
+        return usd

@@ -183,6 +183,9 @@ def _add_var_option(parser: argparse.ArgumentParser) -> None:
 def _add_model_params(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=_non_negative_float, help="sampling temperature")
     parser.add_argument("--max-tokens", type=_int_at_least(1), metavar="N", help="maximum output tokens")
+    parser.add_argument(
+        "--api", choices=("chat", "responses"), help="the endpoint: chat completions or the Responses API; default: the configured API"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dask-scheduler",
         metavar="ADDRESS",
         help="run the items on a Dask cluster (tcp://HOST:PORT), --workers threads per task; "
-        "needs pip install 'llmutils[dask]' here and on the workers",
+        "needs pip install 'llmutils-openai[dask]' here and on the workers",
     )
     batch.add_argument(
         "--progress",
@@ -396,6 +399,7 @@ def _overrides(args: argparse.Namespace, *, cache_default: bool | None = None) -
         ("cache_mode", "CACHE_MODE"),
         ("rpm", "RPM"),
         ("tpm", "TPM"),
+        ("api", "API"),
     ):
         value = _opt(args, option)
         if value is not None:
@@ -691,7 +695,7 @@ def _batch_executor(args: argparse.Namespace) -> Iterator[Any]:
         try:
             import distributed
         except ImportError:
-            args.parser.error("--dask-scheduler needs Dask's distributed package: pip install 'llmutils[dask]'")
+            args.parser.error("--dask-scheduler needs Dask's distributed package: pip install 'llmutils-openai[dask]'")
         try:
             dask_client = distributed.Client(args.dask_scheduler, timeout=30)
         except (OSError, TimeoutError, ValueError) as exc:

@@ -1,6 +1,6 @@
 """A local HTTP server that speaks the OpenAI wire format, for tests and benchmarks.
 
-It answers chat completions and embeddings (plain OpenAI and Azure OpenAI paths) with
+It answers chat completions, embeddings and responses (plain OpenAI and Azure OpenAI paths) with
 deterministic results, records every request, and can be scripted to fail in the ways the
 real services fail (429 with ``Retry-After``, 5xx, content filter, slow or non-JSON answers).
 Stdlib only: a threaded ``http.server`` on a background thread.
@@ -52,8 +52,22 @@ __all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "main"]
 logger = logging.getLogger("llmutils")
 
 _V1_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}
+# The Responses API (Azure serves it only on its v1 path: see _AZURE_V1_ROUTES).
+_V1_ROUTES.update({"/v1/responses": "responses"})
+# Every field POST /v1/responses takes; the real API answers 400 unknown_parameter to any other.
+_RESPONSES_FIELDS = frozenset({
+    "access_programs", "background", "background_options", "context_management", "conversation", "image",
+    "include", "input", "instructions", "max_output_tokens", "max_tool_calls", "metadata", "model",
+    "moderation", "parallel_tool_calls", "previous_response_id", "prompt", "prompt_cache_key",
+    "prompt_cache_options", "prompt_cache_retention", "reasoning", "safety_identifier", "service_tier",
+    "store", "stream", "stream_options", "temperature", "text", "tool_choice", "tools", "top_logprobs",
+    "top_p", "truncation", "user",
+})
+_MIN_OUTPUT_TOKENS = 16
+_REMEMBERED = 100_000  # stored response ids and seen inputs the server keeps, each
 # Azure OpenAI's v1 API: OpenAI's paths under {endpoint}/openai/v1/, the deployment in "model", no api-version.
 _AZURE_V1_ROUTES = {"/openai/v1/chat/completions": "chat", "/openai/v1/embeddings": "embeddings"}
+_AZURE_V1_ROUTES["/openai/v1/responses"] = "responses"
 _AZURE_ROUTE = re.compile(r"^/openai/deployments/([^/]+)/(chat/completions|embeddings)$")
 _JSON_FORMATS = ("json_object", "json_schema")
 _DEFAULT_EMBEDDING_DIMENSIONS = 8
@@ -216,6 +230,21 @@ class Fault:
         return cls(status_code=429, body=body)
 
     @classmethod
+    def response_failed(cls, code: str = "server_error", message: str = "The model failed to generate a response.") -> Fault:
+        """Answer 200 with a Responses object whose ``status`` is ``failed`` and ``error`` says why."""
+        body = _response_body(f"resp_failed_{code}", "unknown", [], status="failed")
+        body["error"] = {"code": code, "message": message}
+        return cls(status_code=200, body=body)
+
+    @classmethod
+    def response_incomplete(cls, reason: str = "content_filter", text: str = "") -> Fault:
+        """Answer 200 with a Responses object ``incomplete`` for ``reason``, holding ``text`` if any."""
+        output = [_output_message("msg_incomplete", text, status="incomplete")] if text else []
+        body = _response_body(f"resp_incomplete_{reason}", "unknown", output, status="incomplete")
+        body["incomplete_details"] = {"reason": reason}
+        return cls(status_code=200, body=body)
+
+    @classmethod
     def server_error(cls, code: int = 500, *, should_retry: bool | None = None) -> Fault:
         """Answer a 5xx with OpenAI's generic server-error body (and ``x-should-retry`` when given)."""
         body = _error_body(
@@ -331,6 +360,63 @@ def _content_text(content: Any) -> str:
 def _count_words(text: str) -> int:
     """Estimate tokens deterministically as whitespace-separated words."""
     return len(text.split())
+
+
+def _remember(seen: dict[Any, None], key: Any) -> None:
+    """Add ``key`` to an insertion-ordered set, dropping the oldest beyond ``_REMEMBERED``."""
+    seen[key] = None
+    if len(seen) > _REMEMBERED:
+        del seen[next(iter(seen))]
+
+
+def _input_parts(content: Any) -> Any:
+    """A Responses content list with ``input_text`` / ``output_text`` parts read as ``text`` parts."""
+    if isinstance(content, list):
+        return [
+            {"type": "text", "text": p.get("text", "")} if isinstance(p, dict) and p.get("type") in ("input_text", "output_text") else p
+            for p in content
+        ]
+    return content
+
+
+def _output_message(item_id: str, text: str, *, status: str = "completed") -> dict[str, Any]:
+    """An assistant ``message`` output item holding one ``output_text`` part."""
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def _response_body(response_id: str, model: str, output: list[dict[str, Any]], *, status: str) -> dict[str, Any]:
+    """A Responses object with the fields the SDK requires; the caller fills in the rest."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": {},
+    }
 
 
 def _embedding(text: str, dimensions: int) -> list[float]:
@@ -514,6 +600,8 @@ class OpenAITestServer:
     Parameters: ``port`` 0 picks a free port; ``latency`` seconds are waited before every
     answer; with ``api_key`` set, requests whose ``Authorization: Bearer`` or ``api-key``
     header differ get a 401. Chat answers echo the last user message (``"echo: <text>"``).
+    ``POST /v1/responses`` (and Azure's ``/openai/v1/responses``) answers the same way in the
+    Responses shape; ``responses_handler`` scripts it as ``chat_handler`` does chat.
     """
 
     def __init__(
@@ -528,6 +616,12 @@ class OpenAITestServer:
         self.latency = latency
         self.api_key = api_key
         self.chat_handler: Callable[[dict[str, Any]], str | dict[str, Any]] | None = None
+        self.responses_handler: Callable[[dict[str, Any]], str | dict[str, Any]] | None = None
+        """For ``POST /v1/responses``: return the output text, or a whole Responses object."""
+        # Ids of stored responses and digests of inputs seen, oldest first, each bounded (a long
+        # benchmark run must not grow without end).
+        self._stored_responses: dict[str, None] = {}
+        self._seen_inputs: dict[bytes, None] = {}
         self._requested_port = port
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -643,6 +737,8 @@ class OpenAITestServer:
     def reset(self) -> None:
         """Forget recorded requests and pending faults."""
         with self._lock:
+            self._stored_responses.clear()
+            self._seen_inputs.clear()
             self._requests.clear()
             self._faults.clear()
 
@@ -700,9 +796,12 @@ class OpenAITestServer:
         try:
             if not body_is_json or not isinstance(request.body, dict):
                 raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
-            answer = self._chat(request) if kind == "chat" else self._embeddings(request)
-            if fault is not None and fault.truncate is not None:
-                items = "choices" if kind == "chat" else "data"
+            if kind == "responses":
+                answer = self._responses(request)
+            else:
+                answer = self._chat(request) if kind == "chat" else self._embeddings(request)
+            items = {"chat": "choices", "embeddings": "data"}.get(kind)
+            if fault is not None and fault.truncate is not None and items is not None:
                 if isinstance(answer.get(items), list):
                     answer = {**answer, items: answer[items][: fault.truncate]}
             return _Response(200, answer, fault.headers if fault is not None else {}, trickle=trickle)
@@ -717,6 +816,132 @@ class OpenAITestServer:
         """Return whether the Bearer token or Azure ``api-key`` header matches ``api_key``."""
         bearer = headers.get("authorization", "")
         return bearer == f"Bearer {self.api_key}" or headers.get("api-key") == self.api_key
+
+    def _responses(self, request: RecordedRequest) -> dict[str, Any]:
+        """Build a Responses object: the handler's answer, a function call, JSON, or an echo.
+
+        Checks what the real API checks (unknown fields, ``input``, ``max_output_tokens`` >= 16,
+        flat function tools, a named ``json_schema``, a known ``previous_response_id``); answers
+        ``incomplete`` when the answer needs more than ``max_output_tokens`` words; adds a reasoning
+        item (with a summary when asked) when ``reasoning`` is given; reports the input as cached
+        when the same input was seen before.
+        """
+        body: dict[str, Any] = request.body
+        for name in body:
+            if name not in _RESPONSES_FIELDS:
+                raise _RequestError(400, f"Unknown parameter: '{name}'.", "unknown_parameter", name)
+        if body.get("stream"):
+            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
+        raw_input = body.get("input")
+        if raw_input is None and not (body.get("previous_response_id") or body.get("conversation") or body.get("prompt")):
+            raise _RequestError(400, "Missing required parameter: 'input'.", "missing_required_parameter", "input")
+        budget = body.get("max_output_tokens")
+        if budget is not None and (not isinstance(budget, int) or budget < _MIN_OUTPUT_TOKENS):
+            message = (
+                "Invalid 'max_output_tokens': integer below minimum value. "
+                f"Expected a value >= {_MIN_OUTPUT_TOKENS}, but got {budget!r} instead."
+            )
+            raise _RequestError(400, message, "integer_below_min_value", "max_output_tokens")
+        tools = body.get("tools") or []
+        for index, tool in enumerate(tools):
+            if isinstance(tool, dict) and tool.get("type") == "function" and not tool.get("name"):
+                param = f"tools[{index}].name"
+                raise _RequestError(400, f"Missing required parameter: '{param}'.", "missing_required_parameter", param)
+        text_config = body.get("text") if isinstance(body.get("text"), dict) else {}
+        text_format = text_config.get("format") if isinstance(text_config.get("format"), dict) else {"type": "text"}
+        if text_format.get("type") == "json_schema":
+            for name in ("name", "schema"):
+                if name not in text_format:
+                    param = f"text.format.{name}"
+                    raise _RequestError(400, f"Missing required parameter: '{param}'.", "missing_required_parameter", param)
+        previous = body.get("previous_response_id")
+        with self._lock:
+            known = previous in self._stored_responses
+        if previous is not None and not known:
+            raise _RequestError(400, f"Previous response with id '{previous}' not found.", "previous_response_not_found", "previous_response_id")
+
+        number = request.request_id.removeprefix("req_")
+        model = body.get("model") or "unknown"
+        items = [{"role": "user", "content": raw_input}] if isinstance(raw_input, str) else list(raw_input or [])
+        user_texts = [_content_text(_input_parts(i.get("content"))) for i in items if isinstance(i, dict) and i.get("role") == "user"]
+        text = user_texts[-1] if user_texts else ""
+        last = items[-1] if items and isinstance(items[-1], dict) else {}
+        output: list[dict[str, Any]] = []
+        reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else None
+        reasoning_tokens = 0
+        if reasoning is not None:
+            reasoning_tokens = _count_words(text) + 1
+            summary = []
+            if reasoning.get("summary") in ("auto", "concise", "detailed"):
+                summary = [{"type": "summary_text", "text": f"Thinking about: {text}"}]
+            output.append({"id": f"rs_{number}", "type": "reasoning", "summary": summary})
+        answer: str | None
+        if self.responses_handler is not None:
+            handled = self.responses_handler(body)
+            if isinstance(handled, dict):
+                return handled
+            answer = str(handled)
+        elif last.get("type") == "function_call_output":
+            answer = f"result: {_content_text(_input_parts(last.get('output')))}"
+        elif tools and text.startswith("call "):
+            function = next((t for t in tools if isinstance(t, dict) and t.get("type") == "function"), {})
+            output.append({
+                "id": f"fc_{number}",
+                "type": "function_call",
+                "status": "completed",
+                "call_id": f"call_{number}",
+                "name": function.get("name", "function"),
+                "arguments": "{}",
+            })
+            answer = None
+        elif text_format.get("type") in _JSON_FORMATS:
+            answer = json.dumps({"echo": text})
+        else:
+            answer = f"echo: {text}"
+        status = "completed"
+        if answer is not None:
+            words = answer.split(" ")
+            if budget is not None and len(words) + reasoning_tokens > budget:
+                answer = " ".join(words[: max(0, budget - reasoning_tokens)])
+                status = "incomplete"
+            if answer or status == "completed":
+                output.append(_output_message(f"msg_{number}", answer, status=status))
+        input_text = " ".join(_content_text(_input_parts(i.get("content") or i.get("output"))) for i in items if isinstance(i, dict))
+        input_tokens = _count_words(f"{body.get('instructions') or ''} {input_text}")
+        seen = json.dumps([model, body.get("instructions"), raw_input], sort_keys=True, default=str)
+        seen_key = hashlib.sha256(seen.encode("utf-8")).digest()
+        answer_tokens = sum(_count_words(_content_text(_input_parts(i.get("content")))) for i in output if i["type"] == "message")
+        output_tokens = answer_tokens + reasoning_tokens + sum(1 for i in output if i["type"] == "function_call")
+        response_id = f"resp_{number}"
+        with self._lock:
+            cached = input_tokens if seen_key in self._seen_inputs else 0
+            _remember(self._seen_inputs, seen_key)
+            if body.get("store", True):
+                _remember(self._stored_responses, response_id)
+        result = _response_body(response_id, model, output, status=status)
+        if status == "incomplete":
+            result["incomplete_details"] = {"reason": "max_output_tokens"}
+        result.update({
+            "instructions": body.get("instructions"),
+            "max_output_tokens": budget,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": previous,
+            "reasoning": {"effort": (reasoning or {}).get("effort"), "summary": (reasoning or {}).get("summary")},
+            "store": body.get("store", True),
+            "temperature": body.get("temperature", 1.0),
+            "text": {"format": text_format},
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": tools,
+            "top_p": body.get("top_p", 1.0),
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+                "total_tokens": input_tokens + output_tokens,
+            },
+        })
+        return result
 
     def _chat(self, request: RecordedRequest) -> dict[str, Any]:
         """Build a ChatCompletion: the chat_handler's answer, a tool call, JSON, or an echo."""

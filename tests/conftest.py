@@ -34,6 +34,7 @@ def server(_server_session: OpenAITestServer) -> OpenAITestServer:
     """The session's test server, with recorded requests, faults, chat_handler and latency reset."""
     _server_session.reset()
     _server_session.chat_handler = None
+    _server_session.responses_handler = None
     _server_session.latency = 0.0
     return _server_session
 

@@ -234,7 +234,7 @@ def test_passwords_are_masked(url: str, shown: str) -> None:
 
 def test_without_redis_py_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
-    with pytest.raises(ConfigError, match=r"pip install 'llmutils\[redis\]'") as err:
+    with pytest.raises(ConfigError, match=r"pip install 'llmutils-openai\[redis\]'") as err:
         open_cache("redis://:s3cret@host:6379/0")
     assert "s3cret" not in str(err.value)
 

@@ -60,31 +60,55 @@ class CacheBackend(Protocol):
     path: Any
 
     @property
-    def disabled(self) -> bool: ...
+    def disabled(self) -> bool:
+        """True while a fault keeps the cache out of use (calls then go on without it)."""
+        ...
 
-    def get(self, key: str) -> Any | None: ...
+    def get(self, key: str) -> Any | None:
+        """A fresh copy of the value stored under ``key``, or None (a miss, an expired entry, a fault)."""
+        ...
 
-    def set(self, key: str, value: Any, *, ttl: float | None = None, deadline: Deadline | None = None) -> None: ...
+    def set(self, key: str, value: Any, *, ttl: float | None = None, deadline: Deadline | None = None) -> None:
+        """Store ``value`` (plain JSON) under ``key`` where the mode writes; faults are logged, never raised."""
+        ...
 
-    def put(self, key: str, value: Any, ttl: float | None = None, *, deadline: Deadline | None = None) -> bool: ...
+    def put(self, key: str, value: Any, ttl: float | None = None, *, deadline: Deadline | None = None) -> bool:
+        """Write one entry whatever the mode; True if the store took it."""
+        ...
 
-    def single_flight(self, key: str, send: Callable[[], Any], *, deadline: Deadline | None = None) -> tuple[Any, bool]: ...
+    def single_flight(self, key: str, send: Callable[[], Any], *, deadline: Deadline | None = None) -> tuple[Any, bool]:
+        """``(value, cached)``: ``send()`` once for identical requests that share the store, and store it."""
+        ...
 
-    def iter_entries(self) -> Iterator[tuple[str, str | bytes]]: ...
+    def iter_entries(self) -> Iterator[tuple[str, str | bytes]]:
+        """Every stored ``(key, JSON text)``, for :func:`~llmutils.copy_cache`."""
+        ...
 
-    def put_entries(self, entries: list[tuple[str, Any, float | None]]) -> int: ...
+    def put_entries(self, entries: list[tuple[str, Any, float | None]]) -> int:
+        """Write ``(key, value, ttl)`` entries; return how many the store took."""
+        ...
 
-    def stats(self) -> CacheStats: ...
+    def stats(self) -> CacheStats:
+        """A snapshot of the hits, misses, writes and errors counted by this object."""
+        ...
 
-    def reset_stats(self) -> None: ...
+    def reset_stats(self) -> None:
+        """Set every counter back to zero."""
+        ...
 
     def __len__(self) -> int: ...
 
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> dict[str, Any]:
+        """Where the cache is, how many entries and versions it holds, and whether it is disabled."""
+        ...
 
-    def clear(self) -> None: ...
+    def clear(self) -> None:
+        """Delete every llmutils entry (the store itself stays)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release connections; safe to call twice; a later call reopens."""
+        ...
 
     def __enter__(self) -> Any: ...
 
@@ -97,6 +121,12 @@ def open_cache(location: str | os.PathLike[str], *, mode: str = "readwrite", ttl
 
     >>> open_cache("redis://:secret@cache.internal:6379/0", ttl=86400)
     RedisCache('redis://:***@cache.internal:6379/0', mode='readwrite')
+
+    :param location: a path or a URL (``CACHE_URL`` / ``CACHE_FILE_NAME`` take the same values).
+    :param mode: ``readwrite``, ``readonly``, ``replay``, ``refresh`` or ``off``.
+    :param ttl: seconds an entry stays valid (None: for ever).
+    :returns: the backend; nothing is opened or connected before its first use.
+    :raises ConfigError: an unknown URL scheme, a malformed URL, a bad mode or ttl.
     """
     if not is_cache_url(location):
         return SQLiteCache(os.fspath(location), mode=mode, ttl=ttl)
@@ -130,6 +160,12 @@ def copy_cache(source: CacheBackend, dest: CacheBackend, *, batch_size: int = 50
     Entries keep their JSON and their remaining lifetime (expired ones are skipped); an entry
     already in ``dest`` is overwritten. ``dest`` must be open for writing.
     ``llmutils cache copy llmutils_cache.sqlite redis://host:6379/0`` does the same from the shell.
+
+    :param source: the cache to read (any mode).
+    :param dest: the cache to write (mode ``readwrite`` or ``refresh``).
+    :param batch_size: entries written per round trip.
+    :returns: the counts of entries copied, skipped as expired and skipped as invalid.
+    :raises ConfigError: ``dest`` is not open for writing.
     """
     if dest.mode not in WRITE_MODES:
         raise ConfigError(f"copy writes to {dest.path}, which is open in mode {dest.mode!r}; use 'readwrite'")

@@ -42,6 +42,14 @@ def import_pickle_cache(
     have it); entries that are not JSON-able are skipped with one WARNING. The old keys cannot be
     turned into new request keys, so they are kept as ``key_prefix + old key``. A file that is
     not a pickle (or is truncated) raises :class:`ConfigError` naming it.
+
+    :param pickle_path: the old cache file.
+    :param cache: the cache to write into (open for writing).
+    :param trusted: you vouch for the file: without it nothing is read.
+    :param key_prefix: what the old keys are stored under.
+    :returns: how many entries were written.
+    :raises ConfigError: ``trusted`` is not given, or the file is not a pickle (or is truncated).
+    :raises OSError: the file cannot be read (a missing file is ``FileNotFoundError``).
     """
     path = Path(os.fspath(pickle_path))
     if not trusted:

@@ -95,7 +95,7 @@ class RedisCache(CacheBase):
     ``mode`` and ``ttl`` are as for :class:`SQLiteCache` (ttl becomes the key's native expiry).
     ``socket_timeout`` bounds each Redis command and connect; after a fault Redis is left alone for
     ``retry_interval`` seconds (``clock`` measures them; tests inject one). ``lock_ttl`` caps the
-    single-flight lock. Needs redis-py: ``pip install llmutils[redis]``. Nothing connects before
+    single-flight lock. Needs redis-py: ``pip install 'llmutils-openai[redis]'``. Nothing connects before
     the first call; ``close()`` (or ``with``) releases the connections and later calls reconnect.
     """
 
@@ -133,7 +133,7 @@ class RedisCache(CacheBase):
             from redis.retry import Retry
         except ImportError:
             raise ConfigError(
-                f"the cache at {self.path} is on Redis, which needs redis-py: pip install 'llmutils[redis]'"
+                f"the cache at {self.path} is on Redis, which needs redis-py: pip install 'llmutils-openai[redis]'"
             ) from None
         self._errors_type: type[Exception] = redis.RedisError
         try:
