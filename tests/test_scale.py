@@ -560,8 +560,6 @@ def test_cli_batch_on_local_processes(server: OpenAITestServer, tmp_path: Path) 
     assert [o["index"] for o in out] == list(range(31))
     assert out[30]["error"]["type"] == "InvalidRequestError" and all("output" in o for o in out[:30])
     assert server.request_count == 10  # the SQLite cache (on by default): one request per prompt across both processes
-    assert main(argv) == 1
-    assert server.request_count == 10
 
 
 def test_cli_batch_processes_and_dask_are_exclusive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
