@@ -29,17 +29,22 @@ from redis_servers import CI_URL, NO_SERVER, REDIS_SERVER, RedisServer
 redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install -e '.[test]'")
 
 
+# Schedules and counts need Redis in use all along: a generous timeout (in the URL, which wins over
+# the limiter's 0.5 s) keeps a busy machine from sending a limiter to its local fallback.
+PATIENT = "?socket_timeout=5&socket_connect_timeout=5"
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The CI Redis, or one started for this module; tests use fresh limit names, so no flush."""
     if CI_URL:
-        yield CI_URL
+        yield CI_URL + PATIENT
         return
     if REDIS_SERVER is None:
         pytest.skip(NO_SERVER)
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     try:
-        yield server.url
+        yield server.url + PATIENT
     finally:
         server.stop()
 

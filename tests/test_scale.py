@@ -511,7 +511,10 @@ def test_a_batch_on_a_dask_cluster_shares_the_redis_cache_and_limiter(
     unique = prompts(f"dask {tag}", 150)
     items: list[Any] = unique + [unique[(i * 7) % 150] for i in range(50)]  # 200 items, 50 of them repeats
     items.insert(100, {"messages": "not a list"})  # fails alone, before any request
-    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_url=redis_url,
+    # Exact counts need the cache up all along: a generous timeout keeps a busy machine from
+    # turning it off for a while (a slow Redis degrades to "no cache" by design).
+    patient = f"{redis_url}?socket_timeout=10&socket_connect_timeout=10"
+    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_url=patient,
                           rpm=60_000, rate_limit_url=redis_url, rate_limit_name=f"test-{tag}")
     results = llmutils.batch(items, client=client, workers=4, executor=dask_executor)
     assert [r.index for r in results] == list(range(201))
@@ -541,7 +544,7 @@ def test_cli_batch_on_a_dask_cluster(server: OpenAITestServer, redis_url: str, d
     lines = [{"prompt": f"cli dask {tag} {i % 6}"} for i in range(12)]  # 6 prompts, each twice
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     argv = ["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-progress", "-w", "2",
-            "--cache-url", redis_url, "--dask-scheduler", dask_client.scheduler.address]
+            "--cache-url", f"{redis_url}?socket_timeout=10", "--dask-scheduler", dask_client.scheduler.address]
     assert main(argv) == 0
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["index"] for o in out] == list(range(12))
