@@ -22,21 +22,36 @@ bodies (``{"error": ..., "code": ...}``) that never contain keys or upstream det
   problem such as a missing or wrong key);
 * 504 the call would run past ``LLM_TOTAL_TIMEOUT`` seconds (retries included).
 
+``POST /ask/stream`` takes the same body and streams the answer as Server-Sent Events while the
+model writes it (``curl -N`` shows it arrive)::
+
+    data: {"text": "echo: "}
+    data: {"text": "Hello"}
+    event: done
+    data: {"cached": false, "model": "gpt-4.1-mini"}
+
+Errors before the first text are the same JSON answers as ``/ask`` (retries happen then); an
+error after text has been sent ends the stream cleanly with ``event: error`` and the same short
+``{"error", "code"}`` body, never a broken connection.
+
 Flask serves each request on its own thread; the one module-level client is thread-safe and
 shares its connection pool and SQLite cache among them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
-from flask import Flask, current_app, jsonify, request
+from collections.abc import Iterator
+
+from flask import Flask, Response, current_app, jsonify, request, stream_with_context
 
 import llmutils
 
-__all__ = ["create_app", "make_client", "error_response", "llm"]
+__all__ = ["create_app", "make_client", "error_response", "sse", "llm"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +109,27 @@ def _bad_request(message: str) -> Any:
     return jsonify(error=message, code="bad_request"), 400
 
 
-def ask() -> Any:
-    """``POST /ask``: ``{"prompt": str, "model"?: str}`` -> ``{"answer", "cached", "model"}``."""
+def _parse_request() -> tuple[str, dict[str, Any], Any]:
+    """``(prompt, per-request overrides, None)`` from the JSON body, or ``("", {}, the 400 response)``."""
     data = request.get_json(silent=True)
     if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
-        return _bad_request('Send a JSON object with a non-empty "prompt" string.')
+        return "", {}, _bad_request('Send a JSON object with a non-empty "prompt" string.')
     prompt = data["prompt"]
     if len(prompt) > current_app.config["LLM_MAX_PROMPT_CHARS"]:
-        return _bad_request(f"The prompt is longer than {current_app.config['LLM_MAX_PROMPT_CHARS']} characters.")
+        return "", {}, _bad_request(f"The prompt is longer than {current_app.config['LLM_MAX_PROMPT_CHARS']} characters.")
     overrides = {}
     if data.get("model") is not None:
         if data["model"] not in current_app.config["LLM_ALLOWED_MODELS"]:
-            return _bad_request(f'"model" must be one of {", ".join(current_app.config["LLM_ALLOWED_MODELS"])}.')
+            return "", {}, _bad_request(f'"model" must be one of {", ".join(current_app.config["LLM_ALLOWED_MODELS"])}.')
         overrides["model"] = data["model"]
+    return prompt, overrides, None
+
+
+def ask() -> Any:
+    """``POST /ask``: ``{"prompt": str, "model"?: str}`` -> ``{"answer", "cached", "model"}``."""
+    prompt, overrides, bad_request = _parse_request()
+    if bad_request is not None:
+        return bad_request
     client = current_app.extensions["llmutils"]
     try:
         # Per-request settings: override_defaults applies to this request's thread only, so
@@ -124,6 +147,48 @@ def ask() -> Any:
     return jsonify(answer=answer["content"], cached=info.cached, model=info.model)
 
 
+def sse(data: Any, event: str | None = None) -> str:
+    """One Server-Sent Event whose data is ``data`` as JSON."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
+
+
+def ask_stream() -> Any:
+    """``POST /ask/stream``: the answer as Server-Sent Events, sent as the model writes it."""
+    prompt, overrides, bad_request = _parse_request()
+    if bad_request is not None:
+        return bad_request
+    client = current_app.extensions["llmutils"]
+    try:
+        with llmutils.override_defaults(**overrides):
+            # Opens the stream and waits for its first text: retries and errors happen here,
+            # while a proper status code can still be sent.
+            stream = client.stream_message(
+                [{"role": "user", "content": prompt}],
+                total_timeout=float(current_app.config["LLM_TOTAL_TIMEOUT"]),
+            )
+    except llmutils.LLMUtilsError as exc:
+        status, body = error_response(exc)
+        current_app.logger.warning("model call failed (%s -> HTTP %d): %s", type(exc).__name__, status, exc)
+        return jsonify(body), status
+
+    def events() -> Iterator[str]:
+        with stream:  # closes the model's connection if the browser goes away
+            try:
+                for text in stream:
+                    yield sse({"text": text})
+            except llmutils.LLMUtilsError as exc:
+                _, body = error_response(exc)
+                current_app.logger.warning("stream failed after %d characters (%s): %s", len(stream.text), type(exc).__name__, exc)
+                yield sse(body, "error")
+                return
+        info = client.last_call
+        yield sse({"cached": stream.cached, "model": info.model if info else None}, "done")
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
+    return Response(stream_with_context(events()), mimetype="text/event-stream", headers=headers)
+
+
 def create_app(client: llmutils.OpenAIClient | None = None, **config: Any) -> Flask:
     """Build the app; ``client`` defaults to the module-level one, ``config`` overrides settings.
 
@@ -136,4 +201,5 @@ def create_app(client: llmutils.OpenAIClient | None = None, **config: Any) -> Fl
     app.config.update(config)
     app.extensions["llmutils"] = client if client is not None else llm
     app.add_url_rule("/ask", view_func=ask, methods=["POST"])
+    app.add_url_rule("/ask/stream", view_func=ask_stream, methods=["POST"])
     return app

@@ -15,6 +15,7 @@ _quiet_ctrl_c_while_starting()
 
 import logging as _logging  # noqa: E402
 
+from ._apis.stream import MessageStream as MessageStream
 from ._batch import BatchResult as BatchResult
 from ._batch import batch as batch
 from ._batch import map_calls as map_calls
@@ -33,6 +34,7 @@ from ._config import DEFAULTS as DEFAULTS
 from ._config import force_default_value as force_default_value
 from ._config import override_defaults as override_defaults
 from ._exceptions import AuthenticationError as AuthenticationError
+from ._exceptions import BatchAPIError as BatchAPIError
 from ._exceptions import CacheMissError as CacheMissError
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ContentFilterError as ContentFilterError
@@ -45,6 +47,7 @@ from ._exceptions import OutputParseError as OutputParseError
 from ._exceptions import QuotaExceededError as QuotaExceededError
 from ._exceptions import RateLimitError as RateLimitError
 from ._exceptions import RetriesExhaustedError as RetriesExhaustedError
+from ._exceptions import StreamInterruptedError as StreamInterruptedError
 from ._exceptions import TemplateError as TemplateError
 from ._exceptions import TotalTimeoutError as TotalTimeoutError
 from ._ratelimit import RateLimiter as RateLimiter
@@ -75,6 +78,7 @@ _logging.getLogger("llmutils").addHandler(_logging.NullHandler())
 __all__ = [
     "AuthenticationError",
     "AzureClient",
+    "BatchAPIError",
     "BatchResult",
     "CallInfo",
     "CacheBackend",
@@ -87,6 +91,7 @@ __all__ = [
     "LLMCall",
     "LLMUtilsError",
     "MalformedResponseError",
+    "MessageStream",
     "MockClient",
     "ModelUsage",
     "NonTerminalError",
@@ -101,6 +106,7 @@ __all__ = [
     "RetriesExhaustedError",
     "RetryPolicy",
     "SQLiteCache",
+    "StreamInterruptedError",
     "TemplateError",
     "TokenCount",
     "TotalTimeoutError",

@@ -77,6 +77,7 @@ T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
 DEFAULT_MAX_CONNECTION_FAILURES = 5
+VIAS = ("live", "batch-api")
 _POLL_SECONDS = 0.2  # how often the calling thread wakes while waiting (Ctrl-C on every platform)
 
 
@@ -721,6 +722,8 @@ def batch(
     max_connection_failures: int | None = DEFAULT_MAX_CONNECTION_FAILURES,
     executor: Executor | None = None,
     chunk_size: int | None = None,
+    via: str = "live",
+    fallback: str | None = None,
     **params: Any,
 ) -> list[BatchResult]:
     """Send one chat request per item on ``workers`` threads; results come back in input order.
@@ -737,17 +740,44 @@ def batch(
     ``executor`` and ``chunk_size`` run the items on other processes or machines (a
     ``ProcessPoolExecutor``, a Dask cluster), ``workers`` threads each: see :func:`map_calls`;
     the client travels there as its configuration.
+
+    ``via="batch-api"`` sends the items through the OpenAI / Azure Batch API instead, at half price,
+    answered within 24 h: same items, same results, same per-item errors. It needs the cache on (the
+    batches are recorded there, so calling again after Ctrl-C or a crash resumes them instead of
+    paying twice); ``fallback="live"`` sends what the batches did not answer as live calls.
+    ``on_result`` is then called in input order once the batches are done.
     """
     from ._templates import find_template
 
+    if via not in VIAS:
+        raise ConfigError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
+    if fallback is not None and via == "live":
+        raise ConfigError("fallback= applies to via='batch-api' only")
     for name in (system_template, user_template):
         if name is not None:
             find_template(name, template_dirs)
     if client is None:
         client = _default_client()
 
+    send = _Send(client, system_template, user_template, template_dirs, params)
+    if via == "batch-api":
+        if executor is not None:
+            raise ConfigError("executor= applies to via='live' only: the Batch API runs the requests itself")
+        return _via_batch_api(
+            list(items),
+            send,
+            client,
+            (system_template, user_template, template_dirs),
+            workers=workers,
+            progress=progress,
+            fallback=fallback,
+            on_result=on_result,
+            max_connection_failures=max_connection_failures,
+            params=params,
+        )
+
     return map_calls(
-        _Send(client, system_template, user_template, template_dirs, params),
+        send,
         items,
         workers=workers,
         client=client,
@@ -758,3 +788,40 @@ def batch(
         executor=executor,
         chunk_size=chunk_size,
     )
+
+
+def _via_batch_api(
+    items: list[Any],
+    send: Callable[[Any], Any],
+    client: Any,
+    templates: tuple[str | None, str | None, Any],
+    *,
+    workers: int,
+    progress: bool,
+    fallback: str | None,
+    on_result: Callable[[BatchResult], None] | None,
+    max_connection_failures: int | None,
+    params: dict[str, Any],
+) -> list[BatchResult]:
+    """:func:`batch` through the Batch API: the items' messages here, the jobs in :mod:`llmutils._batchapi`."""
+    from ._batchapi import run_items
+
+    messages: list[Any] = []
+    for item in items:
+        try:
+            messages.append(_messages_for(item, *templates))
+        except LLMUtilsError as exc:
+            messages.append(exc)
+    results: list[BatchResult] = run_items(
+        items,
+        messages,
+        client=client,
+        fallback=fallback,
+        live=send,
+        workers=workers,
+        progress=progress,
+        on_result=on_result,
+        max_connection_failures=max_connection_failures,
+        **params,
+    )
+    return results

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._apis import chat as _chat
@@ -36,9 +36,10 @@ from ._apis.responses import (
     request_from_chat,
     to_chat_message,
 )
+from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events, response_events
 from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, validate
 from ._deadline import Deadline
-from ._otel import call_span
+from ._otel import StreamSpan, call_span, start_stream_span
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -49,6 +50,7 @@ from ._exceptions import (
     NonTerminalError,
     QuotaExceededError,
     RateLimitError,
+    StreamInterruptedError,
     TotalTimeoutError,
 )
 from ._http import (
@@ -77,6 +79,7 @@ logger = logging.getLogger("llmutils")
 
 Message = dict[str, Any]
 
+_DRAIN_SECONDS = 1.0  # how long the end of a stream's body may take after its end event
 _READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 
 # A response check run inside each attempt: raises NonTerminalError for a malformed 200 (retried,
@@ -142,6 +145,20 @@ def _shut_down(http: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _as_events(raw: bytes, request_id: str | None) -> bytes:
+    """A whole (non-streamed) JSON answer as the SSE bytes of its stream: one event, then the end."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NonTerminalError("a streamed request got a body that is neither SSE nor JSON", request_id=request_id) from exc
+    if isinstance(body, dict) and isinstance(body.get("choices"), list):  # chat.completion -> one chunk
+        choices = [{**c, "delta": c.get("message") or {}} for c in body["choices"] if isinstance(c, dict)]
+        return f"data: {json.dumps({**body, 'choices': choices})}\n\ndata: [DONE]\n\n".encode()
+    if isinstance(body, dict) and body.get("object") == "response":
+        return f"data: {json.dumps({'type': 'response.completed', 'response': body})}\n\n".encode()
+    raise NonTerminalError("a streamed request got a JSON body that is not an answer", request_id=request_id)
 
 
 class CallInfo(NamedTuple):
@@ -366,7 +383,10 @@ class OpenAIClient:
         if n != 1 or timeout is not None or total_timeout is not None or max_attempts is not None:
             _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
         if more.get("stream"):
-            raise InvalidRequestError("stream=True is not supported by send_message; it returns whole answers")
+            raise InvalidRequestError(
+                "stream=True is not supported by send_message, which returns whole answers; "
+                "use client.stream_message(...) to receive the answer as it is generated"
+            )
         settings = self.settings()
         deadline = Deadline(self._total_timeout(settings, total_timeout))
         params = build_chat_request(
@@ -512,6 +532,306 @@ class OpenAIClient:
         timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
         response = self._call(_embeddings.KIND, _embeddings.PATH, params, settings, deadline, timeout_s, check, policy)
         return read_embeddings_response(response, expected)
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def stream_message(
+        self,
+        messages: list[Message],
+        model: str | None = None,
+        temperature: float | None = UNSET,
+        max_tokens: int | None = UNSET,
+        top_p: float | None = UNSET,
+        frequency_penalty: float | None = UNSET,
+        presence_penalty: float | None = UNSET,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        waiting_time: float | None = None,
+        exponential_backoff_factor: float | None = None,
+        n: int = 1,
+        *,
+        total_timeout: float | None = None,
+        api: str | None = None,
+        **more: Any,
+    ) -> MessageStream:
+        """Send a chat request and return the answer as a :class:`MessageStream` of text deltas.
+
+        Takes the same arguments as :meth:`send_message` (``api="responses"`` streams the Responses
+        API's events). The request is opened, retried and checked here, up to its first content:
+        connection errors, 429, 5xx, timeouts and streams that break before any content are retried
+        like ``send_message`` and raise from this call. After that, a broken or stalled stream
+        raises :class:`StreamInterruptedError` from the loop (never retried). ``timeout`` bounds each
+        wait for the next chunk, ``total_timeout`` the whole stream. A completed stream is cached
+        under the same key as the equivalent ``send_message``; a cache hit is replayed in pieces
+        without a request.
+
+        >>> with client.stream_message([{"role": "user", "content": "Hi"}]) as stream:
+        ...     for text in stream:
+        ...         print(text, end="", flush=True)
+        """
+        if api is not None and api not in ("chat", "responses"):
+            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
+        _check_messages(messages, items=api != "chat")
+        given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
+                 max_attempts, waiting_time, exponential_backoff_factor)
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
+            if value is not None and value is not UNSET:
+                _check_type(name, value, kinds)
+        if timeout is not None or total_timeout is not None or max_attempts is not None:
+            _check_positive(timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        if n != 1:
+            raise InvalidRequestError(f"stream_message streams one answer: n must be 1, got {n!r}; use send_message(n=...)")
+        if "stream" in more and not more.pop("stream"):
+            raise InvalidRequestError("stream=False makes no sense for stream_message; use send_message(...)")
+        stream_options = more.pop("stream_options", None)
+        settings = self.settings()
+        deadline = Deadline(self._total_timeout(settings, total_timeout))
+        params = build_chat_request(
+            settings,
+            messages,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            stop=stop,
+            n=1,
+            more=more,
+        )
+        timeout_s = float(timeout if timeout is not None else settings["TIMEOUT"])
+        policy = self._policy(settings, timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+        if self._api(settings, params["model"], api) == "responses":
+            # The key is send_message's on Responses: ``stream`` is transport, not part of it.
+            body = request_from_chat(params)
+            wire = {**body, "stream": True}
+            if stream_options is not None:
+                wire["stream_options"] = stream_options
+
+            def check(response: Mapping[str, Any]) -> None:
+                check_response(response, message=True)
+
+            return self._message_stream(
+                _responses.KIND, _responses.PATH, body, wire, ResponsesStreamAssembler, check,
+                lambda response: to_chat_message(response, stop=stop),
+                settings, policy, deadline, timeout_s,
+            )
+        _check_messages(messages)  # a Responses item (no role) cannot go to chat
+        # The key is send_message's: ``stream`` and ``stream_options`` are transport, not part of it.
+        wire = {**params, "stream": True, "stream_options": stream_options or {"include_usage": True}}
+        return self._message_stream(
+            _chat.KIND, _chat.PATH, params, wire, ChatStreamAssembler, check_chat_response,
+            lambda response: read_chat_response(response, 1),  # type: ignore[arg-type,return-value]
+            settings, policy, deadline, timeout_s,
+        )
+
+    def _message_stream(
+        self,
+        kind: str,
+        path: str,
+        params: dict[str, Any],
+        wire: dict[str, Any],
+        assembler: Callable[[], ChatStreamAssembler | ResponsesStreamAssembler],
+        check: ResponseCheck,
+        read: Callable[[Mapping[str, Any]], Message],
+        settings: Mapping[str, Any],
+        policy: RetryPolicy,
+        deadline: Deadline,
+        timeout: float,
+    ) -> MessageStream:
+        """A cache hit replayed as a stream, a CacheMissError in replay mode, or the live stream.
+
+        Its OpenTelemetry span starts here and ends with the stream; it is never current between
+        deltas (:class:`llmutils._otel.StreamSpan`).
+        """
+        span = start_stream_span(kind, str(params.get("model")), provider=self.api_type,
+                                 server_url=lambda: self._endpoint(settings), params=params)
+        with span.opening():
+            return self._message_stream_in(kind, path, params, wire, assembler, check, read, settings, policy, deadline,
+                                           timeout, span)
+
+    def _message_stream_in(
+        self,
+        kind: str,
+        path: str,
+        params: dict[str, Any],
+        wire: dict[str, Any],
+        assembler: Callable[[], ChatStreamAssembler | ResponsesStreamAssembler],
+        check: ResponseCheck,
+        read: Callable[[Mapping[str, Any]], Message],
+        settings: Mapping[str, Any],
+        policy: RetryPolicy,
+        deadline: Deadline,
+        timeout: float,
+        span: StreamSpan,
+    ) -> MessageStream:
+        """:meth:`_message_stream` inside its span."""
+        cache = self._cache(settings)
+        key = self._cache_key(kind, params, settings) if cache is not None else None
+        if cache is not None and key is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                logger.debug("llmutils: cache hit for a stream of %s", params.get("model"))
+                check(hit)  # also for entries stored by older versions
+                response = self._finish(kind, params, hit, cached=True)
+                span.finish(response, cached=True)
+                return MessageStream.replay(read(response), response.get("usage"), cached=True, on_end=span.end)
+            if cache.mode == "replay":  # replay never sends
+                raise CacheMissError(
+                    f"replay mode: no cached answer in {cache.path} for this {kind} request to "
+                    f"{params.get('model')!r}; nothing was sent. Record it first with CACHE_MODE=readwrite."
+                )
+        return self._open_message_stream(kind, path, params, wire, assembler, check, read, settings, policy, deadline,
+                                         timeout, cache, key, span)
+
+    def _open_message_stream(
+        self,
+        kind: str,
+        path: str,
+        params: dict[str, Any],
+        wire: dict[str, Any],
+        assembler: Callable[[], ChatStreamAssembler | ResponsesStreamAssembler],
+        check: ResponseCheck,
+        read: Callable[[Mapping[str, Any]], Message],
+        settings: Mapping[str, Any],
+        policy: RetryPolicy,
+        deadline: Deadline,
+        timeout: float,
+        cache: CacheBackend | None,
+        key: str | None,
+        span: StreamSpan,
+    ) -> MessageStream:
+        """Open the stream with retries up to its first content; the MessageStream reads the rest.
+
+        ``params`` is the request as cached (the ``send_message`` body of ``kind``), ``wire`` what is
+        sent (``params`` with ``stream``); ``check`` and ``read`` are the API's response check and
+        reader, applied to the assembled answer. The call slot (MAX_CONCURRENT_MODEL_CALLS) is held
+        until the stream ends or is closed.
+        """
+        limiter, in_flight = self._limiters(settings)
+        estimate = self._estimate_tokens(params) if limiter.tpm else 0
+
+        def attempt(deadline: Deadline) -> tuple[StreamReader, list[str], Any, Callable[[], None]]:
+            reservation = limiter.acquire(estimate, deadline=deadline)
+            if not in_flight.acquire(timeout=deadline.timeout_for(None)):
+                raise deadline.error(
+                    f"waiting for one of the {in_flight.max_in_flight} call slots (MAX_CONCURRENT_MODEL_CALLS)"
+                )
+            released = threading.Event()
+
+            def release() -> None:
+                if not released.is_set():
+                    released.set()
+                    in_flight.release()
+
+            reader: StreamReader | None = None
+            try:
+                reader = self._stream_reader(path, wire, settings, deadline, timeout, assembler())
+                first = reader.until_content()
+            except BaseException as exc:
+                if reader is not None:
+                    reader.close()
+                release()
+                if isinstance(exc, RateLimitError) and exc.retry_after and limiter.enabled:
+                    limiter.pause(min(exc.retry_after, policy.max_wait))  # hold the other threads too
+                raise
+            return reader, first, reservation, release
+
+        reader, first, reservation, release = policy.call(attempt, deadline)
+
+        def deltas() -> Generator[str, None, tuple[Message, Any]]:
+            completed = False
+            try:
+                yield from first
+                try:
+                    yield from reader.rest()
+                except LLMUtilsError as exc:
+                    raise self._interrupted(exc, reader, deadline) from exc
+                completion = reader.assembler.result()
+                check(completion)
+                completed = True
+            finally:
+                reader.close()
+                release()
+                if not completed:
+                    logger.debug("llmutils: a stream of %s ended early; nothing cached", params.get("model"))
+            usage = completion.get("usage")
+            if isinstance(usage, Mapping) and isinstance(usage.get("total_tokens"), int):
+                reservation.reconcile(max(usage["total_tokens"], estimate))
+            if cache is not None and key is not None:
+                cache.set(key, completion, deadline=deadline)
+            response = self._finish(kind, params, completion, cached=False)
+            span.finish(response, cached=False)
+            return read(response), usage
+
+        def cleanup() -> None:  # also when the stream is dropped without being iterated
+            reader.close()
+            release()
+            span.end()
+
+        return MessageStream(span.traced(deltas()), on_close=cleanup)
+
+    @staticmethod
+    def _interrupted(exc: LLMUtilsError, reader: StreamReader, deadline: Deadline) -> StreamInterruptedError:
+        """The error for a stream that failed after content: StreamInterruptedError with the partial text."""
+        text = reader.assembler.text
+        why = f"total_timeout={deadline.total:g}s ran out" if deadline.expired else str(exc)
+        return StreamInterruptedError(
+            f"the stream was interrupted after {len(text)} characters ({why}); it is not retried",
+            partial_text=text,
+            status_code=exc.status_code,
+            request_id=exc.request_id,
+        )
+
+    def _stream_reader(
+        self,
+        path: str,
+        wire: dict[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        assembler: ChatStreamAssembler | ResponsesStreamAssembler,
+    ) -> StreamReader:
+        """Open ``path`` as an SSE stream (one attempt) and return a reader of its events.
+
+        The response stays open (and cut at the deadline by its watchdog) until the reader is
+        closed. Each read waits at most ``timeout`` (and what was left of the deadline at the
+        start) for the next chunk.
+        """
+        import httpx2
+
+        limit = deadline.timeout_for(timeout)
+        stack = contextlib.ExitStack()
+        http = stack.enter_context(self._open_stream(path, wire, settings, deadline, timeout))
+        request_id = http.headers.get("x-request-id")
+        if "text/event-stream" in http.headers.get("content-type", ""):
+            chunks: Iterator[bytes] = http.iter_raw()
+        else:  # a server that ignored stream=true: read its one whole answer as a stream
+            try:
+                chunks = iter([_as_events(self._read_body(http, deadline, timeout, settings), request_id)])
+            except BaseException:
+                stack.close()
+                raise
+        where = self._display(settings)
+
+        def transport_error(exc: Exception) -> LLMUtilsError | None:
+            if deadline.expired:
+                return deadline.error(f"reading the stream from {where}")
+            if isinstance(exc, httpx2.TimeoutException):
+                return NonTerminalError(f"no data for {limit:g}s from {where} while streaming", request_id=request_id)
+            if isinstance(exc, (httpx2.HTTPError, httpx2.StreamError, OSError)):
+                return NonTerminalError(f"the stream from {where} broke: {exc}", request_id=request_id)
+            return None
+
+        def drain() -> None:
+            # After the end event only the body's last chunk is left: reading it returns the
+            # connection to the pool. A server that keeps the body open is cut off after a moment.
+            with contextlib.suppress(Exception), Deadline(_DRAIN_SECONDS).at_expiry(lambda: _shut_down(http)):
+                for _ in chunks:
+                    pass
+
+        return StreamReader(chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain)
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -1155,6 +1475,21 @@ class MockClient(OpenAIClient):
         if path == _embeddings.PATH:
             return self._embedding(params)
         return self._chat_completion(params)
+
+    def _stream_reader(
+        self,
+        path: str,
+        wire: dict[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        assembler: ChatStreamAssembler | ResponsesStreamAssembler,
+    ) -> StreamReader:
+        """The mock's answer as a stream: the whole answer cut into pieces."""
+        params = {k: v for k, v in wire.items() if k not in ("stream", "stream_options")}
+        answer = self._post(path, params, settings, deadline, timeout)
+        events = response_events(answer) if answer.get("object") == "response" else completion_events(answer)
+        return StreamReader(iter(events), assembler, transport_error=lambda exc: None, close=lambda: None)
 
     def _chat_completion(self, params: Mapping[str, Any]) -> dict[str, Any]:
         messages = params["messages"]

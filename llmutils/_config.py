@@ -234,6 +234,8 @@ _KEYS: dict[str, _Key] = {
         redis_url=True,
     ),
     "RATE_LIMIT_NAME": _Key(str, None, optional=True, doc="name of the shared RPM/TPM budget (default: the endpoint URL)"),
+    "BATCH_POLL_INTERVAL": _Key(float, 5.0, doc="Batch API: first wait between polls of a batch, seconds"),
+    "BATCH_POLL_MAX": _Key(float, 60.0, doc="Batch API: cap on the wait between polls, seconds"),
 }
 
 DEFAULTS: Mapping[str, Any] = {name: key.default for name, key in _KEYS.items()}

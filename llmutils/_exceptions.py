@@ -11,12 +11,16 @@ The tree::
     │   └── CacheMissError                  replay mode and the answer is not in the cache
     ├── NonTerminalError                    a failure that a retry may fix (429, 408, 409, 5xx,
     │   │                                   timeouts, connection errors, a 200 that is not JSON)
-    │   └── RateLimitError                  HTTP 429
+    │   ├── RateLimitError                  HTTP 429
+    │   └── StreamInterruptedError          a stream broke or stalled after content arrived;
+    │                                       ``partial_text`` holds what came; never retried
     ├── MalformedResponseError              an answer wrong the same way on every attempt
     │                                       (1 embedding for 3 inputs); never retried
     ├── RetriesExhaustedError               every attempt failed; ``attempts`` and the last
     │   │                                   error (``__cause__``) tell why
     │   └── TotalTimeoutError               the ``total_timeout`` bound ran out first
+    ├── BatchAPIError                       the Batch API gave a request no answer (its batch failed,
+    │                                       expired or was cancelled); ``batch_id`` names the batch
     ├── TemplateError                       a prompt template is missing, broken or under-filled
     ├── NotAttemptedError                   a batch stopped early (fail fast) before sending this item
     └── OutputParseError (ValueError)       a model answer could not be coerced to ``output_type``
@@ -44,12 +48,14 @@ __all__ = [
     "CacheMissError",
     "NonTerminalError",
     "RateLimitError",
+    "StreamInterruptedError",
     "MalformedResponseError",
     "RetriesExhaustedError",
     "TotalTimeoutError",
     "TemplateError",
     "NotAttemptedError",
     "OutputParseError",
+    "BatchAPIError",
 ]
 
 
@@ -145,6 +151,14 @@ class RateLimitError(NonTerminalError):
     """HTTP 429: the provider asks the client to slow down."""
 
 
+class StreamInterruptedError(NonTerminalError):
+    """A stream broke, stalled or failed after content was yielded; ``partial_text`` is what came."""
+
+    def __init__(self, message: str, *, partial_text: str = "", **context: Any) -> None:
+        super().__init__(message, **context)
+        self.partial_text = partial_text
+
+
 class MalformedResponseError(LLMUtilsError):
     """The server answered, wrongly the same way every time (e.g. 1 embedding for 3 inputs); not retried."""
 
@@ -175,3 +189,11 @@ class OutputParseError(LLMUtilsError, ValueError):
     def __init__(self, message: str, *, raw: str | None = None) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class BatchAPIError(LLMUtilsError):
+    """A request sent through the Batch API got no answer: its batch failed, expired or was cancelled."""
+
+    def __init__(self, message: str, *, batch_id: str | None = None, **context: object) -> None:
+        super().__init__(message, **context)  # type: ignore[arg-type]
+        self.batch_id = batch_id

@@ -17,6 +17,14 @@ provider configured by the application, each call makes one span:
 - on failure: ``error.type`` (the exception's class, ``llmutils.RateLimitError``), the exception
   recorded as an event and the span status ERROR.
 
+A stream (``client.stream_message``) makes the same span, started by the call and ended with the
+stream: at its last delta, when the loop is left or the stream closed (``llmutils.stream.completed``
+false, no error), or when it fails (``error.type``: ``llmutils.StreamInterruptedError`` after
+content, the call's error before it). It is current only while llmutils opens the stream (so retry
+events and HTTP client spans land in it), never while the caller's code runs between deltas
+(:func:`start_stream_span`, :class:`StreamSpan`). A replay from the cache is a span with
+``llmutils.cache.hit`` true, ended with the replay's last piece.
+
 Prompts and answers are recorded (``gen_ai.input.messages`` / ``gen_ai.output.messages``, JSON in
 the conventions' parts format) only when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true``:
 they may hold personal data.
@@ -29,18 +37,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 __all__ = [
     "CAPTURE_CONTENT_ENV",
     "CallSpan",
+    "StreamSpan",
     "call_span",
     "current_call_span",
+    "start_stream_span",
 ]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: The environment variable that turns on recording of prompts and answers (``true``).
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -62,6 +76,7 @@ PROVIDERS = {"openai": "openai", "azure": "azure.ai.openai"}
 
 _current: ContextVar[CallSpan | None] = ContextVar("llmutils_call_span", default=None)
 _trace: Any = None  # the opentelemetry.trace module once looked for; False when it is not installed
+_tracer: tuple[Any, Any] = (None, None)  # (tracer provider, llmutils' tracer from it)
 
 
 def _trace_module() -> Any:
@@ -229,6 +244,17 @@ class CallSpan:
 _NO_SPAN = CallSpan()  # what a call fills in when nothing records: every method returns at once
 
 
+def _get_tracer(trace: Any) -> Any:
+    """llmutils' tracer, made once per tracer provider (the SDK builds a new one on each ``get_tracer``)."""
+    global _tracer
+    provider = trace.get_tracer_provider()
+    cached_provider, tracer = _tracer
+    if cached_provider is not provider:
+        tracer = provider.get_tracer("llmutils")
+        _tracer = (provider, tracer)
+    return tracer
+
+
 def tracer_is_recording(trace: Any) -> bool:
     """Whether spans may record: false while the application has set no SDK tracer provider."""
     return type(trace.get_tracer_provider()).__name__ not in ("ProxyTracerProvider", "NoOpTracerProvider")
@@ -247,6 +273,61 @@ def _address(server_url: str | Callable[[], str]) -> tuple[str | None, int | Non
 def current_call_span() -> CallSpan | None:
     """The span helper of the call running in this thread / context, if any (for the retry layer)."""
     return _current.get()
+
+
+def _span_start(
+    trace: Any,
+    operation: str,
+    model: str,
+    provider: str,
+    server_address: str | None,
+    server_port: int | None,
+    server_url: str | Callable[[], str] | None,
+    params: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``tracer.start_span`` for a call: name, kind CLIENT and the
+    attributes known before the request (operation, provider, model, server, request parameters)."""
+    operation = OPERATIONS.get(operation, operation)
+    provider = PROVIDERS.get(provider, provider)
+    if server_address is None and server_url is not None:
+        server_address, server_port = _address(server_url)
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": provider,
+        "gen_ai.request.model": model,
+    }
+    if server_address:
+        attributes["server.address"] = server_address
+        if server_port:
+            attributes["server.port"] = int(server_port)
+    for name, attribute in _REQUEST_ATTRIBUTES.items():
+        value = (params or {}).get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            attributes[attribute] = value
+    return {"name": f"{operation} {model}", "kind": trace.SpanKind.CLIENT, "attributes": attributes,
+            "record_exception": False, "set_status_on_exception": False}
+
+
+def _capture(span: Any, params: Mapping[str, Any] | None, messages: Sequence[Mapping[str, Any]] | None) -> bool:
+    """Whether content is captured (CAPTURE_CONTENT_ENV); when it is, the prompt is recorded on ``span``."""
+    capture = os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true"
+    if capture:
+        prompt = messages if messages is not None else _input_messages(params or {})
+        if prompt:
+            span.set_attribute("gen_ai.input.messages", _messages_json(prompt, output=False))
+    return capture
+
+
+def _record_error(trace: Any, span: Any, helper: CallSpan, exc: BaseException) -> None:
+    """A failed call on its span: ``error.type``, the attempts, the exception event, status ERROR."""
+    span.set_attribute("error.type", _error_type(exc))
+    if helper._attempts is None:
+        attempts = getattr(exc, "attempts", None)
+        if not isinstance(attempts, int):
+            attempts = helper._retries + 1
+        span.set_attribute("llmutils.attempts", attempts)
+    span.record_exception(exc)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:200]))
 
 
 @contextmanager
@@ -281,51 +362,131 @@ def call_span(
     if not trace or not tracer_is_recording(trace):  # nothing would record: no span at all
         yield _NO_SPAN
         return
-    tracer = trace.get_tracer("llmutils")
-    operation = OPERATIONS.get(operation, operation)
-    provider = PROVIDERS.get(provider, provider)
-    if server_address is None and server_url is not None:
-        server_address, server_port = _address(server_url)
-    attributes: dict[str, Any] = {
-        "gen_ai.operation.name": operation,
-        "gen_ai.provider.name": provider,
-        "gen_ai.request.model": model,
-    }
-    if server_address:
-        attributes["server.address"] = server_address
-        if server_port:
-            attributes["server.port"] = int(server_port)
-    for name, attribute in _REQUEST_ATTRIBUTES.items():
-        value = (params or {}).get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            attributes[attribute] = value
-    with tracer.start_as_current_span(
-        f"{operation} {model}",
-        kind=trace.SpanKind.CLIENT,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    start = _span_start(trace, operation, model, provider, server_address, server_port, server_url, params)
+    with _get_tracer(trace).start_as_current_span(**start) as span:
         recording = span.is_recording()
-        capture = recording and os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true"
-        if capture:
-            prompt = messages if messages is not None else _input_messages(params or {})
-            if prompt:
-                span.set_attribute("gen_ai.input.messages", _messages_json(prompt, output=False))
-        helper = CallSpan(span if recording else None, capture=capture)
+        helper = CallSpan(span if recording else None, capture=recording and _capture(span, params, messages))
         token = _current.set(helper)
         try:
             yield helper
         except BaseException as exc:
             if recording:
-                span.set_attribute("error.type", _error_type(exc))
-                if helper._attempts is None:
-                    attempts = getattr(exc, "attempts", None)
-                    if not isinstance(attempts, int):
-                        attempts = helper._retries + 1
-                    span.set_attribute("llmutils.attempts", attempts)
-                span.record_exception(exc)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:200]))
+                _record_error(trace, span, helper, exc)
             raise
         finally:
             _current.reset(token)
+
+
+class StreamSpan(CallSpan):
+    """The span of a streamed call (:func:`start_stream_span`), never current between deltas.
+
+    A stream is read in the caller's loop, between the caller's own code: a span made current for
+    the thread would become the parent of whatever the caller does between deltas. So this span is
+    current only while llmutils' own code opens the stream (:meth:`opening`: the request and its
+    retries up to the first content), and it is ended explicitly: :meth:`finish` records the whole
+    answer, :meth:`end` ends the span (with the error that ended the stream, if any). It records
+    ``llmutils.stream.completed``: false for a stream closed, abandoned or failed before its end.
+    """
+
+    __slots__ = ("_completed", "_ended", "_lock")
+
+    def __init__(self, span: Any = None, *, capture: bool = False) -> None:
+        super().__init__(span, capture=capture)
+        self._completed = False
+        self._ended = span is None
+        self._lock = threading.Lock()
+
+    def finish(
+        self,
+        response: Mapping[str, Any] | None,
+        *,
+        cached: bool = False,
+        attempts: int | None = None,
+        output_messages: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Record the whole answer (as :meth:`CallSpan.finish`): the stream reached its end."""
+        if self._span is None:
+            return
+        super().finish(response, cached=cached, attempts=attempts, output_messages=output_messages)
+        self._completed = True
+
+    @contextmanager
+    def opening(self) -> Iterator[StreamSpan]:
+        """Current while llmutils opens the stream: retry events, and HTTP spans nest under it.
+
+        :raises: whatever the body raises, after ending the span with that error.
+        """
+        if self._span is None:
+            yield self
+            return
+        trace = _trace_module()
+        token = _current.set(self)
+        try:
+            with trace.use_span(self._span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+                yield self
+        except BaseException as exc:
+            self.end(exc)
+            raise
+        finally:
+            _current.reset(token)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """End the span, once (later calls do nothing); ``error`` is what ended the stream, if any.
+
+        A stream left before its end (``break``, ``close()``, garbage-collected: ``GeneratorExit``
+        or no error) ends without an error: the caller chose to stop.
+        """
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        span = self._span
+        if isinstance(error, GeneratorExit):
+            error = None
+        if error is not None:
+            _record_error(_trace_module(), span, self, error)
+        elif self._attempts is None:
+            span.set_attribute("llmutils.attempts", self._retries + 1)
+        span.set_attribute("llmutils.stream.completed", self._completed and error is None)
+        span.end()
+
+    def traced(self, deltas: Generator[T, None, R]) -> Generator[T, None, R]:
+        """``deltas``, ending the span when they end: returned, raised, or closed (as is when nothing records)."""
+        return deltas if self._span is None else self._traced(deltas)
+
+    def _traced(self, deltas: Generator[T, None, R]) -> Generator[T, None, R]:
+        try:
+            result = yield from deltas
+        except BaseException as exc:
+            self.end(exc)
+            raise
+        self.end()
+        return result
+
+
+_NO_STREAM_SPAN = StreamSpan()  # records nothing, and its end() does nothing
+
+
+def start_stream_span(
+    operation: str,
+    model: str,
+    *,
+    provider: str = "openai",
+    server_url: str | Callable[[], str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+) -> StreamSpan:
+    """Start the span of a streamed call, NOT made current; whoever reads the stream ends it.
+
+    Takes :func:`call_span`'s parameters. Without opentelemetry or an SDK tracer provider no span
+    is created: the :class:`StreamSpan` returned records nothing.
+    """
+    trace = _trace_module()
+    if not trace or not tracer_is_recording(trace):  # nothing would record: no span at all
+        return _NO_STREAM_SPAN
+    start = _span_start(trace, operation, model, provider, None, None, server_url, params)
+    span = _get_tracer(trace).start_span(**start)
+    if not span.is_recording():  # sampled out
+        span.end()
+        return _NO_STREAM_SPAN
+    return StreamSpan(span, capture=_capture(span, params, messages))

@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_options(chat, user_default=None)
     _add_var_option(chat)
     _add_model_params(chat)
+    chat.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print the answer as it is generated (default); --no-stream waits for the whole answer. "
+        "The text printed is the same either way, to a terminal or a pipe",
+    )
     _add_common(chat, connection=True, cache=True, model=True)
     chat.set_defaults(func=_cmd_chat, parser=chat)
 
@@ -290,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_options(batch, user_default="user_default")
     _add_model_params(batch)
     _add_common(batch, connection=True, cache=True, model=True)
+    _add_via_options(batch)
     batch.set_defaults(func=_cmd_batch, parser=batch)
 
     render = commands.add_parser(
@@ -374,7 +382,108 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(copy, connection=False, cache=False, model=False)
     copy.set_defaults(func=_cmd_cache_copy, parser=copy)
     cache.set_defaults(func=None, parser=cache)
+    _add_batch_api_command(commands)
     return parser
+
+
+def _add_via_options(parser: argparse.ArgumentParser) -> None:
+    """``batch --via live|batch-api [--fallback live]``."""
+    group = parser.add_argument_group("Batch API (half price, answers within 24 h)")
+    group.add_argument(
+        "--via",
+        choices=("live", "batch-api"),
+        default="live",
+        help="live: one request per item now (default); batch-api: submit the items as OpenAI/Azure Batch API "
+        "jobs at half price and wait for them (the cache must be on; a rerun resumes the same jobs)",
+    )
+    group.add_argument(
+        "--fallback",
+        choices=("live",),
+        default=None,
+        help="with --via batch-api: send the items the batch did not answer (expired, cancelled, failed) as live calls",
+    )
+
+
+def _add_batch_api_command(commands: Any) -> None:
+    """``llmutils batch-api list | status ID | cancel ID``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    api = commands.add_parser(
+        "batch-api",
+        help="list, inspect or cancel the Batch API jobs that 'batch --via batch-api' submitted",
+        description=(
+            "The Batch API jobs are recorded in the cache (a table of the SQLite file, a hash on Redis)\n"
+            "with the requests they cover, so 'batch --via batch-api' resumes them after Ctrl-C or a crash."
+        ),
+        epilog="examples:\n  llmutils batch-api list\n  llmutils batch-api status batch_abc123\n  llmutils batch-api cancel batch_abc123",
+        formatter_class=fmt,
+    )
+    _add_common(api, connection=True, cache="file", model=False)
+    actions = api.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    listing = actions.add_parser(
+        "list", help="the recorded jobs, newest first (--remote: the server's batches)", description="List the recorded Batch API jobs."
+    )
+    listing.add_argument("--remote", action="store_true", help="list the server's batches instead (the last --limit)")
+    listing.add_argument("--limit", type=int, default=20, metavar="N", help="with --remote: how many (1-100, default 20)")
+    _add_common(listing, connection=True, cache="file", model=False)
+    listing.set_defaults(func=_cmd_batch_api, parser=listing)
+    for name, text in (
+        ("status", "ask the server for a batch's status and request counts"),
+        ("cancel", "ask the server to cancel a batch (its finished requests are kept)"),
+    ):
+        sub = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub.add_argument("batch_id", metavar="ID", help="the batch id (batch_...)")
+        _add_common(sub, connection=True, cache="file", model=False)
+        sub.set_defaults(func=_cmd_batch_api, parser=sub)
+    api.set_defaults(func=None, parser=api)
+
+
+def _cmd_batch_api(args: argparse.Namespace) -> int:
+    """list, status or cancel Batch API jobs."""
+    from ._batchapi import batch_api_for, ledger_for
+
+    with _client(args, cache_default=True) as client:
+        local = args.action == "list" and not args.remote
+        if local:
+            api, ledger = None, ledger_for(client)
+        else:
+            api, ledger = batch_api_for(client)
+        try:
+            if local:
+                jobs = ledger.jobs()
+                if not jobs:
+                    print(f"no Batch API jobs recorded in {ledger.location}")
+                for job in jobs:
+                    state = "collected" if job.collected else "open"
+                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
+                    print(f"{job.batch_id or job.input_file_id}  {job.status:<11} {state:<9} {job.request_count:>6} requests  {when}  {job.model}")
+                return 0
+            if args.action == "list":
+                if not 1 <= args.limit <= 100:
+                    args.parser.error(f"--limit must be between 1 and 100, got {args.limit}")
+                assert api is not None
+                batches, _more = api.list(limit=args.limit)
+                for obj in batches:
+                    print(_batch_line(obj))
+                return 0
+            assert api is not None
+            obj = api.cancel(args.batch_id) if args.action == "cancel" else api.retrieve(args.batch_id)
+            print(_batch_line(obj))
+            for name in ("output_file_id", "error_file_id"):
+                if obj.get(name):
+                    print(f"  {name}: {obj[name]}")
+            job = ledger.find(args.batch_id)
+            if job is not None:
+                state = "collected into the cache" if job.collected else "not collected yet: rerun the batch command to collect it"
+                print(f"  recorded in {ledger.location}: {job.request_count} requests, {state}")
+        finally:
+            ledger.close()
+    return 0
+
+
+def _batch_line(obj: Any) -> str:
+    counts = obj.get("request_counts") or {}
+    done = f"{counts.get('completed', 0)}/{counts.get('total', 0)} done, {counts.get('failed', 0)} failed"
+    return f"{obj.get('id')}  {obj.get('status'):<11} {done}  endpoint {obj.get('endpoint')}"
 
 
 # -- settings and the client ---------------------------------------------------------------------
@@ -558,8 +667,37 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             args.parser.error("no prompt: give it as arguments, on stdin, or use --template")
         messages = [{"role": "user", "content": prompt}]
     with _client(args) as client:
+        if _opt(args, "stream"):
+            return _stream_answer(client, messages, _model_params(args))
         answer = client.send_message(messages, **_model_params(args))
     _print_answer(answer)
+    return 0
+
+
+def _stream_answer(client: Any, messages: list[dict[str, Any]], params: dict[str, Any]) -> int:
+    """Print the answer's text as it arrives (flushed per delta), then what _print_answer would add."""
+    from ._exceptions import StreamInterruptedError
+
+    wrote = False
+    with client.stream_message(messages, **params) as stream:
+        try:
+            for text in stream:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                wrote = True
+        except StreamInterruptedError:
+            if wrote:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            raise
+    message = stream.message or {}
+    if isinstance(message.get("content"), str) and set(message) <= {"role", "content"}:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:  # tool calls, a refusal...: the whole message as JSON, as without streaming
+        if wrote:
+            sys.stdout.write("\n")
+        _print_answer(message)
     return 0
 
 
@@ -714,6 +852,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     if _same_file(args.input, args.output):
         args.parser.error(f"IN and OUT are the same file ({args.input}); writing OUT would destroy IN: choose another OUT")
+    if args.fallback and args.via != "batch-api":
+        args.parser.error("--fallback applies to --via batch-api only")
     items = _read_jsonl(args.input)
     user_template = args.template or (None if args.system_template else "user_default")
     _check_templates(args, user_template)
@@ -738,6 +878,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                     on_result=out.push,
                     max_connection_failures=args.max_connection_failures,
                     executor=executor,
+                    via=args.via,
+                    fallback=args.fallback,
                     **_model_params(args),
                 )
             except KeyboardInterrupt:

@@ -34,6 +34,7 @@ import http
 import json
 import logging
 import re
+import select
 import socket
 import socketserver
 import struct
@@ -47,7 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-__all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "main"]
+__all__ = ["OpenAITestServer", "RecordedRequest", "Fault", "BatchOutcome", "FakeBatchAPI", "main"]
 
 logger = logging.getLogger("llmutils")
 
@@ -109,6 +110,10 @@ class Fault:
     delay: float = 0.0
     bytes_per_s: float = 0.0  # > 0: the body trickles in at this rate (see trickle())
     truncate: int | None = None
+    drop_after: int | None = None
+    stall_after: int | None = None
+    stall_seconds: float = 0.0
+    error_after: int | None = None
 
     def with_headers(self, headers: Mapping[str, str | None]) -> Fault:
         """A copy that also sends ``headers`` (a value None leaves that header out, even ``x-request-id``).
@@ -287,7 +292,8 @@ class Fault:
         """Send the headers at once, then the normal body ``bytes_per_s`` bytes per second.
 
         As a stalled proxy or an overloaded server does: every read gets a byte before a read
-        timeout could fire, so only a bound on the whole call ends it.
+        timeout could fire, so only a bound on the whole call ends it. A streamed answer
+        (``stream: true``) trickles the same way, one byte per HTTP chunk.
         """
         if not bytes_per_s > 0:
             raise ValueError(f"bytes_per_s must be > 0, got {bytes_per_s!r}")
@@ -304,6 +310,30 @@ class Fault:
         page = b"<!DOCTYPE html><html><body><h1>Gateway says hello</h1></body></html>"
         return cls(status_code=200, body=page, content_type="text/html; charset=utf-8")
 
+    @classmethod
+    def drop_stream(cls, after: int) -> Fault:
+        """Stream ``after`` events of the answer, then close the connection without ending it.
+
+        Applies to a streamed answer (``stream: true``); a request that does not stream is answered
+        normally. The client sees an incomplete chunked body, as when a proxy or the provider drops.
+        """
+        return cls(drop_after=int(after))
+
+    @classmethod
+    def stream_error(cls, after: int, message: str = "The server had an error while processing your request.", code: str = "server_error") -> Fault:
+        """Stream ``after`` events, then an error event (``data: {"error": ...}`` on chat, ``event: error``
+        on Responses) and end the stream, as the API does when generation fails midway."""
+        return cls(error_after=int(after), body=_error_body(message, "server_error", code))
+
+    @classmethod
+    def stall_stream(cls, after: int, seconds: float = 60.0) -> Fault:
+        """Stream ``after`` events, then send nothing for ``seconds`` (or until the client leaves), then the rest.
+
+        With ``after`` at least the number of events, every event is sent and the end of the body
+        is held back, as a proxy that keeps the connection open after the last event does.
+        """
+        return cls(stall_after=int(after), stall_seconds=float(seconds))
+
 
 @dataclass
 class _Response:
@@ -314,6 +344,8 @@ class _Response:
     headers: Mapping[str, str | None] = field(default_factory=dict)
     content_type: str = "application/json"
     trickle: float = 0.0  # bytes per second of the body; 0 sends it at once
+    events: list[bytes] | None = None  # a streamed answer: SSE events, one HTTP chunk each
+    fault: Fault | None = None  # the stream fault to play while sending ``events``
 
 
 class _RequestError(Exception):
@@ -503,6 +535,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError:
                 body_is_json = False
+                if "multipart/form-data" in headers.get("content-type", ""):
+                    body = _parse_multipart(headers["content-type"], raw)
         match = _AZURE_ROUTE.match(url.path)
         record = RecordedRequest(
             method=self.command,
@@ -522,6 +556,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, response: _Response, request_id: str) -> None:
         """Encode status line, headers and body and write them in one call (no Nagle stall)."""
+        if response.events is not None:
+            self._send_stream(response, request_id)
+            return
         if isinstance(response.body, (bytes, bytearray)):
             payload = bytes(response.body)
         elif isinstance(response.body, str):
@@ -558,6 +595,75 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             return
         self.wfile.write(head + payload)
+
+    def _send_stream(self, response: _Response, request_id: str) -> None:
+        """Send SSE events as HTTP chunks, playing the stream fault; notice a client that leaves early."""
+        owner = self.server.owner
+        head = (
+            f"{self.protocol_version} 200 OK\r\n"
+            f"Server: {self.server_version}\r\n"
+            f"Date: {email.utils.formatdate(usegmt=True)}\r\n"
+            "Content-Type: text/event-stream; charset=utf-8\r\n"
+            "Cache-Control: no-cache\r\n"
+            f"x-request-id: {request_id}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        )
+        fault = response.fault or Fault()
+        try:
+            self.wfile.write(head.encode("latin-1"))
+            if self._write_events(response.events or [], fault, owner.stream_interval, request_id):
+                self.wfile.write(b"0\r\n\r\n")
+                return
+        except OSError:  # the client closed the connection while we wrote
+            pass
+        self.close_connection = True
+        if fault.drop_after is None and not owner._stopping.is_set():
+            logger.debug("test server: the client closed the stream of %s early", request_id)
+            owner._stream_left(request_id)
+
+    def _write_events(self, events: list[bytes], fault: Fault, interval: float, request_id: str) -> bool:
+        """Write the events as chunks; False when the stream ended early (dropped, client gone, stopping)."""
+        for index, event in enumerate(events):
+            if fault.drop_after == index:
+                logger.debug("test server: %s drops the stream after %d events", request_id, index)
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return False
+            if fault.stall_after == index and self._wait_or_left(fault.stall_seconds):
+                return False
+            if fault.error_after == index:
+                event = _stream_error_event(fault.body["error"], responses=b'"sequence_number"' in event)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                return True
+            pause = 1.0 / fault.bytes_per_s if fault.bytes_per_s > 0 else interval
+            pieces = [event[i : i + 1] for i in range(len(event))] if fault.bytes_per_s > 0 else [event]
+            for piece in pieces:
+                if self._client_left():
+                    return False
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                if pause > 0 and self._wait_or_left(pause):
+                    return False
+        if fault.stall_after is not None and fault.stall_after >= len(events) and self._wait_or_left(fault.stall_seconds):
+            return False  # every event sent, the body's end held back
+        return True
+
+    def _client_left(self) -> bool:
+        """Whether the client closed its end (readable with nothing to read: end of file)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _wait_or_left(self, seconds: float) -> bool:
+        """Wait ``seconds``; True as soon as the client leaves or the server stops."""
+        end = time.monotonic() + seconds
+        stopping = self.server.owner._stopping
+        while not (self._client_left() or stopping.is_set()):
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            stopping.wait(min(left, 0.02))
+        return True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
@@ -631,6 +737,12 @@ class OpenAITestServer:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self.stream_interval = 0.0
+        """Seconds between the events of a streamed answer (0: as fast as the socket takes them)."""
+        self._streams_left: list[str] = []
+        self._stream_left_cond = threading.Condition(self._lock)
+        self.batch_api = FakeBatchAPI(self)
+        """The Batch API (``/v1/files``, ``/v1/batches``): scripted outcomes and a fast clock."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -741,6 +853,43 @@ class OpenAITestServer:
             self._seen_inputs.clear()
             self._requests.clear()
             self._faults.clear()
+            self._streams_left.clear()
+        self.batch_api.reset()
+
+    @property
+    def streams_closed_early(self) -> list[str]:
+        """Request ids of streamed answers whose client closed the connection before their end."""
+        with self._lock:
+            return list(self._streams_left)
+
+    def wait_stream_closed_early(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Wait until ``count`` streams were closed early by their client; False if ``timeout`` passed first."""
+        with self._stream_left_cond:
+            return self._stream_left_cond.wait_for(lambda: len(self._streams_left) >= count, timeout)
+
+    def _stream_left(self, request_id: str) -> None:
+        """Record that the client of ``request_id`` closed its stream early."""
+        with self._stream_left_cond:
+            self._streams_left.append(request_id)
+            self._stream_left_cond.notify_all()
+
+    def _as_stream(self, request: RecordedRequest, response: _Response, fault: Fault | None) -> _Response:
+        """Turn a whole answer into SSE events when the request asked for ``stream: true``."""
+        body: dict[str, Any] = request.body
+        if not body.get("stream"):
+            if body.get("stream_options") is not None:
+                message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+                raise _RequestError(400, message, "invalid_value", "stream_options")
+            return response
+        if response.status != 200 or not isinstance(response.body, dict):
+            return response
+        if response.body.get("object") == "response":
+            events = _response_events(response.body)
+        else:
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            events = _chat_chunks(response.body, include_usage)
+        return _Response(200, None, events=events, fault=fault)
 
     # -- internals used by the handler -------------------------------------------------------
 
@@ -772,6 +921,9 @@ class OpenAITestServer:
         """Compute the response to a request; None when the server stopped while waiting."""
         if self.latency > 0 and self._stopping.wait(self.latency):
             return None
+        batch_response = self.batch_api.answer(request)
+        if batch_response is not None:
+            return batch_response
         if request.deployment is not None:
             kind: str | None = "chat" if request.path.endswith("/chat/completions") else "embeddings"
         else:
@@ -804,7 +956,8 @@ class OpenAITestServer:
             if fault is not None and fault.truncate is not None and items is not None:
                 if isinstance(answer.get(items), list):
                     answer = {**answer, items: answer[items][: fault.truncate]}
-            return _Response(200, answer, fault.headers if fault is not None else {}, trickle=trickle)
+            response = _Response(200, answer, fault.headers if fault is not None else {}, trickle=trickle)
+            return self._as_stream(request, response, fault) if kind != "embeddings" else response
         except _RequestError as exc:
             return exc.response
         except Exception:
@@ -830,8 +983,6 @@ class OpenAITestServer:
         for name in body:
             if name not in _RESPONSES_FIELDS:
                 raise _RequestError(400, f"Unknown parameter: '{name}'.", "unknown_parameter", name)
-        if body.get("stream"):
-            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
         raw_input = body.get("input")
         if raw_input is None and not (body.get("previous_response_id") or body.get("conversation") or body.get("prompt")):
             raise _RequestError(400, "Missing required parameter: 'input'.", "missing_required_parameter", "input")
@@ -950,8 +1101,6 @@ class OpenAITestServer:
         if not isinstance(messages, list) or not messages:
             error = "Missing required parameter: 'messages'."
             raise _RequestError(400, error, "missing_required_parameter", "messages")
-        if body.get("stream"):
-            raise _RequestError(400, "stream=true is not supported by OpenAITestServer.", None, "stream")
         n = body.get("n") or 1
         if not isinstance(n, int) or not 1 <= n <= 128:
             raise _RequestError(400, "'n' must be an integer between 1 and 128.", "invalid_value", "n")
@@ -1057,6 +1206,629 @@ class OpenAITestServer:
         }
 
 
+_PIECE = re.compile(r"\S+\s*|\s+")
+
+
+def _pieces(text: str, size: int = 0) -> list[str]:
+    """Cut text as a model streams it: word by word (``size`` > 0: fixed-size pieces)."""
+    if size > 0:
+        return [text[i : i + size] for i in range(0, len(text), size)]
+    return _PIECE.findall(text)
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    """Encode one Server-Sent Event (``data`` as JSON unless it is a str)."""
+    payload = data if isinstance(data, str) else json.dumps(data)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode("utf-8")
+
+
+def _stream_error_event(error: Mapping[str, Any], *, responses: bool) -> bytes:
+    """The error event that ends a failed stream: Responses' typed ``error`` event, or chat's ``{"error"}``."""
+    if responses:
+        return _sse({"type": "error", "code": error.get("code"), "message": error.get("message"), "param": None}, "error")
+    return _sse({"error": dict(error)})
+
+
+def _chat_chunks(completion: Mapping[str, Any], include_usage: bool) -> list[bytes]:
+    """A chat completion as OpenAI streams it: role, content word by word, tool-call fragments, finish,
+    the usage chunk (``choices: []``) when ``include_usage``, then ``[DONE]``."""
+    base: dict[str, Any] = {
+        "id": completion.get("id"),
+        "object": "chat.completion.chunk",
+        "created": completion.get("created", int(time.time())),
+        "model": completion.get("model"),
+        "system_fingerprint": completion.get("system_fingerprint"),
+    }
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse({**base, "choices": [choice]})
+
+    events: list[bytes] = []
+    for choice in completion.get("choices") or ():
+        index = choice.get("index", 0)
+        message = choice.get("message") or {}
+        content = message.get("content")
+        events.append(chunk(index, {"role": "assistant", "content": "" if content is not None else None, "refusal": None}))
+        for piece in _pieces(content) if isinstance(content, str) else ():
+            events.append(chunk(index, {"content": piece}))
+        for number, call in enumerate(message.get("tool_calls") or ()):
+            function = call.get("function") or {}
+            first = {"index": number, "id": call.get("id"), "type": call.get("type", "function"),
+                     "function": {"name": function.get("name"), "arguments": ""}}
+            events.append(chunk(index, {"tool_calls": [first]}))
+            for piece in _pieces(function.get("arguments") or "", 4):
+                events.append(chunk(index, {"tool_calls": [{"index": number, "function": {"arguments": piece}}]}))
+        events.append(chunk(index, {}, choice.get("finish_reason") or "stop"))
+    if include_usage:
+        events.append(_sse({**base, "choices": [], "usage": completion.get("usage")}))
+    events.append(_sse("[DONE]"))
+    return events
+
+
+def _response_events(response: Mapping[str, Any]) -> list[bytes]:
+    """A Responses API object as OpenAI streams it: ``response.created``, each output item with its
+    text or argument deltas, then ``response.completed`` (``.incomplete`` / ``.failed`` by status)."""
+    events: list[bytes] = []
+
+    def emit(kind: str, **data: Any) -> None:
+        events.append(_sse({"type": kind, "sequence_number": len(events), **data}, kind))
+
+    start = {**response, "status": "in_progress", "output": [], "usage": None}
+    emit("response.created", response=start)
+    emit("response.in_progress", response=start)
+    for index, item in enumerate(response.get("output") or ()):
+        item_id = item.get("id", f"item_{index}")
+        if item.get("type") == "message":
+            emit("response.output_item.added", output_index=index, item={**item, "status": "in_progress", "content": []})
+            for part_index, part in enumerate(item.get("content") or ()):
+                where = {"item_id": item_id, "output_index": index, "content_index": part_index}
+                text = part.get("text", "") if part.get("type") == "output_text" else ""
+                emit("response.content_part.added", **where, part={**part, "text": ""} if "text" in part else part)
+                for piece in _pieces(text):
+                    emit("response.output_text.delta", **where, delta=piece, logprobs=[])
+                if part.get("type") == "output_text":
+                    emit("response.output_text.done", **where, text=text, logprobs=[])
+                emit("response.content_part.done", **where, part=part)
+        elif item.get("type") == "function_call":
+            emit("response.output_item.added", output_index=index, item={**item, "status": "in_progress", "arguments": ""})
+            arguments = item.get("arguments") or ""
+            for piece in _pieces(arguments, 4):
+                emit("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=piece)
+            emit("response.function_call_arguments.done", item_id=item_id, output_index=index, arguments=arguments)
+        else:
+            emit("response.output_item.added", output_index=index, item=item)
+        emit("response.output_item.done", output_index=index, item=item)
+    status = response.get("status")
+    final = {"failed": "response.failed", "incomplete": "response.incomplete"}.get(str(status), "response.completed")
+    emit(final, response=response)
+    return events
+
+
+# -- the Batch API: /v1/files and /v1/batches ----------------------------------------------------------
+
+_FILES_ROUTE = re.compile(r"^(/v1|/openai/v1|/openai)/files(?:/([^/]+)(/content)?)?$")
+_BATCHES_ROUTE = re.compile(r"^(/v1|/openai/v1|/openai)/batches(?:/([^/]+)(/cancel)?)?$")
+_BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+_BATCH_STATUSES = ("completed", "failed", "expired", "cancelled")
+_BATCH_MAX_LINES = 50_000
+_UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+_LINE_ERRORS = {
+    "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
+    "cancelled": ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+}
+
+
+def _parse_multipart(content_type: str, raw: bytes) -> dict[str, Any] | None:
+    """The fields of a ``multipart/form-data`` body: text fields as str, files as ``{"filename", "content"}``."""
+    import email.parser
+    import email.policy
+
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    if not message.is_multipart():
+        return None
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is not None:
+            fields[name] = {"filename": filename, "content": payload}
+        else:
+            fields[name] = payload.decode("utf-8", "replace")
+    return fields
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """How the next batch created on the test server ends; queue it with ``srv.batch_api.script()``.
+
+    ``status`` is the final status (``completed``, ``failed``, ``expired`` or ``cancelled``);
+    ``polls`` the number of retrieves before it gets there (None: ``srv.batch_api.polls``);
+    ``answered`` how many lines are answered first (None: all for completed, none for failed),
+    the others get a ``batch_expired`` / ``batch_cancelled`` line in the error file, as OpenAI
+    writes them; ``line_fault(line)`` may return a :class:`Fault` to answer one input line with
+    an HTTP error instead (it lands in the error file); ``errors`` are the batch-level errors of a
+    ``failed`` batch.
+
+    >>> srv.batch_api.script(BatchOutcome("expired", answered=3))
+    >>> srv.batch_api.script(BatchOutcome(line_fault=lambda line: Fault.bad_request() if line["custom_id"] == "k7" else None))
+    """
+
+    status: str = "completed"
+    polls: int | None = None
+    answered: int | None = None
+    line_fault: Callable[[dict[str, Any]], Fault | None] | None = None
+    errors: Sequence[Mapping[str, Any]] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in _BATCH_STATUSES:
+            raise ValueError(f"BatchOutcome status must be one of {', '.join(_BATCH_STATUSES)}, got {self.status!r}")
+
+
+@dataclass
+class _FakeBatch:
+    """One batch on the test server: its public object and what it will do."""
+
+    obj: dict[str, Any]
+    lines: list[dict[str, Any]]
+    outcome: BatchOutcome
+    azure: bool
+    polls: int = 0
+    finishing: bool = False
+    output_lifetime: int | None = None
+
+
+class FakeBatchAPI:
+    """The test server's OpenAI Batch API (``srv.batch_api``): files, batches and a fast clock.
+
+    A batch is ``validating`` when created, ``in_progress`` while it is polled, and reaches its
+    final status after ``polls`` retrieves (default 1: at the first poll; set ``srv.batch_api.polls``). Each input line
+    is then answered by the server's own chat (or embeddings, or responses when it has one)
+    handler, so ``chat_handler`` applies; the answers go to an output file (status 200) and an
+    error file (the rest), in the shape OpenAI writes them. ``script()`` queues a
+    :class:`BatchOutcome` per created batch (expired, failed, cancelled, failing lines, partial
+    output); ``script_http()`` queues :class:`Fault` answers for the files/batches endpoints
+    themselves (a 500 while polling). ``created`` lists the batch ids in creation order.
+    Azure paths (``/openai/files``, ``/openai/batches`` with ``api-version``, and ``/openai/v1/...``)
+    are served too.
+    """
+
+    def __init__(self, owner: OpenAITestServer) -> None:
+        self.polls = 1
+        self._owner = owner
+        self._lock = threading.Lock()
+        self._files: dict[str, dict[str, Any]] = {}
+        self._contents: dict[str, bytes] = {}
+        self._batches: dict[str, _FakeBatch] = {}
+        self._outcomes: deque[BatchOutcome] = deque()
+        self._faults: deque[Fault] = deque()
+        self._counter = 0
+        self.created: list[str] = []
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def script(self, *outcomes: BatchOutcome) -> None:
+        """Queue outcomes, one per batch created from now on (FIFO); unscripted batches complete."""
+        for outcome in outcomes:
+            if not isinstance(outcome, BatchOutcome):
+                raise TypeError(f"script() takes BatchOutcome objects, got {type(outcome).__name__}")
+        with self._lock:
+            self._outcomes.extend(outcomes)
+
+    def script_http(self, *faults: Fault) -> None:
+        """Queue faults for the next requests to the files and batches endpoints (FIFO)."""
+        for fault in faults:
+            if not isinstance(fault, Fault):
+                raise TypeError(f"script_http() takes Fault objects, got {type(fault).__name__}")
+        with self._lock:
+            self._faults.extend(faults)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """A copy of a batch object as the API would show it now (without advancing its clock)."""
+        with self._lock:
+            return json.loads(json.dumps(self._batches[batch_id].obj))
+
+    def file_content(self, file_id: str) -> bytes:
+        """The bytes of an uploaded or generated file."""
+        with self._lock:
+            return self._contents[file_id]
+
+    def reset(self) -> None:
+        """Forget files, batches, scripted outcomes and faults; ``polls`` back to 1."""
+        with self._lock:
+            self._files.clear()
+            self._contents.clear()
+            self._batches.clear()
+            self._outcomes.clear()
+            self._faults.clear()
+            self.created.clear()
+            self.polls = 1
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def answer(self, request: RecordedRequest) -> _Response | None:
+        """The response to a files/batches request, or None when the path is not one of them."""
+        files = _FILES_ROUTE.match(request.path)
+        batches = None if files else _BATCHES_ROUTE.match(request.path)
+        match = files or batches
+        if match is None:
+            return None
+        owner = self._owner
+        if owner.api_key is not None and not owner._authorized(request.headers):
+            return _Response(401, _invalid_key_body())
+        prefix = match.group(1)
+        if prefix == "/openai" and not request.query.get("api-version"):
+            message = "Missing required query parameter 'api-version'; pass api_version= to AzureOpenAI."
+            return _Response(400, _error_body(message, "invalid_request_error", "missing_api_version", "api-version"))
+        with self._lock:
+            fault = self._faults.popleft() if self._faults else None
+        if fault is not None:
+            if fault.delay > 0 and owner._stopping.wait(fault.delay):
+                return _Response(503, _error_body("The test server is stopping.", "server_error"))
+            if fault.status_code is not None:
+                return _Response(fault.status_code, fault.body, fault.headers, fault.content_type)
+        try:
+            if files:
+                return self._files_request(request, match.group(2), bool(match.group(3)))
+            return self._batches_request(request, match.group(2), bool(match.group(3)), azure=prefix.startswith("/openai"))
+        except _RequestError as exc:
+            return exc.response
+
+    def _new_id(self, prefix: str) -> str:
+        with self._lock:
+            self._counter += 1
+            number = self._counter
+        return f"{prefix}{number:06d}{hashlib.sha256(f'{prefix}{number}{time.time()}'.encode()).hexdigest()[:18]}"
+
+    def _add_file(self, filename: str, purpose: str, content: bytes, lifetime: int | None = None) -> dict[str, Any]:
+        file_id = self._new_id("file-")
+        now = int(time.time())
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": now,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None if lifetime is None else now + lifetime,
+            "status_details": None,
+        }
+        with self._lock:
+            self._files[file_id] = obj
+            self._contents[file_id] = content
+        return obj
+
+    def _files_request(self, request: RecordedRequest, file_id: str | None, content: bool) -> _Response:
+        if file_id is None:
+            if request.method == "GET":
+                with self._lock:
+                    data = [dict(f) for f in self._files.values()]
+                return _Response(200, {"object": "list", "data": data[::-1], "has_more": False})
+            if request.method != "POST":
+                raise _RequestError(405, f"Method {request.method} is not allowed on /files")
+            form = request.body if isinstance(request.body, dict) else None
+            upload = form.get("file") if form else None
+            if not isinstance(upload, dict):
+                raise _RequestError(400, "Missing required parameter: 'file' (multipart/form-data).", "missing_required_parameter", "file")
+            purpose = form.get("purpose") if form else None
+            if not isinstance(purpose, str) or not purpose:
+                raise _RequestError(400, "Missing required parameter: 'purpose'.", "missing_required_parameter", "purpose")
+            if purpose == "batch" and not str(upload["filename"]).endswith(".jsonl"):
+                raise _RequestError(400, "Invalid file format for Batch API. Must be .jsonl", "invalid_file_format", "file")
+            lifetime = None
+            if form and ("expires_after[anchor]" in form or "expires_after[seconds]" in form):
+                lifetime = _lifetime(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"), "expires_after")
+            elif purpose == "batch":
+                lifetime = 30 * 86400  # batch files expire after 30 days by default
+            return _Response(200, self._add_file(str(upload["filename"]), purpose, upload["content"], lifetime))
+        with self._lock:
+            obj = self._files.get(file_id)
+            data = self._contents.get(file_id)
+        if obj is None or data is None:
+            raise _RequestError(404, f"No such File object: {file_id}", None, "id")
+        if content:
+            if request.method != "GET":
+                raise _RequestError(405, f"Method {request.method} is not allowed on file content")
+            return _Response(200, data, content_type="application/octet-stream")
+        if request.method == "DELETE":
+            with self._lock:
+                self._files.pop(file_id, None)
+                self._contents.pop(file_id, None)
+            return _Response(200, {"id": file_id, "object": "file", "deleted": True})
+        return _Response(200, dict(obj))
+
+    def _batches_request(self, request: RecordedRequest, batch_id: str | None, cancel: bool, *, azure: bool) -> _Response:
+        if batch_id is None:
+            if request.method == "POST":
+                return _Response(200, self._create(request, azure))
+            return _Response(200, self._list(request))
+        with self._lock:
+            batch = self._batches.get(batch_id)
+        if batch is None:
+            raise _RequestError(404, f"No batch found with id '{batch_id}'.", None, "batch_id")
+        if cancel:
+            if request.method != "POST":
+                raise _RequestError(405, "Use POST to cancel a batch")
+            with self._lock:
+                status = batch.obj["status"]
+                if status not in _UNFINISHED:
+                    raise _RequestError(400, f"Cannot cancel a batch with status '{status}'.", "invalid_request")
+                batch.obj["status"] = "cancelling"
+                batch.obj["cancelling_at"] = int(time.time())
+                return _Response(200, json.loads(json.dumps(batch.obj)))
+        if request.method != "GET":
+            raise _RequestError(405, f"Method {request.method} is not allowed on a batch")
+        self._advance(batch)
+        with self._lock:
+            return _Response(200, json.loads(json.dumps(batch.obj)))
+
+    def _create(self, request: RecordedRequest, azure: bool) -> dict[str, Any]:
+        body = request.body if isinstance(request.body, dict) else None
+        if body is None:
+            raise _RequestError(400, "The request body must be a JSON object.", "invalid_json")
+        file_id = body.get("input_file_id")
+        endpoint = body.get("endpoint")
+        window = body.get("completion_window")
+        for name, value in (("input_file_id", file_id), ("endpoint", endpoint), ("completion_window", window)):
+            if not isinstance(value, str) or not value:
+                raise _RequestError(400, f"Missing required parameter: '{name}'.", "missing_required_parameter", name)
+        assert isinstance(endpoint, str) and isinstance(file_id, str)
+        if _v1(endpoint) not in _BATCH_ENDPOINTS:
+            raise _RequestError(400, f"Invalid value for 'endpoint': {endpoint!r}.", "invalid_value", "endpoint")
+        if window != "24h":
+            raise _RequestError(400, "Invalid value for 'completion_window': only '24h' is supported.", "invalid_value", "completion_window")
+        output_lifetime = None
+        expiry = body.get("output_expires_after")
+        if expiry is not None:
+            if not isinstance(expiry, dict):
+                raise _RequestError(400, "'output_expires_after' must be an object.", "invalid_value", "output_expires_after")
+            output_lifetime = _lifetime(expiry.get("anchor"), expiry.get("seconds"), "output_expires_after")
+        metadata = body.get("metadata")
+        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
+            raise _RequestError(400, "'metadata' must be an object of at most 16 string pairs.", "invalid_value", "metadata")
+        with self._lock:
+            file_obj = self._files.get(file_id)
+            content = self._contents.get(file_id, b"")
+            outcome = self._outcomes.popleft() if self._outcomes else BatchOutcome()
+        if file_obj is None:
+            raise _RequestError(404, f"No such File object: {file_id}", None, "input_file_id")
+        if file_obj["purpose"] != "batch":
+            raise _RequestError(400, f"File {file_id} was not uploaded with purpose 'batch'.", "invalid_value", "input_file_id")
+        lines, errors = _read_batch_lines(content, endpoint)
+        if errors and outcome.status != "failed":
+            outcome = BatchOutcome("failed", polls=outcome.polls, errors=errors)
+        now = int(time.time())
+        batch_id = self._new_id("batch_")
+        obj: dict[str, Any] = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata,
+        }
+        with self._lock:
+            self._batches[batch_id] = _FakeBatch(obj, lines, outcome, azure, output_lifetime=output_lifetime)
+            self.created.append(batch_id)
+            return json.loads(json.dumps(obj))
+
+    def _list(self, request: RecordedRequest) -> dict[str, Any]:
+        try:
+            limit = int(request.query.get("limit") or 20)
+        except ValueError:
+            raise _RequestError(400, "'limit' must be an integer.", "invalid_value", "limit") from None
+        if not 1 <= limit <= 100:
+            raise _RequestError(400, "'limit' must be between 1 and 100.", "invalid_value", "limit")
+        after = request.query.get("after")
+        with self._lock:
+            ids = self.created[::-1]
+            if after:
+                ids = ids[ids.index(after) + 1 :] if after in ids else []
+            page = [json.loads(json.dumps(self._batches[i].obj)) for i in ids[:limit]]
+            more = len(ids) > limit
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": more,
+        }
+
+    def _advance(self, batch: _FakeBatch) -> None:
+        """One poll of the fast clock: a batch moves on, and ends after its outcome's number of polls."""
+        with self._lock:
+            obj = batch.obj
+            if obj["status"] not in _UNFINISHED or batch.finishing:
+                return
+            batch.polls += 1
+            cancelling = obj["status"] == "cancelling"
+            needed = batch.outcome.polls if batch.outcome.polls is not None else self.polls
+            done = cancelling or batch.polls >= needed
+            total = len(batch.lines)
+            if not done:
+                if batch.outcome.status != "failed":
+                    obj["status"] = "in_progress"
+                    obj["in_progress_at"] = obj["in_progress_at"] or int(time.time())
+                    obj["request_counts"] = {"total": total, "completed": total * batch.polls // max(1, needed), "failed": 0}
+                return
+            batch.finishing = True  # a concurrent poll leaves the answering to this one
+        self._finish(batch, "cancelled" if cancelling else batch.outcome.status)
+
+    def _finish(self, batch: _FakeBatch, status: str) -> None:
+        """Answer the lines the outcome says, write the output and error files, set the final status."""
+        now = int(time.time())
+        obj = batch.obj
+        if status == "failed":
+            errors = list(batch.outcome.errors) or [{"code": "scripted_failure", "message": "The batch failed (scripted).", "param": None, "line": None}]
+            with self._lock:
+                obj.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
+            return
+        answered = batch.outcome.answered
+        if answered is None:
+            answered = len(batch.lines) if status == "completed" else 0
+        outputs: list[bytes] = []
+        failures: list[bytes] = []
+        for index, line in enumerate(batch.lines):
+            if index < answered:
+                status_code, body, request_id = self._answer_line(line, batch.azure, batch.outcome)
+                record: dict[str, Any] = {
+                    "id": f"batch_req_{request_id.removeprefix('req_')}",
+                    "custom_id": line["custom_id"],
+                    "response": {"status_code": status_code, "request_id": request_id, "body": body},
+                    "error": None,
+                }
+                (outputs if status_code == 200 else failures).append(json.dumps(record).encode() + b"\n")
+            else:
+                code, message = _LINE_ERRORS.get(status, _LINE_ERRORS["expired"])
+                record = {
+                    "id": f"batch_req_{self._new_id('')}",
+                    "custom_id": line["custom_id"],
+                    "response": None,
+                    "error": {"code": code, "message": message},
+                }
+                failures.append(json.dumps(record).encode() + b"\n")
+        lifetime = batch.output_lifetime
+        output_id = self._add_file("batch_output.jsonl", "batch_output", b"".join(outputs), lifetime)["id"] if outputs else None
+        error_id = self._add_file("batch_errors.jsonl", "batch_output", b"".join(failures), lifetime)["id"] if failures else None
+        with self._lock:
+            obj.update(
+                status=status,
+                output_file_id=output_id,
+                error_file_id=error_id,
+                request_counts={"total": len(batch.lines), "completed": len(outputs), "failed": len(failures)},
+            )
+            obj["in_progress_at"] = obj["in_progress_at"] or now
+            if status == "completed":
+                obj.update(finalizing_at=now, completed_at=now)
+            else:
+                obj[f"{status}_at"] = now
+
+    def _answer_line(self, line: dict[str, Any], azure: bool, outcome: BatchOutcome) -> tuple[int, Any, str]:
+        """Answer one input line through the server's own handlers: (status code, body, request id)."""
+        owner = self._owner
+        request_id = owner._next_request_id()
+        body = line["body"]
+        fault = outcome.line_fault(line) if outcome.line_fault is not None else None
+        if fault is not None and fault.status_code is not None:
+            return fault.status_code, fault.body, request_id
+        url = _v1(line["url"])
+        record = RecordedRequest(
+            method="POST",
+            path=url,
+            query={},
+            headers={},
+            body=body,
+            deployment=body.get("model") if azure else None,
+            request_id=request_id,
+        )
+        handlers: dict[str, Callable[[RecordedRequest], dict[str, Any]] | None] = {
+            "/v1/chat/completions": owner._chat,
+            "/v1/embeddings": owner._embeddings,
+            "/v1/responses": getattr(owner, "_responses", None),
+        }
+        handler = handlers.get(url)
+        if handler is None:
+            return 404, _error_body(f"Invalid URL (POST {line['url']})", "invalid_request_error"), request_id
+        try:
+            return 200, handler(record), request_id
+        except _RequestError as exc:
+            return exc.response.status, exc.response.body, request_id
+        except Exception:
+            logger.exception("test server: a handler failed for batch line %s", line.get("custom_id"))
+            return 500, _error_body("The test server's handler raised; see the log.", "server_error"), request_id
+
+
+def _lifetime(anchor: Any, seconds: Any, param: str) -> int:
+    """Check an expiry policy (``anchor`` created_at, 3600 to 2592000 seconds) and return its seconds."""
+    if anchor != "created_at":
+        raise _RequestError(400, f"'{param}.anchor' must be 'created_at'.", "invalid_value", f"{param}.anchor")
+    try:
+        value = int(seconds)
+    except (TypeError, ValueError):
+        raise _RequestError(400, f"'{param}.seconds' must be an integer.", "invalid_value", f"{param}.seconds") from None
+    if not 3600 <= value <= 2_592_000:
+        raise _RequestError(400, f"'{param}.seconds' must be between 3600 and 2592000.", "invalid_value", f"{param}.seconds")
+    return value
+
+
+def _v1(url: str) -> str:
+    """``/chat/completions`` (Azure's spelling) as ``/v1/chat/completions``; other URLs unchanged."""
+    return url if url.startswith("/v1/") else "/v1" + url if url.startswith("/") else url
+
+
+def _read_batch_lines(content: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Validate a batch input file as OpenAI does: (the lines, the errors that fail the batch)."""
+    lines: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    models: set[str] = set()
+    for number, raw in enumerate(content.splitlines(), start=1):
+        if not raw.strip():
+            continue
+
+        def bad(code: str, message: str, param: str | None = None, line: int = number) -> None:
+            errors.append({"code": code, "message": message, "param": param, "line": line})
+
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            bad("invalid_json_line", "This line is not parseable as valid JSON.")
+            continue
+        if not isinstance(line, dict):
+            bad("invalid_json_line", "Each line must be a JSON object.")
+            continue
+        custom_id = line.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            bad("missing_required_parameter", "Missing required parameter: 'custom_id'.", "custom_id")
+        elif custom_id in seen:
+            bad("duplicate_custom_id", f"The custom_id for this request is a duplicate of another request: {custom_id}", "custom_id")
+        else:
+            seen.add(custom_id)
+        if line.get("method") != "POST":
+            bad("invalid_value", "Only POST is supported for batch requests.", "method")
+        if not isinstance(line.get("url"), str) or _v1(line["url"]) != _v1(endpoint):
+            bad("mismatched_url", f"The url of this request does not match the batch endpoint {endpoint}.", "url")
+        body = line.get("body")
+        if not isinstance(body, dict):
+            bad("missing_required_parameter", "Missing required parameter: 'body'.", "body")
+            continue
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            bad("missing_required_parameter", "Missing required parameter: 'body.model'.", "body.model")
+        else:
+            models.add(model)
+        lines.append(line)
+    if not lines and not errors:
+        errors.append({"code": "empty_file", "message": "The batch input file is empty.", "param": None, "line": None})
+    if len(lines) > _BATCH_MAX_LINES:
+        errors.append({"code": "too_many_requests", "message": f"A batch holds at most {_BATCH_MAX_LINES} requests; this file has {len(lines)}.", "param": None, "line": None})
+    if len(models) > 1:
+        errors.append({"code": "model_mismatch", "message": "Every request of a batch must use the same model.", "param": "body.model", "line": None})
+    return lines, errors
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until Ctrl-C: ``python -m llmutils.testing --port 8000 [--latency 0.05]``."""
     parser = argparse.ArgumentParser(
@@ -1067,8 +1839,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--api-key", default=None, help="require this API key (401 otherwise)")
+    parser.add_argument("--batch-polls", type=int, default=1, metavar="N", help="Batch API: polls before a batch ends (default 1)")
     args = parser.parse_args(argv)
     server = OpenAITestServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key)
+    server.batch_api.polls = max(1, args.batch_polls)
     try:
         server.start()
     except OSError as exc:

@@ -36,6 +36,7 @@ def server(_server_session: OpenAITestServer) -> OpenAITestServer:
     _server_session.chat_handler = None
     _server_session.responses_handler = None
     _server_session.latency = 0.0
+    _server_session.stream_interval = 0.0
     return _server_session
 
 

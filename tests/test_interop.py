@@ -328,3 +328,39 @@ def test_the_cache_sends_one_request_for_two_identical_calls(proxy: Proxy, upstr
         assert client.last_call is not None and client.last_call.cached
     assert first == second == {"role": "assistant", "content": "echo: cache me"}
     assert upstream.request_count == 1
+
+
+# -- streaming through the proxy --------------------------------------------------------------------
+
+
+def test_a_stream_through_the_proxy_from_a_real_upstream(proxy: Proxy, upstream: OpenAITestServer, tmp_path: Path) -> None:
+    """LiteLLM re-chunks the upstream's SSE; the text, the usage and the cache entry come through."""
+    ask = [{"role": "user", "content": "one two three four five six"}]
+    with _client(proxy, model="upstream", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as client:
+        with client.stream_message(ask) as stream:
+            pieces = list(stream)
+        assert len(pieces) > 1 and "".join(pieces) == "echo: one two three four five six"
+        assert upstream.requests[-1].body["stream"] is True
+        assert stream.usage is not None and stream.usage["total_tokens"] > 0
+        assert client.send_message(ask) == stream.message  # served from the cache
+        assert upstream.request_count == 1
+
+
+def test_a_mock_response_model_streams_through_the_proxy(proxy: Proxy) -> None:
+    with _client(proxy, model="gpt-4o-mini") as client, client.stream_message(HI) as stream:
+        assert "".join(stream) == "hello from litellm"
+    assert stream.message == {"role": "assistant", "content": "hello from litellm"}
+
+
+def test_a_stream_the_upstream_drops_after_content_is_interrupted(proxy: Proxy, upstream: OpenAITestServer) -> None:
+    """LiteLLM turns the upstream's drop into a ``data: {"error": ...}`` event (code 500) mid-stream."""
+    from llmutils import NonTerminalError, StreamInterruptedError
+
+    upstream.script(Fault.drop_stream(after=4))
+    with _client(proxy, model="upstream") as client:
+        with pytest.raises(StreamInterruptedError) as info:
+            with client.stream_message([{"role": "user", "content": "one two three four five six"}]) as stream:
+                list(stream)
+    assert info.value.partial_text == stream.text == "echo: one two "
+    assert isinstance(info.value.__cause__, NonTerminalError)
+    assert upstream.request_count == 1  # not retried after content

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,6 +147,12 @@ def test_without_opentelemetry_it_is_a_no_op_and_never_imported() -> None:
         "with call_span('chat', 'gpt-4o') as span:\n"
         "    span.retry(1, None, 0.1)\n"
         "    span.finish({'model': 'gpt-4o'})\n"
+        "from llmutils._otel import start_stream_span\n"
+        "stream_span = start_stream_span('chat', 'gpt-4o')\n"
+        "with stream_span.opening():\n"
+        "    stream_span.finish({'model': 'gpt-4o'})\n"
+        "stream_span.end()\n"
+        "assert not stream_span.recording\n"
         "print(span.recording, llmutils.MockClient().send_message([{'role': 'user', 'content': 'hi'}])['content'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -157,6 +164,16 @@ def test_without_opentelemetry_it_is_a_no_op_and_never_imported() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert proc.stdout.strip() == "False", proc.stderr
+    # Installed without an SDK tracer provider: no span is created for a call or a stream.
+    script = (
+        "from llmutils._otel import call_span, start_stream_span\n"
+        "with call_span('chat', 'gpt-4o') as span:\n"
+        "    pass\n"
+        "stream_span = start_stream_span('chat', 'gpt-4o')\n"
+        "print(span.recording, stream_span.recording)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
 
 
 # -- through a client, against the local OpenAI-wire server -----------------------------------------
@@ -243,3 +260,134 @@ def test_a_responses_call_is_a_chat_span_and_its_content_is_captured(
     (said,) = json.loads(span.attributes["gen_ai.output.messages"])
     assert said["role"] == "assistant" and said["finish_reason"] == "stop"
     assert said["parts"][0]["content"] == answer["output"][0]["content"][0]["text"]
+
+
+# -- client.stream_message: a span started with the stream, ended with it, never current -----------
+
+
+@pytest.fixture
+def streaming(tmp_path: Path) -> Iterator[tuple[Any, Any]]:
+    """A local server and a cached client with recorded (not slept) retry waits."""
+    from llmutils import OpenAIClient, RetryPolicy
+    from llmutils.testing import OpenAITestServer
+
+    with OpenAITestServer() as server, OpenAIClient(
+        base_url=server.base_url, api_key="test", model="gpt-4.1-mini", cache_api_calls=True,
+        cache_file_name=str(tmp_path / "cache.sqlite"), retry=RetryPolicy(sleep=lambda s: None, jitter=0),
+    ) as client:
+        yield server, client
+
+
+LONG = [{"role": "user", "content": "one two three four five six seven eight nine ten"}]
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_a_completed_stream_is_one_span_ended_with_the_stream(
+    spans: InMemorySpanExporter, streaming: tuple[Any, Any], api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmutils.testing import Fault
+
+    server, client = streaming
+    monkeypatch.setenv(CAPTURE_CONTENT_ENV, "true")
+    server.script(Fault.server_error(503))
+    stream = client.stream_message(LONG, temperature=0, api=api)
+    assert current_call_span() is None and not trace.get_current_span().get_span_context().is_valid
+    assert spans.get_finished_spans() == ()  # started, not ended: the answer is still coming
+    seen = []
+    for _ in stream:  # the caller's code between deltas: no llmutils span is current
+        seen.append(trace.get_current_span().get_span_context().is_valid or current_call_span() is not None)
+    assert len(seen) > 2 and not any(seen)
+    (span,) = spans.get_finished_spans()  # ended when the loop ended, before close()
+    stream.close()
+    assert len(spans.get_finished_spans()) == 1
+    assert span.name == "chat gpt-4.1-mini" and span.kind == trace.SpanKind.CLIENT
+    attrs = dict(span.attributes or {})
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "gpt-4.1-mini"
+    assert attrs["gen_ai.request.temperature"] == 0
+    assert attrs["gen_ai.response.model"] == "gpt-4.1-mini"
+    assert attrs["server.address"] == "127.0.0.1" and attrs["server.port"] == server.port
+    assert attrs["gen_ai.usage.input_tokens"] == stream.usage.get("prompt_tokens", stream.usage.get("input_tokens"))
+    assert attrs["gen_ai.usage.output_tokens"] > 0
+    assert attrs["llmutils.cache.hit"] is False and attrs["llmutils.attempts"] == 2
+    assert attrs["llmutils.stream.completed"] is True
+    assert "error.type" not in attrs and span.status.status_code == trace.StatusCode.UNSET
+    retries = [e.attributes["error.type"] for e in span.events if e.name == "llmutils.retry"]
+    assert retries == ["llmutils.NonTerminalError"]
+    (said,) = json.loads(attrs["gen_ai.output.messages"])
+    assert said["parts"] == [{"type": "text", "content": stream.text}]
+    assert json.loads(attrs["gen_ai.input.messages"])[-1]["parts"][0]["content"] == LONG[0]["content"]
+
+
+def test_a_stream_left_by_break_or_never_read_ends_without_an_error(
+    spans: InMemorySpanExporter, streaming: tuple[Any, Any]
+) -> None:
+    _, client = streaming
+    with client.stream_message(LONG) as stream:
+        for _ in stream:
+            break
+    (left,) = spans.get_finished_spans()
+    assert left.attributes["llmutils.stream.completed"] is False
+    assert left.attributes["llmutils.attempts"] == 1
+    assert "error.type" not in left.attributes and left.status.status_code == trace.StatusCode.UNSET
+    assert "gen_ai.usage.output_tokens" not in left.attributes
+
+    spans.clear()
+    unread = client.stream_message(LONG)
+    assert spans.get_finished_spans() == ()
+    del unread  # garbage-collected unclosed: the finalizer ends it
+    (abandoned,) = spans.get_finished_spans()
+    assert abandoned.attributes["llmutils.stream.completed"] is False
+    assert client.cache_stats().writes == 0
+
+
+def test_a_stream_dropped_mid_way_records_stream_interrupted(
+    spans: InMemorySpanExporter, streaming: tuple[Any, Any]
+) -> None:
+    from llmutils import StreamInterruptedError
+    from llmutils.testing import Fault
+
+    server, client = streaming
+    server.script(Fault.drop_stream(after=3))
+    with pytest.raises(StreamInterruptedError):
+        with client.stream_message(LONG) as stream:
+            for _ in stream:
+                pass
+    (span,) = spans.get_finished_spans()
+    assert span.attributes["error.type"] == "llmutils.StreamInterruptedError"
+    assert span.attributes["llmutils.attempts"] == 1  # never retried after content
+    assert span.attributes["llmutils.stream.completed"] is False
+    assert span.status.status_code == trace.StatusCode.ERROR
+    assert any(e.name == "exception" for e in span.events)
+
+
+def test_a_stream_that_fails_before_content_ends_its_span_at_the_call(
+    spans: InMemorySpanExporter, streaming: tuple[Any, Any]
+) -> None:
+    from llmutils import InvalidRequestError
+    from llmutils.testing import Fault
+
+    server, client = streaming
+    server.script(Fault.bad_request())
+    with pytest.raises(InvalidRequestError):
+        client.stream_message(LONG)
+    (span,) = spans.get_finished_spans()
+    assert span.attributes["error.type"] == "llmutils.InvalidRequestError"
+    assert span.status.status_code == trace.StatusCode.ERROR
+    assert current_call_span() is None and not trace.get_current_span().get_span_context().is_valid
+
+
+def test_a_replayed_stream_is_a_cache_hit_span(spans: InMemorySpanExporter, streaming: tuple[Any, Any]) -> None:
+    server, client = streaming
+    first = client.send_message(LONG)
+    spans.clear()
+    with client.stream_message(LONG) as stream:
+        pieces = list(stream)
+        (span,) = spans.get_finished_spans()  # ended with the replay's last piece
+    assert len(spans.get_finished_spans()) == 1  # close() after the end does not end it again
+    assert stream.cached and len(pieces) > 1 and stream.message == first
+    assert span.name == "chat gpt-4.1-mini"
+    assert span.attributes["llmutils.cache.hit"] is True and span.attributes["llmutils.attempts"] == 0
+    assert span.attributes["llmutils.stream.completed"] is True
+    assert span.attributes["gen_ai.usage.input_tokens"] > 0
+    assert server.request_count == 1

@@ -296,3 +296,107 @@ def test_django_504_when_the_total_timeout_would_be_exceeded(django_client: Any,
 
 def test_django_example_is_offline_without_a_key(django_views: ModuleType) -> None:
     assert isinstance(django_views.make_client(), llmutils.MockClient)
+
+
+# -- streaming endpoints ---------------------------------------------------------------------------
+
+STORY = "once upon a time there was a cache that remembered every answer it was ever given"
+
+
+def _sse_events(raw: str) -> list[tuple[str | None, Any]]:
+    """Parse the endpoints' Server-Sent Events into (event name, JSON data) pairs."""
+    events = []
+    for block in raw.split("\n\n"):
+        if not block.strip():
+            continue
+        name = None
+        data = None
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data = json.loads(line[len("data: "):])
+        events.append((name, data))
+    return events
+
+
+def _stream_post(url: str, payload: Any) -> tuple[int, str, list[bytes]]:
+    """POST and read the answer chunk by chunk as the server sends it; (status, content type, chunks)."""
+    import httpx2
+
+    with httpx2.Client(timeout=30) as http:
+        with http.stream("POST", url, json=payload) as response:
+            return response.status_code, response.headers.get("content-type", ""), list(response.iter_raw())
+
+
+def test_flask_stream_sends_text_as_it_comes(flask_url: Any, server: OpenAITestServer) -> None:
+    server.stream_interval = 0.01  # the model writes slowly: each piece is its own chunk
+    url = flask_url().replace("/ask", "/ask/stream")
+    status, content_type, chunks = _stream_post(url, {"prompt": STORY})
+    assert (status, content_type.split(";")[0]) == (200, "text/event-stream")
+    assert len(chunks) > 5  # more than one chunk arrived before the end
+    events = _sse_events(b"".join(chunks).decode())
+    assert "".join(data["text"] for name, data in events if name is None) == "echo: " + STORY
+    assert events[-1] == ("done", {"cached": False, "model": "gpt-4.1-mini"})
+    assert b"event: done" not in b"".join(chunks[:-1])  # the end came last, after the text
+    _, _, again = _stream_post(url, {"prompt": STORY})
+    assert _sse_events(b"".join(again).decode())[-1] == ("done", {"cached": True, "model": "gpt-4.1-mini"})
+    assert server.request_count == 1
+
+
+def test_flask_stream_ends_cleanly_on_an_error_mid_stream(flask_url: Any, server: OpenAITestServer) -> None:
+    server.script(Fault.drop_stream(after=4))
+    status, _, chunks = _stream_post(flask_url().replace("/ask", "/ask/stream"), {"prompt": STORY})
+    events = _sse_events(b"".join(chunks).decode())
+    assert status == 200
+    assert [data["text"] for name, data in events if name is None] == ["echo: ", "once ", "upon "]
+    assert events[-1] == ("error", {"error": "The model is unavailable; try again later.", "code": "model_unavailable"})
+    assert server.request_count == 1
+
+
+def test_flask_stream_errors_before_any_text_are_json(flask_url: Any, server: OpenAITestServer, waits: list[float]) -> None:
+    url = flask_url().replace("/ask", "/ask/stream")
+    server.script(*[Fault.server_error(502)] * 3)
+    assert _post(url, {"prompt": "hi"}) == (503, {"error": "The model is unavailable; try again later.", "code": "model_unavailable"})
+    assert _post(url, {"prompt": ""})[0] == 400
+    assert server.request_count == 3 and len(waits) == 2
+
+
+def _django_stream(django_client: Any, payload: Any) -> tuple[Any, list[bytes]]:
+    response = django_client.post("/ask/stream", payload, content_type="application/json")
+    return response, list(response.streaming_content) if response.streaming else [response.content]
+
+
+def test_django_stream_sends_text_as_it_comes(django_client: Any, server: OpenAITestServer) -> None:
+    response, chunks = _django_stream(django_client, {"prompt": STORY})
+    assert response.status_code == 200 and response["Content-Type"] == "text/event-stream"
+    assert len(chunks) > 5
+    events = _sse_events(b"".join(chunks).decode())
+    assert "".join(data["text"] for name, data in events if name is None) == "echo: " + STORY
+    assert events[-1] == ("done", {"cached": False, "model": "gpt-4.1-mini"})
+
+
+def test_django_stream_ends_cleanly_on_an_error_mid_stream(django_client: Any, server: OpenAITestServer) -> None:
+    server.script(Fault.drop_stream(after=4))
+    response, chunks = _django_stream(django_client, {"prompt": STORY})
+    events = _sse_events(b"".join(chunks).decode())
+    assert response.status_code == 200
+    assert events[-1] == ("error", {"error": "The model is unavailable; try again later.", "code": "model_unavailable"})
+    server.script(Fault.server_error(), Fault.server_error())
+    down, _ = _django_stream(django_client, {"prompt": "hi"})
+    assert (down.status_code, down.json()["code"]) == (503, "model_unavailable")
+
+
+def test_flask_stream_closes_the_models_connection_when_the_browser_leaves(flask_url: Any, server: OpenAITestServer) -> None:
+    import httpx2
+
+    server.chat_handler = lambda body: "word " * 300
+    server.stream_interval = 0.02  # about 6 s for the whole answer
+    url = flask_url().replace("/ask", "/ask/stream")
+    with httpx2.Client(timeout=30) as http:
+        with http.stream("POST", url, json={"prompt": "a long story"}) as response:
+            chunks = response.iter_raw()
+            next(chunks), next(chunks)
+    # The browser is gone: werkzeug's next write fails, the view's generator is closed, and the
+    # `with stream:` block closes the connection to the model, which the model's server sees.
+    assert server.wait_stream_closed_early(1, timeout=5)
