@@ -1,22 +1,28 @@
 """The client family: :class:`OpenAIClient`, :class:`AzureClient` and the offline :class:`MockClient`.
 
 One client is meant to be shared by every thread of a process. Each call resolves its settings
-(config file, environment, forced values, context overrides, call arguments), looks in the cache,
-and otherwise sends the request through the SDK with the retry policy. The SDK (and its connection
-pool) is created once per client, on first use, and again in a child after ``os.fork``.
+once (config file, environment, forced values, context overrides, call arguments), makes one
+:class:`~llmutils._deadline.Deadline` from ``total_timeout``, builds its request body with the
+pure builders of :mod:`llmutils._apis`, and goes through the one send path, :meth:`OpenAIClient._call`:
+the cache (through the :class:`~llmutils.CacheBackend` protocol, single-flight included), then the
+limiters and the retry policy around :meth:`OpenAIClient._open_stream`, the single place a request
+leaves the client. The SDK (and its connection pool) is created once per client, on first use, and
+again in a child after ``os.fork``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
-import time
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ._apis import chat as _chat
 from ._apis import embeddings as _embeddings
 from ._apis import responses as _responses
-from ._apis.chat import build_chat_request, check_chat_response, fewer_choices, is_reasoning_model, read_chat_response
+from ._apis.chat import build_chat_request, check_chat_response, fewer_choices, read_chat_response
 from ._apis.embeddings import build_embeddings_request, check_embeddings_response, read_embeddings_response
 from ._apis.responses import (
     check_response,
@@ -37,9 +43,11 @@ from ._apis.responses import (
     to_chat_message,
 )
 from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events, response_events
-from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, validate
+from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, resolved, validate
 from ._deadline import Deadline
+from ._imports import importing, lazy_import
 from ._otel import StreamSpan, call_span, start_stream_span
+from ._tokens import loading_within
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -51,7 +59,6 @@ from ._exceptions import (
     QuotaExceededError,
     RateLimitError,
     StreamInterruptedError,
-    TotalTimeoutError,
 )
 from ._http import (
     RETRYABLE_STATUS,
@@ -67,6 +74,7 @@ from ._ratelimit_redis import RedisRateLimiter, rate_limit_name
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
 from .cache import CacheStats, make_key, mask_url, open_cache
+from .cache.keys import non_json
 
 if TYPE_CHECKING:
     import httpx2
@@ -121,6 +129,24 @@ _SEND_MESSAGE_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
 )
 
 
+_MAX_N = 128  # the API's limit on choices per request
+
+
+def _bounded_recursion(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A request nested thousands deep (or referring to itself) is an InvalidRequestError, not a RecursionError."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except RecursionError:
+            raise InvalidRequestError(
+                "the request is nested too deeply (or refers to itself) to be sent as JSON; nothing was sent"
+            ) from None
+
+    return call
+
+
 def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
     if value is None:
         return
@@ -132,10 +158,108 @@ def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
 def _check_positive(**values: Any) -> None:
     """Counts and durations must be > 0 (``n`` must be a whole number); None means "not given"."""
     for name, value in values.items():
-        if name == "n" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise InvalidRequestError(f"n must be an int >= 1, got {value!r:.60}")
-        if value is not None and value <= 0:
-            raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
+        if name == "n" and (isinstance(value, bool) or not isinstance(value, int) or value > _MAX_N):
+            raise InvalidRequestError(f"n must be an int from 1 to {_MAX_N} (the API's limit), got {value!r:.60}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise InvalidRequestError(f"{name} must be > 0 (and finite), got {value!r}")
+
+
+def _shared_error(error: LLMUtilsError) -> LLMUtilsError:
+    """A copy of the leader's terminal error for a waiter (no request of its own: attempts=0)."""
+    clone = copy.copy(error)
+    clone.attempts = 0
+    clone.__cause__ = error
+    clone.__traceback__ = None
+    return clone
+
+
+def _surrogate_error(params: Mapping[str, Any]) -> InvalidRequestError:
+    """The error for a request body holding a lone surrogate, naming where."""
+    where = _lone_surrogate(params) or "the request"
+    return InvalidRequestError(
+        f"{where} holds a lone surrogate, which is not valid Unicode and cannot be sent as UTF-8 JSON; "
+        "nothing was sent. Repair the text first, e.g. text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')"
+    )
+
+
+def _lone_surrogate(obj: Any, where: str = "", depth: int = 0) -> str | None:
+    """Where in a request body the first string with a lone surrogate is (``messages[0]['content']``)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "a string"
+        return None
+    if depth > 50:
+        return None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _lone_surrogate(value, f"{where}[{key!r}]" if where else str(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+_KEY_TOKEN = re.compile(r"[^\s'\"`()\[\]{}<>,;]+")
+
+
+def _checked_key(key: str, source: str) -> str:
+    """``key`` if it can be a key; AuthenticationError naming ``source`` (never the key) otherwise."""
+    problem = None
+    if key != key.strip():
+        problem = "a newline" if key.strip(" \t") != key.strip() or "\n" in key or "\r" in key else "surrounding spaces"
+        problem = f"{problem} at its start or end"
+    elif any(ch.isspace() for ch in key):
+        problem = "whitespace inside it"
+    elif any(not ch.isprintable() for ch in key):
+        problem = "a control character"
+    if problem is None:
+        return key
+    raise AuthenticationError(
+        f"The API key from {source} has {problem} (as `KEY=$(cat key.txt)` or a pasted key gives); "
+        "no request was sent. Set it again without the whitespace, e.g. KEY=$(tr -d '[:space:]' < key.txt)."
+    )
+
+
+def _scrub_key(text: str, key: str | None) -> str:
+    """``text`` without ``key``, whole or in part: words that start with its first 4 characters or end
+    with its last 4 (as gateways quote ``sk-ab****wxyz``) become ``***``."""
+    if not key or not text:
+        return text
+    text = text.replace(key, "***")
+    if len(key) < 8:
+        return text
+    head, tail = key[:4], key[-4:]
+
+    def hide(match: re.Match[str]) -> str:
+        word = match.group(0)
+        core = word.rstrip(".:!?")
+        if core.startswith(head) or core.endswith(tail):
+            return "***" + word[len(core) :]
+        return word
+
+    return _KEY_TOKEN.sub(hide, text)
+
+
+def _scrub_sdk_error(exc: Any, key: str | None) -> None:
+    """Scrub ``key`` from an SDK status error in place (message, args, body), before it is chained."""
+    if not key:
+        return
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        exc.message = _scrub_key(message, key)
+    exc.args = tuple(_scrub_key(a, key) if isinstance(a, str) else a for a in exc.args)
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        target = error if isinstance(error, dict) else body if isinstance(body, dict) else None
+        if target is not None and isinstance(target.get("message"), str):
+            target["message"] = _scrub_key(target["message"], key)
+
+
+def _reject_constant(name: str) -> Any:
+    """``json.loads`` hook: NaN and Infinity are not JSON (an answer holding one could never be cached)."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _shut_down(http: Any) -> None:
@@ -182,11 +306,16 @@ class CallInfo(NamedTuple):
 
 
 class _Flight:
-    """One request in flight; identical requests wait for it instead of calling the API too."""
+    """One request in flight; identical requests wait for it instead of calling the API too.
+
+    When it ends with a terminal error (one that the same request would get again: a 400, a
+    rejected key, the content filter), the waiters raise it too instead of sending.
+    """
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.response: dict[str, Any] | None = None
+        self.error: LLMUtilsError | None = None
 
 
 _live_clients: weakref.WeakSet[OpenAIClient] = weakref.WeakSet()
@@ -198,7 +327,7 @@ def _reset_clients_in_child() -> None:
     for client in list(_live_clients):
         client._lock = threading.Lock()
         client._inflight = {}
-        client._limits = None
+        client._limits = {}
 
 
 if hasattr(os, "register_at_fork"):
@@ -281,8 +410,9 @@ class OpenAIClient:
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
         self._caches: dict[tuple[str, str, str, float | None], CacheBackend] = {}
-        self._limits: tuple[tuple[Any, ...], RateLimiter | RedisRateLimiter, ConcurrencyLimiter] | None = None
+        self._limits: dict[tuple[Any, ...], tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
+        self._warned_usage = False
         self._local = threading.local()
         _live_clients.add(self)
         self.usage = UsageTracker(prices=self._prices)
@@ -292,7 +422,9 @@ class OpenAIClient:
 
     # Built by _start() (or lazily on first use), never pickled: connections, locks, caches,
     # limiters, requests in flight, per-thread call info, counters.
-    _RUNTIME = frozenset({"_lock", "_pid", "_sdk_clients", "_caches", "_limits", "_inflight", "_local", "usage"})
+    _RUNTIME = frozenset(
+        {"_lock", "_pid", "_sdk_clients", "_caches", "_limits", "_inflight", "_warned_usage", "_local", "usage"}
+    )
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle to the configuration only, so a client can go to a process pool or a Dask worker.
@@ -316,8 +448,9 @@ class OpenAIClient:
     def set_api_cache(self, cache_api_calls: bool, cache_file_name: str | os.PathLike[str] | None = None) -> None:
         """Turn this client's cache on or off (and choose its file), as the old module did."""
         values: dict[str, Any] = {"CACHE_API_CALLS": bool(cache_api_calls)}
-        if cache_file_name is not None:
+        if cache_file_name is not None:  # a store named here is the store: no CACHE_URL from anywhere
             values["CACHE_FILE_NAME"] = os.fspath(cache_file_name)
+            values["CACHE_URL"] = None
         self._client_settings = {**self._client_settings, **validate(values, "set_api_cache()")}
 
     @property
@@ -329,6 +462,10 @@ class OpenAIClient:
         """The settings this client would use for a call made now (no per-call arguments)."""
         return resolve(self._client_settings, validated=True)
 
+    def _settings(self) -> Mapping[str, Any]:
+        """:meth:`settings`, memoised and shared: resolved once per call, never modified."""
+        return resolved(self._client_settings, validated=True)
+
     def __repr__(self) -> str:
         try:
             endpoint = self._display(self.settings())
@@ -338,6 +475,7 @@ class OpenAIClient:
 
     # -- the public calls ----------------------------------------------------------------------
 
+    @_bounded_recursion
     def send_message(
         self,
         messages: list[Message],
@@ -387,7 +525,7 @@ class OpenAIClient:
                 "stream=True is not supported by send_message, which returns whole answers; "
                 "use client.stream_message(...) to receive the answer as it is generated"
             )
-        settings = self.settings()
+        settings = self._settings()
         deadline = Deadline(self._total_timeout(settings, total_timeout))
         params = build_chat_request(
             settings,
@@ -434,6 +572,7 @@ class OpenAIClient:
                 self._local.info = info._replace(warnings=(warning,))
         return answer
 
+    @_bounded_recursion
     def create_response(
         self,
         *,
@@ -471,7 +610,7 @@ class OpenAIClient:
             raise InvalidRequestError("create_response needs input= (a string or a list of items), or previous_response_id=, conversation= or prompt=")
         if "input" in params and not isinstance(params["input"], (str, list)):
             raise InvalidRequestError(f"input must be a string or a list of items, got {type(params['input']).__name__}")
-        settings = self.settings()
+        settings = self._settings()
         deadline = Deadline(self._total_timeout(settings, total_timeout))
         body = {"model": model or settings["MODEL"], **params}
         if params.get("background"):
@@ -497,16 +636,18 @@ class OpenAIClient:
         name = settings["MODEL_ALIASES"].get(model, model)
         return "responses" if is_responses_model(name, settings["RESPONSES_MODELS"]) else "chat"
 
+    @_bounded_recursion
     def get_embedding(self, text: str, model: str | None = None, **more: Any) -> list[float]:
         """Return the embedding vector of ``text`` (cached like chat calls when the cache is on)."""
         if not isinstance(text, str):
             raise InvalidRequestError(f"text must be a str, got {type(text).__name__}; use get_embeddings() for a list")
         return self.get_embeddings([text], model=model, **more)[0]
 
+    @_bounded_recursion
     def get_embeddings(self, texts: Sequence[str], model: str | None = None, **more: Any) -> list[list[float]]:
         """Return one embedding vector per text, in order, in one request."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not texts:
-            raise InvalidRequestError("texts must be a non-empty list of str")
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequestError(f"texts must be a non-empty list of str, got {type(texts).__name__}")
         _check_type("model", model, (str,))
         timeout = more.pop("timeout", None)
         total_timeout = more.pop("total_timeout", None)
@@ -518,7 +659,7 @@ class OpenAIClient:
         ):
             _check_type(name, value, kinds)
         _check_positive(timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
-        settings = self.settings()
+        settings = self._settings()
         deadline = Deadline(self._total_timeout(settings, total_timeout))
         params = build_embeddings_request(settings, texts, model=model, more=more)
         expected = len(params["input"])
@@ -535,6 +676,7 @@ class OpenAIClient:
 
     # -- streaming -----------------------------------------------------------------------------
 
+    @_bounded_recursion
     def stream_message(
         self,
         messages: list[Message],
@@ -710,7 +852,11 @@ class OpenAIClient:
         until the stream ends or is closed.
         """
         limiter, in_flight = self._limiters(settings)
-        estimate = self._estimate_tokens(params) if limiter.tpm else 0
+        estimate = 0
+        if limiter.tpm:  # loading tiktoken takes at most a quarter of what is left (then it estimates)
+            left = deadline.timeout_for(None)
+            with loading_within(None if left is None else left / 4):
+                estimate = self._estimate_tokens(params)
 
         def attempt(deadline: Deadline) -> tuple[StreamReader, list[str], Any, Callable[[], None]]:
             reservation = limiter.acquire(estimate, deadline=deadline)
@@ -799,7 +945,7 @@ class OpenAIClient:
         closed. Each read waits at most ``timeout`` (and what was left of the deadline at the
         start) for the next chunk.
         """
-        import httpx2
+        httpx2 = lazy_import("httpx2")
 
         limit = deadline.timeout_for(timeout)
         stack = contextlib.ExitStack()
@@ -941,12 +1087,17 @@ class OpenAIClient:
                 raise deadline.error("waiting for the identical request in flight")
             if flight.response is not None:
                 return self._finish(kind, params, json.loads(json.dumps(flight.response)), cached=True)
-            response = send()  # what is left of the deadline after the wait
+            if flight.error is not None:
+                raise _shared_error(flight.error)
+            response = send()  # a retryable failure: try again with what is left of our own deadline
             cache.set(key, response, deadline=deadline)
             return self._finish(kind, params, response, cached=False)
         try:
             response, cached = cache.single_flight(key, send, deadline=deadline)
             flight.response = response
+        except InvalidRequestError as exc:
+            flight.error = exc
+            raise
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
@@ -957,7 +1108,12 @@ class OpenAIClient:
         """Record usage and the thread's call info for a response about to be returned."""
         model = str(response.get("model") or params.get("model"))
         usage = response.get("usage")
-        self.usage.record(model, usage, cached=cached)
+        try:
+            self.usage.record(model, usage, cached=cached)
+        except Exception as exc:  # accounting never fails a call: count the answer, tokens unknown
+            self._bad_usage(model, usage, exc)
+            usage = None
+            self.usage.record(model, None, cached=cached)
         if kind == _responses.KIND:
             reason = finish_reason(response)
         else:
@@ -967,12 +1123,29 @@ class OpenAIClient:
         self._local.info = CallInfo(kind, model, cached, normalize_usage(usage), finish_reason=reason)
         return response
 
-    def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]:
-        """This client's rate and concurrency limiters, rebuilt only when their settings change.
+    def _bad_usage(self, model: str, usage: Any, exc: Exception) -> None:
+        """Log (once per client) a response whose ``usage`` cannot be counted."""
+        level = logging.DEBUG if self._warned_usage else logging.WARNING
+        self._warned_usage = True
+        logger.log(
+            level,
+            "llmutils: the usage of a response for %s cannot be counted (%s: %s; usage=%.200r); "
+            "its tokens are counted as unknown (0)",
+            model,
+            type(exc).__name__,
+            exc,
+            usage,
+        )
 
-        With ``RATE_LIMIT_URL`` the RPM/TPM limiter is a :class:`RedisRateLimiter`: one budget for
-        every process and machine that uses the same URL and ``RATE_LIMIT_NAME`` (by default the
-        endpoint URL, without credentials).
+    def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]:
+        """The rate and concurrency limiters for these settings: one pair per distinct limit setting.
+
+        Threads (or contexts, under :func:`override_defaults`) with the same RPM/TPM/
+        MAX_CONCURRENT_MODEL_CALLS (and RATE_LIMIT_URL/NAME) share one pair, so the limit holds across
+        them; a different setting gets its own pair, so two limits never rebuild one shared limiter
+        back and forth. With ``RATE_LIMIT_URL`` the RPM/TPM limiter is a :class:`RedisRateLimiter`:
+        one budget for every process and machine that uses the same URL and ``RATE_LIMIT_NAME`` (by
+        default the endpoint URL, without credentials).
         """
         wanted = (
             settings["RPM"],
@@ -981,11 +1154,11 @@ class OpenAIClient:
             settings["RATE_LIMIT_URL"],
             settings["RATE_LIMIT_NAME"],
         )
-        limits = self._limits
-        if limits is None or limits[0] != wanted:
+        limits = self._limits.get(wanted)
+        if limits is None:
             with self._lock:
-                limits = self._limits
-                if limits is None or limits[0] != wanted:
+                limits = self._limits.get(wanted)
+                if limits is None:
                     rpm, tpm, slots, url, name = wanted
                     limiter: RateLimiter | RedisRateLimiter
                     if url:
@@ -993,8 +1166,8 @@ class OpenAIClient:
                         limiter = RedisRateLimiter(url, name=name, rpm=rpm, tpm=tpm)
                     else:
                         limiter = RateLimiter(rpm=rpm, tpm=tpm)
-                    limits = self._limits = (wanted, limiter, ConcurrencyLimiter(slots))
-        return limits[1], limits[2]
+                    limits = self._limits[wanted] = (limiter, ConcurrencyLimiter(slots))
+        return limits
 
     def _send_with_retries(
         self,
@@ -1008,7 +1181,11 @@ class OpenAIClient:
     ) -> dict[str, Any]:
         """Send ``params`` to ``path`` with the retry policy, the limiters and the deadline."""
         limiter, in_flight = self._limiters(settings)
-        estimate = self._estimate_tokens(params) if limiter.tpm else 0
+        estimate = 0
+        if limiter.tpm:  # loading tiktoken takes at most a quarter of what is left (then it estimates)
+            left = deadline.timeout_for(None)
+            with loading_within(None if left is None else left / 4):
+                estimate = self._estimate_tokens(params)
 
         def attempt(deadline: Deadline) -> dict[str, Any]:
             reservation = limiter.acquire(estimate, deadline=deadline)
@@ -1055,7 +1232,7 @@ class OpenAIClient:
         """The call's ``total_timeout``: the argument, else the injected policy's, else the setting."""
         if total_timeout is not None:
             return float(total_timeout)
-        if self._retry is not None and self._retry.total_timeout is not None:
+        if self._retry is not None and self._retry.is_set("total_timeout"):
             return self._retry.total_timeout
         value = settings["TOTAL_TIMEOUT"]
         return None if value is None else float(value)
@@ -1069,20 +1246,23 @@ class OpenAIClient:
         waiting_time: float | None,
         backoff: float | None,
     ) -> RetryPolicy:
-        base = self._retry or RetryPolicy(
+        """The call's policy: the configuration, the injected policy's given fields over it, then the call's arguments."""
+        policy = RetryPolicy(
             max_attempts=settings["MAX_ATTEMPTS"],
             waiting_time=settings["WAITING_TIME"],
             backoff_factor=settings["EXPONENTIAL_BACKOFF_FACTOR"],
             max_wait=settings["MAX_WAIT"],
             total_timeout=settings["TOTAL_TIMEOUT"],
         )
-        return base.with_values(
+        if self._retry is not None:
+            policy = self._retry.over(policy)
+        return policy.with_values(
             max_attempts=max_attempts,
             waiting_time=waiting_time,
             backoff_factor=backoff,
             total_timeout=total_timeout,
             sleep=self._sleep,
-        )
+        ).resolved()
 
     # -- transport (overridden by subclasses) --------------------------------------------------
 
@@ -1097,10 +1277,11 @@ class OpenAIClient:
     def _given_key(self) -> tuple[dict[str, Any], str] | None:
         """The ``api_key`` argument, else the first key environment variable that is set."""
         if self._api_key:
-            return {"api_key": self._api_key}, "the api_key argument"
+            return {"api_key": _checked_key(self._api_key, "the api_key argument")}, "the api_key argument"
         key, var = api_key_from_env(self._key_env_vars)
         if key:
-            return {"api_key": key}, f"the {var} environment variable"
+            source = f"the {var} environment variable"
+            return {"api_key": _checked_key(key, source)}, source
         return None
 
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
@@ -1120,8 +1301,7 @@ class OpenAIClient:
         return ""
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
-        import openai
-
+        openai = lazy_import("openai")
         return openai.OpenAI(
             base_url=settings["BASE_URL"],
             organization=self._organization,
@@ -1131,7 +1311,13 @@ class OpenAIClient:
         )
 
     def _sdk(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str]:
-        """The SDK client for these settings (and ``path``), created once (and again in a forked child)."""
+        """The SDK client for these settings (and ``path``), created once (and again in a forked
+        child), and where its credentials came from."""
+        sdk, source, _ = self._sdk_and_key(settings, path)
+        return sdk, source
+
+    def _sdk_and_key(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str, str | None]:
+        """:meth:`_sdk`, and the API key (to scrub from error texts; never shown)."""
         credentials, source = self._credentials(settings)
         flavor = self._sdk_flavor(path)
         identity = (self._endpoint(settings), settings["AZURE_API_VERSION"], flavor, *sorted(credentials.items(), key=lambda kv: kv[0]))
@@ -1146,9 +1332,16 @@ class OpenAIClient:
             with self._lock:
                 sdk = self._sdk_clients.get(identity)
                 if sdk is None:
-                    sdk = self._new_sdk_client(settings, credentials, flavor)
+                    # Creating the SDK imports httpcore2, certifi... and its first request detects
+                    # the platform (locks of functools.cached_property): do both now, where a fork
+                    # waits for them, so a child never inherits one half done.
+                    with importing():
+                        sdk = self._new_sdk_client(settings, credentials, flavor)
+                        with contextlib.suppress(Exception):
+                            sdk.default_headers  # noqa: B018 - computed and cached now
                     self._sdk_clients[identity] = sdk
-        return sdk, source
+        key = credentials.get("api_key")
+        return sdk, source, key if isinstance(key, str) else None
 
     def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
         """POST ``params`` to ``path`` and return the decoded JSON object (one attempt).
@@ -1162,10 +1355,10 @@ class OpenAIClient:
             status = http.status_code
         context: dict[str, Any] = {"status_code": status, "request_id": request_id_from(headers), "headers": headers}
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             raise NonTerminalError(
-                f"HTTP {status} from {self._display(settings)} with a body that is not JSON", **context
+                f"HTTP {status} from {self._display(settings)} with a body that is not JSON ({exc})", **context
             ) from exc
         if not isinstance(body, dict):
             raise NonTerminalError("the response body is not a JSON object", **context)
@@ -1191,10 +1384,10 @@ class OpenAIClient:
         the deadline passes, so a read that stalls between two bytes ends then. The response is
         closed when the block exits.
         """
-        import httpx2
-        import openai
+        httpx2 = lazy_import("httpx2")
+        openai = lazy_import("openai")
 
-        sdk, source = self._sdk(settings, path)
+        sdk, source, key = self._sdk_and_key(settings, path)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
@@ -1202,6 +1395,7 @@ class OpenAIClient:
         try:
             http = sdk.post(path, body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
         except openai.APIStatusError as exc:
+            _scrub_sdk_error(exc, key)
             raise self._status_error(exc, source, settings) from exc
         except openai.APITimeoutError as exc:
             if deadline.expired:
@@ -1211,6 +1405,8 @@ class OpenAIClient:
             raise NonTerminalError(f"connection error to {self._display(settings)}: {exc.__cause__ or exc}") from exc
         except openai.OpenAIError as exc:
             raise InvalidRequestError(f"the openai SDK refused the request: {exc}") from exc
+        except UnicodeEncodeError:
+            raise _surrogate_error(params) from None
         except (TypeError, ValueError) as exc:  # e.g. a message value the SDK cannot serialise
             raise InvalidRequestError(f"the request cannot be sent: {exc}") from exc
         except Exception as exc:
@@ -1239,7 +1435,7 @@ class OpenAIClient:
 
     def _read_error(self, exc: BaseException, deadline: Deadline, timeout: float, settings: Mapping[str, Any]) -> BaseException:
         """The llmutils error for ``exc`` raised while reading a response body."""
-        import httpx2
+        httpx2 = lazy_import("httpx2")
 
         where = self._display(settings)
         if deadline.expired:
@@ -1298,14 +1494,15 @@ class OpenAIClient:
         with self._lock:
             sdks, self._sdk_clients = list(self._sdk_clients.values()), {}
             caches, self._caches = list(self._caches.values()), {}
-            limits, self._limits = self._limits, None
+            limits, self._limits = list(self._limits.values()), {}
         if self._pid == os.getpid():
             for sdk in sdks:
                 sdk.close()
         for cache in caches:
             cache.close()
-        if limits is not None and isinstance(limits[1], RedisRateLimiter):
-            limits[1].close()
+        for limiter, _slots in limits:
+            if isinstance(limiter, RedisRateLimiter):
+                limiter.close()
 
     def __enter__(self) -> OpenAIClient:
         return self
@@ -1370,7 +1567,8 @@ class AzureClient(OpenAIClient):
         if self._token_provider is not None:
             return {"azure_ad_token_provider": self._token_provider}, "the azure_ad_token_provider argument"
         try:
-            from azure.identity import DefaultAzureCredential, get_bearer_token_provider
+            with importing():
+                from azure.identity import DefaultAzureCredential, get_bearer_token_provider
         except ImportError:
             raise AuthenticationError(
                 "No Azure OpenAI credentials: set AZURE_OPENAI_API_KEY, pass api_key=... or "
@@ -1386,8 +1584,7 @@ class AzureClient(OpenAIClient):
         return "v1" if path == _responses.PATH else ""
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
-        import openai
-
+        openai = lazy_import("openai")
         api_version = self._api_version or settings["AZURE_API_VERSION"]
         if flavor == "v1" or api_version == AZURE_V1_API_VERSION:
             # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/ (the Responses API is served
@@ -1421,7 +1618,7 @@ def _last_user_text(messages: Iterable[Mapping[str, Any]]) -> str:
 
 
 def _fake_embedding(text: str, dimensions: int = 8) -> list[float]:
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return [round(digest[i % len(digest)] / 127.5 - 1.0, 6) for i in range(dimensions)]
 
 
@@ -1469,12 +1666,17 @@ class MockClient(OpenAIClient):
         return {}, "none (mock)"
 
     def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
-        """Answer in-process, as the endpoint would: a chat completion or embeddings."""
+        """Answer in-process, as the endpoint would: a chat completion, a response or embeddings."""
         if path == _responses.PATH:
-            return self._response(params)
-        if path == _embeddings.PATH:
-            return self._embedding(params)
-        return self._chat_completion(params)
+            answer = self._response(params)
+        elif path == _embeddings.PATH:
+            answer = self._embedding(params)
+        else:
+            answer = self._chat_completion(params)
+        problem = non_json(answer)
+        if problem is not None:  # a scripted answer or handler result the wire could not carry
+            raise InvalidRequestError(f"the mock answer is not plain JSON: answer{problem}")
+        return answer
 
     def _stream_reader(
         self,

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import difflib
 import os
+import stat
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ __all__ = [
     "DEFAULTS",
     "CONFIG_SECTION",
     "resolve",
+    "resolved",
     "validate",
     "force_default_value",
     "reset_forced_values",
     "override_defaults",
     "config_file_path",
+    "config_file_values",
     "api_key_from_env",
     "UNSET",
     "REASONING_EFFORTS",
@@ -140,6 +143,7 @@ class _Key:
     choices: tuple[str, ...] = ()
     url: bool = False
     doc: str = ""
+    minimum: float = 0
     redis_url: bool = False
 
     def parse(self, value: Any) -> Any:
@@ -178,8 +182,8 @@ class _Key:
             _check_redis_url(parsed)
         if self.choices and parsed not in self.choices:
             raise ValueError(f"expected one of {', '.join(self.choices)}")
-        if self.kind in (int, float) and parsed < 0:
-            raise ValueError("expected a number >= 0")
+        if self.kind in (int, float) and parsed is not None and parsed < self.minimum:
+            raise ValueError(f"expected a number >= {self.minimum:g}")
         return parsed
 
 
@@ -202,7 +206,7 @@ _KEYS: dict[str, _Key] = {
     "RESPONSES_MODELS": _Key(tuple, DEFAULT_RESPONSES_MODELS, doc="model name prefixes sent to the Responses API when API is unset"),
     "TIMEOUT": _Key(float, 60.0, doc="seconds for one HTTP attempt"),
     "TOTAL_TIMEOUT": _Key(float, None, optional=True, doc="seconds for a whole call, retries included"),
-    "MAX_ATTEMPTS": _Key(int, 5, doc="HTTP attempts per call, the first included"),
+    "MAX_ATTEMPTS": _Key(int, 5, minimum=1, doc="HTTP attempts per call, the first included"),
     "WAITING_TIME": _Key(float, 1.0, doc="first backoff wait, seconds"),
     "EXPONENTIAL_BACKOFF_FACTOR": _Key(float, 2.0, doc="backoff multiplier per attempt"),
     "MAX_WAIT": _Key(float, DEFAULT_MAX_WAIT, doc="cap on one backoff wait of ours (a server's Retry-After is obeyed up to 120 s)"),
@@ -250,7 +254,8 @@ _ENV_ALIASES = {
 _forced: dict[str, Any] = {}
 _forced_lock = threading.Lock()
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("llmutils_overrides", default={})
-_file_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+_forced_version = 0  # bumped on every change of _forced: part of the settings memo's key
+_file_cache: dict[tuple[int, int, int, int], dict[str, Any]] = {}
 
 
 def _key_name(key: str) -> str:
@@ -282,54 +287,94 @@ def _without_password(url: str) -> str:
     return url.replace(f":{password}@", ":***@", 1) if password else url
 
 
-def _environ_get() -> Any:
-    """A fast ``getenv`` over the live environment. On POSIX ``os.environ`` encodes the name on every
-    lookup, and settings are resolved on every call, so look in its underlying bytes dict (still live,
-    kept in step by ``os.environ``) instead."""
-    data = getattr(os.environ, "_data", None)
-    if os.name == "posix" and isinstance(data, dict):
-
-        def get(var: str) -> str | None:
-            raw = data.get(var.encode())
-            return None if raw is None else os.fsdecode(raw)
-
-        return get
-    return os.environ.get
-
-
-_getenv = _environ_get()
-
 # (variable, key, required-non-empty) for every environment variable that sets a key.
 _ENV_VARS = tuple((var, name, True) for var, name in _ENV_ALIASES.items()) + tuple(
     ("LLMUTILS_" + name, name, False) for name in _KEYS
 )
+_CONFIG_VAR = "LLMUTILS_CONFIG"
+# Every variable resolve() reads; looked up in one pass over the environment's names.
+_ENV_NAMES = frozenset(var for var, _, _ in _ENV_VARS) | {_CONFIG_VAR}
+_ENV_BY_NAME = {var: (name, non_empty) for var, name, non_empty in _ENV_VARS}
+
+
+if os.supports_bytes_environ:
+    _ENV_BYTES = {os.fsencode(var): var for var in _ENV_NAMES}
+    _ENV_BYTE_NAMES = frozenset(_ENV_BYTES)
+
+    def _env_items() -> tuple[tuple[str, str], ...]:
+        """The variables resolve() reads that are set now, as sorted ``(name, value)`` pairs.
+
+        Portable (public ``os.environb``, live and in step with ``os.environ``) and exact: one pass
+        over the environment's names finds the ones set, so the misses, which cost two exceptions
+        each through ``os.environ.get``, stay off the hot path.
+        """
+        env = os.environb
+        present = _ENV_BYTE_NAMES.intersection(env)
+        if not present:
+            return ()
+        return tuple(sorted((_ENV_BYTES[var], os.fsdecode(env[var])) for var in present))
+
+else:  # pragma: no cover - Windows: os.environ is the only view
+
+    def _env_items() -> tuple[tuple[str, str], ...]:
+        """The variables resolve() reads that are set now, as sorted ``(name, value)`` pairs."""
+        env = os.environ
+        present = _ENV_NAMES.intersection(env)
+        if not present:
+            return ()
+        return tuple(sorted((var, env[var]) for var in present))
+
+
+def _config_stamp(explicit: str | None) -> tuple[str, int, int, int, int] | None:
+    """``(path, device, inode, mtime_ns, size)`` of the config file that applies now, or None.
+
+    ``$LLMUTILS_CONFIG`` must name a file; else ``./config.ini`` is used if it is one. One ``stat``.
+    """
+    name = os.path.expanduser(explicit) if explicit else "config.ini"
+    try:
+        st = os.stat(name)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        if explicit:
+            raise ConfigError(f"{_CONFIG_VAR} points to {Path(name)}, which is not a file")
+        return None
+    return (name, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def config_file_path() -> Path | None:
     """The config file that applies now: ``$LLMUTILS_CONFIG`` (must exist) or ``./config.ini`` if present."""
-    explicit = _getenv("LLMUTILS_CONFIG")
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"LLMUTILS_CONFIG points to {path}, which is not a file")
-        return path
-    return Path("config.ini") if os.path.isfile("config.ini") else None
+    stamp = _config_stamp(os.environ.get(_CONFIG_VAR) or None)
+    return None if stamp is None else Path(stamp[0])
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    """Parse the ``[OpenAI]`` section of ``path``, cached until the file changes."""
-    name = os.path.abspath(path)
-    stat = os.stat(name)
-    stamp = (stat.st_mtime_ns, stat.st_size)
-    cached = _file_cache.get(name)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
+def config_file_values(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The settings the config file sets (``path``, else :func:`config_file_path`), parsed; {} when none."""
+    stamp = _config_stamp(os.fspath(path)) if path is not None else _config_stamp(os.environ.get(_CONFIG_VAR) or None)
+    return {} if stamp is None else dict(_read_file(stamp))
+
+
+def _read_file(stamp: tuple[str, int, int, int, int] | str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse the ``[OpenAI]`` section of the file ``stamp`` names, cached until the file changes."""
+    if not isinstance(stamp, tuple):  # a path (older callers)
+        return config_file_values(stamp)
+    cached = _file_cache.get(stamp[1:])
+    if cached is not None:
+        return cached
+    name = os.path.abspath(stamp[0])
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         parser.read(name, encoding="utf-8")
     except configparser.Error as exc:
         raise ConfigError(f"Cannot parse config file {name}: {exc}") from None
+    others = [section for section in parser.sections() if section != CONFIG_SECTION]
+    if others:
+        found = ", ".join(f"[{section}]" for section in parser.sections())
+        raise ConfigError(
+            f"Config file {name} has sections {found}; llmutils reads only [{CONFIG_SECTION}] "
+            "(the name is case-sensitive): rename the section or move the other settings to another file"
+        )
     values: dict[str, Any] = {}
     if parser.has_section(CONFIG_SECTION):
         for raw_key, raw_value in parser.items(CONFIG_SECTION):
@@ -338,44 +383,27 @@ def _read_file(path: Path) -> dict[str, Any]:
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (in [{CONFIG_SECTION}] of {name})") from None
             values[key] = _parse(key, raw_value, name)
-    _file_cache[name] = (stamp, values)
+    if len(_file_cache) > 16:
+        _file_cache.clear()
+    _file_cache[stamp[1:]] = values
     return values
 
 
-def _env_lookup() -> Any:
-    """A function returning ``[(variable, key, value), ...]`` for the setting variables that are set.
-
-    It runs on every call, so on POSIX it reads ``os.environ``'s underlying bytes dict (live, kept in
-    step by ``os.environ``) with pre-encoded names instead of encoding each name per lookup.
-    """
-    data = getattr(os.environ, "_data", None)
-    if os.name == "posix" and isinstance(data, dict):
-        encoded = tuple((var.encode(), var, name, non_empty) for var, name, non_empty in _ENV_VARS)
-
-        def found() -> list[tuple[str, str, str]]:
-            return [
-                (var, name, os.fsdecode(raw))
-                for key, var, name, non_empty in encoded
-                if (raw := data.get(key)) is not None and (raw or not non_empty)
-            ]
-
-        return found
-
-    def found_portable() -> list[tuple[str, str, str]]:
-        return [
-            (var, name, raw)
-            for var, name, non_empty in _ENV_VARS
-            if (raw := os.environ.get(var)) is not None and (raw or not non_empty)
-        ]
-
-    return found_portable
+def _read_env(items: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for var, raw in items:
+        known = _ENV_BY_NAME.get(var)
+        if known is None or (known[1] and not raw):
+            continue
+        values[known[0]] = _parse(known[0], raw, f"environment variable {var}")
+    return values
 
 
-_env_settings = _env_lookup()
-
-
-def _read_env() -> dict[str, Any]:
-    return {name: _parse(name, raw, f"environment variable {var}") for var, name, raw in _env_settings()}
+# Resolved settings, memoised on everything they depend on: the config file's identity and
+# modification stamp, the environment variables that are set, the forced values' version, and the
+# context and per-client layers (held, and compared by identity).
+_memo: dict[tuple[Any, ...], tuple[Mapping[str, Any], Mapping[str, Any] | None, dict[str, Any]]] = {}
+_MEMO_SIZE = 64
 
 
 def resolve(overrides: Mapping[str, Any] | None = None, *, validated: bool = False) -> dict[str, Any]:
@@ -384,16 +412,36 @@ def resolve(overrides: Mapping[str, Any] | None = None, *, validated: bool = Fal
     ``overrides`` (config keys, either case) is applied last, as per-call arguments are;
     ``validated=True`` says they already went through :func:`validate`.
     """
-    settings = dict(DEFAULTS)
-    path = config_file_path()
-    if path is not None:
-        settings.update(_read_file(path))
-    settings.update(_read_env())
-    if _forced:
-        settings.update(_forced)
-    settings.update(_context.get())
+    return dict(resolved(overrides, validated=validated))
+
+
+def resolved(overrides: Mapping[str, Any] | None = None, *, validated: bool = False) -> Mapping[str, Any]:
+    """Like :func:`resolve`, but the memoised mapping itself: fast, shared, never to be modified."""
+    if overrides and not validated:
+        overrides = validate(overrides, "the call's arguments")
+    env = _env_items()
+    explicit = next((value for var, value in env if var == _CONFIG_VAR), None) if env else None
+    stamp = _config_stamp(explicit or None)
+    context = _context.get()
+    key = (stamp, env, _forced_version, id(context), id(overrides))
+    hit = _memo.get(key)
+    if hit is not None and hit[0] is context and hit[1] is overrides:
+        return hit[2]
+    layers: list[Mapping[str, Any]] = [_read_file(stamp) if stamp is not None else {}, _read_env(env), dict(_forced), context]
     if overrides:
-        settings.update(overrides if validated else validate(overrides, "the call's arguments"))
+        layers.append(overrides)
+    settings = dict(DEFAULTS)
+    for layer in layers:
+        settings.update(layer)
+    # An explicit cache file set at a later layer than CACHE_URL (code over the environment or the
+    # config file) names the store: the URL from the lower layer does not apply.
+    file_layer = max((i for i, layer in enumerate(layers) if "CACHE_FILE_NAME" in layer), default=-1)
+    url_layer = max((i for i, layer in enumerate(layers) if "CACHE_URL" in layer), default=-1)
+    if file_layer > url_layer >= 0:
+        settings["CACHE_URL"] = None
+    if len(_memo) >= _MEMO_SIZE:
+        _memo.clear()
+    _memo[key] = (context, overrides, settings)
     return settings
 
 
@@ -415,16 +463,20 @@ def force_default_value(key: str, value: Any) -> None:
     :param value: its value, checked and converted as a config file's would be.
     :raises ConfigError: an unknown key (with a suggestion) or a malformed value, naming both.
     """
+    global _forced_version
     name = _key_name(key)
     parsed = _parse(name, value, "force_default_value()")
     with _forced_lock:
         _forced[name] = parsed
+        _forced_version += 1
 
 
 def reset_forced_values() -> None:
     """Forget every :func:`force_default_value` (useful between tests)."""
+    global _forced_version
     with _forced_lock:
         _forced.clear()
+        _forced_version += 1
 
 
 @contextlib.contextmanager
@@ -449,8 +501,9 @@ def override_defaults(**values: Any) -> Iterator[dict[str, Any]]:
 
 def api_key_from_env(names: tuple[str, ...]) -> tuple[str | None, str | None]:
     """The first non-empty environment variable among ``names``: ``(value, variable name)``."""
+    env = os.environ
     for name in names:
-        value = _getenv(name)
+        value = env.get(name)
         if value:
             return value, name
     return None, None

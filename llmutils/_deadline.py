@@ -117,6 +117,7 @@ class _Watchdog:
         self._cancelled: set[int] = set()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._running: int | None = None  # the handle whose callback runs now
 
     def add(self, end: float, clock: Callable[[], float], callback: Callable[[], object]) -> int:
         with self._cond:
@@ -130,7 +131,11 @@ class _Watchdog:
             return handle
 
     def cancel(self, handle: int) -> None:
+        """Forget ``handle``; if its callback is running, return only once it is done (so the caller
+        may then reuse what the callback acts on, e.g. give the connection back to the pool)."""
         with self._cond:
+            while self._running == handle:
+                self._cond.wait()
             if any(item[1] == handle for item in self._heap):
                 self._cancelled.add(handle)
                 if len(self._cancelled) > 64 and len(self._cancelled) * 2 > len(self._heap):
@@ -151,12 +156,17 @@ class _Watchdog:
                     wait = end - clock()
                     if wait <= 0:
                         heapq.heappop(self._heap)
+                        self._running = handle
                         break
                     self._cond.wait(wait)
             try:
                 callback()
             except Exception:  # pragma: no cover - a callback must not kill the watchdog
                 logger.debug("llmutils: a deadline callback failed", exc_info=True)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
 
 
 _the_watchdog: _Watchdog | None = None

@@ -14,7 +14,7 @@ import threading
 from typing import Any, Protocol, runtime_checkable
 
 from ._clients import AzureClient, MockClient, OpenAIClient
-from ._config import force_default_value, resolve
+from ._config import force_default_value, resolved
 from ._exceptions import ConfigError
 
 __all__ = ["register_client", "client", "registered_api_types", "force_api_type", "force_api_cache"]
@@ -61,7 +61,7 @@ def client() -> Any:
         ``override_defaults(api_type=...)`` apply).
     :raises ConfigError: no client is registered under that name (the message lists those that are).
     """
-    api_type = resolve()["API_TYPE"]
+    api_type = resolved()["API_TYPE"]
     found = _clients.get(api_type)
     if found is None:
         raise ConfigError(
@@ -90,10 +90,12 @@ def force_api_cache(cache_api_calls: bool, cache_file_name: str | os.PathLike[st
 
     :param cache_api_calls: on or off, for the whole process (``CACHE_API_CALLS``).
     :param cache_file_name: the SQLite file (``CACHE_FILE_NAME``), or a cache URL such as
-        ``redis://host:6379/0``; None keeps the configured one.
+        ``redis://host:6379/0``; None keeps the configured one. A store named here is the store:
+        it wins over a ``CACHE_URL`` from the environment, a config file or an earlier force.
     """
     force_default_value("CACHE_API_CALLS", bool(cache_api_calls))
     if cache_file_name is not None:
+        force_default_value("CACHE_URL", None)
         force_default_value("CACHE_FILE_NAME", os.fspath(cache_file_name))
 
 

@@ -29,7 +29,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from ._config import DEFAULT_MAX_WAIT
+from ._config import DEFAULT_MAX_WAIT, UNSET
 from ._deadline import Deadline
 from ._otel import current_call_span
 from ._exceptions import (
@@ -38,7 +38,7 @@ from ._exceptions import (
     TotalTimeoutError,
 )
 
-__all__ = ["RetryPolicy", "wait_retry_after", "stop_at_deadline"]
+__all__ = ["RetryPolicy", "POLICY_DEFAULTS", "wait_retry_after", "stop_at_deadline"]
 
 logger = logging.getLogger("llmutils")
 
@@ -108,51 +108,103 @@ def _log_retry(retry_state: RetryCallState) -> None:
     )
 
 
+# What an unset field means when nothing else (the configuration) gives it a value.
+POLICY_DEFAULTS: dict[str, Any] = {
+    "max_attempts": 5,
+    "waiting_time": 1.0,
+    "backoff_factor": 2.0,
+    "max_wait": DEFAULT_MAX_WAIT,
+    "total_timeout": None,
+    "jitter": 0.25,
+    "sleep": time.sleep,
+}
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How a call is retried. Built from settings per call; inject one to change the pieces.
+    """How a call is retried; inject one into a client to change some of the pieces.
 
     >>> policy = RetryPolicy(max_attempts=3, waiting_time=0.5, sleep=recorded.append)
+
+    Every field is optional: a field left unset (:data:`UNSET`) comes from the configuration
+    (``MAX_ATTEMPTS``, ``WAITING_TIME``, ``EXPONENTIAL_BACKOFF_FACTOR``, ``MAX_WAIT``,
+    ``TOTAL_TIMEOUT``), field by field, so ``RetryPolicy(jitter=0)`` keeps the configured number
+    of attempts. Used on its own, unset fields take :data:`POLICY_DEFAULTS`. ``total_timeout=None``
+    given explicitly means "no bound", whatever the configuration says.
 
     :param max_attempts: attempts per call, the first included (``MAX_ATTEMPTS``).
     :param waiting_time: the first backoff wait in seconds (``WAITING_TIME``).
     :param backoff_factor: what each wait is multiplied by (``EXPONENTIAL_BACKOFF_FACTOR``).
-    :param max_wait: the cap on one wait, a server's ``Retry-After`` included (``MAX_WAIT``).
+    :param max_wait: the cap on one wait of our own backoff (``MAX_WAIT``).
     :param total_timeout: seconds for the whole call, retries and waits included (None: unbounded).
     :param jitter: up to this fraction is added at random to each computed wait.
     :param sleep: how a wait is done (tests pass ``list.append`` to record the waits instead).
     """
 
-    max_attempts: int = 5
-    waiting_time: float = 1.0
-    backoff_factor: float = 2.0
-    max_wait: float = DEFAULT_MAX_WAIT
-    total_timeout: float | None = None
-    jitter: float = 0.25
-    sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+    max_attempts: int = UNSET
+    waiting_time: float = UNSET
+    backoff_factor: float = UNSET
+    max_wait: float = UNSET
+    total_timeout: float | None = UNSET
+    jitter: float = UNSET
+    sleep: Callable[[float], None] = field(default=UNSET, compare=False)
+
+    def __post_init__(self) -> None:
+        from ._exceptions import ConfigError
+
+        for name in ("waiting_time", "backoff_factor", "max_wait", "jitter"):
+            value = getattr(self, name)
+            if value is not UNSET and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
+                raise ConfigError(f"RetryPolicy({name}={value!r}): expected a number of seconds >= 0")
+        attempts = self.max_attempts
+        if attempts is not UNSET and (isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1):
+            raise ConfigError(f"RetryPolicy(max_attempts={attempts!r}): expected an int >= 1 (the first attempt included)")
+        total = self.total_timeout
+        if total is not UNSET and total is not None and (isinstance(total, bool) or not isinstance(total, (int, float)) or not total > 0):
+            raise ConfigError(f"RetryPolicy(total_timeout={total!r}): expected seconds > 0, or None for no bound")
+        if self.sleep is not UNSET and not callable(self.sleep):
+            raise ConfigError(f"RetryPolicy(sleep={self.sleep!r}): expected a callable taking seconds")
+
+    def is_set(self, name: str) -> bool:
+        """Whether the field ``name`` was given (not :data:`UNSET`)."""
+        return getattr(self, name) is not UNSET
+
+    def given(self) -> dict[str, Any]:
+        """The fields that were given, by name."""
+        return {name: getattr(self, name) for name in POLICY_DEFAULTS if getattr(self, name) is not UNSET}
+
+    def over(self, base: RetryPolicy) -> RetryPolicy:
+        """This policy's given fields over ``base`` (the one built from the configuration)."""
+        return replace(base, **self.given())
 
     def with_values(self, **values: Any) -> RetryPolicy:
         """A copy with the given fields changed (``None`` values are ignored)."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
+    def resolved(self) -> RetryPolicy:
+        """A copy where every unset field takes :data:`POLICY_DEFAULTS`."""
+        missing = {name: value for name, value in POLICY_DEFAULTS.items() if getattr(self, name) is UNSET}
+        return replace(self, **missing) if missing else self
+
     def deadline(self) -> Deadline:
         """A new deadline for one call from now (unbounded without ``total_timeout``)."""
-        return Deadline(self.total_timeout)
+        return Deadline(self.resolved().total_timeout)
 
     def retrying(self, deadline: Deadline | None = None) -> tenacity.Retrying:
         """The tenacity ``Retrying`` object for one call bounded by ``deadline``."""
-        stop = stop_after_attempt(max(1, self.max_attempts))
+        policy = self.resolved()
+        stop = stop_after_attempt(max(1, policy.max_attempts))
         if deadline is None:
             deadline = self.deadline()
         if deadline.bounded:
             stop = stop | stop_at_deadline(deadline)
-        backoff = wait_exponential(multiplier=self.waiting_time, exp_base=self.backoff_factor, max=self.max_wait)
+        backoff = wait_exponential(multiplier=policy.waiting_time, exp_base=policy.backoff_factor, max=policy.max_wait)
         return tenacity.Retrying(
             stop=stop,
-            wait=wait_retry_after(_wait_jitter(backoff, self.jitter), cap=self.max_wait),
+            wait=wait_retry_after(_wait_jitter(backoff, policy.jitter), cap=policy.max_wait),
             retry=retry_if_exception(_is_retryable),
             before_sleep=_log_retry,
-            sleep=self.sleep,
+            sleep=policy.sleep,
             reraise=False,
         )
 
@@ -165,8 +217,9 @@ class RetryPolicy:
         when the retries run out, :class:`RetriesExhaustedError` (or :class:`TotalTimeoutError`)
         chains the last error and carries ``attempts``.
         """
+        policy = self.resolved()
         if deadline is None:
-            deadline = self.deadline()
+            deadline = policy.deadline()
         attempts = 0
 
         def one_attempt() -> T:
@@ -180,10 +233,10 @@ class RetryPolicy:
                 raise
 
         try:
-            return self.retrying(deadline)(one_attempt)
+            return policy.retrying(deadline)(one_attempt)
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()
-            timed_out = deadline.bounded and attempts < self.max_attempts
+            timed_out = deadline.bounded and attempts < policy.max_attempts
             if timed_out:
                 error: RetriesExhaustedError = TotalTimeoutError(
                     f"Gave up after {attempts} attempt(s): total_timeout={deadline.total:g}s would be "

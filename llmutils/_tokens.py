@@ -33,16 +33,20 @@ process says how to make them exact. Importing this module does not import tikto
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
+import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._cooldown import Cooldown
 from ._exceptions import InvalidRequestError
+from ._imports import lazy_import
 
 if TYPE_CHECKING:
     from tiktoken import Encoding
@@ -152,6 +156,20 @@ _warned = False
 _unknown_models: set[str] = set()
 
 
+def _reset_in_child() -> None:
+    """After ``os.fork``: locks another thread held (a load in progress) are not ours; start afresh."""
+    global _state_lock
+    _state_lock = threading.Lock()
+    for slot in _slots.values():
+        slot.lock = threading.Lock()
+        slot.thread = None
+        slot.off.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
+
+
 def _reset_for_tests() -> None:
     """Forget loaded and failed encodings, the warning and the unknown models seen (tests only)."""
     global _warned
@@ -164,10 +182,10 @@ def _reset_for_tests() -> None:
 def _settings() -> Mapping[str, Any]:
     """The current config, or an empty mapping when the config module is unavailable."""
     try:
-        from ._config import resolve
+        from ._config import resolved
     except ImportError:
         return {}
-    return resolve()
+    return resolved()
 
 
 def _resolve_model(model: str | None) -> str | None:
@@ -245,6 +263,30 @@ def _warn_once(name: str, reason: str) -> None:
     )
 
 
+_load_wait: contextvars.ContextVar[float | None] = contextvars.ContextVar("llmutils_tiktoken_wait", default=None)
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock) -> Iterator[None]:
+    """Release ``lock`` (already acquired) when the block ends."""
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def loading_within(seconds: float | None) -> Iterator[None]:
+    """Within the block, a count waits at most ``seconds`` (None: the usual 5 s) for tiktoken to
+    load an encoding, then estimates (``exact=False``) while the load goes on in the background.
+    A call with a ``total_timeout`` counts its TPM estimate this way."""
+    token = _load_wait.set(seconds)
+    try:
+        yield
+    finally:
+        _load_wait.reset(token)
+
+
 def _get_encoding(name: str) -> Encoding | None:
     """The loaded encoding, or None while it cannot be loaded (see the module docstring)."""
     slot = _slots.get(name)
@@ -256,13 +298,19 @@ def _get_encoding(name: str) -> Encoding | None:
         return encoding
     if slot.off.blocked():
         return None
-    with slot.lock:
+    wait = _LOAD_TIMEOUT
+    limit = _load_wait.get()
+    if limit is not None and limit < wait:  # a call's deadline comes first: estimate rather than wait
+        wait = max(0.0, limit)
+    if not slot.lock.acquire(timeout=wait):
+        return None
+    with _held(slot.lock):
         if slot.encoding is not None:
             return slot.encoding
         if slot.off.blocked():
             return None
         try:
-            import tiktoken
+            tiktoken = lazy_import("tiktoken")
         except ImportError as exc:
             slot.off.trip(permanent=True)
             _warn_once(name, f"tiktoken is not installed: {exc}")
@@ -282,10 +330,12 @@ def _get_encoding(name: str) -> Encoding | None:
             )
             slot.thread = thread
             thread.start()
-        thread.join(_LOAD_TIMEOUT)
+        thread.join(wait)
         if slot.encoding is not None:
             slot.off.reset()
             return slot.encoding
+        if thread.is_alive() and wait < _LOAD_TIMEOUT:
+            return None  # cut short by the caller's deadline: the load goes on; this count estimates
         slot.off.trip(interval=_RETRY_AFTER)
         if thread.is_alive():
             reason = f"no answer within {_LOAD_TIMEOUT:g} s"
@@ -337,8 +387,14 @@ def count_text_tokens(text: str, model: str | None = None) -> TokenCount:
     """
     if not isinstance(text, str):
         raise InvalidRequestError(f"count_text_tokens: text must be a str, not {type(text).__name__} ({text!r:.80})")
+    _check_model("count_text_tokens", model)
     count, exact = _text_counter(_resolve_model(model))
     return TokenCount(count(text) if text else 0, exact)
+
+
+def _check_model(where: str, model: Any) -> None:
+    if model is not None and not isinstance(model, str):
+        raise InvalidRequestError(f"{where}: model must be a str (or None for the configured model), not {type(model).__name__} ({model!r:.80})")
 
 
 def _strings(value: Any) -> list[str]:
@@ -424,7 +480,15 @@ def count_tokens(
     """
     if isinstance(messages, str):
         return count_text_tokens(messages, model)
+    _check_model("count_tokens", model)
     _check_messages(messages)
+    try:
+        return _count_messages(messages, model)
+    except RecursionError:
+        raise InvalidRequestError("count_tokens: the messages are nested too deeply (or refer to themselves) to be a request") from None
+
+
+def _count_messages(messages: Sequence[Mapping[str, Any]], model: str | None) -> TokenCount:
     resolved = _resolve_model(model)
     count, exact = _text_counter(resolved)
     legacy = (resolved or "").lower().rsplit("/", 1)[-1] == "gpt-3.5-turbo-0301"

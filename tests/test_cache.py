@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -277,3 +278,119 @@ print("openai" in sys.modules, "tiktoken" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def _identical_calls(client: OpenAIClient, count: int) -> list[object]:
+    """Send HELLO from ``count`` threads at once; return each one's answer or exception."""
+    start = threading.Barrier(count)
+    results: list[object] = [None] * count
+
+    def call(i: int) -> None:
+        start.wait(10)
+        try:
+            results[i] = client.send_message(HELLO)
+        except Exception as exc:  # noqa: BLE001 - checked by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return results
+
+
+def test_identical_requests_in_flight_share_a_terminal_failure(cached: OpenAIClient, server: OpenAITestServer) -> None:
+    # Every request would get the 400 (the leader's answer comes late, so the others are waiting by then).
+    rejected = Fault(status_code=400, body={"error": {"message": "bad", "type": "invalid_request_error"}}, delay=1.0)
+    server.script(*[rejected] * 8)
+    results = _identical_calls(cached, 8)
+    assert all(isinstance(r, InvalidRequestError) for r in results), results
+    assert server.request_count == 1
+    assert sorted(r.attempts for r in results) == [0] * 7 + [1]  # type: ignore[union-attr]
+
+
+def test_a_retryable_failure_is_not_shared_past_a_waiters_own_budget(server: OpenAITestServer, cache_file: Path) -> None:
+    server.script(Fault(status_code=503, body={"error": {"message": "busy", "type": "server_error"}}, delay=1.0))
+    policy = RetryPolicy(max_attempts=1)
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache_file, retry=policy) as client:
+        results = _identical_calls(client, 2)
+    failed = [r for r in results if isinstance(r, RetriesExhaustedError)]
+    answered = [r for r in results if isinstance(r, dict)]
+    assert len(failed) == 1 and answered == [{"role": "assistant", "content": "echo: hello"}]
+    assert server.request_count == 2  # the waiter sent its own request
+
+
+def test_a_response_whose_usage_is_not_numeric_is_answered_cached_and_counted_unknown(
+    server: OpenAITestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4.1-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": "n/a", "completion_tokens": "n/a", "total_tokens": "n/a"},
+    }
+    server.script(Fault.status(200, body=body))
+    caplog.set_level(logging.DEBUG, logger="llmutils")
+    hello = [{"role": "user", "content": "hello"}]
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as client:
+        for _ in range(3):  # the first from the server, then from the cache: never a raw ValueError
+            assert client.send_message(hello) == {"role": "assistant", "content": "hi"}
+        totals = client.usage.totals()
+    assert server.request_count == 1
+    assert (totals.requests, totals.cached_requests, totals.prompt_tokens, totals.completion_tokens) == (1, 2, 0, 0)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "usage" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_a_lone_surrogate_in_the_input_fails_that_call_alone(cached: OpenAIClient, server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError, match=r"messages\[0\]\['content'\] holds a lone surrogate"):
+        cached.send_message([{"role": "user", "content": "bad \ud83d half"}])
+    assert server.request_count == 0  # refused before anything was sent
+    for _ in range(2):
+        assert cached.send_message(HELLO)["content"] == "echo: hello"
+    assert cached.last_call is not None and cached.last_call.cached  # the cache stayed on
+    assert cached.cache_stats().errors == 0
+
+
+def test_a_lone_surrogate_in_an_answer_is_stored_and_served_faithfully(cached: OpenAIClient, server: OpenAITestServer, cache_file: Path) -> None:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4.1-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "half \ud83d emoji"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    server.script(Fault.status(200, body=body))
+    first = cached.send_message(HELLO)
+    assert first["content"] == "half \ud83d emoji"
+    assert cached.send_message(HELLO) == first and cached.last_call is not None and cached.last_call.cached
+    assert cached.send_message([{"role": "user", "content": "next"}])["content"] == "echo: next"
+    assert cached.cache_stats().errors == 0 and cached.cache_stats().writes == 2
+    with sqlite3.connect(cache_file) as conn:  # readable by anyone: escaped, not broken, UTF-8
+        texts = [row[0] for row in conn.execute("SELECT value FROM responses")]
+    assert any("\\ud83d" in text for text in texts)
+
+
+def test_a_200_holding_nan_is_retried_and_never_cached(cached: OpenAIClient, server: OpenAITestServer) -> None:
+    nan_body = (
+        '{"id":"x","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant",'
+        '"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":NaN,"completion_tokens":1,"total_tokens":Infinity}}'
+    )
+    server.script(Fault.status(200, body=nan_body))
+    assert cached.send_message(HELLO)["content"] == "echo: hello"  # the second attempt's answer, not a TypeError
+    assert server.request_count == 2
+    assert cached.send_message(HELLO)["content"] == "echo: hello"
+    assert cached.last_call is not None and cached.last_call.cached
+    assert cached.cache_stats().errors == 0
+
+
+def test_a_mock_answer_that_is_not_json_is_an_invalid_request(cache_file: Path) -> None:
+    import datetime
+
+    client = llmutils.MockClient(answers=[{"role": "assistant", "content": "x", "when": datetime.date(2026, 1, 1)}], cache_api_calls=True, cache_file_name=cache_file)
+    with pytest.raises(InvalidRequestError, match=r"\['when'\] is a date, not a JSON value"):
+        client.send_message(HELLO)
+    assert client.send_message(HELLO)["content"] == "echo: hello" and client.cache_stats().errors == 0
+    client.close()

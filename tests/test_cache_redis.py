@@ -232,6 +232,13 @@ def test_passwords_are_masked(url: str, shown: str) -> None:
         assert "s3cret" not in repr(cache) and "s3cret" not in str(cache.info())
 
 
+@pytest.mark.parametrize("password", ["s3#cret", "s3/cret", "s3?cret", "s3@cret", "a#b/c?d"])
+def test_passwords_with_url_delimiters_are_masked_whole(password: str) -> None:
+    url = f"redis://alice:{password}@cache.internal:6379/0"
+    assert mask_url(url) == "redis://alice:***@cache.internal:6379/0"
+    assert mask_url(f"redis://:{password}@h:1/0?db=2") == "redis://:***@h:1/0?db=2"
+
+
 def test_without_redis_py_a_clear_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     with pytest.raises(ConfigError, match=r"pip install 'llmutils-openai\[redis\]'") as err:
@@ -314,13 +321,13 @@ def test_ttl_is_native_redis_expiry(url: str) -> None:
 
 
 def test_client_chooses_the_backend(url: str, server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # CACHE_URL (here from the environment) wins over CACHE_FILE_NAME.
+    # CACHE_URL (here from the environment) wins over the configured CACHE_FILE_NAME.
     monkeypatch.setenv("LLMUTILS_CACHE_URL", url)
-    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name="c.sqlite") as client:
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True) as client:
         assert [ask(client, "one"), ask(client, "one")] == [False, True]
         assert client.cache_stats() == llmutils.CacheStats(hits=1, misses=1, writes=1, errors=0)
     monkeypatch.delenv("LLMUTILS_CACHE_URL")
-    assert not (tmp_path / "c.sqlite").exists()
+    assert not (tmp_path / "llmutils_cache.sqlite").exists()
     # force_api_cache() with a URL as the "file name"; then the cache_url= argument.
     llmutils.force_api_cache(True, url)
     with OpenAIClient(base_url=server.base_url, api_key="k") as client:
@@ -331,6 +338,43 @@ def test_client_chooses_the_backend(url: str, server: OpenAITestServer, tmp_path
     with OpenAIClient(base_url=server.base_url, api_key="k") as client:
         assert ask(client, "one") is False  # the SQLite file: a different cache
     assert server.request_count == 2
+    with RedisCache(url) as cache:
+        assert len(cache) == 1
+
+
+def test_an_explicit_cache_file_wins_over_a_cache_url_from_the_environment_or_config(
+    url: str, server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMUTILS_CACHE_URL", url)
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name="arg.sqlite") as client:
+        assert [ask(client, "one"), ask(client, "one")] == [False, True]
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        client.set_api_cache(True, "set.sqlite")
+        assert ask(client, "two") is False
+    monkeypatch.delenv("LLMUTILS_CACHE_URL")
+    (tmp_path / "config.ini").write_text(f"[OpenAI]\nCACHE_URL = {url}\nCACHE_API_CALLS = true\n", encoding="utf-8")
+    llmutils.force_api_cache(True, "forced.sqlite")
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        assert ask(client, "three") is False
+    with RedisCache(url) as cache:
+        assert len(cache) == 0  # every call named a file: Redis was never written
+    for name, count in (("arg.sqlite", 1), ("set.sqlite", 1), ("forced.sqlite", 1)):
+        with llmutils.SQLiteCache(tmp_path / name) as cache:
+            assert len(cache) == count, name
+    # Named last, in the same layer as a URL: the file still wins.
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_url=url) as client:
+        client.set_api_cache(True, "set.sqlite")
+        assert ask(client, "two") is True  # the same file as above, not Redis
+    llmutils.force_default_value("CACHE_URL", url)
+    llmutils.force_api_cache(True, "forced.sqlite")
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        assert ask(client, "three") is True
+    with RedisCache(url) as cache:
+        assert len(cache) == 0
+    # Without an explicit file, the configured URL applies again.
+    llmutils._config.reset_forced_values()
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        assert ask(client, "four") is False
     with RedisCache(url) as cache:
         assert len(cache) == 1
 

@@ -8,12 +8,14 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -886,3 +888,60 @@ def test_import_pickle_of_a_bad_file_names_it(tmp_path: Path, path: Path, conten
             import_pickle_cache(old, cache, trusted=True)
         assert str(old) in str(info.value) and why in str(info.value)
         assert len(cache) == 0 and not cache.disabled
+
+
+# -- the file changing under a cache in use -----------------------------------------------------
+
+
+def test_a_file_deleted_while_in_use_is_recreated_by_the_next_write(path: Path, logs: pytest.LogCaptureFixture) -> None:
+    with SQLiteCache(path) as cache:
+        cache.set("before", 1)
+        assert cache.get("before") == 1
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        cache.set("after", 2)  # not into the deleted inode
+        cache.set("again", 3)
+        assert cache.get("after") == 2 and cache.get("before") is None
+        assert not cache.disabled
+    assert stored_keys(path) == {"after", "again"}
+    [message] = warnings_logged(logs)
+    assert str(path) in message and "deleted" in message
+
+
+def test_an_empty_file_becomes_a_cache(path: Path, logs: pytest.LogCaptureFixture) -> None:
+    path.write_bytes(b"")  # e.g. made by `touch` or tempfile.mkstemp()
+    with SQLiteCache(path) as cache:
+        cache.set("k", {"v": 1})
+        assert cache.get("k") == {"v": 1} and cache.stats().errors == 0
+    assert stored_keys(path) == {"k"} and warnings_logged(logs) == []
+
+
+@pytest.fixture
+def immutable() -> Iterator[Callable[[Path], None]]:
+    """Make files read-only even for root (chattr +i), and writable again afterwards."""
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr to make a file read-only for root")
+    made: list[Path] = []
+
+    def make(target: Path) -> None:
+        if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not supported here")
+        made.append(target)
+
+    yield make
+    for target in made:
+        subprocess.run(["chattr", "-i", str(target)], check=False)
+
+
+def test_a_read_only_cache_file_keeps_serving_hits(path: Path, logs: pytest.LogCaptureFixture, immutable: Callable[[Path], None]) -> None:
+    with SQLiteCache(path) as cache:
+        cache.set("stored", 1)
+    immutable(path)
+    with SQLiteCache(path) as cache:
+        assert cache.get("stored") == 1
+        cache.set("new", 2)  # cannot be stored...
+        cache.set("newer", 3)
+        assert cache.get("stored") == 1 and not cache.disabled  # ...but the hits go on
+        assert cache.stats() == CacheStats(hits=2, misses=0, writes=0, errors=1)
+    [message] = warnings_logged(logs)
+    assert str(path) in message and "keeps serving" in message

@@ -317,7 +317,8 @@ def test_mock_client_echoes_and_scripts() -> None:
 @pytest.mark.parametrize(
     "kwargs, culprit",
     [({"n": None}, "n must be"), ({"n": 0}, "n must be"), ({"timeout": -1}, "timeout must be > 0"),
-     ({"total_timeout": 0}, "total_timeout must be > 0"), ({"max_attempts": 0}, "max_attempts must be > 0")],
+     ({"total_timeout": 0}, "total_timeout must be > 0"), ({"max_attempts": 0}, "max_attempts must be > 0"),
+     ({"total_timeout": float("nan")}, "total_timeout must be > 0"), ({"timeout": float("inf")}, "timeout must be > 0")],
 )
 def test_bad_counts_and_durations_fail_before_any_request(oai: OpenAIClient, server: OpenAITestServer, kwargs: dict, culprit: str) -> None:
     with pytest.raises(InvalidRequestError, match=culprit):
@@ -461,3 +462,98 @@ def test_azure_deployment_of_a_reasoning_model_via_aliases(server: OpenAITestSer
         client.send_message(HELLO, model="prod-reasoner", temperature=0.3, max_tokens=99)
     body = server.requests[-1].body
     assert "temperature" not in body and body["max_completion_tokens"] == 99
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [("sk-test-secret-1234\n", "newline"), (" sk-test-secret-1234", "spaces"), ("sk-test secret-1234", "whitespace inside")],
+)
+def test_a_key_with_whitespace_is_rejected_before_any_request(
+    server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, key: str, problem: str
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with OpenAIClient(base_url=server.base_url) as client, pytest.raises(AuthenticationError) as info:
+        client.send_message(HELLO)
+    message = str(info.value)
+    assert "OPENAI_API_KEY environment variable" in message and problem in message
+    assert "secret" not in message and "1234" not in message and "secret" not in caplog.text
+    assert server.request_count == 0
+    with OpenAIClient(base_url=server.base_url, api_key=key) as client, pytest.raises(AuthenticationError, match="the api_key argument"):
+        client.get_embedding("x")
+    assert server.request_count == 0
+
+
+def test_a_server_message_quoting_part_of_the_key_is_scrubbed(server: OpenAITestServer, caplog: pytest.LogCaptureFixture) -> None:
+    key = "sk-proj-abcdefghijklmnop1234"
+    quoted = f"Incorrect API key provided: {key[:6]}**************{key[-4:]}. You can find your API key at https://platform.openai.com/account/api-keys."
+    server.script(Fault.status(401, body={"error": {"message": quoted, "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    with OpenAIClient(base_url=server.base_url, api_key=key) as client, pytest.raises(AuthenticationError) as info:
+        client.send_message(HELLO)
+    shown = [str(info.value), str(info.value.__cause__), repr(info.value.__cause__), caplog.text]
+    for text in shown:
+        assert key[:6] not in text and key[-4:] not in text
+    assert "Incorrect API key provided: ***." in str(info.value)
+
+
+FORK_MID_IMPORT = """
+import faulthandler, os, sys, threading, time
+import llmutils
+from llmutils.testing import OpenAITestServer
+
+with OpenAITestServer() as server:
+    client = llmutils.OpenAIClient(base_url=server.base_url, api_key="k")
+    hello = [{"role": "user", "content": "hi"}]
+    first = threading.Thread(target=client.send_message, args=(hello,))
+    first.start()  # its first call imports openai, builds the SDK, detects the platform...
+    end = time.monotonic() + 30
+    while "openai" not in sys.modules and time.monotonic() < end:
+        time.sleep(0.0005)
+    pid = os.fork()  # ...and the fork comes in the middle of that
+    if pid == 0:
+        faulthandler.dump_traceback_later(90, exit=True)  # a hung child exits 1 with its stack
+        code = 1
+        try:
+            code = 0 if client.send_message(hello, total_timeout=60)["content"] == "echo: hi" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    first.join()
+    print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_during_the_first_call_leaves_a_working_child() -> None:
+    done = subprocess.run([sys.executable, "-c", FORK_MID_IMPORT], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stdout + done.stderr[-3000:]
+
+
+def _nested(depth: int) -> object:
+    value: object = "hi"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_messages_nested_thousands_deep_are_an_invalid_request(server: OpenAITestServer, tmp_path, cache: bool) -> None:
+    deep = [{"role": "user", "content": _nested(5000)}]
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=cache, cache_file_name=tmp_path / "c.sqlite") as client:
+        with pytest.raises(InvalidRequestError, match="nested too deeply"):
+            client.send_message(deep)
+        with pytest.raises(InvalidRequestError, match="nested too deeply"):
+            llmutils.MockClient().send_message(deep)
+        assert client.send_message(HELLO)["content"] == "echo: hello"  # the client still works
+    assert server.request_count == 1
+
+
+def test_n_is_capped_at_the_apis_limit(server: OpenAITestServer) -> None:
+    with pytest.raises(InvalidRequestError, match="n must be an int from 1 to 128"):
+        llmutils.MockClient().send_message(HELLO, n=10**6)
+    assert len(llmutils.MockClient().send_message(HELLO, n=128)) == 128
+
+
+@pytest.mark.parametrize("texts", [None, 3, object(), "one string", [], ["ok", 3]])
+def test_texts_that_are_not_a_list_of_str_are_an_invalid_request(texts: object) -> None:
+    with pytest.raises(InvalidRequestError, match="texts must be a non-empty list of str"):
+        llmutils.MockClient().get_embeddings(texts)  # type: ignore[arg-type]

@@ -143,3 +143,50 @@ def test_import_reads_nothing(tmp_path: Path) -> None:
     code = "import llmutils; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("sections", [["openai"], ["OpenAI", "Azure"], ["Openai"]])
+def test_a_section_other_than_openai_is_an_error_naming_the_file_and_sections(tmp_path: Path, sections: list[str]) -> None:
+    text = "".join(f"[{section}]\nMODEL = m\n" for section in sections)
+    (tmp_path / "config.ini").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        resolve()
+    message = str(info.value)
+    assert str(tmp_path / "config.ini") in message and "[OpenAI]" in message
+    assert all(f"[{section}]" in message for section in sections)
+
+
+def test_an_empty_config_file_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "config.ini").write_text("# nothing yet\n", encoding="utf-8")
+    assert resolve()["MODEL"] == llmutils.DEFAULTS["MODEL"]
+
+
+def test_the_settings_memo_sees_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMUTILS_TEST_UNRELATED", "1")
+    assert resolve()["MODEL"] == llmutils.DEFAULTS["MODEL"]
+    # Swap an unrelated variable for a setting: the number of variables stays the same.
+    monkeypatch.delenv("LLMUTILS_TEST_UNRELATED")
+    monkeypatch.setenv("LLMUTILS_MODEL", "from-env")
+    assert resolve()["MODEL"] == "from-env"
+    monkeypatch.setenv("LLMUTILS_MODEL", "changed-in-place")
+    assert resolve()["MODEL"] == "changed-in-place"
+    monkeypatch.delenv("LLMUTILS_MODEL")
+    write_config(tmp_path / "config.ini", MODEL="from-file")
+    assert resolve()["MODEL"] == "from-file"
+    write_config(tmp_path / "config.ini", MODEL="edited-file")  # same second, another size
+    assert resolve()["MODEL"] == "edited-file"
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)  # another working directory: another ./config.ini (none here)
+    assert resolve()["MODEL"] == llmutils.DEFAULTS["MODEL"]
+    llmutils.force_default_value("MODEL", "forced")
+    assert resolve()["MODEL"] == "forced"
+    with llmutils.override_defaults(model="context"):
+        assert resolve()["MODEL"] == "context"
+    assert resolve()["MODEL"] == "forced"
+
+
+def test_resolve_returns_a_dict_the_caller_may_change() -> None:
+    first = resolve()
+    first["MODEL"] = "scribbled"
+    assert resolve()["MODEL"] == llmutils.DEFAULTS["MODEL"]

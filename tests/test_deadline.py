@@ -70,8 +70,29 @@ def test_at_expiry_runs_the_callback_only_when_the_deadline_passes_inside_the_bl
     quiet = threading.Event()
     with Deadline(0.2).at_expiry(quiet.set):
         pass
-    time.sleep(0.3)  # noqa: the callback must NOT run after the block: give it the chance to misbehave
-    assert not quiet.is_set()
+    assert not quiet.wait(0.4)  # the deadline passes after the block: the callback must not run
+
+
+def test_leaving_the_block_waits_for_a_callback_already_running() -> None:
+    # The callback shuts a socket down: the connection must not go back to the pool meanwhile.
+    started, release, left = threading.Event(), threading.Event(), threading.Event()
+
+    def callback() -> None:
+        started.set()
+        release.wait(10)
+
+    def call() -> None:
+        with Deadline(0.01).at_expiry(callback):
+            started.wait(10)
+        left.set()
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert started.wait(10)
+    assert not left.wait(0.2)  # still inside the callback: the block has not been left
+    release.set()
+    assert left.wait(10)
+    thread.join(10)
 
 
 # -- the body read -----------------------------------------------------------------------------

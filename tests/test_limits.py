@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import llmutils
 from llmutils import OpenAIClient, RetryPolicy
 from llmutils import _clients
 from llmutils._deadline import Deadline
@@ -215,6 +216,42 @@ def test_rpm_spaces_requests_from_many_threads(server: OpenAITestServer, limiter
     assert server.request_count == 5
     assert clock.sleeps == pytest.approx([0.1] * 4)
     assert clock.now == pytest.approx(0.4)
+
+
+def test_each_distinct_limit_setting_gets_its_own_limiter(server: OpenAITestServer, limiters: Limiters, clock: FakeClock) -> None:
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        for _ in range(3):  # as two threads would, interleaved: rpm=60 and rpm=61 in turn
+            with llmutils.override_defaults(rpm=60):
+                client.send_message(HELLO)
+            with llmutils.override_defaults(rpm=61):
+                client.send_message(HELLO)
+    # Two limiters, kept: not one rebuilt back and forth (which let every request through at once).
+    assert limiters.built == [{"rpm": 60.0, "tpm": None}, {"rpm": 61.0, "tpm": None}]
+    assert server.request_count == 6
+    assert clock.now >= 2 * 60 / 61 - 1e-9  # each limiter held its own spacing: 3 requests per limit
+
+
+def test_threads_with_the_same_limit_setting_share_one_limiter(server: OpenAITestServer, limiters: Limiters, clock: FakeClock) -> None:
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+
+        def call(rpm: int) -> None:
+            try:
+                with llmutils.override_defaults(rpm=rpm):
+                    start.wait(WAIT)
+                    client.send_message(HELLO)
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(rpm,), daemon=True) for rpm in (600, 600, 601, 601)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+    assert not errors, errors
+    assert sorted(b["rpm"] for b in limiters.built) == [600.0, 601.0]
+    assert server.request_count == 4
 
 
 # -- TPM ---------------------------------------------------------------------------------------

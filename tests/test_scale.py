@@ -62,9 +62,9 @@ def test_runtime_state_stays_behind(server: OpenAITestServer, tmp_path: Path) ->
     client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
                           rpm=6000, max_concurrent_calls=4)
     client.send_message(HELLO)  # opens the SDK's connections, the cache file and the limiters
-    assert client._sdk_clients and client._caches and client._limits is not None and client.usage.totals().requests == 1
+    assert client._sdk_clients and client._caches and client._limits and client.usage.totals().requests == 1
     copy = roundtrip(client)
-    assert not copy._sdk_clients and not copy._caches and copy._limits is None and not copy._inflight
+    assert not copy._sdk_clients and not copy._caches and not copy._limits and not copy._inflight
     assert copy.usage.totals().requests == 0 and copy.last_call is None
     assert copy.send_message(HELLO)["content"] == "echo: hello" and copy.last_call.cached  # same cache file
     mock = MockClient()

@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ import pytest
 import requests
 import responses
 
+import llmutils
 import llmutils._tokens as tokens
+from llmutils.testing import OpenAITestServer
 from llmutils import InvalidRequestError, LLMUtilsError
 from llmutils._tokens import (
     FALLBACK_ENCODING,
@@ -525,3 +528,45 @@ def test_send_message_still_works_when_the_encoding_cannot_load(
     assert server.request_count == 2
     assert len(warnings_of(caplog)) == 1
     assert calls_to(offline, CL100K_URL) == 1
+
+
+@pytest.mark.parametrize("model", [123, b"gpt-4", ["gpt-4"]])
+def test_a_model_that_is_not_a_string_is_an_invalid_request(model: object) -> None:
+    with pytest.raises(InvalidRequestError, match="model must be a str"):
+        count_tokens([{"role": "user", "content": "hi"}], model)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="model must be a str"):
+        count_tokens("hi", model)  # type: ignore[arg-type]
+
+
+def test_messages_nested_thousands_deep_are_an_invalid_request() -> None:
+    value: object = {"type": "text", "text": "hi"}
+    for _ in range(5000):
+        value = {"x": value}
+    with pytest.raises(InvalidRequestError, match="nested too deeply"):
+        count_tokens([{"role": "user", "content": "hi", "extra": value}], "gpt-4o")
+
+
+def test_a_calls_deadline_bounds_the_wait_for_tiktoken(
+    served: responses.RequestsMock, server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real_load = tokens._load
+
+    def slow_load(slot: Any, name: str, tiktoken: Any) -> None:  # a download that takes its time
+        release.wait(30)
+        real_load(slot, name, tiktoken)
+
+    monkeypatch.setattr(tokens, "_load", slow_load)
+    try:
+        with llmutils.OpenAIClient(base_url=server.base_url, api_key="k", tpm=1_000_000) as client:
+            started = time.monotonic()
+            assert client.send_message(COOKBOOK_MESSAGES, model="gpt-4", total_timeout=1)["content"]
+            assert time.monotonic() - started < 1.5  # not the 5 s tiktoken load wait
+        with tokens.loading_within(0.05):
+            assert not count_tokens(COOKBOOK_MESSAGES, "gpt-4").exact  # an estimate, the load goes on
+    finally:
+        release.set()
+    loader = tokens._slots["cl100k_base"].thread
+    assert loader is not None
+    loader.join(30)  # the background load finishes, and the next count is exact
+    assert count_tokens(COOKBOOK_MESSAGES, "gpt-4").exact

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._deadline import Deadline
 from .._exceptions import ConfigError
@@ -47,6 +47,7 @@ VALUE_FORMAT = '{"value": <response>, "created": <unix time>, "expires": <unix t
 
 # Built once: json.dumps() with options builds a new encoder on every call.
 _VALUE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_ASCII_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -70,8 +71,19 @@ def check_ttl(ttl: float | None) -> float | None:
 
 
 def encode_entry(value: Any, now: float, ttl: float | None) -> str:
-    """The JSON text stored for ``value``: ``{"value": ..., "created": now, "expires": ...}``."""
-    return _VALUE_JSON({"value": value, "created": now, "expires": None if ttl is None else now + ttl})
+    """The JSON text stored for ``value``: ``{"value": ..., "created": now, "expires": ...}``.
+
+    Text is stored as is (UTF-8), except in an entry holding a lone surrogate (``"\\ud83d"``, not
+    valid Unicode, so not encodable as UTF-8): that entry is stored with ``\\uXXXX`` escapes,
+    which JSON reads back to the very same string.
+    """
+    entry = {"value": value, "created": now, "expires": None if ttl is None else now + ttl}
+    text = _VALUE_JSON(entry)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _ASCII_JSON(entry)
+    return text
 
 
 class CacheBase:
@@ -162,36 +174,56 @@ def is_cache_url(location: str | os.PathLike[str]) -> bool:
     return isinstance(location, str) and bool(_URL.match(location))
 
 
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (in the user part and in a ``password=`` query)."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            user, sep, _ = userinfo.partition(":")
-            netloc = f"{user}:***@{host}" if sep else f"{userinfo}@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            if any(k.lower() == "password" for k, _ in pairs):
-                from urllib.parse import urlencode
+def _split_userinfo(url: str) -> tuple[str, str | None, str | None, str]:
+    """``(scheme, user, password, rest)``: the user part ends at the LAST ``@``, so a password holding
+    ``#``, ``/`` or ``?`` unencoded (which a URL parser would cut at) is still taken whole."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", None, None, url
+    at = rest.rfind("@")
+    if at < 0:
+        return scheme, None, None, rest
+    userinfo, rest = rest[:at], rest[at + 1 :]
+    user, colon, password = userinfo.partition(":")
+    return scheme, user, password if colon else None, rest
 
-                query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
-        # Not urlunsplit(): it turns unix:///path into unix:/path.
-        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (in the user part and in a ``password=`` query).
+
+    >>> mask_url("redis://:s3cr#t@cache.internal:6379/0")
+    'redis://:***@cache.internal:6379/0'
+    """
+    scheme, user, password, rest = _split_userinfo(url)
+    if not scheme:
+        return url
+    if user is None:
+        head = ""
+    elif password is None:
+        head = f"{user}@"
+    else:
+        head = f"{user}:***@"
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
     except ValueError:
-        return url.split("://", 1)[0] + "://***"
+        return f"{scheme}://{head}***"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
+    # Not urlunsplit(): it turns unix:///path into unix:/path.
+    return f"{scheme}://{head}{parts.netloc}{parts.path}" + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def url_secrets(url: str) -> list[str]:
     """The password(s) in ``url``, raw and unquoted, to scrub from error texts."""
     found: list[str] = []
+    scheme, _, password, rest = _split_userinfo(url)
+    if password:
+        found.append(password)
     try:
-        parts = urlsplit(url)
-        if parts.password:
-            found.append(parts.password)
-        found.extend(v for k, v in parse_qsl(parts.query) if k.lower() == "password" and v)
+        found.extend(v for k, v in parse_qsl(urlsplit(f"{scheme}://{rest}").query) if k.lower() == "password" and v)
     except ValueError:
         pass
     return [s for s in {*found, *(unquote(s) for s in found)} if s]

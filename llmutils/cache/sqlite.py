@@ -26,7 +26,11 @@ the cache (the file is left as it is). A transient fault (a lock held past ``bus
 I/O error, a full disk) turns the cache off for ``retry_interval`` seconds (30 by default); then it
 is tried again, and one INFO says when it works again. Any other fault (a file that is not an
 SQLite file or not a cache, a newer schema, a corrupt file, an unwritable place) turns it off for
-the life of the object.
+the life of the object. Three faults leave it on: a write that cannot get the lock before the
+call's deadline is dropped (one WARNING, one error counted); a write refused because of its entry
+alone is skipped; a file that cannot be written (read-only file or file system) keeps serving hits
+while writes pause for ``retry_interval``. A file deleted or replaced while in use is noticed by the
+next write, which creates it again (one WARNING).
 """
 
 from __future__ import annotations
@@ -241,6 +245,10 @@ class SQLiteCache(CacheBase):
         self._outage: int | None = None  # rank of what failed in the current outage (_OPEN/_READ/_WRITE)
         self._busy_ms = int(self.busy_timeout * 1000)  # the writer's busy_timeout now
         self._warned_deadline = False
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file opened
+        # A file we may read but not write (read-only file or file system): hits go on, writes pause.
+        self._no_writes = Cooldown(self.retry_interval, clock=lambda: self._clock())
+        self._warned_entry = False
         self._warned_rows = False
         self._leases_ready = False  # the lease table has been created (or found) through this object
         self._hits = self._misses = self._writes = self._errors = 0
@@ -310,13 +318,15 @@ class SQLiteCache(CacheBase):
         time is dropped, counted as an error and logged once, and the cache stays on.
         """
         text, ttl = self.entry_text(key, value, ttl, self._clock())
-        if self._off.blocked():
+        if self._off.blocked() or self._no_writes.blocked():
             return False
         wait = None if deadline is None else deadline.timeout_for(self.busy_timeout)
         if not (self._lock.acquire() if wait is None else self._lock.acquire(timeout=wait)):
             self._late_write("another thread was still writing")
             return False
         try:
+            if self._ready and self._pid == os.getpid():
+                self._check_still_there()
             db = self._writer()
             if db is None:
                 return False
@@ -333,6 +343,12 @@ class SQLiteCache(CacheBase):
                     if busy_ms < int(self.busy_timeout * 1000) and _is_busy_error(exc):
                         self._late_write("the file stayed locked by another connection")
                         return False
+                    if _is_entry_error(exc):
+                        self._bad_entry(key, exc)
+                        return False
+                    if _is_readonly_error(exc):
+                        self._read_only(exc)
+                        return False
                     self._fault(f"writing failed ({type(exc).__name__}: {exc})", exc, _WRITE)
                     return False
         finally:
@@ -340,7 +356,49 @@ class SQLiteCache(CacheBase):
         self.count(writes=1)
         if self._outage is not None:
             self._works(_WRITE)
+        if self._no_writes.tripped and self._no_writes.reset():
+            logger.info("llmutils cache %s can be written again; storing new answers", self.path)
         return True
+
+    def _check_still_there(self) -> None:
+        """Before a write (``_lock`` held): if the file was deleted or replaced since it was opened,
+        log one WARNING and close everything, so the write recreates the file instead of going to
+        the deleted one."""
+        try:
+            st = os.stat(self.path)
+            identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = None
+        if identity == self._identity:
+            return
+        logger.warning(
+            "llmutils cache %s was %s while in use; creating it again for this write",
+            self.path,
+            "deleted" if identity is None else "replaced by another file",
+        )
+        self._close_writer()
+        self._drain_pool()
+        self._ready = False
+        self._identity = None
+
+    def _read_only(self, exc: BaseException) -> None:
+        """The file cannot be written (read-only file or file system): keep serving hits, pause writes."""
+        self.count(errors=1)
+        if self._no_writes.trip():
+            logger.warning(
+                "llmutils cache %s cannot be written (%s); it keeps serving the answers it holds, new "
+                "answers are not stored (tried again in %gs)",
+                self.path,
+                exc,
+                self.retry_interval,
+            )
+
+    def _bad_entry(self, key: str, exc: BaseException) -> None:
+        """A write refused because of that entry alone (too big, not encodable): an error, the cache stays on."""
+        self.count(errors=1)
+        level = logging.DEBUG if self._warned_entry else logging.WARNING
+        self._warned_entry = True
+        logger.log(level, "llmutils cache %s: entry %s could not be stored (%s: %s); it is not cached", self.path, key, type(exc).__name__, exc)
 
     def _late_write(self, why: str) -> None:
         """A write given up because the call's deadline came first: an error, one WARNING, cache stays on."""
@@ -657,6 +715,8 @@ class SQLiteCache(CacheBase):
                 conn = self._connect(readonly=not writable, create=writable)
                 try:
                     self._init_schema(conn, writable)
+                    st = os.stat(path)
+                    self._identity = (st.st_dev, st.st_ino)
                 finally:
                     conn.close()
                 return
@@ -927,6 +987,7 @@ class SQLiteCache(CacheBase):
             self._lock = threading.Lock()
             self._stats_lock = threading.Lock()
             self._off.after_fork()
+            self._no_writes.after_fork()
             self._pool_lock = threading.Lock()
             self._pool_cv = threading.Condition(self._pool_lock)
             self._busy = 0
@@ -943,6 +1004,34 @@ def _is_busy_error(exc: BaseException | None) -> bool:
     while exc is not None and seen < 8:
         if isinstance(exc, sqlite3.OperationalError):
             return _is_busy(exc)
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _is_readonly_error(exc: BaseException | None) -> bool:
+    """True for SQLite's "attempt to write a readonly database" (SQLITE_READONLY and its variants)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if isinstance(code, int) and code & 0xFF == 8:
+                return True
+            return "readonly database" in str(exc).lower()
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _is_entry_error(exc: BaseException | None) -> bool:
+    """True when a write failed because of its entry alone (too big, not encodable), not the store."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (UnicodeError, OverflowError, sqlite3.InterfaceError, sqlite3.DataError)):
+            return True
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            return code == 18 or "too big" in str(exc).lower()  # SQLITE_TOOBIG
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
