@@ -127,7 +127,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_batch(client: llmutils.OpenAIClient, tag: str, n: int, workers: int, executor: Any, server_pid: int) -> tuple[float, int, float]:
+def run_batch(
+    client: llmutils.OpenAIClient, tag: str, n: int, workers: int, executor: Any, server_pid: int
+) -> tuple[float, int, float]:
     """requests/s, failures, and the server's CPU use (1.0 = one core) of one ``batch`` run."""
     cpu = cpu_seconds(server_pid)
     start = time.perf_counter()
@@ -144,7 +146,9 @@ def throughput(base_url: str, server_pid: int, args: argparse.Namespace) -> dict
     failures = 0
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         run_batch(client, "warm-1", args.workers * 2, args.workers, None, server_pid)
-        run_batch(client, "warm-2", args.workers * 4, args.workers, pool, server_pid)  # start both workers, open connections
+        run_batch(
+            client, "warm-2", args.workers * 4, args.workers, pool, server_pid
+        )  # start both workers, open connections
         for r in range(args.rounds):
             for name, executor, server in (("1 process", None, "server 1"), ("2 processes", pool, "server 2")):
                 rate, failed, busy = run_batch(client, f"{name}-{r}", args.requests, args.workers, executor, server_pid)
@@ -206,7 +210,9 @@ def shared_rate(base_url: str, redis_url: str, args: argparse.Namespace) -> dict
         "seconds": args.rpm_seconds,
     }
     procs = [
-        subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         for _ in range(args.rpm_processes)
     ]
     for proc in procs:
@@ -276,13 +282,17 @@ def main(argv: list[str] | None = None) -> None:
         one, two = rates["1 process"], rates["2 processes"]
         ratio = statistics.median(two) / statistics.median(one)
         print()
-        print(f"batch, {args.requests} requests, {args.workers} threads per process, {args.latency * 1000:g} ms latency (requests/s):")
+        print(
+            f"batch, {args.requests} requests, {args.workers} threads per process, "
+            f"{args.latency * 1000:g} ms latency (requests/s):"
+        )
         print(f"  1 process                       {spread(one)}")
         print(f"  2 processes (--processes 2)     {spread(two)}")
         print(f"  ratio 2 / 1                     {ratio:.2f}x")
         print(
             f"  the test server's CPU use (1.00 = one core; it is one Python process): "
-            f"{statistics.median(rates['server 1']):.2f} with 1 process, {statistics.median(rates['server 2']):.2f} with 2"
+            f"{statistics.median(rates['server 1']):.2f} with 1 process, "
+            f"{statistics.median(rates['server 2']):.2f} with 2"
         )
     if args.part in ("all", "rate"):
         with serve(0.0) as (url, _pid), redis_server(args.redis_url) as redis_url:

@@ -550,7 +550,11 @@ def _run_chunk(
     fn, client = kept
     with override_defaults(**settings):
         results = map_calls(
-            fn, [item for _, item in pairs], workers=workers, client=client, max_connection_failures=max_connection_failures
+            fn,
+            [item for _, item in pairs],
+            workers=workers,
+            client=client,
+            max_connection_failures=max_connection_failures,
         )
     return [replace(r, index=pairs[r.index][0]) for r in results]
 
@@ -624,7 +628,13 @@ def _map_on_executor(
         for start in range(0, len(todo), chunk_size):
             indices = range(start, min(start + chunk_size, len(todo)))
             future = executor.submit(
-                _run_chunk, token, (fn, client), [(i, todo[i]) for i in indices], workers, max_connection_failures, settings
+                _run_chunk,
+                token,
+                (fn, client),
+                [(i, todo[i]) for i in indices],
+                workers,
+                max_connection_failures,
+                settings,
             )
             pending[future] = indices
         while pending:

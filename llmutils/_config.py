@@ -237,7 +237,9 @@ _KEYS: dict[str, _Key] = {
         doc="Redis URL that makes RPM/TPM shared by every process using it and RATE_LIMIT_NAME: redis://host:6379/0",
         redis_url=True,
     ),
-    "RATE_LIMIT_NAME": _Key(str, None, optional=True, doc="name of the shared RPM/TPM budget (default: the endpoint URL)"),
+    "RATE_LIMIT_NAME": _Key(
+        str, None, optional=True, doc="name of the shared RPM/TPM budget (default: the endpoint URL)"
+    ),
     "BATCH_POLL_INTERVAL": _Key(float, 5.0, doc="Batch API: first wait between polls of a batch, seconds"),
     "BATCH_POLL_MAX": _Key(float, 60.0, doc="Batch API: cap on the wait between polls, seconds"),
 }

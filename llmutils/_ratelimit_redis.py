@@ -50,10 +50,10 @@ from ._ratelimit import RateLimiter, Reservation
 from .cache import mask_url
 
 __all__ = [
-    "RedisRateLimiter",
-    "rate_limit_name",
     "DEFAULT_RATE_LIMIT_REDIS_TIMEOUT",
     "DEFAULT_RATE_LIMIT_RETRY_INTERVAL",
+    "RedisRateLimiter",
+    "rate_limit_name",
 ]
 
 logger = logging.getLogger("llmutils")
@@ -154,6 +154,23 @@ def rate_limit_name(endpoint: str) -> str:
     return f"{parts.scheme}://{host}{path}" if parts.scheme else (endpoint.strip().rstrip("/") or "default")
 
 
+class _SharedReservation(Reservation):
+    """A :class:`~llmutils._ratelimit.Reservation` granted by Redis: ``reconcile`` corrects the shared budget."""
+
+    __slots__ = ("_shared",)
+
+    def __init__(self, limiter: RedisRateLimiter, tokens: int) -> None:
+        super().__init__(None, tokens)
+        self._shared = limiter
+
+    def reconcile(self, actual_tokens: int) -> None:
+        """Debit ``actual_tokens - tokens`` more from the shared budget (a refund when negative)."""
+        if actual_tokens < 0:
+            raise InvalidRequestError(f"actual_tokens must be >= 0, got {actual_tokens}")
+        self._shared._adjust_tokens(actual_tokens - self.tokens)
+        self.tokens = actual_tokens
+
+
 class RedisRateLimiter:
     """Requests-per-minute and tokens-per-minute limits shared through Redis by every process.
 
@@ -213,9 +230,7 @@ class RedisRateLimiter:
         try:
             import redis
         except ImportError as exc:  # pragma: no cover - the redis extra is part of the test install
-            raise ConfigError(
-                "RATE_LIMIT_URL needs the redis package: pip install 'llmutils-openai[redis]'"
-            ) from exc
+            raise ConfigError("RATE_LIMIT_URL needs the redis package: pip install 'llmutils-openai[redis]'") from exc
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._url = url
         self._name = name
@@ -284,7 +299,9 @@ class RedisRateLimiter:
     def __repr__(self) -> str:
         return f"RedisRateLimiter({mask_url(self._url)!r}, name={self._name!r}, rpm={self._rpm!r}, tpm={self._tpm!r})"
 
-    def acquire(self, tokens: int = 0, *, timeout: float | None = None, deadline: Deadline | None = None) -> Reservation:
+    def acquire(
+        self, tokens: int = 0, *, timeout: float | None = None, deadline: Deadline | None = None
+    ) -> Reservation:
         """Wait for this request's slot in the shared budget; first come, first served.
 
         ``tokens`` is the estimate (prompt + max output); it is ignored when ``tpm`` is off.
@@ -296,9 +313,9 @@ class RedisRateLimiter:
             raise InvalidRequestError(f"tokens must be an integer >= 0, got {tokens!r}")
         by_deadline = False
         if deadline is not None and deadline.bounded:
-            left = deadline.remaining()
-            if timeout is None or left < timeout:
-                timeout, by_deadline = left, True
+            remaining = deadline.remaining()
+            if timeout is None or remaining < timeout:
+                timeout, by_deadline = remaining, True
         start = self._clock()
         reserved = tokens if self._tpm is not None else 0
         while True:
@@ -330,16 +347,16 @@ class RedisRateLimiter:
             if not int(granted):
                 raise self._timeout_error(timeout, wait, deadline if by_deadline else None)
             if wait <= 0.0:
-                return Reservation(self, reserved)
+                return _SharedReservation(self, reserved)
             self._wait(wait)
             # A 429 elsewhere may have paused everyone while this caller slept on its slot.
             try:
                 again_us = int(self._scripts["check"](keys=[self._key], args=[paused_seen]))
             except self._redis_errors as exc:
                 self._went_down(exc)
-                return Reservation(self, reserved)
+                return _SharedReservation(self, reserved)
             if again_us <= 0:
-                return Reservation(self, reserved)
+                return _SharedReservation(self, reserved)
             logger.debug("shared rate limit %r paused while waiting: taking a new slot", self._name)
 
     def pause(self, seconds: float) -> None:
@@ -370,7 +387,7 @@ class RedisRateLimiter:
                 self._waiting -= 1
 
     def _adjust_tokens(self, delta: int) -> None:
-        """Debit ``delta`` more tokens from the shared budget (refund when negative); for Reservation."""
+        """Debit ``delta`` more tokens from the shared budget (refund when negative)."""
         if self._tpm is None or delta == 0 or not self._redis_usable():
             return
         try:

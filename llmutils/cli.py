@@ -834,8 +834,9 @@ def _batch_executor(args: argparse.Namespace) -> Iterator[Any]:
             import distributed
         except ImportError:
             args.parser.error("--dask-scheduler needs Dask's distributed package: pip install 'llmutils-openai[dask]'")
+        connect: Any = distributed.Client  # untyped in distributed
         try:
-            dask_client = distributed.Client(args.dask_scheduler, timeout=30)
+            dask_client: Any = connect(args.dask_scheduler, timeout=30)
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"cannot reach the Dask scheduler at {args.dask_scheduler}: {exc}") from None
         try:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server")
 CI_URL = os.environ.get("LLMUTILS_TEST_REDIS_URL")  # read at import: the autouse fixture clears LLMUTILS_*
-NO_SERVER = "no Redis: redis-server is not on PATH (apt-get install redis-server) and LLMUTILS_TEST_REDIS_URL is not set"
+NO_SERVER = (
+    "no Redis: redis-server is not on PATH (apt-get install redis-server) and LLMUTILS_TEST_REDIS_URL is not set"
+)
 
 
 def free_port() -> int:
@@ -53,8 +55,19 @@ class RedisServer:
         """Start (or restart, on the same port) and return when it answers PING."""
         assert REDIS_SERVER is not None, NO_SERVER
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

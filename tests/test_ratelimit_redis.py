@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis_servers import CI_URL, NO_SERVER, REDIS_SERVER, RedisServer
 
 import llmutils
 from llmutils import OpenAIClient
@@ -24,7 +25,6 @@ from llmutils._deadline import Deadline
 from llmutils._exceptions import ConfigError, InvalidRequestError, RateLimitError, TotalTimeoutError
 from llmutils._ratelimit_redis import RedisRateLimiter, rate_limit_name
 from llmutils.testing import Fault, OpenAITestServer
-from redis_servers import CI_URL, NO_SERVER, REDIS_SERVER, RedisServer
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install -e '.[test]'")
 
@@ -174,7 +174,7 @@ def test_timeout_raises_at_once_without_taking_a_slot(redis_url: str, name: str)
     waits = Recorder()
     a = RedisRateLimiter(redis_url, name=name, rpm=60, sleep=waits)
     a.acquire()
-    with pytest.raises(RateLimitError, match="no slot within the 0.5 s timeout") as info:
+    with pytest.raises(RateLimitError, match=r"no slot within the 0\.5 s timeout") as info:
         a.acquire(timeout=0.5)
     assert waits.waits == []
     assert info.value.retry_after is not None and 0.5 < info.value.retry_after <= 1.0
@@ -187,9 +187,9 @@ def test_the_call_deadline_bounds_the_wait(redis_url: str, name: str) -> None:
     waits = Recorder()
     a = RedisRateLimiter(redis_url, name=name, rpm=60, sleep=waits)
     a.acquire()
-    with pytest.raises(TotalTimeoutError, match="total_timeout=0.5s ran out waiting for the shared rate limit"):
+    with pytest.raises(TotalTimeoutError, match=r"total_timeout=0\.5s ran out waiting for the shared rate limit"):
         a.acquire(timeout=30, deadline=Deadline(0.5))
-    with pytest.raises(RateLimitError, match="no slot within the 0.2 s timeout"):
+    with pytest.raises(RateLimitError, match=r"no slot within the 0\.2 s timeout"):
         a.acquire(timeout=0.2, deadline=Deadline(30))  # the shorter bound wins
     a.acquire(deadline=Deadline(5))
     assert waits.waits and waits.waits[0] <= 1.002
@@ -249,7 +249,10 @@ def test_the_hash_expires_after_use(redis_url: str, name: str) -> None:
     [
         ({"url": "http://localhost:6379"}, "RATE_LIMIT_URL must be a Redis URL"),
         ({"url": "localhost:6379"}, "RATE_LIMIT_URL must be a Redis URL"),
-        ({"url": "redis://:secret@localhost:notaport/0"}, "RATE_LIMIT_URL 'redis://:\\*\\*\\*@localhost:notaport/0' cannot be used"),
+        (
+            {"url": "redis://:secret@localhost:notaport/0"},
+            "RATE_LIMIT_URL 'redis://:\\*\\*\\*@localhost:notaport/0' cannot be used",
+        ),
         ({"name": " "}, "RATE_LIMIT_NAME must be a non-empty string"),
         ({"rpm": -1}, "rpm must be a positive number"),
         ({"tpm": -5}, "tpm must be a positive number"),
@@ -528,7 +531,9 @@ def test_without_rate_limit_url_nothing_changes(server: OpenAITestServer) -> Non
 def test_a_client_goes_on_when_its_rate_limit_redis_stops(
     server: OpenAITestServer, own_redis: RedisServer, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = OpenAIClient(base_url=server.base_url, api_key="k", rpm=60_000, rate_limit_url=own_redis.url, rate_limit_name=name)
+    client = OpenAIClient(
+        base_url=server.base_url, api_key="k", rpm=60_000, rate_limit_url=own_redis.url, rate_limit_name=name
+    )
     client.send_message(HELLO)
     own_redis.stop()
     for i in range(5):

@@ -35,15 +35,25 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def roundtrip(obj: Any) -> Any:
-    return pickle.loads(pickle.dumps(obj))
+    return pickle.loads(pickle.dumps(obj))  # noqa: S301 - our own bytes
 
 
 def test_every_client_kind_pickles_to_its_configuration(tmp_path: Path) -> None:
     clients = [
-        OpenAIClient(api_key="sk-explicit", base_url="http://127.0.0.1:9/v1", model="m", rpm=60, cache_api_calls=True,
-                     cache_file_name=tmp_path / "c.sqlite", rate_limit_url="redis://127.0.0.1:9/0",
-                     default_headers={"X-Team": "a"}, prices={"m": (1.0, 2.0)}),
-        AzureClient(api_key="az-explicit", azure_endpoint="https://x.openai.azure.com", api_version="2024-10-21", model="dep"),
+        OpenAIClient(
+            api_key="sk-explicit",
+            base_url="http://127.0.0.1:9/v1",
+            model="m",
+            rpm=60,
+            cache_api_calls=True,
+            cache_file_name=tmp_path / "c.sqlite",
+            rate_limit_url="redis://127.0.0.1:9/0",
+            default_headers={"X-Team": "a"},
+            prices={"m": (1.0, 2.0)},
+        ),
+        AzureClient(
+            api_key="az-explicit", azure_endpoint="https://x.openai.azure.com", api_version="2024-10-21", model="dep"
+        ),
         MockClient(answers=["first", "second"], model="mock-model"),
     ]
     for client in clients:
@@ -59,8 +69,14 @@ def test_every_client_kind_pickles_to_its_configuration(tmp_path: Path) -> None:
 
 
 def test_runtime_state_stays_behind(server: OpenAITestServer, tmp_path: Path) -> None:
-    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
-                          rpm=6000, max_concurrent_calls=4)
+    client = OpenAIClient(
+        base_url=server.base_url,
+        api_key="k",
+        cache_api_calls=True,
+        cache_file_name=tmp_path / "c.sqlite",
+        rpm=6000,
+        max_concurrent_calls=4,
+    )
     client.send_message(HELLO)  # opens the SDK's connections, the cache file and the limiters
     assert client._sdk_clients and client._caches and client._limits and client.usage.totals().requests == 1
     copy = roundtrip(client)
@@ -115,7 +131,9 @@ def keyed_server() -> Iterator[OpenAITestServer]:
         yield srv
 
 
-def test_clients_and_llmcall_work_in_a_spawned_process(keyed_server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_clients_and_llmcall_work_in_a_spawned_process(
+    keyed_server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-worker-env")  # the worker reads its own environment
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", "sk-worker-env")
     ask = operator.methodcaller("send_message", HELLO)
@@ -167,14 +185,21 @@ SQLITE_CHILD = textwrap.dedent(
 )
 
 
-def test_four_processes_eight_threads_share_one_request_per_prompt_on_sqlite(server: OpenAITestServer, tmp_path: Path) -> None:
+def test_four_processes_eight_threads_share_one_request_per_prompt_on_sqlite(
+    server: OpenAITestServer, tmp_path: Path
+) -> None:
     server.latency = 0.02  # long enough for identical requests of several processes to overlap
     cache = str(tmp_path / "shared.sqlite")
     SQLiteCache(cache).set(make_key({"warm": True}), {"x": 1})  # the file exists before the race
     spec = {"base_url": server.base_url, "cache": cache, "prompts": 100, "threads": 8}
     procs = [
-        subprocess.Popen([sys.executable, "-c", SQLITE_CHILD, json.dumps({**spec, "seed": n})],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", SQLITE_CHILD, json.dumps({**spec, "seed": n})],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for n in range(4)
     ]
     for proc in procs:
@@ -188,7 +213,9 @@ def test_four_processes_eight_threads_share_one_request_per_prompt_on_sqlite(ser
         assert proc.returncode == 0, err
         assert json.loads(out.splitlines()[-1])["wrong"] == []
     assert server.request_count == 100
-    assert sorted(r.body["messages"][-1]["content"] for r in server.requests) == sorted(f"shared prompt {i}" for i in range(100))
+    assert sorted(r.body["messages"][-1]["content"] for r in server.requests) == sorted(
+        f"shared prompt {i}" for i in range(100)
+    )
 
 
 def test_a_waiter_takes_over_when_the_lease_expires(tmp_path: Path) -> None:
@@ -232,7 +259,9 @@ def test_a_waiter_gets_the_holders_answer(tmp_path: Path) -> None:
         assert holding.wait(10)
         timer = threading.Timer(0.2, release.set)
         timer.start()
-        value, shared = waiter.single_flight(key, lambda: sent.append("waiter") or {"from": "waiter"}, deadline=Deadline(20))
+        value, shared = waiter.single_flight(
+            key, lambda: sent.append("waiter") or {"from": "waiter"}, deadline=Deadline(20)
+        )
         assert (value, shared, sent) == ({"from": "holder"}, True, [])
     finally:
         release.set()
@@ -301,7 +330,9 @@ def test_the_deadline_bounds_the_wait_for_a_lease(tmp_path: Path) -> None:
     holder, waiter = SQLiteCache(path), SQLiteCache(path)
     key = make_key({"q": 5})
     holding, release = threading.Event(), threading.Event()
-    thread = threading.Thread(target=holder.single_flight, args=(key, lambda: holding.set() or release.wait(30) and {"x": 1}))
+    thread = threading.Thread(
+        target=holder.single_flight, args=(key, lambda: holding.set() or (release.wait(30) and {"x": 1}))
+    )
     thread.start()
     try:
         assert holding.wait(10)
@@ -364,15 +395,26 @@ def test_batch_on_a_process_pool_keeps_order_and_per_item_errors(
     server: OpenAITestServer, tmp_path: Path, spawn_pool: ProcessPoolExecutor
 ) -> None:
     server.chat_handler = fail_on_fail
-    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite",
-                          retry=RetryPolicy(max_attempts=1))
+    client = OpenAIClient(
+        base_url=server.base_url,
+        api_key="k",
+        cache_api_calls=True,
+        cache_file_name=tmp_path / "c.sqlite",
+        retry=RetryPolicy(max_attempts=1),
+    )
     items: list[Any] = prompts("pool", 30)
     items[7] = [{"role": "user", "content": "FAIL"}]
     seen: list[int] = []
-    results = llmutils.batch(items, client=client, workers=4, executor=spawn_pool, chunk_size=5, on_result=lambda r: seen.append(r.index))
+    results = llmutils.batch(
+        items, client=client, workers=4, executor=spawn_pool, chunk_size=5, on_result=lambda r: seen.append(r.index)
+    )
     assert [r.index for r in results] == list(range(30))
     assert [r.content for r in results if r.index != 7] == [f"echo: pool {i}" for i in range(30) if i != 7]
-    assert not results[7].ok and isinstance(results[7].error, llmutils.LLMUtilsError) and results[7].error.status_code == 500
+    assert (
+        not results[7].ok
+        and isinstance(results[7].error, llmutils.LLMUtilsError)
+        and results[7].error.status_code == 500
+    )
     assert sorted(seen) == list(range(30))
     assert server.request_count == 30
     again = llmutils.batch(items, client=client, workers=4, executor=spawn_pool, chunk_size=5)
@@ -394,10 +436,9 @@ def test_map_calls_takes_any_executor_and_checks_it(server: OpenAITestServer) ->
 
     client = OpenAIClient(base_url=server.base_url, api_key="k")
     with ThreadPoolExecutor(2) as pool:
-        results = llmutils.map_calls(_Ask(client), prompts("t", 9),
-                                     client=client, executor=pool, chunk_size=2)
+        results = llmutils.map_calls(_Ask(client), prompts("t", 9), client=client, executor=pool, chunk_size=2)
     assert [r.output["content"] for r in results] == [f"echo: t {i}" for i in range(9)]
-    with pytest.raises(llmutils.ConfigError, match="executor must be a concurrent.futures.Executor"):
+    with pytest.raises(llmutils.ConfigError, match=r"executor must be a concurrent\.futures\.Executor"):
         llmutils.map_calls(_Ask(client), prompts("t", 1), client=client, executor=object())  # type: ignore[arg-type]
     with pytest.raises(llmutils.ConfigError, match="chunk_size must be an int >= 1"):
         llmutils.map_calls(_Ask(client), prompts("t", 1), client=client, executor=pool, chunk_size=0)
@@ -413,7 +454,9 @@ class _Ask:
         return self.client.send_message(messages)
 
 
-def test_the_calling_process_settings_go_with_the_chunks(server: OpenAITestServer, spawn_pool: ProcessPoolExecutor) -> None:
+def test_the_calling_process_settings_go_with_the_chunks(
+    server: OpenAITestServer, spawn_pool: ProcessPoolExecutor
+) -> None:
     client = OpenAIClient(base_url=server.base_url, api_key="k")
     with llmutils.override_defaults(model="model-from-the-caller"):
         llmutils.batch(prompts("s", 2), client=client, executor=spawn_pool)
@@ -491,9 +534,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def dask_client() -> Iterator[Any]:
     """A Dask cluster of 2 worker processes on 127.0.0.1, shared by the tests of this module."""
     distributed = pytest.importorskip("distributed", reason="Dask is not installed: pip install -e '.[test]'")
-    with distributed.LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=2, host="127.0.0.1", dashboard_address=None
-    ) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=2, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         yield client
 
 
@@ -514,8 +560,15 @@ def test_a_batch_on_a_dask_cluster_shares_the_redis_cache_and_limiter(
     # Exact counts need the cache up all along: a generous timeout keeps a busy machine from
     # turning it off for a while (a slow Redis degrades to "no cache" by design).
     patient = f"{redis_url}?socket_timeout=10&socket_connect_timeout=10"
-    client = OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_url=patient,
-                          rpm=60_000, rate_limit_url=redis_url, rate_limit_name=f"test-{tag}")
+    client = OpenAIClient(
+        base_url=server.base_url,
+        api_key="k",
+        cache_api_calls=True,
+        cache_url=patient,
+        rpm=60_000,
+        rate_limit_url=redis_url,
+        rate_limit_name=f"test-{tag}",
+    )
     results = llmutils.batch(items, client=client, workers=4, executor=dask_executor)
     assert [r.index for r in results] == list(range(201))
     assert isinstance(results[100].error, llmutils.InvalidRequestError)
@@ -535,7 +588,9 @@ def test_a_batch_on_a_dask_cluster_shares_the_redis_cache_and_limiter(
         raw.close()
 
 
-def test_cli_batch_on_a_dask_cluster(server: OpenAITestServer, redis_url: str, dask_client: Any, tmp_path: Path) -> None:
+def test_cli_batch_on_a_dask_cluster(
+    server: OpenAITestServer, redis_url: str, dask_client: Any, tmp_path: Path
+) -> None:
     import uuid
 
     from llmutils.cli import main
@@ -543,8 +598,20 @@ def test_cli_batch_on_a_dask_cluster(server: OpenAITestServer, redis_url: str, d
     tag = uuid.uuid4().hex
     lines = [{"prompt": f"cli dask {tag} {i % 6}"} for i in range(12)]  # 6 prompts, each twice
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    argv = ["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-progress", "-w", "2",
-            "--cache-url", f"{redis_url}?socket_timeout=10", "--dask-scheduler", dask_client.scheduler.address]
+    argv = [
+        "--base-url",
+        server.base_url,
+        "batch",
+        "in.jsonl",
+        "out.jsonl",
+        "--no-progress",
+        "-w",
+        "2",
+        "--cache-url",
+        f"{redis_url}?socket_timeout=10",
+        "--dask-scheduler",
+        dask_client.scheduler.address,
+    ]
     assert main(argv) == 0
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["index"] for o in out] == list(range(12))
@@ -557,7 +624,18 @@ def test_cli_batch_on_local_processes(server: OpenAITestServer, tmp_path: Path) 
 
     lines = [{"prompt": f"cli processes {i % 10}"} for i in range(30)] + [{"messages": "not a list"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    argv = ["--base-url", server.base_url, "batch", "in.jsonl", "out.jsonl", "--no-progress", "-w", "3", "--processes", "2"]
+    argv = [
+        "--base-url",
+        server.base_url,
+        "batch",
+        "in.jsonl",
+        "out.jsonl",
+        "--no-progress",
+        "-w",
+        "3",
+        "--processes",
+        "2",
+    ]
     assert main(argv) == 1  # one item failed, alone
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["index"] for o in out] == list(range(31))

@@ -79,7 +79,9 @@ _LEASE_POLL_MAX = 0.05
 _LEASE_SHARE_OF_DEADLINE = 0.25  # of the call's time left, spent at most waiting for the lock to take a lease
 _HOST = socket.gethostname()
 _lease_ids = itertools.count()
-_SELECT_LEASE = f'SELECT holder, host, pid, expires FROM "{LEASE_TABLE}" WHERE key = ?'
+_SELECT_LEASE = 'SELECT holder, host, pid, expires FROM "llmutils_leases" WHERE key = ?'
+_TAKE_LEASE = 'INSERT OR REPLACE INTO "llmutils_leases" (key, holder, host, pid, expires) VALUES (?, ?, ?, ?, ?)'
+_DROP_LEASE = 'DELETE FROM "llmutils_leases" WHERE key = ? AND holder = ?'
 _MINE = object()
 _NOTHING = object()
 
@@ -493,7 +495,7 @@ class SQLiteCache(CacheBase):
                     conn.execute("COMMIT")
                     return row
                 conn.execute(
-                    f'INSERT OR REPLACE INTO "{LEASE_TABLE}" (key, holder, host, pid, expires) VALUES (?, ?, ?, ?, ?)',
+                    _TAKE_LEASE,
                     (key, holder, _HOST, os.getpid(), now + ttl),
                 )
                 conn.execute("COMMIT")
@@ -513,7 +515,7 @@ class SQLiteCache(CacheBase):
         try:
             conn = self._connect(readonly=False)
             try:
-                conn.execute(f'DELETE FROM "{LEASE_TABLE}" WHERE key = ? AND holder = ?', (key, holder))
+                conn.execute(_DROP_LEASE, (key, holder))
             finally:
                 conn.close()
         except sqlite3.Error as exc:  # the lease then ends at its expiry
