@@ -536,7 +536,7 @@ def dask_client() -> Iterator[Any]:
     distributed = pytest.importorskip("distributed", reason="Dask is not installed: pip install -e '.[test]'")
     with (
         distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=2, host="127.0.0.1", dashboard_address=None
+            n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
@@ -569,13 +569,14 @@ def test_a_batch_on_a_dask_cluster_shares_the_redis_cache_and_limiter(
         rate_limit_url=redis_url,
         rate_limit_name=f"test-{tag}",
     )
-    results = llmutils.batch(items, client=client, workers=4, executor=dask_executor)
+    # total_timeout: on a machine too busy to answer, fail within minutes rather than hang.
+    results = llmutils.batch(items, client=client, workers=4, executor=dask_executor, total_timeout=120)
     assert [r.index for r in results] == list(range(201))
     assert isinstance(results[100].error, llmutils.InvalidRequestError)
     expected = [None if isinstance(item, dict) else f"echo: {item[0]['content']}" for item in items]
     assert [r.content for r in results] == expected
     assert server.request_count == 150  # every repeat waited for its twin, whichever worker sent it
-    again = llmutils.batch(items, client=client, workers=4, executor=dask_executor)
+    again = llmutils.batch(items, client=client, workers=4, executor=dask_executor, total_timeout=120)
     assert server.request_count == 150
     assert [r.cached for r in again] == [i != 100 for i in range(201)]
     assert [r.content for r in again] == expected
