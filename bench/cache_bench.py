@@ -1,11 +1,15 @@
 """Benchmark: what the SQLite cache store costs, measured in one run.
 
 Run: ``.venv/bin/python bench/cache_bench.py`` (about a minute on 2 cores). Prints figures only;
-it asserts nothing. Parts:
+it asserts nothing. Timings are taken in interleaved rounds (round 1: every candidate, round 2:
+every candidate, ...; 7 by default, ``--rounds``); each figure is the median of the per-round
+medians with their inter-quartile range (IQR), never the best round. Parts:
 
 1. a cache hit: the store's ``get`` beside a raw ``sqlite3`` SELECT of the same row from the same
-   file and a bare sqlitedict get (median µs, ratio to the raw SELECT). A full ``send_message``
-   hit belongs in :func:`part1_hit` too: add it to the ``candidates`` list there;
+   file and a bare sqlitedict get, and a full ``send_message`` hit (median µs, ratio to the raw
+   SELECT; target: the full hit within 6x); the in-memory tier (``CACHE_MEMORY_ITEMS``): its
+   ``get`` and a full ``send_message`` hit served from it, beside a ``copy.deepcopy`` of the
+   message (target: the tier's hit within 3x);
 2. write cost per new entry with 1,000 vs 50,000 entries stored, beside the old whole-dict pickle;
 3. 8 threads x 2,000 writes on one cache; 4 processes x 2,000 writes while 2 processes read;
 4. cold open of a 50,000-entry file, and its size on disk;
@@ -19,6 +23,7 @@ it asserts nothing. Parts:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
@@ -40,7 +45,7 @@ from typing import Any
 from sqlitedict import SqliteDict
 
 import llmutils
-from llmutils.cache import SQLiteCache, make_key
+from llmutils.cache import MemoryCache, SQLiteCache, make_key
 from llmutils.cache.base import TABLE
 
 __all__ = ["main", "part1_hit", "part2_writes", "part3_concurrency", "part4_cold_open", "part5_redis"]
@@ -87,24 +92,46 @@ def fill(path: Path, start: int, count: int) -> list[str]:
     return [k for k, _ in rows]
 
 
-def timed(candidates: list[tuple[str, Callable[[], Any]]], n: int, rounds: int = 5, warmup: int = 50) -> list[float]:
-    """Median seconds per call of each candidate, measured in interleaved rounds so drift hits all alike."""
-    samples: list[list[float]] = [[] for _ in candidates]
+ROUNDS = 7  # interleaved rounds per timing (--rounds)
+
+
+def timed(candidates: list[tuple[str, Callable[[], Any]]], n: int, rounds: int | None = None, warmup: int = 50) -> list[list[float]]:
+    """Per-round median seconds per call of each candidate, in interleaved rounds so drift hits all alike."""
+    rounds = ROUNDS if rounds is None else rounds
+    per_round: list[list[float]] = [[] for _ in candidates]
     clock = time.perf_counter
     for _ in range(rounds):
-        for (_, fn), out in zip(candidates, samples):
+        for (_, fn), out in zip(candidates, per_round):
             for _ in range(warmup):
                 fn()
-            for _ in range(n // rounds):
+            samples = []
+            for _ in range(max(1, n // rounds)):
                 t0 = clock()
                 fn()
-                out.append(clock() - t0)
-    return [statistics.median(s) for s in samples]
+                samples.append(clock() - t0)
+            out.append(statistics.median(samples))
+    return per_round
+
+
+def med(values: list[float]) -> float:
+    """The median of per-round figures."""
+    return statistics.median(values)
+
+
+def spread(values: list[float], scale: float = 1e6, unit: str = "µs", digits: int = 1) -> str:
+    """``median unit (IQR low-high)`` of per-round figures times ``scale``."""
+    scaled = sorted(v * scale for v in values)
+    if len(scaled) >= 4:
+        q = statistics.quantiles(scaled, n=4)
+        low, high = q[0], q[2]
+    else:
+        low, high = scaled[0], scaled[-1]
+    return f"{statistics.median(scaled):8.{digits}f} {unit} (IQR {low:.{digits}f}-{high:.{digits}f})"
 
 
 def part1_hit(workdir: Path, n: int = 5000) -> None:
     """Median cost of one cache hit, beside a raw SELECT of the same row."""
-    print("1. cache hit (1,000 entries in the file; median of %d calls)" % n)
+    print(f"1. cache hit (1,000 entries in the file; {n} calls per candidate over {ROUNDS} interleaved rounds)")
     path = workdir / "hit.sqlite"
     keys = fill(path, 0, 1000)
     key = keys[500]
@@ -118,6 +145,13 @@ def part1_hit(workdir: Path, n: int = 5000) -> None:
     client = llmutils.MockClient(cache_api_calls=True, cache_file_name=path)
     hello = [{"role": "user", "content": "hello from the benchmark"}]
     client.send_message(hello)  # the one miss: stores the entry every later call hits
+    memory_path = workdir / "memory.sqlite"
+    memory_client = llmutils.MockClient(cache_api_calls=True, cache_file_name=memory_path, cache_memory_items=10_000)
+    memory_client.send_message(hello)
+    tier = MemoryCache(SQLiteCache(path), 10_000)
+    tier.set(key, response(500))
+    message = response(500)["choices"][0]["message"]
+
     try:
         candidates: list[tuple[str, Callable[[], Any]]] = [
             ("raw sqlite3 SELECT (fetchone, no decode)", lambda: raw.execute(select, (key,)).fetchone()),
@@ -127,14 +161,25 @@ def part1_hit(workdir: Path, n: int = 5000) -> None:
             ("SQLiteCache.get", lambda: store.get(key)),
             ("make_key + SQLiteCache.get", lambda: store.get(make_key(payload))),
             ("full send_message hit (MockClient, cache on)", lambda: client.send_message(hello)),
+            ("copy.deepcopy of the message", lambda: copy.deepcopy(message)),
+            ("memory tier: MemoryCache.get", lambda: tier.get(key)),
+            ("full send_message hit from the memory tier", lambda: memory_client.send_message(hello)),
         ]
-        medians = timed(candidates, n)
-        for (name, _), median in zip(candidates, medians):
-            print(f"   {name:<44} {median * 1e6:8.1f} µs   x{median / medians[0]:5.1f} raw")
-        print(f"   send_message hits: {client.cache_stats().hits}, misses: {client.cache_stats().misses}")
+        per_round = timed(candidates, n)
+        base = med(per_round[0])
+        for (name, _), values in zip(candidates, per_round):
+            print(f"   {name:<44} {spread(values)}   x{med(values) / base:5.1f} raw")
+        deep = med(per_round[7])
+        print(f"   full send_message hit / raw SELECT: {med(per_round[6]) / base:.1f}x (target <= 6x)")
+        print(f"   memory tier get / deepcopy of the message: {med(per_round[8]) / deep:.1f}x (target <= 3x)")
+        print(f"   full send_message memory-tier hit / deepcopy of the message: {med(per_round[9]) / deep:.1f}x")
+        print(f"   send_message hits: {client.cache_stats().hits}, misses: {client.cache_stats().misses}; "
+              f"memory tier: {memory_client.cache_stats().hits} hits, {tier.stats().hits} hits (get)")
         print(f"   replay run from cache imports openai: {_replay_imports_openai(workdir)}")
     finally:
         client.close()
+        memory_client.close()
+        tier.close()
         store.close()
         bare.close()
         bare_fast.close()
@@ -170,7 +215,7 @@ def _old_pickle_write(cache: dict[str, Any], path: Path, key: str, value: Any) -
 
 def part2_writes(workdir: Path, sizes: tuple[int, int] = (1000, 50_000), writes: int = 500) -> Path:
     """Cost of one new entry with few vs many stored, ours vs the old whole-file pickle."""
-    print(f"2. write cost per new entry (median of {writes} writes each, interleaved; old pickle: median of a few)")
+    print(f"2. write cost per new entry ({writes} writes each over {ROUNDS} interleaved rounds; old pickle: median of a few)")
     paths = [workdir / f"w{size}.sqlite" for size in sizes]
     caches = []
     for size, path in zip(sizes, paths):
@@ -188,21 +233,21 @@ def part2_writes(workdir: Path, sizes: tuple[int, int] = (1000, 50_000), writes:
         return write
 
     try:
-        medians = timed([(str(size), writer(cache)) for size, cache in zip(sizes, caches)], writes, warmup=10)
+        per_round = timed([(str(size), writer(cache)) for size, cache in zip(sizes, caches)], writes, warmup=10)
         errors = [cache.stats().errors for cache in caches]
     finally:
         for cache in caches:
             cache.close()
-    for size, median, err in zip(sizes, medians, errors):
-        print(f"   SQLiteCache.set with {size:>6,} stored: {median * 1e3:7.3f} ms/write  (errors {err})")
+    for size, values, err in zip(sizes, per_round, errors):
+        print(f"   SQLiteCache.set with {size:>6,} stored: {spread(values, 1e3, 'ms/write', 3)}  (errors {err})")
     small, large = sizes
-    print(f"   ratio {large:,} / {small:,}: {medians[1] / medians[0]:.2f}  (target <= 1.5)")
+    print(f"   ratio {large:,} / {small:,}: {med(per_round[1]) / med(per_round[0]):.2f}  (target <= 1.5)")
     for size, reps in ((small, 20), (large, 3)):
         old = {f"old-{i}": json.loads(json.dumps(response(i))) for i in range(size)}
         target = workdir / f"old{size}.pickle"
         counter = iter(range(10**9, 10**10))
-        [median] = timed([("old", lambda: _old_pickle_write(old, target, f"new-{next(counter)}", response(0)))], reps, rounds=1, warmup=1)
-        print(f"   old whole-dict pickle with {size:>6,} stored: {median * 1e3:7.1f} ms/write  (file {target.stat().st_size / 1e6:.1f} MB)")
+        [values] = timed([("old", lambda: _old_pickle_write(old, target, f"new-{next(counter)}", response(0)))], reps, rounds=1, warmup=1)
+        print(f"   old whole-dict pickle with {size:>6,} stored: {med(values) * 1e3:7.1f} ms/write  (file {target.stat().st_size / 1e6:.1f} MB)")
         target.unlink()
         del old
     return paths[-1]
@@ -440,9 +485,10 @@ def part5_redis(workdir: Path, url: str | None = None, n: int = 5000) -> None:
                 ("SQLiteCache.get (same entry)", lambda: sqlite_store.get(key)),
                 ("full send_message hit (MockClient, Redis)", lambda: client.send_message(hello)),
             ]
-            medians = timed(candidates, n)
-            for (name, _), median in zip(candidates, medians):
-                print(f"   {name:<44} {median * 1e6:8.1f} µs   x{median / medians[0]:5.1f} raw GET")
+            per_round = timed(candidates, n)
+            base = med(per_round[0])
+            for (name, _), values in zip(candidates, per_round):
+                print(f"   {name:<44} {spread(values)}   x{med(values) / base:5.1f} raw GET")
             print(f"   RedisCache errors: {store.stats().errors}; send_message hits {client.cache_stats().hits}")
         finally:
             client.close()
@@ -489,13 +535,18 @@ def _redis_process_round(url: str, raw: Any, writers: int, per_writer: int, read
 
 def main(argv: list[str] | None = None) -> None:
     """Run every part in a temporary directory and print the figures."""
+    global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", type=int, default=50_000, help="entries in the big file (parts 2 and 4)")
     parser.add_argument("--redis-url", metavar="URL", help="a Redis for part 5 (default: start redis-server on a free port)")
     parser.add_argument("--parts", default="1,2,3,4,5", help="which parts to run, e.g. 5 or 1,5 (default: all)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per timing (default 7, at least 5)")
     args = parser.parse_args(argv)
+    ROUNDS = max(5, args.rounds)
     parts = {int(p) for p in args.parts.split(",") if p.strip()}
-    print(f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus")
+    print(f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus, "
+          f"load average {os.getloadavg()[0]:.2f}; llmutils from {Path(llmutils.__file__).parent}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     with tempfile.TemporaryDirectory(prefix="llmutils-cache-bench-") as tmp:
         workdir = Path(tmp)
         t0 = time.perf_counter()

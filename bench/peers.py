@@ -4,10 +4,12 @@ Run (the peers come from the ``bench`` extra, never from the test extra)::
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -e '.[bench]'
     .venv-bench/bin/python bench/peers.py            # about 3 minutes on 2 cores; --quick for less
+    .venv-bench/bin/python bench/peers.py --measures cpu,rps --peers llmutils,dspy.LM   # a subset
 
 Every peer talks to the same local OpenAI-wire test server (``python -m llmutils.testing``, in a
 subprocess so its CPU is not the client's) and is measured in interleaved rounds (round 1: every
-peer, round 2: every peer, ...), so drift on a shared machine hits all of them alike. Printed per
+peer, round 2: every peer, ..., each round starting with the next peer), so drift on a shared
+machine hits all of them alike. Printed per
 measure: the median over rounds and the inter-quartile range (IQR), and the versions measured.
 It asserts nothing. Measures:
 
@@ -16,7 +18,8 @@ It asserts nothing. Measures:
    ``SQLiteCache``; litellm's disk cache, or its in-memory one where it has no disk cache), beside the floor: a raw ``sqlite3`` SELECT of llmutils'
    stored row from the same file;
 2. client CPU per uncached request: process CPU time (all threads) per sequential request with the
-   cache off, unique prompts, against a server with no latency;
+   cache off, unique prompts, against a server with no latency, timed from an idle process until
+   it is idle again (so one library's background work is charged to it, not to the next one);
 3. throughput: requests/s of 32 threads, cache off, unique prompts, against 50 ms of server latency;
 4. import time: ``python -c "import X"`` minus ``python -c pass``, in fresh processes.
 
@@ -248,6 +251,15 @@ def floor_select(cache_file: Path) -> Callable[[], Any]:
     raise RuntimeError(f"no single-row key/value table in {cache_file}")
 
 
+def rotated(items: list[Any], r: int) -> list[Any]:
+    """``items`` starting at position ``r`` (mod len): each round starts with another peer, so
+    what runs first (after the previous round's threads) is not always the same library."""
+    if not items:
+        return items
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
 def per_call(fn: Callable[[], Any], n: int, clock: Callable[[], float] = time.perf_counter) -> float:
     """Median seconds of ``n`` calls of ``fn`` (after a short warm-up)."""
     for _ in range(min(20, n)):
@@ -260,13 +272,28 @@ def per_call(fn: Callable[[], Any], n: int, clock: Callable[[], float] = time.pe
     return statistics.median(samples)
 
 
+def settle(window: float = 0.05, limit: float = 5.0) -> None:
+    """Wait (at most ``limit`` s) until this process is idle: its threads used under 10 % of a CPU
+    over ``window``. A library's background threads (litellm's logging worker, say) then finish
+    the work a peer's requests gave them before the next peer is timed."""
+    end = time.perf_counter() + limit
+    while time.perf_counter() < end:
+        c0 = time.process_time()
+        time.sleep(window)
+        if time.process_time() - c0 < window * 0.1:
+            return
+
+
 def cpu_per_request(call: Callable[[list[dict[str, str]]], Any], tag: str, n: int) -> float:
-    """Process CPU seconds per sequential request (all threads of this process)."""
+    """Process CPU seconds per sequential request (all threads of this process), the background
+    work the requests caused included: timed from an idle process until it is idle again."""
     for i in range(5):
         call(prompt(f"{tag}-warm", i))
+    settle()
     t0 = time.process_time()
     for i in range(n):
         call(prompt(tag, i))
+    settle()
     return (time.process_time() - t0) / n
 
 
@@ -282,6 +309,7 @@ def threads_throughput(call: Callable[[list[dict[str, str]]], Any], tag: str, n:
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, range(workers)))  # warm: one connection per thread
+        settle()  # no other library's background work left to compete with these threads
         t0 = time.perf_counter()
         list(pool.map(one, range(workers, workers + n)))
         elapsed = time.perf_counter() - t0
@@ -333,7 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=200, help="uncached sequential requests per round and peer")
     parser.add_argument("--threaded", type=int, default=640, help="requests per round and peer for the 32-thread measure")
     parser.add_argument("--quick", action="store_true", help="3 rounds, fewer calls: a smoke run")
+    parser.add_argument("--measures", default="hit,cpu,rps,import",
+                        help="comma-separated subset of hit,cpu,rps,import to run (default: all)")
+    parser.add_argument("--peers", default="", help="comma-separated peer names to run (default: all), e.g. llmutils,dspy.LM")
     args = parser.parse_args(argv)
+    wanted = set(args.measures.split(","))
     if args.quick:
         args.rounds, args.hits, args.requests, args.threaded = 3, 300, 40, 160
     warnings.simplefilter("ignore")  # peers' own deprecation notices
@@ -344,9 +376,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bench/peers.py on Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    peers = available(PEERS)
+    chosen = [p for p in PEERS if not args.peers or p.name in args.peers.split(",")]
+    peers = available(tuple(chosen))
     for peer in peers:
         print(f"   {peer.name}: {version(peer)}")
+    if LLMUtils in peers:
+        import llmutils
+
+        print(f"   llmutils imported from {Path(llmutils.__file__).parent}")
 
     hits: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
@@ -356,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         made = [peer(fast_url, Path(tmp)) for peer in peers]
         hit_calls: dict[str, Callable[[], Any]] = {}
         floor: Callable[[], Any] | None = None
-        for p in made:
+        for p in made if "hit" in wanted else []:
             try:
                 hit_calls[p.label] = p.cached()
                 hit_calls[p.label]()  # the one miss: stores the entry every later call hits
@@ -367,21 +404,21 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if isinstance(p, LLMUtils):
                 floor = floor_select(p.cache_file)
-        cpu_calls = {p.name: p.uncached(fast_url) for p in made}
-        rps_calls = {p.name: p.uncached(slow_url) for p in made}
+        cpu_calls = {p.name: p.uncached(fast_url) for p in made} if "cpu" in wanted else {}
+        rps_calls = {p.name: p.uncached(slow_url) for p in made} if "rps" in wanted else {}
         for r in range(args.rounds):
             print(f"   round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
             if floor is not None:
                 hits.setdefault("floor: raw sqlite3 SELECT of the row", []).append(per_call(floor, args.hits))
-            for name, call in list(hit_calls.items()):
+            for name, call in rotated(list(hit_calls.items()), r):
                 measure(hits, hit_calls, name, "cache hit", lambda: per_call(call, args.hits))
-            for name, call in list(cpu_calls.items()):
+            for name, call in rotated(list(cpu_calls.items()), r):
                 measure(cpu, cpu_calls, name, "CPU", lambda: cpu_per_request(call, f"cpu{r}", args.requests))
-            for name, call in list(rps_calls.items()):
+            for name, call in rotated(list(rps_calls.items()), r):
                 measure(rps, rps_calls, name, "throughput", lambda: threads_throughput(call, f"rps{r}", args.threaded))
         for p in made:
             p.close()
-    for peer in peers:
+    for peer in peers if "import" in wanted else []:
         imports[peer.name] = import_time(peer.module, args.rounds)
 
     print(f"\n1. cache hit, warm (median of {args.hits} calls per round; {args.rounds} rounds)")
@@ -397,9 +434,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n4. import time, net of `python -c pass` ({args.rounds} fresh processes each)")
     for name, values in imports.items():
         print(f"   {name:<40} {summary(values, 1e3, 'ms')}")
+    print()
     if "llmutils" in cpu and "dspy.LM" in cpu:
         ours, theirs = statistics.median(cpu["llmutils"]), statistics.median(cpu["dspy.LM"])
-        print(f"\n   llmutils CPU per request / dspy.LM's: {ours / theirs:.2f} (target <= 1.00)")
+        print(f"   llmutils CPU per request / dspy.LM's: {ours / theirs:.2f} (target <= 1.00)")
+    if "llmutils" in rps and "dspy.LM" in rps:
         ours, theirs = statistics.median(rps["llmutils"]), statistics.median(rps["dspy.LM"])
         print(f"   llmutils 32-thread throughput / dspy.LM's: {ours / theirs:.2f} (target >= 1.00)")
     if "llmutils" in hits:

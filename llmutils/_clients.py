@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 
     from .cache import CacheBackend
 
-__all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo"]
+__all__ = ["AzureClient", "CallInfo", "Message", "MockClient", "OpenAIClient", "PreparedRequest"]
 
 logger = logging.getLogger("llmutils")
 
@@ -95,21 +95,26 @@ _READ_CHUNK = 65536  # bytes asked of the socket per read of a response body
 ResponseCheck = Callable[[Mapping[str, Any]], None]
 
 
-def _check_messages(messages: Any, *, items: bool = False) -> list[Message]:
-    """Messages must be a non-empty list of dicts with a role (``items``: or Responses items with a type)."""
+def _check_messages(messages: Any, *, items: bool = False) -> bool:
+    """Messages must be a non-empty list of dicts with a role (``items``: or Responses items with a type).
+
+    Returns whether a Responses item (no role) was let through, which only the Responses API takes.
+    """
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError(
             f"messages must be a non-empty list of dicts like {{'role': 'user', 'content': '...'}}, "
             f"got {type(messages).__name__}"
         )
+    found_items = False
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise InvalidRequestError(f"messages[{i}] must be a dict, got {type(message).__name__}")
         if items and "role" not in message and isinstance(message.get("type"), str):
+            found_items = True
             continue
         if not isinstance(message.get("role"), str):
             raise InvalidRequestError(f"messages[{i}] has no 'role' (a string such as 'user'): {message!r:.80}")
-    return messages
+    return found_items
 
 
 # The typed arguments of send_message, in signature order.
@@ -305,6 +310,22 @@ class CallInfo(NamedTuple):
     finish_reason: str | None = None
 
 
+class PreparedRequest(NamedTuple):
+    """A request built but not sent: what :meth:`OpenAIClient.send_message` would send, and its cache key.
+
+    ``kind`` is the API (``chat`` or ``responses``), ``path`` its endpoint path
+    (``/chat/completions`` or ``/responses``), ``body`` the JSON body, ``cache_key`` the key its
+    answer is stored under in the cache, and ``endpoint`` the server it goes to, as shown in
+    messages (any password in the URL masked). Made by :meth:`OpenAIClient.build_request`.
+    """
+
+    kind: str
+    path: str
+    body: dict[str, Any]
+    cache_key: str
+    endpoint: str
+
+
 class _Flight:
     """One request in flight; identical requests wait for it instead of calling the API too.
 
@@ -365,6 +386,7 @@ class OpenAIClient:
         cache_url: str | None = None,
         cache_mode: str | None = None,
         cache_ttl: float | None = None,
+        cache_memory_items: int | None = None,
         rpm: float | None = None,
         tpm: float | None = None,
         max_concurrent_calls: int | None = None,
@@ -391,6 +413,7 @@ class OpenAIClient:
             ("CACHE_URL", cache_url),
             ("CACHE_MODE", cache_mode),
             ("CACHE_TTL", cache_ttl),
+            ("CACHE_MEMORY_ITEMS", cache_memory_items),
             ("RPM", rpm),
             ("TPM", tpm),
             ("MAX_CONCURRENT_MODEL_CALLS", max_concurrent_calls),
@@ -409,7 +432,7 @@ class OpenAIClient:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
-        self._caches: dict[tuple[str, str, str, float | None], CacheBackend] = {}
+        self._caches: dict[tuple[str, str, str, float | None, int], CacheBackend] = {}
         self._limits: dict[tuple[Any, ...], tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
         self._warned_usage = False
@@ -512,7 +535,7 @@ class OpenAIClient:
         """
         if api is not None and api not in ("chat", "responses"):
             raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
-        _check_messages(messages, items=api != "chat")
+        has_items = _check_messages(messages, items=api != "chat")
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
         for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
@@ -557,7 +580,8 @@ class OpenAIClient:
             if info is not None:
                 self._local.info = info._replace(finish_reason=finish_reason(response, stop=stop))
             return to_chat_message(response, stop=stop)
-        _check_messages(messages)  # a Responses item (no role) cannot go to chat
+        if has_items:
+            _check_messages(messages)  # a Responses item (no role) cannot go to chat: says which
         response = self._call(_chat.KIND, _chat.PATH, params, settings, deadline, timeout_s, check_chat_response, policy)
         answer = read_chat_response(response, n)
         came = fewer_choices(response, n)
@@ -590,6 +614,9 @@ class OpenAIClient:
         retries, limits, deadline and usage accounting. ``model`` defaults to the ``MODEL`` setting.
         A ``background=True`` request is never cached (its answer is not finished).
 
+        :param timeout: seconds for one HTTP attempt (``TIMEOUT``); not sent.
+        :param total_timeout: seconds for the whole call, retries included (``TOTAL_TIMEOUT``); not sent.
+        :param max_attempts: attempts, the first included (``MAX_ATTEMPTS``); not sent.
         :raises InvalidRequestError: no ``input`` (nor ``previous_response_id``, ``conversation`` or
             ``prompt``), ``stream=True``, or a bad argument; before anything is sent.
         :raises ContentFilterError: the answer is ``incomplete`` because of the content filter.
@@ -1003,14 +1030,14 @@ class OpenAIClient:
         location = settings["CACHE_URL"] or settings["CACHE_FILE_NAME"]
         # A relative file name means a different file in another working directory.
         where = "" if "://" in location or os.path.isabs(location) else os.getcwd()
-        key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"])
+        key = (where, location, settings["CACHE_MODE"], settings["CACHE_TTL"], settings["CACHE_MEMORY_ITEMS"])
         cache = self._caches.get(key)
         if cache is None:
             with self._lock:
                 cache = self._caches.get(key)
                 if cache is None:
                     target = os.path.join(where, location) if where else location
-                    cache = open_cache(target, mode=key[2], ttl=key[3])
+                    cache = open_cache(target, mode=key[2], ttl=key[3], memory_items=key[4])
                     self._caches[key] = cache
         return cache
 
@@ -1302,13 +1329,23 @@ class OpenAIClient:
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         openai = lazy_import("openai")
+        sdk_http_options = lazy_import(f"{__package__}._transport").sdk_http_options  # imports httpx2
         return openai.OpenAI(
             base_url=settings["BASE_URL"],
             organization=self._organization,
             max_retries=0,
-            default_headers=self._default_headers or None,
+            **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             **credentials,
         )
+
+    def _sdk_url(self, sdk: Any, path: str) -> str:
+        """The URL to give ``sdk.post``: absolute (the SDK's public ``base_url`` + ``path``), which
+        spares the SDK parsing and joining it again on every request; Azure keeps ``path``, which
+        its SDK turns into a deployment URL."""
+        base = str(sdk.base_url)
+        if "?" in base or "#" in base:
+            return path
+        return base.rstrip("/") + "/" + path.lstrip("/")
 
     def _sdk(self, settings: Mapping[str, Any], path: str = "") -> tuple[Any, str]:
         """The SDK client for these settings (and ``path``), created once (and again in a forked
@@ -1387,13 +1424,17 @@ class OpenAIClient:
         httpx2 = lazy_import("httpx2")
         openai = lazy_import("openai")
 
+        sdk_request_options = lazy_import(f"{__package__}._transport").sdk_request_options
         sdk, source, key = self._sdk_and_key(settings, path)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
             raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
-            http = sdk.post(path, body=params, cast_to=httpx2.Response, stream=True, options={"timeout": limit})
+            http = sdk.post(
+                self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True,
+                options=sdk_request_options(limit, openai.Omit()),
+            )
         except openai.APIStatusError as exc:
             _scrub_sdk_error(exc, key)
             raise self._status_error(exc, source, settings) from exc
@@ -1487,6 +1528,121 @@ class OpenAIClient:
             return ContentFilterError(f"Refused by the content filter ({detail})", retryable=False, **context)
         return InvalidRequestError(detail, retryable=decision.retry, **context)
 
+    # -- building apart from sending (for code that sends another way, e.g. the Batch API) -----
+
+    @_bounded_recursion
+    def build_request(
+        self,
+        messages: list[Message],
+        model: str | None = None,
+        temperature: float | None = UNSET,
+        max_tokens: int | None = UNSET,
+        top_p: float | None = UNSET,
+        frequency_penalty: float | None = UNSET,
+        presence_penalty: float | None = UNSET,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        waiting_time: float | None = None,
+        exponential_backoff_factor: float | None = None,
+        n: int = 1,
+        *,
+        total_timeout: float | None = None,
+        api: str | None = None,
+        **more: Any,
+    ) -> PreparedRequest:
+        """Build the request :meth:`send_message` would send for the same arguments, without sending it.
+
+        The body and the cache key are exactly those of ``send_message`` (same settings, same
+        builders of :mod:`llmutils._apis`, same key), so an answer stored under ``cache_key`` by
+        other means (the Batch API runner does this) is a cache hit for a later ``send_message``
+        of the same request. Nothing is sent, read from the cache or counted. The arguments are
+        ``send_message``'s and are checked the same way; ``timeout``, ``total_timeout``,
+        ``max_attempts``, ``waiting_time`` and ``exponential_backoff_factor`` say how to send, so
+        they do not change the request.
+
+        >>> request = MockClient().build_request([{"role": "user", "content": "Hi"}], temperature=0)
+        >>> request.kind, request.path, request.body
+        ('chat', '/chat/completions', {'model': 'gpt-4.1-mini', 'messages': [...], 'temperature': 0})
+
+        :param messages: the chat messages (on the Responses API, Responses input items too).
+        :param api: ``"chat"`` or ``"responses"``; by default chosen as ``send_message`` chooses.
+        :raises InvalidRequestError: a bad argument (the same checks as ``send_message``, and
+            ``stream=True``), ``n > 1`` on the Responses API, or a parameter that is not a JSON
+            value.
+        :raises ConfigError: the client is not configured well enough to name its endpoint.
+        """
+        if api is not None and api not in ("chat", "responses"):
+            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
+        has_items = _check_messages(messages, items=api != "chat")
+        given = (
+            model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
+            timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor,
+        )
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
+            if value is not None and value is not UNSET:
+                _check_type(name, value, kinds)
+        _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        if more.get("stream"):
+            raise InvalidRequestError(
+                "stream=True is not supported by build_request, which builds send_message's request; "
+                "client.stream_message(...) streams an answer"
+            )
+        settings = self._settings()
+        params = build_chat_request(
+            settings,
+            messages,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            stop=stop,
+            n=n,
+            more=more,
+        )
+        if self._api(settings, params["model"], api) == "responses":
+            kind, path, body = _responses.KIND, _responses.PATH, request_from_chat(params)  # refuses n > 1
+        else:
+            if has_items:
+                _check_messages(messages)  # a Responses item (no role) cannot go to chat: says which
+            kind, path, body = _chat.KIND, _chat.PATH, params
+        return PreparedRequest(kind, path, body, self._cache_key(kind, body, settings), self._display(settings))
+
+    def sdk_client(self, path: str = "") -> Any:
+        """The ``openai`` SDK client that requests to ``path`` go through, for endpoints llmutils does
+        not wrap (the Batch API's ``files`` and ``batches``).
+
+        It has this client's endpoint, credentials and default headers and ``max_retries=0`` (retry
+        through :meth:`retry_policy`). It is shared and owned by this client: do not close it,
+        :meth:`close` does. On Azure, ``path`` chooses between the deployment API and the v1 API
+        (``/responses`` is served only on v1).
+
+        :raises AuthenticationError: no credentials were found.
+        :raises ConfigError: the endpoint is not configured.
+        """
+        sdk, _source = self._sdk(self._settings(), path)
+        return sdk
+
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of a call made now without per-call arguments: the configuration, with
+        the injected ``retry`` policy's given fields over it, and the injected ``sleep``."""
+        return self._policy(self._settings(), None, None, None, None, None)
+
+    def cache_backend(self) -> CacheBackend | None:
+        """The cache a call made now uses (opened on first use, closed by :meth:`close`), or None
+        when caching is off. Answers written to it under a :attr:`PreparedRequest.cache_key` are
+        what later calls of that request are served."""
+        return self._cache(self._settings())
+
+    def endpoint_url(self) -> str:
+        """The endpoint calls go to now, as shown in messages and reprs: any password in the URL masked.
+
+        :raises ConfigError: the endpoint is not configured (an Azure client without an endpoint).
+        """
+        return self._display(self._settings())
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -1551,6 +1707,9 @@ class AzureClient(OpenAIClient):
         super()._start()
         self._entra_token_provider: Callable[[], str] | None = None
 
+    def _sdk_url(self, sdk: Any, path: str) -> str:
+        return path
+
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
         endpoint = settings["AZURE_ENDPOINT"]
         if not endpoint:
@@ -1585,6 +1744,7 @@ class AzureClient(OpenAIClient):
 
     def _new_sdk_client(self, settings: Mapping[str, Any], credentials: dict[str, Any], flavor: str = "") -> Any:
         openai = lazy_import("openai")
+        sdk_http_options = lazy_import(f"{__package__}._transport").sdk_http_options  # imports httpx2
         api_version = self._api_version or settings["AZURE_API_VERSION"]
         if flavor == "v1" or api_version == AZURE_V1_API_VERSION:
             # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/ (the Responses API is served
@@ -1595,14 +1755,14 @@ class AzureClient(OpenAIClient):
                 api_key=credentials.get("api_key") or credentials["azure_ad_token_provider"],
                 organization=self._organization,
                 max_retries=0,
-                default_headers=self._default_headers or None,
+                **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             )
         return openai.AzureOpenAI(
             azure_endpoint=self._endpoint(settings),
             api_version=api_version,
             organization=self._organization,
             max_retries=0,
-            default_headers=self._default_headers or None,
+            **sdk_http_options(self._endpoint(settings), openai.DefaultHttpxClient, self._default_headers, openai.Omit()),
             **credentials,
         )
 
@@ -1661,6 +1821,12 @@ class MockClient(OpenAIClient):
 
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
         return "mock://"
+
+    def sdk_client(self, path: str = "") -> Any:
+        """A MockClient sends nothing over HTTP, so it has no SDK client: always a ConfigError."""
+        raise ConfigError(
+            "MockClient answers in-process and has no openai SDK client; use an OpenAIClient or AzureClient"
+        )
 
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         return {}, "none (mock)"

@@ -220,6 +220,7 @@ _KEYS: dict[str, _Key] = {
     ),
     "CACHE_MODE": _Key(str, "readwrite", choices=("off", "readwrite", "readonly", "replay", "refresh")),
     "CACHE_TTL": _Key(float, None, optional=True, doc="seconds an entry stays valid"),
+    "CACHE_MEMORY_ITEMS": _Key(int, 0, doc="decoded answers kept in memory in front of the cache (0: none)"),
     "BASE_URL": _Key(str, None, optional=True, url=True, doc="OpenAI-compatible endpoint"),
     "AZURE_ENDPOINT": _Key(str, None, optional=True, url=True),
     "AZURE_API_VERSION": _Key(str, DEFAULT_AZURE_API_VERSION, doc="a dated version, or 'v1' for {endpoint}/openai/v1/"),
@@ -240,6 +241,9 @@ _KEYS: dict[str, _Key] = {
     "RATE_LIMIT_NAME": _Key(
         str, None, optional=True, doc="name of the shared RPM/TPM budget (default: the endpoint URL)"
     ),
+    # In the [OpenAI] section of the old module's config.ini (TinyTroupe's display limit): accepted
+    # so that file keeps working, and not used by llmutils.
+    "MAX_CONTENT_DISPLAY_LENGTH": _Key(int, None, optional=True, doc="the old module's display limit; accepted, unused"),
     "BATCH_POLL_INTERVAL": _Key(float, 5.0, doc="Batch API: first wait between polls of a batch, seconds"),
     "BATCH_POLL_MAX": _Key(float, 60.0, doc="Batch API: cap on the wait between polls, seconds"),
 }
@@ -356,10 +360,11 @@ def config_file_values(path: str | os.PathLike[str] | None = None) -> dict[str, 
     return {} if stamp is None else dict(_read_file(stamp))
 
 
-def _read_file(stamp: tuple[str, int, int, int, int] | str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse the ``[OpenAI]`` section of the file ``stamp`` names, cached until the file changes."""
-    if not isinstance(stamp, tuple):  # a path (older callers)
-        return config_file_values(stamp)
+def _read_file(stamp: tuple[str, int, int, int, int]) -> dict[str, Any]:
+    """Parse the ``[OpenAI]`` section of the file ``stamp`` names, cached until the file changes.
+
+    Other modules read the file through :func:`config_file_values` (or :func:`resolve`).
+    """
     cached = _file_cache.get(stamp[1:])
     if cached is not None:
         return cached
@@ -370,8 +375,13 @@ def _read_file(stamp: tuple[str, int, int, int, int] | str | os.PathLike[str]) -
         parser.read(name, encoding="utf-8")
     except configparser.Error as exc:
         raise ConfigError(f"Cannot parse config file {name}: {exc}") from None
+    # The old module's config.ini holds other programs' sections beside [OpenAI] (TinyTroupe's
+    # [Simulation], [Cognition], [Logging], ...): those are not ours and are left alone. What is an
+    # error is a file whose settings llmutils would silently miss: [OpenAI] misspelt ([openai]), or
+    # sections with no [OpenAI] at all.
     others = [section for section in parser.sections() if section != CONFIG_SECTION]
-    if others:
+    misspelt = [section for section in others if section.lower() == CONFIG_SECTION.lower()]
+    if misspelt or (others and not parser.has_section(CONFIG_SECTION)):
         found = ", ".join(f"[{section}]" for section in parser.sections())
         raise ConfigError(
             f"Config file {name} has sections {found}; llmutils reads only [{CONFIG_SECTION}] "

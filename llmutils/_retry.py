@@ -124,7 +124,8 @@ POLICY_DEFAULTS: dict[str, Any] = {
 class RetryPolicy:
     """How a call is retried; inject one into a client to change some of the pieces.
 
-    >>> policy = RetryPolicy(max_attempts=3, waiting_time=0.5, sleep=recorded.append)
+    >>> waits = []
+    >>> policy = RetryPolicy(max_attempts=3, waiting_time=0.5, sleep=waits.append)
 
     Every field is optional: a field left unset (:data:`UNSET`) comes from the configuration
     (``MAX_ATTEMPTS``, ``WAITING_TIME``, ``EXPONENTIAL_BACKOFF_FACTOR``, ``MAX_WAIT``,
@@ -135,7 +136,8 @@ class RetryPolicy:
     :param max_attempts: attempts per call, the first included (``MAX_ATTEMPTS``).
     :param waiting_time: the first backoff wait in seconds (``WAITING_TIME``).
     :param backoff_factor: what each wait is multiplied by (``EXPONENTIAL_BACKOFF_FACTOR``).
-    :param max_wait: the cap on one wait of our own backoff (``MAX_WAIT``).
+    :param max_wait: the cap on one wait of our own backoff (``MAX_WAIT``); a server's
+        ``Retry-After`` is obeyed in full up to 120 s, as openai-python does.
     :param total_timeout: seconds for the whole call, retries and waits included (None: unbounded).
     :param jitter: up to this fraction is added at random to each computed wait.
     :param sleep: how a wait is done (tests pass ``list.append`` to record the waits instead).

@@ -156,8 +156,9 @@ class UsageTracker:
         if usage is not None:
             prompt = _count(usage, "prompt_tokens", "input_tokens")
             completion = _count(usage, "completion_tokens", "output_tokens")
-            prompt_cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
-            reasoning = _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
+            if not cached:  # the details are billed figures: a cache hit adds none of them
+                prompt_cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
+                reasoning = _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
         with self._lock:
             totals = self._models.get(model)
             if totals is None:

@@ -523,8 +523,7 @@ def _api_type_configured() -> bool:
     """Whether API_TYPE was set anywhere: the environment, the config file, or in-process."""
     if os.environ.get("LLMUTILS_API_TYPE") or _config.resolve()["API_TYPE"] != _config.DEFAULTS["API_TYPE"]:
         return True
-    path = _config.config_file_path()
-    return path is not None and "API_TYPE" in _config._read_file(path)
+    return "API_TYPE" in _config.config_file_values()
 
 
 def _choose_api_type(args: argparse.Namespace) -> str:

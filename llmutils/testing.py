@@ -708,6 +708,9 @@ class OpenAITestServer:
     header differ get a 401. Chat answers echo the last user message (``"echo: <text>"``).
     ``POST /v1/responses`` (and Azure's ``/openai/v1/responses``) answers the same way in the
     Responses shape; ``responses_handler`` scripts it as ``chat_handler`` does chat.
+    ``keep_requests`` bounds :attr:`requests` to the most recent ones (None keeps every request,
+    for tests; a long-running benchmark server keeps a few so its memory stays flat), while
+    :attr:`request_count` still counts them all.
     """
 
     def __init__(
@@ -717,7 +720,10 @@ class OpenAITestServer:
         port: int = 0,
         latency: float = 0.0,
         api_key: str | None = None,
+        keep_requests: int | None = None,
     ) -> None:
+        if keep_requests is not None and (isinstance(keep_requests, bool) or not isinstance(keep_requests, int) or keep_requests < 0):
+            raise ValueError(f"keep_requests must be None or an int >= 0, got {keep_requests!r}")
         self.host = host
         self.latency = latency
         self.api_key = api_key
@@ -730,7 +736,8 @@ class OpenAITestServer:
         self._seen_inputs: dict[bytes, None] = {}
         self._requested_port = port
         self._lock = threading.Lock()
-        self._requests: list[RecordedRequest] = []
+        self._requests: deque[RecordedRequest] = deque(maxlen=keep_requests)
+        self._received = 0
         self._faults: deque[Fault] = deque()
         self._counter = 0
         self._httpd: _HTTPServer | None = None
@@ -819,15 +826,15 @@ class OpenAITestServer:
 
     @property
     def requests(self) -> list[RecordedRequest]:
-        """A snapshot of the requests received so far, oldest first."""
+        """A snapshot of the requests received so far (the last ``keep_requests`` of them), oldest first."""
         with self._lock:
             return list(self._requests)
 
     @property
     def request_count(self) -> int:
-        """How many requests were received since the last reset()."""
+        """How many requests were received since the last reset() (all of them, kept or not)."""
         with self._lock:
-            return len(self._requests)
+            return self._received
 
     @property
     def pending_faults(self) -> int:
@@ -852,6 +859,7 @@ class OpenAITestServer:
             self._stored_responses.clear()
             self._seen_inputs.clear()
             self._requests.clear()
+            self._received = 0
             self._faults.clear()
             self._streams_left.clear()
         self.batch_api.reset()
@@ -900,9 +908,10 @@ class OpenAITestServer:
             return f"req_{self._counter}"
 
     def _record(self, request: RecordedRequest) -> None:
-        """Append a request to the record."""
+        """Append a request to the record (the oldest falls out beyond ``keep_requests``) and count it."""
         with self._lock:
             self._requests.append(request)
+            self._received += 1
 
     def _track(self, conn: socket.socket, thread: threading.Thread, *, add: bool) -> None:
         """Add or remove an open connection and the thread serving it."""
@@ -1839,9 +1848,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before each answer")
     parser.add_argument("--api-key", default=None, help="require this API key (401 otherwise)")
+    parser.add_argument("--keep-requests", type=int, default=100, help="recent requests kept in memory (default 100)")
     parser.add_argument("--batch-polls", type=int, default=1, metavar="N", help="Batch API: polls before a batch ends (default 1)")
     args = parser.parse_args(argv)
-    server = OpenAITestServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key)
+    server = OpenAITestServer(
+        host=args.host, port=args.port, latency=args.latency, api_key=args.api_key, keep_requests=args.keep_requests
+    )
     server.batch_api.polls = max(1, args.batch_polls)
     try:
         server.start()

@@ -945,3 +945,13 @@ def test_a_read_only_cache_file_keeps_serving_hits(path: Path, logs: pytest.LogC
         assert cache.stats() == CacheStats(hits=2, misses=0, writes=0, errors=1)
     [message] = warnings_logged(logs)
     assert str(path) in message and "keeps serving" in message
+
+
+def test_the_old_modules_pickle_cache_names_the_migration(tmp_path: Path, logs: pytest.LogCaptureFixture) -> None:
+    """A CACHE_FILE_NAME still pointing at the old pickle cache says how to migrate it, and it is left alone."""
+    old = tmp_path / "openai_api_cache.pickle"
+    old.write_bytes(pickle.dumps({"some old key": "an old answer"}))
+    before = old.read_bytes()
+    with SQLiteCache(old) as cache:
+        assert_degraded(cache, logs, "import-pickle", "--trusted")
+    assert old.read_bytes() == before

@@ -145,7 +145,7 @@ def test_import_reads_nothing(tmp_path: Path) -> None:
     assert out.stdout.strip() == "ok", out.stderr
 
 
-@pytest.mark.parametrize("sections", [["openai"], ["OpenAI", "Azure"], ["Openai"]])
+@pytest.mark.parametrize("sections", [["openai"], ["OpenAI", "openai"], ["Openai"], ["Azure"]])
 def test_a_section_other_than_openai_is_an_error_naming_the_file_and_sections(tmp_path: Path, sections: list[str]) -> None:
     text = "".join(f"[{section}]\nMODEL = m\n" for section in sections)
     (tmp_path / "config.ini").write_text(text, encoding="utf-8")
@@ -190,3 +190,54 @@ def test_resolve_returns_a_dict_the_caller_may_change() -> None:
     first = resolve()
     first["MODEL"] = "scribbled"
     assert resolve()["MODEL"] == llmutils.DEFAULTS["MODEL"]
+
+
+# The [OpenAI] section of the old module's config.ini as TinyTroupe ships it (microsoft/TinyTroupe,
+# tinytroupe/config.ini), comments and the trailing space included.
+OLD_MODULE_SECTION = """[OpenAI]
+# Default options: openai, azure
+API_TYPE=openai
+AZURE_API_VERSION=2024-12-01-preview
+MODEL=gpt-5-mini
+REASONING_MODEL=o3-mini
+EMBEDDING_MODEL=text-embedding-3-small
+MAX_COMPLETION_TOKENS=32000
+TIMEOUT=480
+MAX_ATTEMPTS=5
+WAITING_TIME=1
+EXPONENTIAL_BACKOFF_FACTOR=5
+MAX_CONCURRENT_MODEL_CALLS=4
+REASONING_EFFORT=high
+CACHE_API_CALLS=False
+CACHE_FILE_NAME=openai_api_cache.pickle
+MAX_CONTENT_DISPLAY_LENGTH=4000
+""".replace("small\n", "small \n")  # the shipped file has a trailing space after the embedding model
+
+
+def test_the_old_modules_config_section_works_as_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: OpenAITestServer
+) -> None:
+    (tmp_path / "config.ini").write_text(OLD_MODULE_SECTION, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        client.send_message([{"role": "user", "content": "hi"}])
+        assert client.settings()["EMBEDDING_MODEL"] == "text-embedding-3-small"
+    assert server.requests[-1].body == {
+        "model": "gpt-5-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": 32000,
+        "reasoning_effort": "high",
+    }
+
+
+def test_other_programs_sections_beside_openai_are_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: OpenAITestServer
+) -> None:
+    """The old module's whole config.ini: [OpenAI] is read, TinyTroupe's own sections are not ours."""
+    others = "\n[Simulation]\nPARALLEL_AGENT_GENERATION=True\n\n[ActionGenerator]\nMAX_ATTEMPTS=2\n\n[Logging]\nLOGLEVEL=ERROR\n"
+    (tmp_path / "config.ini").write_text(OLD_MODULE_SECTION + others, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert resolve()["MAX_ATTEMPTS"] == 5  # [ActionGenerator]'s MAX_ATTEMPTS is not ours
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        client.send_message([{"role": "user", "content": "hi"}])
+    assert server.requests[-1].body["model"] == "gpt-5-mini"

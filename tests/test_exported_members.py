@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import llmutils
 
 
 def test_all_is_exactly_the_public_surface() -> None:
-    public = {name for name in vars(llmutils) if not name.startswith("_")}
+    public = {name for name in dir(llmutils) if not name.startswith("_")}
     modules = {"testing", "cli", "templates", "cache"}  # importable submodules, not re-exported names
     assert public - modules - {"annotations"} == set(llmutils.__all__)
+    assert all(getattr(llmutils, name) is not None for name in llmutils.__all__)
+
+
+def test_import_loads_no_heavy_dependency() -> None:
+    """``import llmutils`` is cheap: every public name is loaded on first use (PEP 562)."""
+    heavy = ("jinja2", "sqlitedict", "tenacity", "tqdm", "openai", "tiktoken", "httpx2", "genai_prices")
+    code = f"import sys, llmutils; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+    code = "import sys, llmutils; llmutils.TemplateError; print('jinja2' in sys.modules, 'tenacity' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False False"  # an exception class does not pull in its users' dependencies
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    import pytest
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        llmutils.Nope  # noqa: B018 - the lookup is the test
 
 
 def test_old_module_names_are_kept() -> None:

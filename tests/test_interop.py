@@ -142,6 +142,7 @@ def upstream(proxy: Proxy) -> OpenAITestServer:
     """The OpenAITestServer behind the ``upstream`` models, reset for each test."""
     proxy.upstream.reset()
     proxy.upstream.chat_handler = None
+    proxy.upstream.stream_interval = 0.0
     return proxy.upstream
 
 
@@ -330,6 +331,32 @@ def test_the_cache_sends_one_request_for_two_identical_calls(proxy: Proxy, upstr
     assert upstream.request_count == 1
 
 
+def test_the_responses_api_through_the_proxy_to_a_real_upstream(proxy: Proxy, upstream: OpenAITestServer) -> None:
+    """LiteLLM's /v1/responses: the chat-shaped mapping reaches the provider as sent, and comes back."""
+    tools = [{"type": "function", "function": {"name": "get_w", "parameters": {"type": "object", "properties": {}}}}]
+    with _client(proxy, model="upstream", api="responses") as client:
+        text = client.send_message([{"role": "system", "content": "S"}, {"role": "user", "content": "ping"}], max_tokens=50)
+        assert text == {"role": "assistant", "content": "echo: ping"}
+        assert client.last_call is not None and client.last_call.kind == "responses"
+        assert client.last_call.usage is not None and client.last_call.usage["prompt_tokens"] > 0
+        called = client.send_message([{"role": "user", "content": "call get_w"}], tools=tools)
+        assert called["content"] is None and called["tool_calls"][0]["function"]["name"] == "get_w"
+        raw = client.create_response(input="hello", store=False)
+        assert raw["output"][0]["content"][0]["text"] == "echo: hello"
+    assert [request.path for request in upstream.requests] == ["/v1/responses"] * 3
+    assert upstream.requests[0].body == {
+        "model": "gpt-4o-mini",
+        "instructions": "S",
+        "input": [{"role": "user", "content": "ping"}],
+        "max_output_tokens": 50,
+    }
+
+
+def test_a_mocked_model_answers_over_the_responses_api(proxy: Proxy) -> None:
+    with _client(proxy, model="gpt-4o-mini", api="responses") as client:
+        assert client.send_message(HI) == {"role": "assistant", "content": "hello from litellm"}
+
+
 # -- streaming through the proxy --------------------------------------------------------------------
 
 
@@ -357,6 +384,10 @@ def test_a_stream_the_upstream_drops_after_content_is_interrupted(proxy: Proxy, 
     from llmutils import NonTerminalError, StreamInterruptedError
 
     upstream.script(Fault.drop_stream(after=4))
+    # Paced like a model generating tokens: LiteLLM forwards the first chunks before the drop. Sent
+    # back to back, it sometimes read the drop first and answered with an error before any content,
+    # which is (rightly) retried.
+    upstream.stream_interval = 0.1
     with _client(proxy, model="upstream") as client:
         with pytest.raises(StreamInterruptedError) as info:
             with client.stream_message([{"role": "user", "content": "one two three four five six"}]) as stream:

@@ -311,6 +311,7 @@ def test_failed_maps_to_the_error_tree(code: str, error: type[Exception]) -> Non
     response = _response(status="failed", error={"code": code, "message": "went wrong"})
     with pytest.raises(error, match=f"{code}.*went wrong") as info:
         check_response(response, message=False)
+    assert info.value.code == code  # callers branch on exc.code, as for an HTTP error
     if error is InvalidRequestError:
         assert not isinstance(info.value, ContentFilterError)
 
@@ -843,3 +844,27 @@ def test_each_mapping_round_trips(client: OpenAIClient, server: OpenAITestServer
     for chat_only in ("messages", "n", "max_tokens", "max_completion_tokens", "seed", "stop", "frequency_penalty",
                       "presence_penalty", "response_format", "reasoning_effort", "logprobs", "verbosity"):
         assert chat_only not in body
+
+
+def test_a_responses_cache_key_follows_the_documented_scheme(server: OpenAITestServer, tmp_path: Any) -> None:
+    """README's key scheme: sha256 of canonical JSON of {"v": 1, "kind", "api", "endpoint", "params"}."""
+    import hashlib
+    import sqlite3
+
+    path = tmp_path / "keys.sqlite"
+    with OpenAIClient(base_url=server.base_url, api_key="k", api="responses", cache_file_name=str(path),
+                      cache_api_calls=True) as client:
+        client.send_message([{"role": "user", "content": "key scheme"}])
+        sent = server.requests[-1].body
+    doc = {"v": 1, "kind": "responses", "api": "openai", "endpoint": server.base_url, "params": sent}
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    with sqlite3.connect(path) as db:
+        keys = [row[0] for row in db.execute("select key from responses")]
+    assert keys == [hashlib.sha256(canonical.encode("utf-8")).hexdigest()]
+
+
+def test_create_response_call_bounds_are_not_sent(server: OpenAITestServer) -> None:
+    """timeout, total_timeout and max_attempts bound the call; the body holds only the Responses params."""
+    with OpenAIClient(base_url=server.base_url, api_key="k") as client:
+        client.create_response(input="bounds", timeout=5, total_timeout=10, max_attempts=2, store=False)
+    assert server.requests[-1].body == {"model": client.settings()["MODEL"], "input": "bounds", "store": False}

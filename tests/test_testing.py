@@ -566,3 +566,19 @@ def test_azure_v1_routes_need_no_api_version(server: OpenAITestServer) -> None:
     assert len(vectors.data) == 1
     assert [r.path for r in server.requests] == ["/openai/v1/chat/completions", "/openai/v1/embeddings"]
     assert all("api-version" not in r.query and r.deployment is None for r in server.requests)
+
+
+def test_keep_requests_bounds_the_record_but_not_the_count() -> None:
+    with OpenAITestServer(keep_requests=2) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        for i in range(5):
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": f"n{i}"}]})
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            conn.getresponse().read()
+        conn.close()
+        assert srv.request_count == 5
+        assert [r.body["messages"][0]["content"] for r in srv.requests] == ["n3", "n4"]
+        srv.reset()
+        assert srv.request_count == 0 and srv.requests == []
+    with pytest.raises(ValueError, match="keep_requests"):
+        OpenAITestServer(keep_requests=-1)

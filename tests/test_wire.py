@@ -325,3 +325,63 @@ def test_what_the_sdk_does_not_retry_is_not_retried(server: OpenAITestServer, wa
         with pytest.raises(LLMUtilsError) as caught:
             client.send_message(HI)
     assert server.request_count == 1 and waits == [] and caught.value.retryable is False
+
+
+# -- a None is never sent as null ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_none_in_more_is_not_sent_as_null(oai: OpenAIClient, server: OpenAITestServer, api: str) -> None:
+    """``tools=None`` etc. mean "not given", on both APIs: no ``"tools": null`` reaches the server."""
+    oai.send_message(HI, api=api, seed=None, response_format=None, tools=None, tool_choice=None, user=None,
+                     reasoning_effort=None, max_completion_tokens=None)
+    body = _body(server)
+    assert None not in body.values(), body
+    assert set(body) == ({"model", "messages"} if api == "chat" else {"model", "input"})
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_none_in_the_call_turns_configured_reasoning_settings_off(
+    oai: OpenAIClient, server: OpenAITestServer, api: str
+) -> None:
+    force_default_value("REASONING_EFFORT", "low")
+    force_default_value("MAX_COMPLETION_TOKENS", 500)
+    oai.send_message(HI, model="o3-mini", api=api)
+    assert len(_body(server)) == 4  # model, messages/input, the budget and the effort
+    oai.send_message(HI, model="o3-mini", api=api, reasoning_effort=None, max_completion_tokens=None)
+    assert set(_body(server)) == ({"model", "messages"} if api == "chat" else {"model", "input"})
+
+
+def test_none_in_embedding_arguments_is_not_sent(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    oai.get_embedding("x", dimensions=None, encoding_format=None, user=None)
+    assert _body(server) == {"model": "text-embedding-3-small", "input": ["x"], "encoding_format": "float"}
+
+
+def test_azure_ad_scope_reaches_the_entra_token_provider(
+    server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a key or a token provider, DefaultAzureCredential is asked for a token of AZURE_AD_SCOPE."""
+    import sys
+    import types
+
+    scopes: list[str] = []
+    identity = types.ModuleType("azure.identity")
+
+    class DefaultAzureCredential:  # the one piece of azure-identity llmutils uses, recorded
+        pass
+
+    def get_bearer_token_provider(credential: object, scope: str) -> object:
+        assert isinstance(credential, DefaultAzureCredential)
+        scopes.append(scope)
+        return lambda: "entra-token"
+
+    identity.DefaultAzureCredential = DefaultAzureCredential  # type: ignore[attr-defined]
+    identity.get_bearer_token_provider = get_bearer_token_provider  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "azure", types.ModuleType("azure"))
+    monkeypatch.setitem(sys.modules, "azure.identity", identity)
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
+    monkeypatch.setenv("LLMUTILS_AZURE_AD_SCOPE", "https://ai.azure.com/.default")
+    with AzureClient(model="dep", api_version="v1") as client:
+        client.send_message(HI)
+    assert scopes == ["https://ai.azure.com/.default"]
+    assert server.requests[-1].headers["authorization"] == "Bearer entra-token"

@@ -64,7 +64,8 @@ def build_chat_request(
     ``TOP_P``, ``FREQ_PENALTY``, ``PRESENCE_PENALTY``, ``MAX_TOKENS``, all unset by default); an
     argument or setting that is None is not sent, so ``temperature=None`` turns a configured
     temperature off. A plain call's body is exactly ``{"model", "messages"}``. ``more`` is passed as
-    is and wins.
+    is and wins, except that a None there is not sent either (``tools=None`` sends no ``"tools":
+    null``; ``reasoning_effort=None`` / ``max_completion_tokens=None`` turn the setting off).
 
     For a reasoning model (its name, ``REASONING_MODEL``, or what ``MODEL_ALIASES`` says a gateway
     alias or Azure deployment is) the output budget is sent as ``max_completion_tokens``
@@ -72,7 +73,8 @@ def build_chat_request(
     sampling parameters are left out, except with effort ``"none"``, which accepts them (gpt-5.1
     and later).
     """
-    extra = dict(more or {})
+    given = dict(more or {})
+    extra = {name: value for name, value in given.items() if value is not None}
     model = model or settings["MODEL"]
     params: dict[str, Any] = {"model": model, "messages": messages}
     sampling = {
@@ -86,13 +88,13 @@ def build_chat_request(
     }
     wanted = {name: value for name, value in sampling.items() if value is not None}
     if is_reasoning_model(settings["MODEL_ALIASES"].get(model, model), settings["REASONING_MODEL"]):
-        if "max_completion_tokens" in extra:
-            budget = extra.pop("max_completion_tokens")
+        if "max_completion_tokens" in given:
+            budget = extra.pop("max_completion_tokens", None)
         else:
             budget = settings["MAX_COMPLETION_TOKENS"] if max_tokens is UNSET else max_tokens
         if budget is not None:
             params["max_completion_tokens"] = budget
-        effort = extra.pop("reasoning_effort") if "reasoning_effort" in extra else settings["REASONING_EFFORT"]
+        effort = extra.pop("reasoning_effort", None) if "reasoning_effort" in given else settings["REASONING_EFFORT"]
         if effort is not None:
             params["reasoning_effort"] = effort
         if effort == "none":

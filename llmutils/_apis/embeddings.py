@@ -20,8 +20,12 @@ def build_embeddings_request(
     model: str | None = None,
     more: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of an embeddings request: ``EMBEDDING_MODEL`` unless ``model``, floats unless asked."""
-    params: dict[str, Any] = {"model": model or settings["EMBEDDING_MODEL"], "input": list(texts), **(more or {})}
+    """The JSON body of an embeddings request: ``EMBEDDING_MODEL`` unless ``model``, floats unless asked.
+
+    A None in ``more`` is not sent (``dimensions=None`` means "the model's own").
+    """
+    extra = {name: value for name, value in (more or {}).items() if value is not None}
+    params: dict[str, Any] = {"model": model or settings["EMBEDDING_MODEL"], "input": list(texts), **extra}
     params.setdefault("encoding_format", "float")
     return params
 

@@ -46,7 +46,7 @@ an ``incomplete`` one stopped by the content filter raise from the one error tre
 from __future__ import annotations
 
 import fnmatch
-import json
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,8 +94,22 @@ def is_responses_model(model: str, patterns: Sequence[str]) -> bool:
     >>> is_responses_model("o3-pro-2025-06-10", ["o1-pro", "o3-pro"])
     True
     """
-    name = model.lower()
+    return _matches(model.lower(), tuple(patterns))
+
+
+@functools.lru_cache(maxsize=256)
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Memoised: a call asks this of the same model and patterns again and again."""
     return any(fnmatch.fnmatchcase(name, pattern.strip().lower() + "*") for pattern in patterns if pattern.strip())
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts and lists), much cheaper than a JSON round trip."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 # -- requests --------------------------------------------------------------------------------------
@@ -337,13 +351,14 @@ def _error_from_failed(response: Mapping[str, Any]) -> LLMUtilsError:
     error: Mapping[str, Any] = response["error"] if isinstance(response.get("error"), Mapping) else {}
     code = str(error.get("code") or "")
     detail = f"the response {response.get('id', '')} failed ({code or 'no code'}): {error.get('message') or 'no message'}"
+    said = {"code": code or None}  # what callers branch on, as for an HTTP error (exc.code)
     if code == "rate_limit_exceeded":
-        return RateLimitError(detail)
+        return RateLimitError(detail, **said)
     if code in _TRANSIENT_CODES:
-        return NonTerminalError(detail)
+        return NonTerminalError(detail, **said)
     if code in _POLICY_CODES:
-        return ContentFilterError(f"Refused by a safety policy: {detail}")
-    return InvalidRequestError(detail)
+        return ContentFilterError(f"Refused by a safety policy: {detail}", **said)
+    return InvalidRequestError(detail, **said)
 
 
 def check_response(response: Mapping[str, Any], *, message: bool = True) -> None:
@@ -478,6 +493,8 @@ def _detail(usage: Mapping[str, Any], containers: tuple[str, ...], name: str) ->
     """``usage[container][name]`` for the first container present, or a flat ``usage[name]``; 0 if none."""
     for container in containers:
         details = usage.get(container)
+        if details is None:
+            continue
         if isinstance(details, Mapping) and isinstance(details.get(name), (int, float)):
             return int(details[name])
     value = usage.get(name)
@@ -495,7 +512,7 @@ def normalize_usage(usage: Any) -> dict[str, Any] | None:
     """
     if not isinstance(usage, Mapping):
         return None
-    flat = json.loads(json.dumps(usage))  # a deep copy: the caller's (cached) dict is never shared
+    flat = _copy(dict(usage))  # a deep copy: the caller's (cached) dict is never shared
     for chat_name, responses_name in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
         if chat_name not in flat and isinstance(usage.get(responses_name), int):
             flat[chat_name] = usage[responses_name]

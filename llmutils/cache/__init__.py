@@ -25,6 +25,7 @@ from .._exceptions import ConfigError
 from .base import CACHE_MODES, WRITE_MODES, CacheStats, is_cache_url, mask_url
 from .keys import KEY_VERSION, make_key
 from .legacy import import_pickle_cache
+from .memory import MemoryCache
 from .redis import REDIS_SCHEMES, RedisCache
 from .sqlite import SQLiteCache
 
@@ -32,6 +33,7 @@ __all__ = [
     "CACHE_MODES",
     "KEY_VERSION",
     "CacheBackend",
+    "MemoryCache",
     "CacheStats",
     "CopyResult",
     "RedisCache",
@@ -115,9 +117,13 @@ class CacheBackend(Protocol):
     def __exit__(self, *exc_info: object) -> None: ...
 
 
-def open_cache(location: str | os.PathLike[str], *, mode: str = "readwrite", ttl: float | None = None) -> CacheBackend:
+def open_cache(
+    location: str | os.PathLike[str], *, mode: str = "readwrite", ttl: float | None = None, memory_items: int = 0
+) -> CacheBackend:
     """The cache at ``location``: ``redis://``, ``rediss://`` or ``unix://`` is a :class:`RedisCache`;
     ``sqlite:///relative.sqlite``, ``sqlite:////absolute.sqlite`` or a plain path is a :class:`SQLiteCache`.
+    With ``memory_items`` > 0 it is wrapped in a :class:`MemoryCache` keeping that many decoded
+    answers in memory (``CACHE_MEMORY_ITEMS``).
 
     >>> open_cache("redis://:secret@cache.internal:6379/0", ttl=86400)
     RedisCache('redis://:***@cache.internal:6379/0', mode='readwrite')
@@ -128,6 +134,11 @@ def open_cache(location: str | os.PathLike[str], *, mode: str = "readwrite", ttl
     :returns: the backend; nothing is opened or connected before its first use.
     :raises ConfigError: an unknown URL scheme, a malformed URL, a bad mode or ttl.
     """
+    store = _open_store(location, mode=mode, ttl=ttl)
+    return MemoryCache(store, memory_items) if memory_items else store
+
+
+def _open_store(location: str | os.PathLike[str], *, mode: str, ttl: float | None) -> CacheBackend:
     if not is_cache_url(location):
         return SQLiteCache(os.fspath(location), mode=mode, ttl=ttl)
     text = os.fspath(location)

@@ -710,7 +710,14 @@ class SQLiteCache(CacheBase):
             except OSError as exc:
                 raise _Fault(f"cannot be read ({exc})") from exc
             if header != _SQLITE_HEADER:
-                raise _Fault("is not an SQLite database (it does not start with the SQLite header)")
+                hint = ""
+                if header[:1] == b"\x80" or path.suffix in (".pickle", ".pkl"):  # the old module's pickle cache
+                    hint = (
+                        "; it looks like the old module's pickle cache: migrate it with "
+                        f"'llmutils cache import-pickle {path} --trusted --cache-file llmutils_cache.sqlite' "
+                        "and point CACHE_FILE_NAME at the new file"
+                    )
+                raise _Fault(f"is not an SQLite database (it does not start with the SQLite header){hint}")
         deadline = time.monotonic() + self.busy_timeout
         while True:
             try:
