@@ -49,6 +49,7 @@ if _TYPE_CHECKING:
     from ._exceptions import TemplateError as TemplateError
     from ._exceptions import TotalTimeoutError as TotalTimeoutError
     from ._ratelimit import RateLimiter as RateLimiter
+    from ._ratelimit_redis import RedisRateLimiter as RedisRateLimiter
     from ._registry import client as client
     from ._registry import force_api_cache as force_api_cache
     from ._registry import force_api_type as force_api_type
@@ -103,6 +104,7 @@ _EXPORTS: dict[str, str] = {
     "QuotaExceededError": "._exceptions",
     "RateLimitError": "._exceptions",
     "RateLimiter": "._ratelimit",
+    "RedisRateLimiter": "._ratelimit_redis",
     "RedisCache": ".cache",
     "RetriesExhaustedError": "._exceptions",
     "RetryPolicy": "._retry",
@@ -181,6 +183,7 @@ __all__ = [
     "QuotaExceededError",
     "RateLimitError",
     "RateLimiter",
+    "RedisRateLimiter",
     "RedisCache",
     "RetriesExhaustedError",
     "RetryPolicy",

@@ -70,6 +70,7 @@ from ._http import (
     retry_decision,
 )
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
+from ._ratelimit_redis import RedisRateLimiter, rate_limit_name
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
 from .cache import CacheStats, make_key, mask_url, open_cache
@@ -389,6 +390,8 @@ class OpenAIClient:
         rpm: float | None = None,
         tpm: float | None = None,
         max_concurrent_calls: int | None = None,
+        rate_limit_url: str | None = None,
+        rate_limit_name: str | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] | None = None,
         default_headers: Mapping[str, str] | None = None,
@@ -414,22 +417,54 @@ class OpenAIClient:
             ("RPM", rpm),
             ("TPM", tpm),
             ("MAX_CONCURRENT_MODEL_CALLS", max_concurrent_calls),
+            ("RATE_LIMIT_URL", rate_limit_url),
+            ("RATE_LIMIT_NAME", rate_limit_name),
             ("API", api),
         ):
             if value is not None:
                 given[name] = value
         self._client_settings = validate(given, f"{type(self).__name__}()")
+        self._prices = dict(prices) if prices is not None else None
+        self._start()
+
+    def _start(self) -> None:
+        """The state a client builds for itself (on construction, and where it is unpickled)."""
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
         self._caches: dict[tuple[str, str, str, float | None, int], CacheBackend] = {}
-        self._limits: dict[tuple[Any, ...], tuple[RateLimiter, ConcurrencyLimiter]] = {}
+        self._limits: dict[tuple[Any, ...], tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
         self._warned_usage = False
         self._local = threading.local()
         _live_clients.add(self)
-        self.usage = UsageTracker(prices=prices)
+        self.usage = UsageTracker(prices=self._prices)
         """Requests and tokens per model, billed and served from cache apart (see UsageTracker)."""
+
+    # -- pickling ------------------------------------------------------------------------------
+
+    # Built by _start() (or lazily on first use), never pickled: connections, locks, caches,
+    # limiters, requests in flight, per-thread call info, counters.
+    _RUNTIME = frozenset(
+        {"_lock", "_pid", "_sdk_clients", "_caches", "_limits", "_inflight", "_warned_usage", "_local", "usage"}
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle to the configuration only, so a client can go to a process pool or a Dask worker.
+
+        What travels: the constructor's settings (and ``set_api_cache`` changes), an explicit
+        ``api_key=``, the organization, default headers, prices, an injected ``retry``/``sleep``.
+        What does not: connections, locks, open caches, limiters, requests in flight, usage
+        counters; they are built again, lazily, where the client is unpickled. A key that came
+        from the environment (``OPENAI_API_KEY``, ...) is not part of the client: the worker reads
+        its own environment. Config files and the environment are read there too.
+        """
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild from :meth:`__getstate__`: the configuration, and fresh runtime state."""
+        self.__dict__.update(state)
+        self._start()
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -1129,20 +1164,36 @@ class OpenAIClient:
             usage,
         )
 
-    def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter, ConcurrencyLimiter]:
+    def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]:
         """The rate and concurrency limiters for these settings: one pair per distinct limit setting.
 
         Threads (or contexts, under :func:`override_defaults`) with the same RPM/TPM/
-        MAX_CONCURRENT_MODEL_CALLS share one pair, so the limit holds across them; a different
-        setting gets its own pair, so two limits never rebuild one shared limiter back and forth.
+        MAX_CONCURRENT_MODEL_CALLS (and RATE_LIMIT_URL/NAME) share one pair, so the limit holds across
+        them; a different setting gets its own pair, so two limits never rebuild one shared limiter
+        back and forth. With ``RATE_LIMIT_URL`` the RPM/TPM limiter is a :class:`RedisRateLimiter`:
+        one budget for every process and machine that uses the same URL and ``RATE_LIMIT_NAME`` (by
+        default the endpoint URL, without credentials).
         """
-        wanted = (settings["RPM"], settings["TPM"], settings["MAX_CONCURRENT_MODEL_CALLS"])
+        wanted = (
+            settings["RPM"],
+            settings["TPM"],
+            settings["MAX_CONCURRENT_MODEL_CALLS"],
+            settings["RATE_LIMIT_URL"],
+            settings["RATE_LIMIT_NAME"],
+        )
         limits = self._limits.get(wanted)
         if limits is None:
             with self._lock:
                 limits = self._limits.get(wanted)
                 if limits is None:
-                    limits = self._limits[wanted] = (RateLimiter(rpm=wanted[0], tpm=wanted[1]), ConcurrencyLimiter(wanted[2]))
+                    rpm, tpm, slots, url, name = wanted
+                    limiter: RateLimiter | RedisRateLimiter
+                    if url:
+                        name = name or rate_limit_name(self._endpoint(settings))
+                        limiter = RedisRateLimiter(url, name=name, rpm=rpm, tpm=tpm)
+                    else:
+                        limiter = RateLimiter(rpm=rpm, tpm=tpm)
+                    limits = self._limits[wanted] = (limiter, ConcurrencyLimiter(slots))
         return limits
 
     def _send_with_retries(
@@ -1599,11 +1650,15 @@ class OpenAIClient:
         with self._lock:
             sdks, self._sdk_clients = list(self._sdk_clients.values()), {}
             caches, self._caches = list(self._caches.values()), {}
+            limits, self._limits = list(self._limits.values()), {}
         if self._pid == os.getpid():
             for sdk in sdks:
                 sdk.close()
         for cache in caches:
             cache.close()
+        for limiter, _slots in limits:
+            if isinstance(limiter, RedisRateLimiter):
+                limiter.close()
 
     def __enter__(self) -> OpenAIClient:
         return self
@@ -1644,6 +1699,14 @@ class AzureClient(OpenAIClient):
         if azure_endpoint is not None:
             self._client_settings = {**self._client_settings, **validate({"AZURE_ENDPOINT": azure_endpoint}, "AzureClient()")}
 
+    # The Entra ID token provider built from DefaultAzureCredential is made again where the
+    # client is unpickled; an azure_ad_token_provider given explicitly travels (it must pickle).
+    _RUNTIME = OpenAIClient._RUNTIME | {"_entra_token_provider"}
+
+    def _start(self) -> None:
+        super()._start()
+        self._entra_token_provider: Callable[[], str] | None = None
+
     def _sdk_url(self, sdk: Any, path: str) -> str:
         return path
 
@@ -1671,9 +1734,9 @@ class AzureClient(OpenAIClient):
                 "azure_ad_token_provider=..., or install 'llmutils-openai[azure]' for Entra ID sign-in."
             ) from None
         with self._lock:
-            if self._token_provider is None:
-                self._token_provider = get_bearer_token_provider(DefaultAzureCredential(), settings["AZURE_AD_SCOPE"])
-        return {"azure_ad_token_provider": self._token_provider}, "Entra ID (DefaultAzureCredential)"
+            if self._entra_token_provider is None:
+                self._entra_token_provider = get_bearer_token_provider(DefaultAzureCredential(), settings["AZURE_AD_SCOPE"])
+        return {"azure_ad_token_provider": self._entra_token_provider}, "Entra ID (DefaultAzureCredential)"
 
     def _sdk_flavor(self, path: str) -> str:
         """The Responses API is served on Azure's v1 path, ``{endpoint}/openai/v1/responses``."""
@@ -1743,6 +1806,12 @@ class MockClient(OpenAIClient):
         super().__init__(**kwargs)
         self._answers = list(answers or [])
         self._handler = handler
+
+    # The answers still scripted and the handler travel; the count of calls starts again at 0.
+    _RUNTIME = OpenAIClient._RUNTIME | {"calls"}
+
+    def _start(self) -> None:
+        super()._start()
         self.calls = 0
 
     def script(self, *answers: str | Message) -> None:
