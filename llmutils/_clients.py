@@ -25,7 +25,7 @@ import socket
 import threading
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, TypeVar
 
 from ._apis import chat as _chat
 from ._apis import embeddings as _embeddings
@@ -45,9 +45,6 @@ from ._apis.responses import (
 from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events, response_events
 from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, resolved, validate
 from ._deadline import Deadline
-from ._imports import importing, lazy_import
-from ._otel import StreamSpan, call_span, start_stream_span
-from ._tokens import loading_within
 from ._exceptions import (
     AuthenticationError,
     CacheMissError,
@@ -69,9 +66,12 @@ from ._http import (
     request_id_from,
     retry_decision,
 )
+from ._imports import importing, lazy_import
+from ._otel import StreamSpan, call_span, start_stream_span
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._ratelimit_redis import RedisRateLimiter, rate_limit_name
 from ._retry import RetryPolicy
+from ._tokens import loading_within
 from ._usage import UsageTracker
 from .cache import CacheStats, make_key, mask_url, open_cache
 from .cache.keys import non_json
@@ -137,11 +137,15 @@ _SEND_MESSAGE_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
 _MAX_N = 128  # the API's limit on choices per request
 
 
-def _bounded_recursion(method: Callable[..., Any]) -> Callable[..., Any]:
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _bounded_recursion(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """A request nested thousands deep (or referring to itself) is an InvalidRequestError, not a RecursionError."""
 
     @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(*args, **kwargs)
         except RecursionError:
@@ -538,7 +542,7 @@ class OpenAIClient:
         has_items = _check_messages(messages, items=api != "chat")
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
-        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
             if value is not None and value is not UNSET:
                 _check_type(name, value, kinds)
         if n != 1 or timeout is not None or total_timeout is not None or max_attempts is not None:
@@ -634,7 +638,9 @@ class OpenAIClient:
         if params.get("stream"):
             raise InvalidRequestError("stream=True is not supported by create_response; it returns whole answers")
         if params.get("input") is None and not any(params.get(k) for k in ("previous_response_id", "conversation", "prompt")):
-            raise InvalidRequestError("create_response needs input= (a string or a list of items), or previous_response_id=, conversation= or prompt=")
+            raise InvalidRequestError(
+                "create_response needs input= (a string or a list of items), or previous_response_id=, conversation= or prompt="
+            )
         if "input" in params and not isinstance(params["input"], (str, list)):
             raise InvalidRequestError(f"input must be a string or a list of items, got {type(params['input']).__name__}")
         settings = self._settings()
@@ -744,7 +750,7 @@ class OpenAIClient:
         _check_messages(messages, items=api != "chat")
         given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
                  max_attempts, waiting_time, exponential_backoff_factor)
-        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given):
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
             if value is not None and value is not UNSET:
                 _check_type(name, value, kinds)
         if timeout is not None or total_timeout is not None or max_attempts is not None:
@@ -1106,9 +1112,8 @@ class OpenAIClient:
         with self._lock:
             flight = self._inflight.get(key)
             leader = flight is None
-            if leader:
+            if flight is None:
                 flight = self._inflight[key] = _Flight()
-        assert flight is not None
         if not leader:
             if not flight.done.wait(deadline.timeout_for(None)):
                 raise deadline.error("waiting for the identical request in flight")
@@ -1380,7 +1385,9 @@ class OpenAIClient:
         key = credentials.get("api_key")
         return sdk, source, key if isinstance(key, str) else None
 
-    def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
+    def _post(
+        self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float
+    ) -> dict[str, Any]:
         """POST ``params`` to ``path`` and return the decoded JSON object (one attempt).
 
         The whole body is read in chunks through :meth:`_open_stream`, so the call's deadline
@@ -1427,7 +1434,6 @@ class OpenAIClient:
         sdk_request_options = lazy_import(f"{__package__}._transport").sdk_request_options
         sdk, source, key = self._sdk_and_key(settings, path)
         limit = deadline.timeout_for(timeout)
-        assert limit is not None
         if limit <= 0:
             raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
@@ -1711,7 +1717,7 @@ class AzureClient(OpenAIClient):
         return path
 
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
-        endpoint = settings["AZURE_ENDPOINT"]
+        endpoint: str | None = settings["AZURE_ENDPOINT"]
         if not endpoint:
             raise ConfigError(
                 "No Azure OpenAI endpoint: set AZURE_OPENAI_ENDPOINT, the AZURE_ENDPOINT config key, "
@@ -1831,7 +1837,9 @@ class MockClient(OpenAIClient):
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         return {}, "none (mock)"
 
-    def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
+    def _post(
+        self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float
+    ) -> dict[str, Any]:
         """Answer in-process, as the endpoint would: a chat completion, a response or embeddings."""
         if path == _responses.PATH:
             answer = self._response(params)
@@ -1865,9 +1873,9 @@ class MockClient(OpenAIClient):
             self.calls += 1
             scripted = self._answers.pop(0) if self._answers else None
         if scripted is None and self._handler is not None:
-            scripted = self._handler(messages, params)
+            scripted = self._handler(messages, params if isinstance(params, dict) else dict(params))  # (it is a dict)
         text = _last_user_text(messages)
-        choices = []
+        choices: list[dict[str, Any]] = []
         for i in range(params.get("n", 1)):
             answer = scripted if scripted is not None else f"echo: {text}" + (f" [{i}]" if i else "")
             message = dict(answer) if isinstance(answer, Mapping) else {"role": "assistant", "content": answer}

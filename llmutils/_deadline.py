@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import overload
 
 from ._exceptions import TotalTimeoutError
 
@@ -71,6 +72,11 @@ class Deadline:
         if self._end == math.inf:
             return math.inf
         return max(0.0, self._end - self._clock())
+
+    @overload
+    def timeout_for(self, limit: float) -> float: ...
+    @overload
+    def timeout_for(self, limit: float | None = None) -> float | None: ...
 
     def timeout_for(self, limit: float | None = None) -> float | None:
         """How long one wait may last: the smaller of ``limit`` and what is left.
