@@ -31,14 +31,14 @@ from tenacity.wait import wait_base
 
 from ._config import DEFAULT_MAX_WAIT, UNSET
 from ._deadline import Deadline
-from ._otel import current_call_span
 from ._exceptions import (
     LLMUtilsError,
     RetriesExhaustedError,
     TotalTimeoutError,
 )
+from ._otel import current_call_span
 
-__all__ = ["RetryPolicy", "POLICY_DEFAULTS", "wait_retry_after", "stop_at_deadline"]
+__all__ = ["POLICY_DEFAULTS", "RetryPolicy", "stop_at_deadline", "wait_retry_after"]
 
 logger = logging.getLogger("llmutils")
 
@@ -80,7 +80,7 @@ class _wait_jitter(wait_base):
 
     def __call__(self, retry_state: RetryCallState) -> float:
         wait = self.base(retry_state)
-        return wait + random.uniform(0, wait * self.fraction) if self.fraction else wait
+        return wait + random.uniform(0, wait * self.fraction) if self.fraction else wait  # noqa: S311 - jitter, not a secret
 
 
 class stop_at_deadline(stop_base):
@@ -195,7 +195,7 @@ class RetryPolicy:
     def retrying(self, deadline: Deadline | None = None) -> tenacity.Retrying:
         """The tenacity ``Retrying`` object for one call bounded by ``deadline``."""
         policy = self.resolved()
-        stop = stop_after_attempt(max(1, policy.max_attempts))
+        stop: stop_base = stop_after_attempt(max(1, policy.max_attempts))
         if deadline is None:
             deadline = self.deadline()
         if deadline.bounded:

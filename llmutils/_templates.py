@@ -56,7 +56,7 @@ import jinja2.sandbox
 
 from ._exceptions import InvalidRequestError, OutputParseError, TemplateError
 
-__all__ = ["render_template", "compose_messages", "template_search_path", "find_template", "LLMCall"]
+__all__ = ["LLMCall", "compose_messages", "find_template", "render_template", "template_search_path"]
 
 logger = logging.getLogger("llmutils")
 
@@ -312,7 +312,8 @@ def _not_found(name: str, missing: str, search_path: tuple[Path, ...], env: jinj
 def _translate(exc: jinja2.TemplateError, name: str, search_path: tuple[Path, ...], env: jinja2.Environment) -> TemplateError:
     """Turn a Jinja2 error into a :class:`TemplateError` naming the template and the cause."""
     if isinstance(exc, jinja2.TemplateNotFound):
-        return _not_found(name, exc.name or name, search_path, env)
+        missing = exc.name if isinstance(exc.name, str) and exc.name else name  # (Jinja types it str | Undefined)
+        return _not_found(name, missing, search_path, env)
     if isinstance(exc, jinja2.TemplateSyntaxError):
         filename = exc.filename or exc.name or name
         return TemplateError(
@@ -485,7 +486,8 @@ def _find_number(raw: str, label: str) -> str:
         raise _parse_error(label, "it contains no number", raw)
     if len(found) > 1:
         raise _parse_error(label, f"it contains {len(found)} numbers ({', '.join(found[:5])}), expected one", raw)
-    return found[0].replace(",", "")
+    number: str = found[0]
+    return number.replace(",", "")
 
 
 def _to_int(raw: str) -> int:
@@ -554,8 +556,9 @@ def _to_list(raw: str) -> list[Any]:
     if isinstance(value, list):
         return value
     if isinstance(value, dict):
-        if isinstance(value.get(_LIST_KEY), list):
-            return value[_LIST_KEY]
+        inner = value.get(_LIST_KEY)
+        if isinstance(inner, list):
+            return inner
         lists = [v for v in value.values() if isinstance(v, list)]
         if len(value) == 1 and len(lists) == 1:
             return lists[0]
