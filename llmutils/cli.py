@@ -33,7 +33,7 @@ from . import _config
 from ._batch import DEFAULT_MAX_CONNECTION_FAILURES
 from ._exceptions import ConfigError, LLMUtilsError
 
-__all__ = ["main", "run", "build_parser"]
+__all__ = ["build_parser", "main", "run"]
 
 logger = logging.getLogger("llmutils")
 
@@ -448,33 +448,34 @@ def _cmd_batch_api(args: argparse.Namespace) -> int:
         else:
             api, ledger = batch_api_for(client)
         try:
-            if local:
+            if api is None:  # local
                 jobs = ledger.jobs()
                 if not jobs:
                     print(f"no Batch API jobs recorded in {ledger.location}")
                 for job in jobs:
                     state = "collected" if job.collected else "open"
                     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created))
-                    print(f"{job.batch_id or job.input_file_id}  {job.status:<11} {state:<9} {job.request_count:>6} requests  {when}  {job.model}")
+                    print(
+                        f"{job.batch_id or job.input_file_id}  {job.status:<11} {state:<9} {job.request_count:>6} requests  "
+                        f"{when}  {job.model}"
+                    )
                 return 0
             if args.action == "list":
                 if not 1 <= args.limit <= 100:
                     args.parser.error(f"--limit must be between 1 and 100, got {args.limit}")
-                assert api is not None
                 batches, _more = api.list(limit=args.limit)
                 for obj in batches:
                     print(_batch_line(obj))
                 return 0
-            assert api is not None
             obj = api.cancel(args.batch_id) if args.action == "cancel" else api.retrieve(args.batch_id)
             print(_batch_line(obj))
             for name in ("output_file_id", "error_file_id"):
                 if obj.get(name):
                     print(f"  {name}: {obj[name]}")
-            job = ledger.find(args.batch_id)
-            if job is not None:
-                state = "collected into the cache" if job.collected else "not collected yet: rerun the batch command to collect it"
-                print(f"  recorded in {ledger.location}: {job.request_count} requests, {state}")
+            recorded = ledger.find(args.batch_id)
+            if recorded is not None:
+                state = "collected into the cache" if recorded.collected else "not collected yet: rerun the batch command to collect it"
+                print(f"  recorded in {ledger.location}: {recorded.request_count} requests, {state}")
         finally:
             ledger.close()
     return 0
@@ -752,7 +753,7 @@ class _JsonlWriter:
             self._file = sys.stdout
         else:
             try:
-                self._file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+                self._file = open(path, "w", encoding="utf-8")  # closed in close()
             except OSError as exc:
                 _fail(f"cannot write {path}: {exc.strerror or exc}")
 
@@ -989,7 +990,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             print(f"vacuumed {where}: {before} -> {cache.info()['size_bytes']} bytes")
         else:
             try:
-                written = import_pickle_cache(args.pickle, cache, trusted=True)  # type: ignore[arg-type]
+                written = import_pickle_cache(args.pickle, cache, trusted=True)
             except OSError as exc:
                 _fail(f"cannot read {args.pickle}: {exc}")
             print(f"imported {written} entries from {args.pickle} into {where}")
