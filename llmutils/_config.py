@@ -26,26 +26,27 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigError
 
 __all__ = [
-    "DEFAULTS",
+    "AZURE_V1_API_VERSION",
     "CONFIG_SECTION",
+    "DEFAULTS",
+    "REASONING_EFFORTS",
+    "UNSET",
+    "api_key_from_env",
+    "config_file_path",
+    "config_file_values",
+    "force_default_value",
+    "override_defaults",
+    "reset_forced_values",
     "resolve",
     "resolved",
     "validate",
-    "force_default_value",
-    "reset_forced_values",
-    "override_defaults",
-    "config_file_path",
-    "config_file_values",
-    "api_key_from_env",
-    "UNSET",
-    "REASONING_EFFORTS",
-    "AZURE_V1_API_VERSION",
 ]
 
 CONFIG_SECTION = "OpenAI"
@@ -202,7 +203,9 @@ _KEYS: dict[str, _Key] = {
     "REASONING_EFFORT": _Key(
         str, None, optional=True, choices=REASONING_EFFORTS, doc="reasoning models; 'none' sends the sampling keys too"
     ),
-    "API": _Key(str, None, optional=True, choices=("chat", "responses"), doc="chat or responses; unset: chat, or responses for RESPONSES_MODELS"),
+    "API": _Key(
+        str, None, optional=True, choices=("chat", "responses"), doc="chat or responses; unset: chat, or responses for RESPONSES_MODELS"
+    ),
     "RESPONSES_MODELS": _Key(tuple, DEFAULT_RESPONSES_MODELS, doc="model name prefixes sent to the Responses API when API is unset"),
     "TIMEOUT": _Key(float, 60.0, doc="seconds for one HTTP attempt"),
     "TOTAL_TIMEOUT": _Key(float, None, optional=True, doc="seconds for a whole call, retries included"),
@@ -259,7 +262,8 @@ _ENV_ALIASES = {
 
 _forced: dict[str, Any] = {}
 _forced_lock = threading.Lock()
-_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("llmutils_overrides", default={})
+# The default is read-only: one object shared by every context, never to be modified.
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("llmutils_overrides", default=MappingProxyType({}))
 _forced_version = 0  # bumped on every change of _forced: part of the settings memo's key
 _file_cache: dict[tuple[int, int, int, int], dict[str, Any]] = {}
 
