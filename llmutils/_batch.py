@@ -60,15 +60,15 @@ from ._exceptions import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTION_FAILURES",
+    "DEFAULT_WORKERS",
     "BatchResult",
+    "FailFast",
+    "ReorderBuffer",
     "batch",
+    "is_connection_failure",
     "map_calls",
     "run_item",
-    "ReorderBuffer",
-    "FailFast",
-    "is_connection_failure",
-    "DEFAULT_WORKERS",
-    "DEFAULT_MAX_CONNECTION_FAILURES",
 ]
 
 logger = logging.getLogger("llmutils")
@@ -479,7 +479,7 @@ def map_calls(
             received += 1
             if exc is not None:
                 raise exc
-            assert result is not None
+            assert result is not None  # noqa: S101 - a worker sends a result or an exception (for mypy)
             collect(result)
         if rule.reason is not None:
             skipped = [i for i, r in enumerate(results) if r is None]

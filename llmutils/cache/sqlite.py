@@ -49,7 +49,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -62,7 +62,7 @@ from .._exceptions import ConfigError
 from .base import CACHE_MODES, META_TABLE, SCHEMA_VERSION, TABLE, VALUE_FORMAT, WRITE_MODES, CacheBase, check_ttl
 from .keys import KEY_VERSION
 
-__all__ = ["SQLiteCache", "DEFAULT_RETRY_INTERVAL", "DEFAULT_LEASE_TTL"]
+__all__ = ["DEFAULT_LEASE_TTL", "DEFAULT_RETRY_INTERVAL", "SQLiteCache"]
 
 logger = logging.getLogger("llmutils")
 
@@ -177,10 +177,8 @@ if hasattr(os, "register_at_fork"):
 def _close_all_at_exit() -> None:
     """Close caches the program left open, while sqlitedict's worker threads still run."""
     for cache in list(_LIVE):
-        try:
+        with suppress(Exception):  # best effort at exit
             cache.close()
-        except Exception:  # pragma: no cover - best effort at exit
-            pass
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -277,7 +275,7 @@ class SQLiteCache(CacheBase):
         if (
             mode == "refresh"
             or self._off.blocked()
-            or not (self._ready and self._pid == os.getpid()) and not self._open()
+            or (not (self._ready and self._pid == os.getpid()) and not self._open())
         ):
             self.count(misses=1)
             return None
@@ -400,7 +398,9 @@ class SQLiteCache(CacheBase):
         self.count(errors=1)
         level = logging.DEBUG if self._warned_entry else logging.WARNING
         self._warned_entry = True
-        logger.log(level, "llmutils cache %s: entry %s could not be stored (%s: %s); it is not cached", self.path, key, type(exc).__name__, exc)
+        logger.log(
+            level, "llmutils cache %s: entry %s could not be stored (%s: %s); it is not cached", self.path, key, type(exc).__name__, exc
+        )
 
     def _late_write(self, why: str) -> None:
         """A write given up because the call's deadline came first: an error, one WARNING, cache stays on."""
@@ -880,7 +880,7 @@ class SQLiteCache(CacheBase):
         if (
             self.mode == "off"
             or self._off.blocked()
-            or not (self._ready and self._pid == os.getpid()) and not self._open()
+            or (not (self._ready and self._pid == os.getpid()) and not self._open())
         ):
             return []
         item = self._checkout()
@@ -951,10 +951,8 @@ class SQLiteCache(CacheBase):
                 else:
                     db.close(do_log=False, force=True)
             except Exception:
-                try:
+                with suppress(Exception):
                     db.close(do_log=False, force=True)
-                except Exception:  # pragma: no cover
-                    pass
         if worker is not None:
             worker.join(timeout=max(self.busy_timeout, 1.0))
             _QUIET_THREADS.discard(worker.ident or 0)
