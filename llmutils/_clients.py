@@ -62,12 +62,12 @@ from ._exceptions import (
 )
 from ._http import (
     RETRYABLE_STATUS,
+    answer_context,
     error_fields,
     is_quota_exhausted,
     is_validation_error,
-    lower_headers,
-    request_id_from,
     retry_decision,
+    with_answer,
 )
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
 from ._retry import RetryPolicy
@@ -275,18 +275,18 @@ def _shut_down(http: Any) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _as_events(raw: bytes, request_id: str | None) -> bytes:
+def _as_events(raw: bytes) -> bytes:
     """A whole (non-streamed) JSON answer as the SSE bytes of its stream: one event, then the end."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise NonTerminalError("a streamed request got a body that is neither SSE nor JSON", request_id=request_id) from exc
+        raise NonTerminalError("a streamed request got a body that is neither SSE nor JSON") from exc
     if isinstance(body, dict) and isinstance(body.get("choices"), list):  # chat.completion -> one chunk
         choices = [{**c, "delta": c.get("message") or {}} for c in body["choices"] if isinstance(c, dict)]
         return f"data: {json.dumps({**body, 'choices': choices})}\n\ndata: [DONE]\n\n".encode()
     if isinstance(body, dict) and body.get("object") == "response":
         return f"data: {json.dumps({'type': 'response.completed', 'response': body})}\n\n".encode()
-    raise NonTerminalError("a streamed request got a JSON body that is not an answer", request_id=request_id)
+    raise NonTerminalError("a streamed request got a JSON body that is not an answer")
 
 
 class CallInfo(NamedTuple):
@@ -871,7 +871,11 @@ class OpenAIClient:
                 except LLMUtilsError as exc:
                     raise self._interrupted(exc, reader, deadline) from exc
                 completion = reader.assembler.result()
-                check(completion)
+                try:
+                    check(completion)
+                except LLMUtilsError as exc:
+                    with_answer(exc, reader.answer)
+                    raise
                 completed = True
             finally:
                 reader.close()
@@ -904,6 +908,7 @@ class OpenAIClient:
             partial_text=text,
             status_code=exc.status_code,
             request_id=exc.request_id,
+            headers=exc.headers,
         )
 
     def _stream_reader(
@@ -926,14 +931,16 @@ class OpenAIClient:
         limit = deadline.timeout_for(timeout)
         stack = contextlib.ExitStack()
         http = stack.enter_context(self._open_stream(path, wire, settings, deadline, timeout))
-        request_id = http.headers.get("x-request-id")
+        answer = answer_context(http.status_code, http.headers)
         if "text/event-stream" in http.headers.get("content-type", ""):
             chunks: Iterator[bytes] = http.iter_raw()
         else:  # a server that ignored stream=true: read its one whole answer as a stream
             try:
-                chunks = iter([_as_events(self._read_body(http, deadline, timeout, settings), request_id)])
-            except BaseException:
+                chunks = iter([_as_events(self._read_body(http, deadline, timeout, settings))])
+            except BaseException as exc:
                 stack.close()
+                if isinstance(exc, LLMUtilsError):
+                    with_answer(exc, answer)
                 raise
         where = self._display(settings)
 
@@ -941,9 +948,9 @@ class OpenAIClient:
             if deadline.expired:
                 return deadline.error(f"reading the stream from {where}")
             if isinstance(exc, httpx2.TimeoutException):
-                return NonTerminalError(f"no data for {limit:g}s from {where} while streaming", request_id=request_id)
+                return NonTerminalError(f"no data for {limit:g}s from {where} while streaming")
             if isinstance(exc, (httpx2.HTTPError, httpx2.StreamError, OSError)):
-                return NonTerminalError(f"the stream from {where} broke: {exc}", request_id=request_id)
+                return NonTerminalError(f"the stream from {where} broke: {exc}")
             return None
 
         def drain() -> None:
@@ -953,7 +960,7 @@ class OpenAIClient:
                 for _ in chunks:
                     pass
 
-        return StreamReader(chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain)
+        return StreamReader(chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain, answer=answer)
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -1154,8 +1161,7 @@ class OpenAIClient:
                     f"waiting for one of the {in_flight.max_in_flight} call slots (MAX_CONCURRENT_MODEL_CALLS)"
                 )
             try:
-                response = self._post(path, params, settings, deadline, timeout)
-                check(response)
+                response = self._post(path, params, settings, deadline, timeout, check)
             except RateLimitError as exc:
                 if exc.retryable and exc.retry_after and limiter.enabled:  # hold the other threads too
                     limiter.pause(exc.retry_after)
@@ -1313,25 +1319,44 @@ class OpenAIClient:
         key = credentials.get("api_key")
         return sdk, source, key if isinstance(key, str) else None
 
-    def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
+    def _post(
+        self,
+        path: str,
+        params: Mapping[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        check: ResponseCheck | None = None,
+    ) -> dict[str, Any]:
         """POST ``params`` to ``path`` and return the decoded JSON object (one attempt).
 
         The whole body is read in chunks through :meth:`_open_stream`, so the call's deadline
-        ends a body that trickles in, not the next read timeout.
+        ends a body that trickles in, not the next read timeout. ``check`` (the API's response
+        check) runs on the body here, so that every error made from the answer (a body that is
+        not JSON, a 200 with no choices, a wrong embedding count) carries its ``status_code``,
+        ``request_id`` and ``headers``.
         """
         with self._open_stream(path, params, settings, deadline, timeout) as http:
-            raw = self._read_body(http, deadline, timeout, settings)
-            headers = lower_headers(http.headers)
-            status = http.status_code
-        context: dict[str, Any] = {"status_code": status, "request_id": request_id_from(headers), "headers": headers}
+            context = answer_context(http.status_code, http.headers)
+            try:
+                raw = self._read_body(http, deadline, timeout, settings)
+            except LLMUtilsError as exc:
+                with_answer(exc, context)
+                raise
         try:
             body = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             raise NonTerminalError(
-                f"HTTP {status} from {self._display(settings)} with a body that is not JSON ({exc})", **context
+                f"HTTP {context['status_code']} from {self._display(settings)} with a body that is not JSON ({exc})", **context
             ) from exc
         if not isinstance(body, dict):
             raise NonTerminalError("the response body is not a JSON object", **context)
+        if check is not None:
+            try:
+                check(body)
+            except LLMUtilsError as exc:
+                with_answer(exc, context)
+                raise
         return body
 
     @contextlib.contextmanager
@@ -1625,7 +1650,15 @@ class MockClient(OpenAIClient):
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         return {}, "none (mock)"
 
-    def _post(self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float) -> dict[str, Any]:
+    def _post(
+        self,
+        path: str,
+        params: Mapping[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        check: ResponseCheck | None = None,
+    ) -> dict[str, Any]:
         """Answer in-process, as the endpoint would: a chat completion, a response or embeddings."""
         if path == _responses.PATH:
             answer = self._response(params)
@@ -1636,6 +1669,8 @@ class MockClient(OpenAIClient):
         problem = non_json(answer)
         if problem is not None:  # a scripted answer or handler result the wire could not carry
             raise InvalidRequestError(f"the mock answer is not plain JSON: answer{problem}")
+        if check is not None:
+            check(answer)
         return answer
 
     def _stream_reader(

@@ -208,6 +208,58 @@ def test_retries_exhausted_carries_the_last_errors_fields(oai: OpenAIClient, ser
     assert error.request_id == server.requests[-1].request_id and "x-request-id" in error.headers
 
 
+def _carries_the_answer(error: LLMUtilsError, server: OpenAITestServer, status: int = 200) -> None:
+    assert error.status_code == status
+    assert error.request_id is not None and error.request_id == server.requests[-1].request_id
+    assert error.headers["x-request-id"] == error.request_id and "content-type" in error.headers
+
+
+def test_a_200_with_no_choices_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(*[Fault.status(200, {"id": "c", "object": "chat.completion", "choices": []})] * 3)
+    with pytest.raises(RetriesExhaustedError, match="no choices") as caught:
+        oai.send_message(HI)
+    _carries_the_answer(caught.value, server)
+    assert isinstance(caught.value.__cause__, NonTerminalError)
+    _carries_the_answer(caught.value.__cause__, server)
+
+
+def test_a_failed_responses_answer_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.response_failed("invalid_prompt", "Invalid prompt."))
+    with pytest.raises(InvalidRequestError, match="Invalid prompt") as caught:
+        oai.create_response(input="hi")
+    _carries_the_answer(caught.value, server)
+    assert caught.value.code == "invalid_prompt"
+
+
+def test_fewer_embeddings_than_inputs_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.fewer_embeddings(1).with_headers({"x-request-id": None, "x-litellm-call-id": "call-9"}))
+    with pytest.raises(llmutils.MalformedResponseError) as caught:
+        oai.get_embeddings(["a", "b"])
+    error = caught.value
+    assert (error.status_code, error.request_id, error.headers["x-litellm-call-id"]) == (200, "call-9", "call-9")
+
+
+def test_a_200_that_is_not_json_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(*[Fault.not_json()] * 3)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        oai.send_message(HI)
+    _carries_the_answer(caught.value, server)
+
+
+def test_a_stream_error_event_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.stream_error(0, "Too long.", code="context_length_exceeded"))
+    with pytest.raises(InvalidRequestError, match="Too long") as caught:
+        "".join(oai.stream_message(HI))
+    _carries_the_answer(caught.value, server)
+
+
+def test_a_stream_cut_after_content_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.drop_stream(3))
+    with pytest.raises(llmutils.StreamInterruptedError) as caught:
+        "".join(oai.stream_message([{"role": "user", "content": "one two three four five six seven"}]))
+    _carries_the_answer(caught.value, server)
+
+
 def test_an_error_not_made_from_an_http_answer_has_empty_fields() -> None:
     error = LLMUtilsError("boom")
     assert (error.status_code, error.code, error.type, error.param, error.request_id) == (None,) * 5
