@@ -409,7 +409,6 @@ class OpenAIClient:
         self._caches: dict[tuple[str, str, str, float | None, int], CacheBackend] = {}
         self._limits: dict[tuple[Any, ...], tuple[RateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
-        self._warned_usage = False
         self._local = threading.local()
         _live_clients.add(self)
         self.usage = UsageTracker(prices=prices)
@@ -1091,12 +1090,8 @@ class OpenAIClient:
         """Record usage and the thread's call info for a response about to be returned."""
         model = str(response.get("model") or params.get("model"))
         usage = response.get("usage")
-        try:
-            self.usage.record(model, usage, cached=cached)
-        except Exception as exc:  # accounting never fails a call: count the answer, tokens unknown
-            self._bad_usage(model, usage, exc)
+        if not self.usage.record(model, usage, cached=cached):  # never raises: bad usage counts as unknown
             usage = None
-            self.usage.record(model, None, cached=cached)
         if kind == _responses.KIND:
             reason = finish_reason(response)
         else:
@@ -1105,20 +1100,6 @@ class OpenAIClient:
             reason = first.get("finish_reason")
         self._local.info = CallInfo(kind, model, cached, normalize_usage(usage), finish_reason=reason)
         return response
-
-    def _bad_usage(self, model: str, usage: Any, exc: Exception) -> None:
-        """Log (once per client) a response whose ``usage`` cannot be counted."""
-        level = logging.DEBUG if self._warned_usage else logging.WARNING
-        self._warned_usage = True
-        logger.log(
-            level,
-            "llmutils: the usage of a response for %s cannot be counted (%s: %s; usage=%.200r); "
-            "its tokens are counted as unknown (0)",
-            model,
-            type(exc).__name__,
-            exc,
-            usage,
-        )
 
     def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter, ConcurrencyLimiter]:
         """The rate and concurrency limiters for these settings: one pair per distinct limit setting.
