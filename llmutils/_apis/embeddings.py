@@ -34,8 +34,8 @@ def build_embeddings_request(
 def check_embeddings_response(body: Mapping[str, Any], expected: int) -> None:
     """An embeddings response must hold one list of numbers per input.
 
-    No ``data`` list is retried (a proxy's error page). A wrong count, an item without an embedding
-    list, or a vector holding anything but numbers (``[1, "a"]``, a base64 string) raises
+    No ``data`` list, or an item without an embedding, is retried (a proxy's error page). A wrong
+    count, or a vector holding anything but numbers (``[1, "a"]``, a base64 string) raises
     :class:`~llmutils.MalformedResponseError` at once: the same request gets the same answer again,
     so it is neither retried nor cached.
     """
@@ -51,12 +51,13 @@ def check_embeddings_response(body: Mapping[str, Any], expected: int) -> None:
         )
     for position, item in enumerate(data):
         vector = item.get("embedding") if isinstance(item, Mapping) else None
-        if not isinstance(vector, list):
-            hint = " (a base64 string: only encoding_format='float' is read)" if isinstance(vector, str) else ""
+        if isinstance(vector, str):  # what encoding_format="base64" gets, every time
             raise MalformedResponseError(
-                f"embedding {position} of the response is not a list of numbers but {type(vector).__name__}{hint}: "
-                "the server's answer is malformed (not retried: it would answer the same)"
+                f"embedding {position} of the response is a string (base64?), not a list of numbers: only "
+                "encoding_format='float' answers are read (not retried: it would answer the same)"
             )
+        if not isinstance(vector, list):
+            raise NonTerminalError("an item of the embeddings response has no embedding list")
         if not _NUMBERS.issuperset(map(type, vector)):  # JSON numbers decode to int or float; bool is neither
             index, bad = next((i, v) for i, v in enumerate(vector) if type(v) not in _NUMBERS)
             raise MalformedResponseError(
