@@ -535,7 +535,7 @@ class OpenAIClient:
         came = fewer_choices(response, n)
         if came is not None:
             warning = (
-                f"llmutils: {self._display(settings)} returned {came} choice(s) for n={n} "
+                f"{self._display(settings)} returned {came} choice(s) for n={n} "
                 f"(model {params['model']!r}); returning the {came} that came (the server may ignore n)"
             )
             logger.warning(warning)
@@ -789,7 +789,7 @@ class OpenAIClient:
         if cache is not None and key is not None:
             hit = cache.get(key)
             if hit is not None:
-                logger.debug("llmutils: cache hit for a stream of %s", params.get("model"))
+                logger.debug("cache hit for a stream of %s", params.get("model"))
                 check(hit)  # also for entries stored by older versions
                 response = self._finish(kind, params, hit, cached=True)
                 span.finish(response, cached=True)
@@ -880,7 +880,7 @@ class OpenAIClient:
                 reader.close()
                 release()
                 if not completed:
-                    logger.debug("llmutils: a stream of %s ended early; nothing cached", params.get("model"))
+                    logger.debug("a stream of %s ended early; nothing cached", params.get("model"))
             usage = completion.get("usage")
             if isinstance(usage, Mapping) and isinstance(usage.get("total_tokens"), int):
                 reservation.reconcile(max(usage["total_tokens"], estimate))
@@ -1051,7 +1051,7 @@ class OpenAIClient:
         key = self._cache_key(kind, params, settings)
         hit = cache.get(key)
         if hit is not None:
-            logger.debug("llmutils: cache hit for %s %s", kind, params.get("model"))
+            logger.debug("cache hit for %s %s", kind, params.get("model"))
             return self._finish(kind, params, hit, cached=True)
         if cache.mode == "replay":  # even when the cache file is unusable: replay never sends
             raise CacheMissError(

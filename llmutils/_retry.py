@@ -101,7 +101,7 @@ def _log_retry(retry_state: RetryCallState) -> None:
     if span is not None:
         span.retry(retry_state.attempt_number, exc, retry_state.upcoming_sleep)
     logger.warning(
-        "llmutils: attempt %d failed (%s); retrying in %.2f s",
+        "attempt %d failed (%s); retrying in %.2f s",
         retry_state.attempt_number,
         exc,
         retry_state.upcoming_sleep,

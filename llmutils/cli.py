@@ -970,20 +970,11 @@ def _cmd_cache_copy(args: argparse.Namespace) -> int:
 # -- entry point ---------------------------------------------------------------------------------
 
 
-class _Formatter(logging.Formatter):
-    """``llmutils: LEVEL: message``, without a second ``llmutils:`` when the message starts with one."""
-
-    _DOUBLED = re.compile(rf"^({PROG}: \w+: ){PROG}:?\s+")
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self._DOUBLED.sub(r"\1", super().format(record), count=1)
-
-
 @contextmanager
 def _logging(verbosity: int) -> Iterator[logging.Handler]:
     """Send llmutils' log records to stderr for this command: WARNING, or INFO (-v) / DEBUG (-vv)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))  # messages carry no prefix of their own
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)

@@ -93,3 +93,27 @@ def test_max_attempts_zero_in_the_configuration_is_an_error(monkeypatch: pytest.
         llmutils.MockClient().send_message(HELLO)
     with pytest.raises(ConfigError, match="MAX_ATTEMPTS"):
         llmutils.force_default_value("MAX_ATTEMPTS", 0)
+
+
+def test_log_messages_carry_no_llmutils_prefix(server: OpenAITestServer, waits: list[float], caplog: pytest.LogCaptureFixture) -> None:
+    """The logger is named "llmutils" already: "WARNING:llmutils:attempt 1 failed", not "...:llmutils: attempt"."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="llmutils")
+    with failing_client(server, RetryPolicy(max_attempts=2, jitter=0, sleep=waits.append)) as client:
+        with pytest.raises(RetriesExhaustedError):
+            client.send_message(HELLO)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert messages and messages[0].startswith("attempt 1 failed (HTTP 500 from ")
+    assert not [m for m in messages if m.startswith("llmutils")], messages
+
+
+def test_library_log_calls_carry_no_llmutils_prefix() -> None:
+    """No log call in the library starts its message with "llmutils: " (the logger's name says it)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(llmutils.__file__).parent
+    call = re.compile(r"""(?:logger\.\w+\(|warning = \()\s*(?:logging\.\w+,\s*)?f?["']llmutils: """)
+    found = [f"{path.relative_to(root)}" for path in root.rglob("*.py") if call.search(path.read_text(encoding="utf-8"))]
+    assert found == []
