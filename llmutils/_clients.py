@@ -43,7 +43,7 @@ from ._apis.responses import (
     to_chat_message,
 )
 from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events, response_events
-from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, resolved, validate
+from ._config import UNSET, api_key_from_env, is_azure_v1, resolve, resolved, validate
 from ._deadline import Deadline
 from ._imports import importing, lazy_import
 from ._otel import StreamSpan, call_span, start_stream_span
@@ -1495,7 +1495,7 @@ class AzureClient(OpenAIClient):
     or ``DefaultAzureCredential`` (scope ``AZURE_AD_SCOPE``) when the ``azure`` extra
     (azure-identity) is installed.
 
-    ``api_version="v1"`` (or ``AZURE_API_VERSION = v1``) uses Azure's v1 API: OpenAI's paths under
+    ``api_version="v1"`` (or ``AZURE_API_VERSION = v1``; any case) uses Azure's v1 API: OpenAI's paths under
     ``{endpoint}/openai/v1/``, the deployment sent as ``model``, no ``api-version`` query.
 
     >>> AzureClient(azure_endpoint="https://my.openai.azure.com", model="my-gpt4o-deployment")
@@ -1558,7 +1558,7 @@ class AzureClient(OpenAIClient):
         openai = lazy_import("openai")
         sdk_http_options = lazy_import(f"{__package__}._transport").sdk_http_options  # imports httpx2
         api_version = self._api_version or settings["AZURE_API_VERSION"]
-        if flavor == "v1" or api_version == AZURE_V1_API_VERSION:
+        if flavor == "v1" or is_azure_v1(api_version):
             # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/ (the Responses API is served
             # only there): the plain OpenAI client, no api-version, the model is the deployment; with
             # the key, or the Entra token provider as a callable key (a fresh Bearer token per request).

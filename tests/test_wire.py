@@ -340,8 +340,9 @@ def test_model_aliases_work_for_any_client(oai: OpenAIClient, server: OpenAITest
 # -- Azure's v1 API --------------------------------------------------------------------------------
 
 
-def test_azure_v1_with_a_key(server: OpenAITestServer) -> None:
-    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="k", api_version="v1", model="my-deployment") as client:
+@pytest.mark.parametrize("version", ["v1", "V1", " v1 "])
+def test_azure_v1_with_a_key(server: OpenAITestServer, version: str) -> None:
+    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="k", api_version=version, model="my-deployment") as client:
         assert client.send_message(HI)["content"] == "echo: hi"
         client.get_embedding("x", model="my-embedding")
     chat, embedding = server.requests
@@ -352,7 +353,7 @@ def test_azure_v1_with_a_key(server: OpenAITestServer) -> None:
 
 def test_azure_v1_from_the_environment_with_an_entra_token_provider(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
-    monkeypatch.setenv("OPENAI_API_VERSION", "v1")
+    monkeypatch.setenv("OPENAI_API_VERSION", "V1")  # any case, as "v1"
     tokens = iter(["token-1", "token-2"])
     with AzureClient(azure_ad_token_provider=lambda: next(tokens), model="dep") as client:
         client.send_message(HI)
