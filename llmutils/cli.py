@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
             "OUT is written as results arrive (in input order), so a crash or a kill loses nothing\n"
             "already written; an existing OUT is overwritten and keeps its permissions.\n\n"
             "Fail fast: after an authentication error, or after --max-connection-failures connection\n"
-            "failures in a row, nothing more is sent; the other items are written as NotAttemptedError.\n\n"
+            "failures in a row (each failed attempt counts), nothing more is sent and the items in flight\n"
+            "stop retrying; the other items are written as NotAttemptedError.\n\n"
             "The cache is ON by default here: answers are stored as they arrive, so running the\n"
             "same command again (after Ctrl-C, or to retry failed items) sends only what is missing.\n"
             "A progress bar (when stderr is a terminal) and a summary line go to stderr. Exit code 0\n"
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(0),
         default=DEFAULT_MAX_CONNECTION_FAILURES,
         metavar="N",
-        help=f"stop sending after N connection failures in a row with no success "
+        help=f"stop sending after N connection failures in a row (attempts, retries included) with no success "
         f"(default: {DEFAULT_MAX_CONNECTION_FAILURES}; 0: never stop)",
     )
     batch.add_argument(
