@@ -31,6 +31,7 @@ What it does:
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401 - see below
 import os
 import select
 import socket
@@ -44,6 +45,12 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 
 from ._imports import importing
+
+# ``socket.getaddrinfo`` imports the ``idna`` codec on its first use, in the middle of the first
+# request. A process forked while another thread is inside that import leaves the child waiting
+# forever for the import's lock (seen: a fork during the first call hung the child's first call).
+# This module is imported under the fork lock (``_imports.lazy_import``), so the codec is imported
+# here, before any request, where a fork waits for it.
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
