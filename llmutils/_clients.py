@@ -1010,7 +1010,9 @@ class OpenAIClient:
                 for _ in chunks:
                     pass
 
-        return StreamReader(chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain, answer=answer)
+        return StreamReader(
+            chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain, answer=answer
+        )
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -1394,8 +1396,9 @@ class OpenAIClient:
         try:
             body = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as exc:
+            status = context["status_code"]
             raise NonTerminalError(
-                f"HTTP {context['status_code']} from {self._display(settings)} with a body that is not JSON ({exc})", **context
+                f"HTTP {status} from {self._display(settings)} with a body that is not JSON ({exc})", **context
             ) from exc
         if not isinstance(body, dict):
             raise NonTerminalError("the response body is not a JSON object", **context)

@@ -278,7 +278,7 @@ class RetryPolicy:
     def retrying(self, deadline: Deadline | None = None, scope: RetryScope | None = None) -> tenacity.Retrying:
         """The tenacity ``Retrying`` object for one call bounded by ``deadline`` (and stopped with ``scope``)."""
         policy = self.resolved()
-        stop = stop_after_attempt(max(1, policy.max_attempts))
+        stop: stop_base = stop_after_attempt(max(1, policy.max_attempts))
         if deadline is None:
             deadline = self.deadline()
         if deadline.bounded:

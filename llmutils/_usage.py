@@ -209,7 +209,8 @@ class UsageTracker:
             first, self._warned_bad_usage = not self._warned_bad_usage, True
         logger.log(
             logging.WARNING if first else logging.DEBUG,
-            "the usage of a response for %r cannot be counted (%s; usage=%.200r); its tokens are counted as unknown (0)",
+            "the usage of a response for %r cannot be counted (%s; usage=%.200r); "
+            "its tokens are counted as unknown (0)",
             model,
             exc,
             usage,

@@ -1024,7 +1024,7 @@ def _cmd_cache_copy(args: argparse.Namespace) -> int:
 def _logging(verbosity: int) -> Iterator[logging.Handler]:
     """Send llmutils' log records to stderr for this command: WARNING, or INFO (-v) / DEBUG (-vv)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))  # messages carry no prefix of their own
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))  # messages have no prefix
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)

@@ -471,8 +471,9 @@ def test_a_dead_base_url_fails_the_batch_in_seconds_with_one_line_saying_why(tmp
     """The review's command, default retries and 8 workers: 33 s before each failed attempt counted
     and the items in flight left their backoff sleeps when the batch stopped."""
     started = time.monotonic()
-    done = _run("--base-url", _closed_port_url(), "batch", str(EXAMPLES), "o.jsonl", "--template", "summarize", "--no-cache",
-                cwd=tmp_path)
+    url = _closed_port_url()
+    argv = ["--base-url", url, "batch", str(EXAMPLES), "o.jsonl", "--template", "summarize", "--no-cache"]
+    done = _run(*argv, cwd=tmp_path)
     elapsed = time.monotonic() - started
     assert done.returncode == 1 and elapsed < 12, (elapsed, done.stderr)  # start-up plus one backoff wait at most
     records = _lines(tmp_path / "o.jsonl")

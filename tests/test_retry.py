@@ -95,7 +95,9 @@ def test_max_attempts_zero_in_the_configuration_is_an_error(monkeypatch: pytest.
         llmutils.force_default_value("MAX_ATTEMPTS", 0)
 
 
-def test_log_messages_carry_no_llmutils_prefix(server: OpenAITestServer, waits: list[float], caplog: pytest.LogCaptureFixture) -> None:
+def test_log_messages_carry_no_llmutils_prefix(
+    server: OpenAITestServer, waits: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
     """The logger is named "llmutils" already: "WARNING:llmutils:attempt 1 failed", not "...:llmutils: attempt"."""
     import logging
 
@@ -115,12 +117,12 @@ def test_library_log_calls_carry_no_llmutils_prefix() -> None:
 
     root = pathlib.Path(llmutils.__file__).parent
     call = re.compile(r"""(?:logger\.\w+\(|warning = \()\s*(?:logging\.\w+,\s*)?f?["']llmutils: """)
-    found = [f"{path.relative_to(root)}" for path in root.rglob("*.py") if call.search(path.read_text(encoding="utf-8"))]
+    found = [str(p.relative_to(root)) for p in root.rglob("*.py") if call.search(p.read_text(encoding="utf-8"))]
     assert found == []
 
 
 def test_a_stopped_scope_ends_the_backoff_sleep_at_once() -> None:
-    """A call in a RetryScope sleeping its backoff (60 s, the default time.sleep) gives up as soon as the scope stops."""
+    """A call in a RetryScope sleeping its backoff (60 s, time.sleep) gives up as soon as the scope stops."""
     import threading
     import time
 
