@@ -35,6 +35,7 @@ if _TYPE_CHECKING:
     from ._clients import CallInfo as CallInfo
     from ._clients import MockClient as MockClient
     from ._clients import OpenAIClient as OpenAIClient
+    from ._clients import PreparedRequest as PreparedRequest
     from ._config import DEFAULTS as DEFAULTS
     from ._config import force_default_value as force_default_value
     from ._config import override_defaults as override_defaults
@@ -56,6 +57,7 @@ if _TYPE_CHECKING:
     from ._exceptions import TemplateError as TemplateError
     from ._exceptions import TotalTimeoutError as TotalTimeoutError
     from ._ratelimit import RateLimiter as RateLimiter
+    from ._ratelimit_redis import RedisRateLimiter as RedisRateLimiter
     from ._registry import client as client
     from ._registry import force_api_cache as force_api_cache
     from ._registry import force_api_type as force_api_type
@@ -98,10 +100,12 @@ _EXPORTS: dict[str, str] = {
     "NonTerminalError": "._exceptions",
     "NotAttemptedError": "._exceptions",
     "OpenAIClient": "._clients",
+    "PreparedRequest": "._clients",
     "OutputParseError": "._exceptions",
     "QuotaExceededError": "._exceptions",
     "RateLimitError": "._exceptions",
     "RateLimiter": "._ratelimit",
+    "RedisRateLimiter": "._ratelimit_redis",
     "RedisCache": ".cache",
     "RetriesExhaustedError": "._exceptions",
     "RetryPolicy": "._retry",
@@ -176,9 +180,11 @@ __all__ = [
     "NotAttemptedError",
     "OpenAIClient",
     "OutputParseError",
+    "PreparedRequest",
     "QuotaExceededError",
     "RateLimitError",
     "RateLimiter",
+    "RedisRateLimiter",
     "RedisCache",
     "RetriesExhaustedError",
     "RetryPolicy",

@@ -22,6 +22,10 @@ What is kept per item and what stops the run:
   daemon threads, so a process that exits on Ctrl-C does not wait for them either; a request in
   flight finishes (or times out) in the background and its result is dropped.
 
+On other processes or machines: with ``executor=`` (a ``ProcessPoolExecutor``, a Dask cluster's
+executor) the items go out in chunks; each chunk runs on threads where the executor puts it and
+comes back as a list of results, which are collected as above (see :func:`_map_on_executor`).
+
 The pieces are small and separate so that other runners can reuse them: :func:`run_item` (the
 work of one item), :class:`ReorderBuffer` (finishing order to input order), :class:`FailFast`
 (the stop rule) and :func:`is_connection_failure`.
@@ -34,13 +38,17 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import pickle
 import queue
 import socket
 import sys
 import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from ._exceptions import (
@@ -370,6 +378,8 @@ def map_calls(
     desc: str = "llmutils",
     on_result: Callable[[BatchResult], None] | None = None,
     max_connection_failures: int | None = DEFAULT_MAX_CONNECTION_FAILURES,
+    executor: Executor | None = None,
+    chunk_size: int | None = None,
 ) -> list[BatchResult]:
     """Apply ``fn`` to every item on ``workers`` threads; return one :class:`BatchResult` per item, in order.
 
@@ -382,13 +392,41 @@ def map_calls(
     (in finishing order; wrap it with a :class:`ReorderBuffer` for input order), and for every
     item not attempted when the run stops early. ``max_connection_failures``: see
     :class:`FailFast`. Errors and Ctrl-C: see the module docstring.
+
+    ``executor`` (any :class:`concurrent.futures.Executor`: a ``ProcessPoolExecutor``, a Dask
+    ``distributed.Client(...).get_executor()``, ...) runs the items there instead, in chunks of
+    ``chunk_size`` (default ``2 * workers``), each chunk on ``workers`` threads where it runs, with
+    the calling process's settings; results still come back in input order with per-item errors,
+    the bar and ``on_result`` advance as chunks come back, and fail fast or Ctrl-C cancel the chunks
+    not started. ``fn``, ``client`` and the items must then pickle (Dask also takes lambdas); a
+    ``fn`` a ``ProcessPoolExecutor`` cannot take raises :class:`ConfigError` before any request.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an int >= 1, got {workers!r}")
+    if executor is not None and not isinstance(executor, Executor):
+        raise ConfigError(
+            f"executor must be a concurrent.futures.Executor (a ProcessPoolExecutor, or Dask's "
+            f"distributed.Client(...).get_executor()), got {type(executor).__name__}"
+        )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     rule = FailFast(max_connection_failures)
     todo = list(items)
     if client is None:
         client = _default_client()
+    if executor is not None:
+        return _map_on_executor(
+            fn,
+            todo,
+            executor=executor,
+            chunk_size=chunk_size or 2 * workers,
+            workers=workers,
+            client=client,
+            progress=progress,
+            desc=desc,
+            on_result=on_result,
+            max_connection_failures=max_connection_failures,
+        )
     results: list[BatchResult | None] = [None] * len(todo)
     finished: queue.SimpleQueue[tuple[int, BatchResult | None, BaseException | None]] = queue.SimpleQueue()
     stop = threading.Event()
@@ -470,6 +508,187 @@ def map_calls(
     return [r for r in results if r is not None]
 
 
+# -- the runner on an executor (processes, machines) ---------------------------------------------
+
+_CHUNK_STATE_KEPT = 4  # (fn, client) pairs a worker process keeps, one per recent batch
+_chunk_state: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+_chunk_state_lock = threading.Lock()
+
+
+def _shipped_settings() -> dict[str, Any]:
+    """The calling process's settings that differ from the defaults (config file, environment,
+    forced values, ``override_defaults``), applied around every chunk where it runs."""
+    from ._config import DEFAULTS, resolve
+
+    return {name: value for name, value in resolve().items() if value != DEFAULTS[name]}
+
+
+def _run_chunk(
+    token: str,
+    work: tuple[Callable[[Any], Any], Any],
+    pairs: list[tuple[int, Any]],
+    workers: int,
+    max_connection_failures: int | None,
+    settings: Mapping[str, Any],
+) -> list[BatchResult]:
+    """Run one chunk where the executor put it: ``(index, item)`` pairs on ``workers`` threads.
+
+    ``work`` is ``(fn, client)``, pickled together so ``fn``'s client is ``client``. A worker keeps
+    the pair of the first chunk of a batch (``token``) it runs and uses it for the batch's later
+    chunks, so they share its connections and requests in flight instead of opening their own.
+    """
+    from ._config import override_defaults
+
+    with _chunk_state_lock:
+        kept = _chunk_state.get(token)
+        if kept is None:
+            kept = _chunk_state[token] = work
+            while len(_chunk_state) > _CHUNK_STATE_KEPT:
+                _chunk_state.popitem(last=False)
+        else:
+            _chunk_state.move_to_end(token)
+    fn, client = kept
+    with override_defaults(**settings):
+        results = map_calls(
+            fn,
+            [item for _, item in pairs],
+            workers=workers,
+            client=client,
+            max_connection_failures=max_connection_failures,
+        )
+    return [replace(r, index=pairs[r.index][0]) for r in results]
+
+
+def _map_on_executor(
+    fn: Callable[[T], Any],
+    todo: list[T],
+    *,
+    executor: Executor,
+    chunk_size: int,
+    workers: int,
+    client: Any,
+    progress: bool,
+    desc: str,
+    on_result: Callable[[BatchResult], None] | None,
+    max_connection_failures: int | None,
+) -> list[BatchResult]:
+    """:func:`map_calls` on ``executor``: the items go out in chunks; results come back in input order.
+
+    * Each chunk is one task: :func:`_run_chunk` runs its items on ``workers`` threads where the
+      executor puts it, with the calling process's settings (:func:`_shipped_settings`); the
+      client travels as its configuration (see ``OpenAIClient.__getstate__``).
+    * An item's :class:`LLMUtilsError` stays in its :class:`BatchResult`; the progress bar and
+      ``on_result`` advance as each chunk comes back; the results are put in input order.
+    * Fail fast (:class:`FailFast`) is judged on the results as chunks come back (and within each
+      chunk): chunks not started are cancelled, chunks running finish, the rest of the items get
+      a :class:`NotAttemptedError`.
+    * Any other exception (a bug in ``fn``, a worker that died, ``fn`` or an item that cannot be
+      pickled) cancels the chunks not started and propagates; so does Ctrl-C, after the results
+      already back went to ``on_result``. Chunks already running cannot be stopped from here: a
+      ``ProcessPoolExecutor`` you own should be shut down with ``cancel_futures=True``.
+    """
+    if isinstance(executor, ProcessPoolExecutor):
+        try:
+            pickle.dumps((fn, client))
+        except Exception as exc:
+            raise ConfigError(
+                f"map_calls(executor=ProcessPoolExecutor(...)) sends fn and client to other processes, but "
+                f"{fn!r} (or its client) cannot be pickled: {exc}. Use a module-level function, a bound method "
+                "or functools.partial instead of a lambda or a nested function."
+            ) from exc
+    rule = FailFast(max_connection_failures)
+    results: list[BatchResult | None] = [None] * len(todo)
+    token = uuid.uuid4().hex
+    settings = _shipped_settings()
+    bar = _Progress(len(todo), progress, desc)
+    pending: dict[Future[list[BatchResult]], range] = {}
+
+    def collect(result: BatchResult) -> None:
+        results[result.index] = result
+        bar.update(result)
+        if on_result is not None:
+            on_result(result)
+
+    def cancel_rest() -> None:
+        for future in pending:
+            future.cancel()
+
+    def take(future: Future[list[BatchResult]]) -> None:
+        """Collect a finished chunk's results (raises what the chunk raised)."""
+        pending.pop(future)
+        if future.cancelled():
+            return
+        for result in future.result():
+            collect(result)
+            if rule.observe(result):
+                logger.debug("batch stops sending: %s", rule.reason)
+                cancel_rest()
+
+    try:
+        for start in range(0, len(todo), chunk_size):
+            indices = range(start, min(start + chunk_size, len(todo)))
+            future = executor.submit(
+                _run_chunk,
+                token,
+                (fn, client),
+                [(i, todo[i]) for i in indices],
+                workers,
+                max_connection_failures,
+                settings,
+            )
+            pending[future] = indices
+        while pending:
+            done, _ = wait(list(pending), timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in done:
+                take(future)
+        skipped = [i for i, r in enumerate(results) if r is None]
+        if skipped:
+            reason = rule.reason or "its chunk was cancelled"
+            logger.warning("batch stopped early: %s; %d of %d items not attempted", reason, len(skipped), len(todo))
+            for index in skipped:
+                collect(_not_attempted(index, todo[index], reason))
+    except KeyboardInterrupt:
+        cancel_rest()
+        for future in [f for f in pending if f.done() and not f.cancelled() and f.exception() is None]:
+            for result in future.result():  # what came back before Ctrl-C still reaches on_result
+                collect(result)
+        done_count = sum(r is not None for r in results)
+        logger.info("batch interrupted after %d of %d items; chunks not started were cancelled", done_count, len(todo))
+        raise
+    except BaseException:
+        cancel_rest()
+        done_count = sum(r is not None for r in results)
+        logger.info("batch stopped after %d of %d items; chunks not started were cancelled", done_count, len(todo))
+        raise
+    finally:
+        bar.close()
+        with _chunk_state_lock:  # chunks that ran in this process (a thread pool) kept the pair here
+            _chunk_state.pop(token, None)
+    return [r for r in results if r is not None]
+
+
+class _Send:
+    """One batch item -> ``client.send_message``; a picklable callable, so a batch can run on any executor."""
+
+    def __init__(
+        self,
+        client: Any,
+        system_template: str | None,
+        user_template: str | None,
+        template_dirs: Any,
+        params: Mapping[str, Any],
+    ) -> None:
+        self.client = client
+        self.system_template = system_template
+        self.user_template = user_template
+        self.template_dirs = template_dirs
+        self.params = dict(params)
+
+    def __call__(self, item: Any) -> Any:
+        messages = _messages_for(item, self.system_template, self.user_template, self.template_dirs)
+        return self.client.send_message(messages, **self.params)
+
+
 def _messages_for(
     item: Any,
     system_template: str | None,
@@ -511,6 +730,8 @@ def batch(
     progress: bool = False,
     on_result: Callable[[BatchResult], None] | None = None,
     max_connection_failures: int | None = DEFAULT_MAX_CONNECTION_FAILURES,
+    executor: Executor | None = None,
+    chunk_size: int | None = None,
     via: str = "live",
     fallback: str | None = None,
     **params: Any,
@@ -526,6 +747,9 @@ def batch(
     With the cache on, a re-run of a finished batch is served from the cache without a network
     call (``cached`` is True). ``progress=True`` shows a tqdm bar (done, cached, failed, tokens)
     on stderr. ``on_result`` and ``max_connection_failures`` (fail fast): see :func:`map_calls`.
+    ``executor`` and ``chunk_size`` run the items on other processes or machines (a
+    ``ProcessPoolExecutor``, a Dask cluster), ``workers`` threads each: see :func:`map_calls`;
+    the client travels there as its configuration.
 
     ``via="batch-api"`` sends the items through the OpenAI / Azure Batch API instead, at half price,
     answered within 24 h: same items, same results, same per-item errors. It needs the cache on (the
@@ -545,10 +769,10 @@ def batch(
     if client is None:
         client = _default_client()
 
-    def send(item: Any) -> Any:
-        return client.send_message(_messages_for(item, system_template, user_template, template_dirs), **params)
-
+    send = _Send(client, system_template, user_template, template_dirs, params)
     if via == "batch-api":
+        if executor is not None:
+            raise ConfigError("executor= applies to via='live' only: the Batch API runs the requests itself")
         return _via_batch_api(
             list(items),
             send,
@@ -571,6 +795,8 @@ def batch(
         desc="batch",
         on_result=on_result,
         max_connection_failures=max_connection_failures,
+        executor=executor,
+        chunk_size=chunk_size,
     )
 
 

@@ -48,6 +48,7 @@ from ._exceptions import (
     QuotaExceededError,
     RateLimitError,
 )
+from ._http import retry_decision
 from ._retry import RetryPolicy
 from .cache import is_cache_url, mask_url
 
@@ -316,32 +317,32 @@ def open_ledger(location: str | os.PathLike[str]) -> BatchLedger:
 
 
 def error_for_status(
-    status: int, detail: str, *, code: str | None = None, request_id: str | None = None, retry_after: float | None = None
+    status: int,
+    detail: str,
+    *,
+    code: str | None = None,
+    request_id: str | None = None,
+    retry_after: float | None = None,
+    retryable: bool | None = None,
 ) -> LLMUtilsError:
-    """The typed error for an HTTP failure, by the same rules as live calls (401/403, 429, 5xx...)."""
+    """The typed error for an HTTP failure, by the same rules as live calls (401/403, 429, 5xx...).
+
+    ``retry_after`` and ``retryable`` (of a 408, 409, 429 or 5xx) come from the answer's headers by
+    openai-python's rules (:func:`llmutils._http.retry_decision`); ``retryable`` None keeps the error
+    class's default (retried).
+    """
     context: dict[str, Any] = {"status_code": status, "request_id": request_id}
     if status in (401, 403):
         return AuthenticationError(f"Authentication failed ({detail})", **context)
     if status == 429:
         if code == "insufficient_quota":
             return QuotaExceededError(f"Quota exhausted; waiting will not help ({detail})", **context)
-        return RateLimitError(detail, retry_after=retry_after, **context)
+        return RateLimitError(detail, retry_after=retry_after, retryable=retryable, **context)
     if status in (408, 409) or status >= 500:
-        return NonTerminalError(detail, retry_after=retry_after, **context)
+        return NonTerminalError(detail, retry_after=retry_after, retryable=retryable, **context)
     if code == "content_filter":
         return ContentFilterError(f"Refused by the content filter ({detail})", **context)
     return InvalidRequestError(detail, **context)
-
-
-def _retry_after(headers: Any) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name) if headers is not None else None
-        if value:
-            try:
-                return float(value) * scale
-            except ValueError:
-                continue
-    return None
 
 
 class BatchAPI:
@@ -370,12 +371,15 @@ class BatchAPI:
                 return fn()
             except openai.APIStatusError as exc:
                 detail = f"HTTP {exc.status_code} from {self.where} while {doing}: {exc.message}"
+                # openai-python's rules, as for live calls: a refused wait is still told (Retry-After: 300).
+                decision = retry_decision(exc.status_code, exc.response.headers)
                 raise error_for_status(
                     exc.status_code,
                     detail,
                     code=exc.code if isinstance(exc.code, str) else None,
                     request_id=exc.request_id,
-                    retry_after=_retry_after(exc.response.headers),
+                    retry_after=decision.wait if decision.retry else decision.asked,
+                    retryable=decision.retry,
                 ) from exc
             except openai.APITimeoutError as exc:
                 raise NonTerminalError(f"timed out while {doing} ({self.where})") from exc
@@ -788,27 +792,28 @@ FALLBACKS = (None, "live")
 
 @dataclass(frozen=True)
 class _ClientParts:
-    """What the Batch API path needs of an llmutils client, reached in one place."""
+    """What the Batch API path needs of an llmutils client, gathered in one place."""
 
     settings: Mapping[str, Any]
     cache: Any
     location: str
     api: BatchAPI
     url: str
-    key: Callable[[Mapping[str, Any]], str]
 
 
 def _client_parts(client: Any, api: str = "chat") -> _ClientParts:
-    """The cache, the ledger location, the SDK, the lines' URL and the key function of ``client`` for
-    ``api`` (chat or responses), or a ConfigError when it cannot use the Batch API.
+    """The settings, the cache, the ledger location, the files/batches endpoints and the lines' URL
+    of ``client`` for ``api`` (chat or responses), or a ConfigError when it cannot use the Batch API.
 
-    This is the one place that reaches into the client (its cache, SDK client, retry policy and cache
-    key), so that a batch line is keyed and sent exactly as ``send_message`` would send it.
+    Everything comes through the client's public seams (:meth:`~llmutils.OpenAIClient.sdk_client`,
+    :meth:`~llmutils.OpenAIClient.retry_policy`, :meth:`~llmutils.OpenAIClient.cache_backend`,
+    :meth:`~llmutils.OpenAIClient.endpoint_url`); the lines themselves are built and keyed by
+    :meth:`~llmutils.OpenAIClient.build_request`, exactly as ``send_message`` would send them.
     """
     from ._apis import chat, responses
     from ._apis.batch import batch_url
 
-    if getattr(client, "api_type", None) not in ("openai", "azure") or not hasattr(client, "_sdk"):
+    if getattr(client, "api_type", None) not in ("openai", "azure") or not hasattr(client, "sdk_client"):
         raise ConfigError(
             f"the Batch API path needs an OpenAI or Azure OpenAI client, not {type(client).__name__} "
             f"(api_type {getattr(client, 'api_type', None)!r}); use via='live' for other backends"
@@ -816,16 +821,12 @@ def _client_parts(client: Any, api: str = "chat") -> _ClientParts:
     settings = client.settings()
     cache, location = _cache_and_location(client, settings)
     path, kind = (responses.PATH, responses.KIND) if api == "responses" else (chat.PATH, chat.KIND)
-    sdk, _source = client._sdk(settings, path)
-    policy = client._policy(settings, None, None, None, None, None)
+    sdk = client.sdk_client(path)
     # Azure's api-version paths spell the line URL without /v1; its /openai/v1 path (Responses) with it.
     azure_style = "api-version" in (getattr(sdk, "default_query", None) or {})
     url = batch_url(kind, azure=azure_style)
-
-    def key(body: Mapping[str, Any]) -> str:
-        return str(client._cache_key(kind, body, settings))
-
-    return _ClientParts(settings, cache, location, BatchAPI(sdk, where=client._display(settings), policy=policy), url, key)
+    api_endpoints = BatchAPI(sdk, where=client.endpoint_url(), policy=client.retry_policy())
+    return _ClientParts(settings, cache, location, api_endpoints, url)
 
 
 def _which_api(settings: Mapping[str, Any], model: str, api: str | None) -> str:
@@ -840,21 +841,10 @@ def _which_api(settings: Mapping[str, Any], model: str, api: str | None) -> str:
     return "responses" if is_responses_model(name, settings.get("RESPONSES_MODELS") or ()) else "chat"
 
 
-def _check_messages(messages: Any, *, items: bool = False) -> None:
-    """What ``send_message`` requires of messages: a non-empty list of dicts, each with a ``role``
-    (``items``: or a Responses item with a ``type``)."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError(f"messages must be a non-empty list of message dicts, got {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        if items and isinstance(message, Mapping) and "role" not in message and isinstance(message.get("type"), str):
-            continue
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise InvalidRequestError(f"messages[{i}] must be a dict with a 'role' (a string such as 'user'): {message!r:.80}")
-
-
 def _cache_and_location(client: Any, settings: Mapping[str, Any]) -> tuple[Any, str]:
-    """The client's cache for these settings and where its ledger is (a ConfigError when the cache is off)."""
-    cache = client._cache(settings)
+    """The client's cache and where its ledger is (``settings``: the client's, for the cache's
+    location), or a ConfigError when the cache is off."""
+    cache = client.cache_backend()
     if cache is None:
         raise ConfigError(
             "the Batch API path needs the cache on (it is where batches are recorded and results land): "
@@ -902,8 +892,8 @@ def run_items(
     on ``workers`` threads with the live path's fail-fast rule (``max_connection_failures``).
     ``on_result`` is called for every result, in input order, at the end.
     """
-    from ._apis.chat import build_chat_request, check_chat_response, read_chat_response
-    from ._apis.responses import check_response, normalize_usage, request_from_chat, to_chat_message
+    from ._apis.chat import check_chat_response, read_chat_response
+    from ._apis.responses import check_response, normalize_usage, to_chat_message
     from ._batch import BatchResult, map_calls
 
     if fallback not in FALLBACKS:
@@ -952,16 +942,12 @@ def run_items(
             results[index] = BatchResult(index, item, error=msgs)
             continue
         try:
-            _check_messages(msgs, items=which == "responses")
-            body = build_chat_request(parts.settings, msgs, **named, more=more)
-            if which == "responses":
-                body = request_from_chat(body)  # refuses n > 1, as send_message does
-            key = parts.key(body)
+            request = client.build_request(msgs, api=which, **named, **more)  # send_message's body and key
         except LLMUtilsError as exc:
             results[index] = BatchResult(index, item, error=exc)
             continue
-        keys[index] = key
-        requests.append((key, body))
+        keys[index] = request.cache_key
+        requests.append((request.cache_key, request.body))
 
     def record_usage(_key: str, body: dict[str, Any]) -> None:
         client.usage.record(str(body.get("model")), body.get("usage"), cached=False, batch=True)

@@ -70,6 +70,7 @@ from ._http import (
     retry_decision,
 )
 from ._ratelimit import ConcurrencyLimiter, RateLimiter
+from ._ratelimit_redis import RedisRateLimiter, rate_limit_name
 from ._retry import RetryPolicy
 from ._usage import UsageTracker
 from .cache import CacheStats, make_key, mask_url, open_cache
@@ -80,7 +81,7 @@ if TYPE_CHECKING:
 
     from .cache import CacheBackend
 
-__all__ = ["OpenAIClient", "AzureClient", "MockClient", "Message", "CallInfo"]
+__all__ = ["AzureClient", "CallInfo", "Message", "MockClient", "OpenAIClient", "PreparedRequest"]
 
 logger = logging.getLogger("llmutils")
 
@@ -309,6 +310,22 @@ class CallInfo(NamedTuple):
     finish_reason: str | None = None
 
 
+class PreparedRequest(NamedTuple):
+    """A request built but not sent: what :meth:`OpenAIClient.send_message` would send, and its cache key.
+
+    ``kind`` is the API (``chat`` or ``responses``), ``path`` its endpoint path
+    (``/chat/completions`` or ``/responses``), ``body`` the JSON body, ``cache_key`` the key its
+    answer is stored under in the cache, and ``endpoint`` the server it goes to, as shown in
+    messages (any password in the URL masked). Made by :meth:`OpenAIClient.build_request`.
+    """
+
+    kind: str
+    path: str
+    body: dict[str, Any]
+    cache_key: str
+    endpoint: str
+
+
 class _Flight:
     """One request in flight; identical requests wait for it instead of calling the API too.
 
@@ -373,6 +390,8 @@ class OpenAIClient:
         rpm: float | None = None,
         tpm: float | None = None,
         max_concurrent_calls: int | None = None,
+        rate_limit_url: str | None = None,
+        rate_limit_name: str | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] | None = None,
         default_headers: Mapping[str, str] | None = None,
@@ -398,22 +417,54 @@ class OpenAIClient:
             ("RPM", rpm),
             ("TPM", tpm),
             ("MAX_CONCURRENT_MODEL_CALLS", max_concurrent_calls),
+            ("RATE_LIMIT_URL", rate_limit_url),
+            ("RATE_LIMIT_NAME", rate_limit_name),
             ("API", api),
         ):
             if value is not None:
                 given[name] = value
         self._client_settings = validate(given, f"{type(self).__name__}()")
+        self._prices = dict(prices) if prices is not None else None
+        self._start()
+
+    def _start(self) -> None:
+        """The state a client builds for itself (on construction, and where it is unpickled)."""
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._sdk_clients: dict[tuple[Any, ...], Any] = {}
         self._caches: dict[tuple[str, str, str, float | None, int], CacheBackend] = {}
-        self._limits: dict[tuple[Any, ...], tuple[RateLimiter, ConcurrencyLimiter]] = {}
+        self._limits: dict[tuple[Any, ...], tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
         self._warned_usage = False
         self._local = threading.local()
         _live_clients.add(self)
-        self.usage = UsageTracker(prices=prices)
+        self.usage = UsageTracker(prices=self._prices)
         """Requests and tokens per model, billed and served from cache apart (see UsageTracker)."""
+
+    # -- pickling ------------------------------------------------------------------------------
+
+    # Built by _start() (or lazily on first use), never pickled: connections, locks, caches,
+    # limiters, requests in flight, per-thread call info, counters.
+    _RUNTIME = frozenset(
+        {"_lock", "_pid", "_sdk_clients", "_caches", "_limits", "_inflight", "_warned_usage", "_local", "usage"}
+    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle to the configuration only, so a client can go to a process pool or a Dask worker.
+
+        What travels: the constructor's settings (and ``set_api_cache`` changes), an explicit
+        ``api_key=``, the organization, default headers, prices, an injected ``retry``/``sleep``.
+        What does not: connections, locks, open caches, limiters, requests in flight, usage
+        counters; they are built again, lazily, where the client is unpickled. A key that came
+        from the environment (``OPENAI_API_KEY``, ...) is not part of the client: the worker reads
+        its own environment. Config files and the environment are read there too.
+        """
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild from :meth:`__getstate__`: the configuration, and fresh runtime state."""
+        self.__dict__.update(state)
+        self._start()
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -1113,20 +1164,36 @@ class OpenAIClient:
             usage,
         )
 
-    def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter, ConcurrencyLimiter]:
+    def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]:
         """The rate and concurrency limiters for these settings: one pair per distinct limit setting.
 
         Threads (or contexts, under :func:`override_defaults`) with the same RPM/TPM/
-        MAX_CONCURRENT_MODEL_CALLS share one pair, so the limit holds across them; a different
-        setting gets its own pair, so two limits never rebuild one shared limiter back and forth.
+        MAX_CONCURRENT_MODEL_CALLS (and RATE_LIMIT_URL/NAME) share one pair, so the limit holds across
+        them; a different setting gets its own pair, so two limits never rebuild one shared limiter
+        back and forth. With ``RATE_LIMIT_URL`` the RPM/TPM limiter is a :class:`RedisRateLimiter`:
+        one budget for every process and machine that uses the same URL and ``RATE_LIMIT_NAME`` (by
+        default the endpoint URL, without credentials).
         """
-        wanted = (settings["RPM"], settings["TPM"], settings["MAX_CONCURRENT_MODEL_CALLS"])
+        wanted = (
+            settings["RPM"],
+            settings["TPM"],
+            settings["MAX_CONCURRENT_MODEL_CALLS"],
+            settings["RATE_LIMIT_URL"],
+            settings["RATE_LIMIT_NAME"],
+        )
         limits = self._limits.get(wanted)
         if limits is None:
             with self._lock:
                 limits = self._limits.get(wanted)
                 if limits is None:
-                    limits = self._limits[wanted] = (RateLimiter(rpm=wanted[0], tpm=wanted[1]), ConcurrencyLimiter(wanted[2]))
+                    rpm, tpm, slots, url, name = wanted
+                    limiter: RateLimiter | RedisRateLimiter
+                    if url:
+                        name = name or rate_limit_name(self._endpoint(settings))
+                        limiter = RedisRateLimiter(url, name=name, rpm=rpm, tpm=tpm)
+                    else:
+                        limiter = RateLimiter(rpm=rpm, tpm=tpm)
+                    limits = self._limits[wanted] = (limiter, ConcurrencyLimiter(slots))
         return limits
 
     def _send_with_retries(
@@ -1467,6 +1534,121 @@ class OpenAIClient:
             return ContentFilterError(f"Refused by the content filter ({detail})", retryable=False, **context)
         return InvalidRequestError(detail, retryable=decision.retry, **context)
 
+    # -- building apart from sending (for code that sends another way, e.g. the Batch API) -----
+
+    @_bounded_recursion
+    def build_request(
+        self,
+        messages: list[Message],
+        model: str | None = None,
+        temperature: float | None = UNSET,
+        max_tokens: int | None = UNSET,
+        top_p: float | None = UNSET,
+        frequency_penalty: float | None = UNSET,
+        presence_penalty: float | None = UNSET,
+        stop: str | list[str] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        waiting_time: float | None = None,
+        exponential_backoff_factor: float | None = None,
+        n: int = 1,
+        *,
+        total_timeout: float | None = None,
+        api: str | None = None,
+        **more: Any,
+    ) -> PreparedRequest:
+        """Build the request :meth:`send_message` would send for the same arguments, without sending it.
+
+        The body and the cache key are exactly those of ``send_message`` (same settings, same
+        builders of :mod:`llmutils._apis`, same key), so an answer stored under ``cache_key`` by
+        other means (the Batch API runner does this) is a cache hit for a later ``send_message``
+        of the same request. Nothing is sent, read from the cache or counted. The arguments are
+        ``send_message``'s and are checked the same way; ``timeout``, ``total_timeout``,
+        ``max_attempts``, ``waiting_time`` and ``exponential_backoff_factor`` say how to send, so
+        they do not change the request.
+
+        >>> request = MockClient().build_request([{"role": "user", "content": "Hi"}], temperature=0)
+        >>> request.kind, request.path, request.body
+        ('chat', '/chat/completions', {'model': 'gpt-4.1-mini', 'messages': [...], 'temperature': 0})
+
+        :param messages: the chat messages (on the Responses API, Responses input items too).
+        :param api: ``"chat"`` or ``"responses"``; by default chosen as ``send_message`` chooses.
+        :raises InvalidRequestError: a bad argument (the same checks as ``send_message``, and
+            ``stream=True``), ``n > 1`` on the Responses API, or a parameter that is not a JSON
+            value.
+        :raises ConfigError: the client is not configured well enough to name its endpoint.
+        """
+        if api is not None and api not in ("chat", "responses"):
+            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
+        has_items = _check_messages(messages, items=api != "chat")
+        given = (
+            model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
+            timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor,
+        )
+        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
+            if value is not None and value is not UNSET:
+                _check_type(name, value, kinds)
+        _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        if more.get("stream"):
+            raise InvalidRequestError(
+                "stream=True is not supported by build_request, which builds send_message's request; "
+                "client.stream_message(...) streams an answer"
+            )
+        settings = self._settings()
+        params = build_chat_request(
+            settings,
+            messages,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            stop=stop,
+            n=n,
+            more=more,
+        )
+        if self._api(settings, params["model"], api) == "responses":
+            kind, path, body = _responses.KIND, _responses.PATH, request_from_chat(params)  # refuses n > 1
+        else:
+            if has_items:
+                _check_messages(messages)  # a Responses item (no role) cannot go to chat: says which
+            kind, path, body = _chat.KIND, _chat.PATH, params
+        return PreparedRequest(kind, path, body, self._cache_key(kind, body, settings), self._display(settings))
+
+    def sdk_client(self, path: str = "") -> Any:
+        """The ``openai`` SDK client that requests to ``path`` go through, for endpoints llmutils does
+        not wrap (the Batch API's ``files`` and ``batches``).
+
+        It has this client's endpoint, credentials and default headers and ``max_retries=0`` (retry
+        through :meth:`retry_policy`). It is shared and owned by this client: do not close it,
+        :meth:`close` does. On Azure, ``path`` chooses between the deployment API and the v1 API
+        (``/responses`` is served only on v1).
+
+        :raises AuthenticationError: no credentials were found.
+        :raises ConfigError: the endpoint is not configured.
+        """
+        sdk, _source = self._sdk(self._settings(), path)
+        return sdk
+
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of a call made now without per-call arguments: the configuration, with
+        the injected ``retry`` policy's given fields over it, and the injected ``sleep``."""
+        return self._policy(self._settings(), None, None, None, None, None)
+
+    def cache_backend(self) -> CacheBackend | None:
+        """The cache a call made now uses (opened on first use, closed by :meth:`close`), or None
+        when caching is off. Answers written to it under a :attr:`PreparedRequest.cache_key` are
+        what later calls of that request are served."""
+        return self._cache(self._settings())
+
+    def endpoint_url(self) -> str:
+        """The endpoint calls go to now, as shown in messages and reprs: any password in the URL masked.
+
+        :raises ConfigError: the endpoint is not configured (an Azure client without an endpoint).
+        """
+        return self._display(self._settings())
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -1474,11 +1656,15 @@ class OpenAIClient:
         with self._lock:
             sdks, self._sdk_clients = list(self._sdk_clients.values()), {}
             caches, self._caches = list(self._caches.values()), {}
+            limits, self._limits = list(self._limits.values()), {}
         if self._pid == os.getpid():
             for sdk in sdks:
                 sdk.close()
         for cache in caches:
             cache.close()
+        for limiter, _slots in limits:
+            if isinstance(limiter, RedisRateLimiter):
+                limiter.close()
 
     def __enter__(self) -> OpenAIClient:
         return self
@@ -1519,6 +1705,14 @@ class AzureClient(OpenAIClient):
         if azure_endpoint is not None:
             self._client_settings = {**self._client_settings, **validate({"AZURE_ENDPOINT": azure_endpoint}, "AzureClient()")}
 
+    # The Entra ID token provider built from DefaultAzureCredential is made again where the
+    # client is unpickled; an azure_ad_token_provider given explicitly travels (it must pickle).
+    _RUNTIME = OpenAIClient._RUNTIME | {"_entra_token_provider"}
+
+    def _start(self) -> None:
+        super()._start()
+        self._entra_token_provider: Callable[[], str] | None = None
+
     def _sdk_url(self, sdk: Any, path: str) -> str:
         return path
 
@@ -1546,9 +1740,9 @@ class AzureClient(OpenAIClient):
                 "azure_ad_token_provider=..., or install 'llmutils-openai[azure]' for Entra ID sign-in."
             ) from None
         with self._lock:
-            if self._token_provider is None:
-                self._token_provider = get_bearer_token_provider(DefaultAzureCredential(), settings["AZURE_AD_SCOPE"])
-        return {"azure_ad_token_provider": self._token_provider}, "Entra ID (DefaultAzureCredential)"
+            if self._entra_token_provider is None:
+                self._entra_token_provider = get_bearer_token_provider(DefaultAzureCredential(), settings["AZURE_AD_SCOPE"])
+        return {"azure_ad_token_provider": self._entra_token_provider}, "Entra ID (DefaultAzureCredential)"
 
     def _sdk_flavor(self, path: str) -> str:
         """The Responses API is served on Azure's v1 path, ``{endpoint}/openai/v1/responses``."""
@@ -1618,6 +1812,12 @@ class MockClient(OpenAIClient):
         super().__init__(**kwargs)
         self._answers = list(answers or [])
         self._handler = handler
+
+    # The answers still scripted and the handler travel; the count of calls starts again at 0.
+    _RUNTIME = OpenAIClient._RUNTIME | {"calls"}
+
+    def _start(self) -> None:
+        super()._start()
         self.calls = 0
 
     def script(self, *answers: str | Message) -> None:
@@ -1627,6 +1827,12 @@ class MockClient(OpenAIClient):
 
     def _endpoint(self, settings: Mapping[str, Any]) -> str:
         return "mock://"
+
+    def sdk_client(self, path: str = "") -> Any:
+        """A MockClient sends nothing over HTTP, so it has no SDK client: always a ConfigError."""
+        raise ConfigError(
+            "MockClient answers in-process and has no openai SDK client; use an OpenAIClient or AzureClient"
+        )
 
     def _credentials(self, settings: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         return {}, "none (mock)"

@@ -127,6 +127,12 @@ def _check_http_url(url: str) -> None:
         raise ValueError("expected an http:// or https:// URL with a host, e.g. http://localhost:11434/v1")
 
 
+def _check_redis_url(url: str) -> None:
+    """A shared rate limit lives on Redis: raise ValueError unless ``url`` is a Redis URL."""
+    if urlsplit(url).scheme.lower() not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a Redis URL: redis://[:password@]host:6379/0, rediss://... or unix:///path")
+
+
 @dataclass(frozen=True)
 class _Key:
     """One configuration key: its type, default, whether None is allowed, and a one-line doc."""
@@ -138,6 +144,7 @@ class _Key:
     url: bool = False
     doc: str = ""
     minimum: float = 0
+    redis_url: bool = False
 
     def parse(self, value: Any) -> Any:
         """Turn a string (or an already typed value) into this key's type; raise ValueError if it cannot."""
@@ -171,6 +178,8 @@ class _Key:
             raise ValueError(f"expected {self.kind.__name__}, got {type(value).__name__}")
         if self.url and parsed is not None:
             _check_http_url(parsed)
+        if self.redis_url and parsed is not None:
+            _check_redis_url(parsed)
         if self.choices and parsed not in self.choices:
             raise ValueError(f"expected one of {', '.join(self.choices)}")
         if self.kind in (int, float) and parsed is not None and parsed < self.minimum:
@@ -222,6 +231,16 @@ _KEYS: dict[str, _Key] = {
     "RPM": _Key(float, None, optional=True, doc="client-side requests per minute limit"),
     "TPM": _Key(float, None, optional=True, doc="client-side tokens per minute limit"),
     "MAX_CONCURRENT_MODEL_CALLS": _Key(int, None, optional=True, doc="calls in flight per client"),
+    "RATE_LIMIT_URL": _Key(
+        str,
+        None,
+        optional=True,
+        doc="Redis URL that makes RPM/TPM shared by every process using it and RATE_LIMIT_NAME: redis://host:6379/0",
+        redis_url=True,
+    ),
+    "RATE_LIMIT_NAME": _Key(
+        str, None, optional=True, doc="name of the shared RPM/TPM budget (default: the endpoint URL)"
+    ),
     # In the [OpenAI] section of the old module's config.ini (TinyTroupe's display limit): accepted
     # so that file keeps working, and not used by llmutils.
     "MAX_CONTENT_DISPLAY_LENGTH": _Key(int, None, optional=True, doc="the old module's display limit; accepted, unused"),
@@ -261,7 +280,17 @@ def _parse(name: str, value: Any, source: str) -> Any:
     try:
         return _KEYS[name].parse(value)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"Bad value {value!r} for config key {name} in {source}: {exc}") from None
+        shown = _without_password(value) if name.endswith("_URL") and isinstance(value, str) else value
+        raise ConfigError(f"Bad value {shown!r} for config key {name} in {source}: {exc}") from None
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***`` (for error messages)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
+    return url.replace(f":{password}@", ":***@", 1) if password else url
 
 
 # (variable, key, required-non-empty) for every environment variable that sets a key.
@@ -331,10 +360,11 @@ def config_file_values(path: str | os.PathLike[str] | None = None) -> dict[str, 
     return {} if stamp is None else dict(_read_file(stamp))
 
 
-def _read_file(stamp: tuple[str, int, int, int, int] | str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse the ``[OpenAI]`` section of the file ``stamp`` names, cached until the file changes."""
-    if not isinstance(stamp, tuple):  # a path (older callers)
-        return config_file_values(stamp)
+def _read_file(stamp: tuple[str, int, int, int, int]) -> dict[str, Any]:
+    """Parse the ``[OpenAI]`` section of the file ``stamp`` names, cached until the file changes.
+
+    Other modules read the file through :func:`config_file_values` (or :func:`resolve`).
+    """
     cached = _file_cache.get(stamp[1:])
     if cached is not None:
         return cached

@@ -97,6 +97,18 @@ class LLMUtilsError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle without calling ``__init__`` again (some take keyword-only arguments), so an
+        error can come back from a process pool or a Dask worker with its attributes."""
+        return (_restore, (type(self), self.args), self.__dict__)
+
+
+def _restore(cls: type[LLMUtilsError], args: tuple[Any, ...]) -> LLMUtilsError:
+    """Unpickle an :class:`LLMUtilsError`: the instance without ``__init__``; its ``__dict__`` follows."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
+
 
 class ConfigError(LLMUtilsError, ValueError):
     """A configuration key, value or file is wrong."""

@@ -759,6 +759,27 @@ class LLMCall:
         self._spec = _output_spec(output_type)
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle to the configuration: templates, ``output_type``, ``client``, model parameters.
+
+        The last call's ``messages`` and ``model_output`` and the lock stay behind, so an
+        ``LLMCall`` can be sent to a process pool or a Dask worker (``output_type`` must be
+        importable there, ``template_dirs`` must exist there, and ``client`` travels as its own
+        configuration; see :class:`~llmutils.OpenAIClient`).
+        """
+        state = dict(self.__dict__)
+        for name in ("_lock", "_spec", "messages", "model_output"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild from :meth:`__getstate__`: a fresh lock, no last call."""
+        self.__dict__.update(state)
+        self.messages = None
+        self.model_output = None
+        self._spec = _output_spec(self.output_type)
+        self._lock = threading.Lock()
+
     def _request(self, rendering_configs: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Render the messages and the request parameters for one call."""
         messages: list[dict[str, Any]] = list(

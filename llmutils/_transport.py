@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import encodings.idna  # noqa: F401 - see below
 import io
 import math
 import os
@@ -53,6 +54,12 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 
 from ._imports import importing
+
+# ``socket.getaddrinfo`` imports the ``idna`` codec on its first use, in the middle of the first
+# request. A process forked while another thread is inside that import leaves the child waiting
+# forever for the import's lock (seen: a fork during the first call hung the child's first call).
+# This module is imported under the fork lock (``_imports.lazy_import``), so the codec is imported
+# here, before any request, where a fork waits for it.
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

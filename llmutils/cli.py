@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="examples:\n  llmutils batch examples/prompts.jsonl out.jsonl --template summarize\n"
         "  llmutils --base-url http://localhost:11434/v1 --model llama3.2 batch in.jsonl out.jsonl --workers 4\n"
-        "  llmutils batch in.jsonl - --rpm 500 --tpm 200000 > out.jsonl",
+        "  llmutils batch in.jsonl - --rpm 500 --tpm 200000 > out.jsonl\n"
+        "  llmutils batch in.jsonl out.jsonl --processes 4 --workers 16\n"
+        "  llmutils batch in.jsonl out.jsonl --dask-scheduler tcp://10.0.0.5:8786 --cache-url redis://10.0.0.5:6379/0",
         formatter_class=fmt,
     )
     batch.add_argument("input", metavar="IN", help="input JSONL file ('-' for stdin)")
@@ -272,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"stop sending after N connection failures in a row with no success "
         f"(default: {DEFAULT_MAX_CONNECTION_FAILURES}; 0: never stop)",
+    )
+    spread = batch.add_mutually_exclusive_group()
+    spread.add_argument(
+        "--processes",
+        type=_int_at_least(1),
+        metavar="N",
+        help="run the items on N local processes (spawned), --workers threads each",
+    )
+    spread.add_argument(
+        "--dask-scheduler",
+        metavar="ADDRESS",
+        help="run the items on a Dask cluster (tcp://HOST:PORT), --workers threads per task; "
+        "needs pip install 'llmutils-openai[dask]' here and on the workers",
     )
     batch.add_argument(
         "--progress",
@@ -508,8 +523,7 @@ def _api_type_configured() -> bool:
     """Whether API_TYPE was set anywhere: the environment, the config file, or in-process."""
     if os.environ.get("LLMUTILS_API_TYPE") or _config.resolve()["API_TYPE"] != _config.DEFAULTS["API_TYPE"]:
         return True
-    path = _config.config_file_path()
-    return path is not None and "API_TYPE" in _config._read_file(path)
+    return "API_TYPE" in _config.config_file_values()
 
 
 def _choose_api_type(args: argparse.Namespace) -> str:
@@ -798,6 +812,40 @@ def _check_templates(args: argparse.Namespace, user_template: str | None) -> Non
             find_template(name, args.template_dir)
 
 
+@contextmanager
+def _batch_executor(args: argparse.Namespace) -> Iterator[Any]:
+    """The executor ``--processes`` or ``--dask-scheduler`` asks for, or None (threads here).
+
+    On the way out, chunks not started are cancelled and nothing waits for running ones (after
+    Ctrl-C the spawned processes got the signal too); a Dask client is closed.
+    """
+    if args.processes:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            yield pool
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    elif args.dask_scheduler:
+        try:
+            import distributed
+        except ImportError:
+            args.parser.error("--dask-scheduler needs Dask's distributed package: pip install 'llmutils-openai[dask]'")
+        connect: Any = distributed.Client  # untyped in distributed
+        try:
+            dask_client: Any = connect(args.dask_scheduler, timeout=30)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ConfigError(f"cannot reach the Dask scheduler at {args.dask_scheduler}: {exc}") from None
+        try:
+            yield dask_client.get_executor()
+        finally:
+            dask_client.close()
+    else:
+        yield None
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
     """Answer every line of IN into OUT; exit 1 if any item failed."""
     from ._batch import batch
@@ -815,7 +863,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     started = time.monotonic()
     out = _JsonlWriter(args.output)
     try:
-        with _client(args, cache_default=True) as client:
+        with _client(args, cache_default=True) as client, _batch_executor(args) as executor:
             settings = client.settings()
             cache_on = settings["CACHE_API_CALLS"] and settings["CACHE_MODE"] != "off"
             try:
@@ -829,6 +877,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
                     progress=progress,
                     on_result=out.push,
                     max_connection_failures=args.max_connection_failures,
+                    executor=executor,
                     via=args.via,
                     fallback=args.fallback,
                     **_model_params(args),

@@ -310,6 +310,27 @@ def test_errors_while_polling_are_retried_and_never_lose_the_batch(server: OpenA
     assert _creates(server) == 1 and len(run.answers) == 4
 
 
+def test_the_servers_wait_is_read_by_the_live_calls_rules(server: OpenAITestServer, sdk: openai.OpenAI) -> None:
+    """retry-after-ms, Retry-After (seconds or an HTTP date) and LiteLLM's forwarded copies, as
+    :mod:`llmutils._http` reads them for live calls; a wait past 120 s is not retried at all."""
+    waits: list[float] = []
+    api = _api(sdk, waits)
+    server.batch_api.script_http(
+        Fault.server_error(503).with_headers({"retry-after-ms": "20"}),
+        Fault.server_error(502).with_headers({"llm_provider-retry-after": "0.03"}),
+    )
+    assert api.list() == ([], False)
+    assert waits == [0.02, 0.03]
+    server.batch_api.script_http(Fault.rate_limit(retry_after=300))
+    with pytest.raises(llmutils.RateLimitError) as info:
+        api.list()
+    assert waits == [0.02, 0.03] and info.value.retry_after == 300 and info.value.retryable is False
+    server.batch_api.script_http(Fault.server_error(503, should_retry=False))
+    with pytest.raises(NonTerminalError) as refused:
+        api.list()
+    assert waits == [0.02, 0.03] and refused.value.retryable is False
+
+
 def test_line_errors_and_unfinished_batches_become_per_request_errors(server: OpenAITestServer, sdk: openai.OpenAI, cache: Any) -> None:
     requests = _requests(4)
     bad_key = requests[1][0]

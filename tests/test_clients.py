@@ -8,6 +8,8 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -557,3 +559,72 @@ def test_n_is_capped_at_the_apis_limit(server: OpenAITestServer) -> None:
 def test_texts_that_are_not_a_list_of_str_are_an_invalid_request(texts: object) -> None:
     with pytest.raises(InvalidRequestError, match="texts must be a non-empty list of str"):
         llmutils.MockClient().get_embeddings(texts)  # type: ignore[arg-type]
+
+
+# -- build_request and the other seams (for code that sends another way, e.g. the Batch API) ----------
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_build_request_is_the_body_and_key_send_message_uses(
+    server: OpenAITestServer, tmp_path: Path, api: str
+) -> None:
+    args: dict[str, Any] = {"model": "gpt-4.1-mini", "temperature": 0.5, "max_tokens": 20, "stop": ["END"], "seed": 7}
+    args["timeout"] = 30  # how to send: not part of the request
+    path = "/chat/completions" if api == "chat" else "/responses"
+    cache = tmp_path / "c.sqlite"
+    with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=cache) as client:
+        request = client.build_request(HELLO, api=api, **args)
+        assert server.request_count == 0 and client.cache_stats().misses == 0  # nothing sent, nothing looked up
+        assert (request.kind, request.path, request.endpoint) == (api, path, server.base_url)
+        client.send_message(HELLO, api=api, **args)
+        sent = server.requests[-1]
+        assert sent.path == "/v1" + request.path and sent.body == request.body
+        backend = client.cache_backend()
+        assert backend is not None and backend.get(request.cache_key) is not None  # stored under that key
+        client.send_message(HELLO, api=api, **args)
+        assert client.last_call is not None and client.last_call.cached and server.request_count == 1
+
+
+def test_build_request_checks_its_arguments_as_send_message_does() -> None:
+    mock = llmutils.MockClient()
+    cases: list[tuple[Any, dict[str, Any], str]] = [
+        ([], {}, "non-empty list"),
+        ([{"content": "no role"}], {}, "role"),
+        ([{"type": "message", "content": "an item"}], {"api": "chat"}, "role"),
+        (HELLO, {"temperature": "hot"}, "temperature must be"),
+        (HELLO, {"n": 0}, "n must be"),
+        (HELLO, {"n": 2, "api": "responses"}, "n"),
+        (HELLO, {"stream": True}, "stream=True"),
+        (HELLO, {"api": "completions"}, "api must be"),
+        (HELLO, {"response_format": object()}, "JSON"),
+    ]
+    for messages, kwargs, match in cases:
+        with pytest.raises(InvalidRequestError, match=match):
+            mock.build_request(messages, **kwargs)
+    assert mock.calls == 0
+    item = {"type": "message", "role": "user", "content": "x"}
+    assert mock.build_request([item], api="responses").kind == "responses"
+
+
+def test_the_seams_are_the_clients_own(server: OpenAITestServer, tmp_path: Path) -> None:
+    recorded: list[float] = []
+    policy = RetryPolicy(max_attempts=2, sleep=recorded.append)
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as client:
+        sdk = client.sdk_client()
+        assert sdk is client.sdk_client() and str(sdk.base_url).rstrip("/") == server.base_url
+        assert sdk.files.list().data == [] and server.requests[-1].path == "/v1/files"  # the client's key and endpoint
+        resolved = client.retry_policy()
+        assert resolved.max_attempts == 2 and resolved.sleep == recorded.append
+        assert resolved.max_wait == llmutils.DEFAULTS["MAX_WAIT"]  # the configuration under the injected policy
+        assert client.cache_backend() is None  # the cache is off by default
+        client.set_api_cache(True, tmp_path / "c.sqlite")
+        cache = client.cache_backend()
+        assert cache is not None and cache is client.cache_backend() and str(cache.path) == str(tmp_path / "c.sqlite")
+    assert OpenAIClient(base_url="http://user:pw@127.0.0.1:1/v1", api_key="k").endpoint_url() == "http://user:***@127.0.0.1:1/v1"
+    azure = AzureClient(azure_endpoint=server.azure_endpoint, api_key="k", model="d")
+    assert str(azure.sdk_client("/responses").base_url).endswith("/openai/v1/")  # Responses: Azure's v1 path
+    assert azure.sdk_client() is not azure.sdk_client("/responses")
+    with pytest.raises(llmutils.ConfigError, match="no openai SDK client"):
+        llmutils.MockClient().sdk_client()
+    with pytest.raises(llmutils.ConfigError, match="AZURE_ENDPOINT"):
+        AzureClient(api_key="k").endpoint_url()

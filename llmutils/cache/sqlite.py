@@ -5,12 +5,21 @@ On disk (readable with the ``sqlite3`` shell)::
     responses(key TEXT PRIMARY KEY, value BLOB)   -- written by sqlitedict; value is JSON text:
         {"value": <the response>, "created": <unix time>, "expires": <unix time or null>}
     llmutils_meta(key TEXT PRIMARY KEY, value TEXT)  -- schema_version, format, created_by
+    llmutils_leases(key TEXT PRIMARY KEY, holder TEXT, host TEXT, pid INTEGER, expires REAL)
+        -- single-flight across processes: who is sending the request for a key right now
 
     $ sqlite3 llmutils_cache.sqlite "select key, json_extract(value, '$.value.model') from responses"
 
 Writes go through one :class:`sqlitedict.SqliteDict` per cache object and process (autocommit, WAL,
 JSON, never pickle); reads go through plain ``sqlite3`` connections from a small pool, which is
 what keeps a hit near the cost of a raw ``SELECT``.
+
+Single-flight across processes (readwrite mode): of N processes missing the same key at once, one
+takes a short *lease* on it (a row in ``llmutils_leases`` with its pid, host and expiry, in one
+``BEGIN IMMEDIATE`` transaction), sends the request, stores the answer and drops the row; the others
+poll the file for that answer within their deadline, and send themselves only when the lease has
+expired (``lease_ttl``, 60 s, or the holder's deadline) or its holder has died (its pid is gone, on
+the same host), or when the holder gave up without an answer (then one of them takes the lease).
 
 Faults never raise: they log one WARNING naming the file, count an error, and calls go on without
 the cache (the file is left as it is). A transient fault (a lock held past ``busy_timeout``, a disk
@@ -28,10 +37,12 @@ from __future__ import annotations
 
 import atexit
 import errno
+import itertools
 import json
 import logging
 import math
 import os
+import socket
 import sqlite3
 import stat
 import threading
@@ -51,11 +62,41 @@ from .._exceptions import ConfigError
 from .base import CACHE_MODES, META_TABLE, SCHEMA_VERSION, TABLE, VALUE_FORMAT, WRITE_MODES, CacheBase, check_ttl
 from .keys import KEY_VERSION
 
-__all__ = ["SQLiteCache", "DEFAULT_RETRY_INTERVAL"]
+__all__ = ["SQLiteCache", "DEFAULT_RETRY_INTERVAL", "DEFAULT_LEASE_TTL"]
 
 logger = logging.getLogger("llmutils")
 
 DEFAULT_RETRY_INTERVAL = 30.0  # seconds a transient fault keeps the cache off before it is tried again
+DEFAULT_LEASE_TTL = 60.0  # seconds a single-flight lease lives at most (a hung holder blocks no longer)
+
+LEASE_TABLE = "llmutils_leases"
+_CREATE_LEASES = (
+    f'CREATE TABLE IF NOT EXISTS "{LEASE_TABLE}" '
+    "(key TEXT PRIMARY KEY, holder TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, expires REAL NOT NULL)"
+)
+_LEASE_POLL_FIRST = 0.002  # seconds between looks for the holder's answer, growing to
+_LEASE_POLL_MAX = 0.05
+_LEASE_SHARE_OF_DEADLINE = 0.25  # of the call's time left, spent at most waiting for the lock to take a lease
+_HOST = socket.gethostname()
+_lease_ids = itertools.count()
+_SELECT_LEASE = 'SELECT holder, host, pid, expires FROM "llmutils_leases" WHERE key = ?'
+_TAKE_LEASE = 'INSERT OR REPLACE INTO "llmutils_leases" (key, holder, host, pid, expires) VALUES (?, ?, ?, ?, ?)'
+_DROP_LEASE = 'DELETE FROM "llmutils_leases" WHERE key = ? AND holder = ?'
+_MINE = object()
+_NOTHING = object()
+
+
+def _holder_alive(host: str, pid: int) -> bool:
+    """False only when the lease's holder ran on this host and its process is gone."""
+    if host != _HOST or pid == os.getpid() or os.name == "nt":  # elsewhere (or Windows): trust the expiry
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to another user
+        return True
+    return True
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _SELECT = f'SELECT value FROM "{TABLE}" WHERE key = ?'
@@ -211,6 +252,7 @@ class SQLiteCache(CacheBase):
         self._no_writes = Cooldown(self.retry_interval, clock=lambda: self._clock())
         self._warned_entry = False
         self._warned_rows = False
+        self._leases_ready = False  # the lease table has been created (or found) through this object
         self._hits = self._misses = self._writes = self._errors = 0
         _LIVE.add(self)
 
@@ -372,6 +414,135 @@ class SQLiteCache(CacheBase):
             self.path,
             why,
         )
+
+    # -- single-flight across processes: leases -----------------------------------------------
+
+    lease_ttl: float = DEFAULT_LEASE_TTL
+    """Seconds a single-flight lease lives at most (less when the holder's deadline is nearer)."""
+
+    def single_flight(self, key: str, send: Callable[[], Any], *, deadline: Deadline | None = None) -> tuple[Any, bool]:
+        """Return ``(value, True)`` if another process stored ``key`` meanwhile, else ``(send(), False)``
+        after storing it: N processes asking the same thing at once make one call.
+
+        One caller takes the key's lease (see the module docstring) and sends; the others poll the
+        file for its answer and take the lease themselves when it expires, its holder dies, or the
+        holder gives up without an answer. Only in readwrite mode while the file works; otherwise
+        (or when the lease table cannot be used) it just sends and stores. A waiter waits no longer
+        than ``deadline`` allows; then ``send`` runs with what is left (and raises
+        TotalTimeoutError when nothing is).
+        """
+        if self.mode != "readwrite" or self._off.blocked():
+            return super().single_flight(key, send, deadline=deadline)
+        holder = f"{_HOST}:{os.getpid()}:{next(_lease_ids)}"
+        delay = _LEASE_POLL_FIRST
+        while True:
+            ttl = self.lease_ttl if deadline is None else (deadline.timeout_for(self.lease_ttl) or 0.0)
+            if ttl <= 0:
+                break
+            other = self._take_lease(key, holder, ttl, deadline)
+            if other is None:  # the lease table cannot be used: no cross-process single-flight
+                break
+            if other is _MINE:
+                try:
+                    value, _ = self._look(key)  # stored between the caller's lookup and the lease
+                    if value is not _NOTHING:
+                        return value, True
+                    return super().single_flight(key, send, deadline=deadline)
+                finally:
+                    self._drop_lease(key, holder)
+            # Another process holds the lease: wait for its answer while the lease stands.
+            while True:
+                value, lease = self._look(key)
+                if value is not _NOTHING:
+                    return value, True
+                now = self._clock()
+                if lease is None or lease[3] <= now or not _holder_alive(lease[1], lease[2]):
+                    break  # released without an answer, expired, or its holder died: take it
+                left = None if deadline is None else deadline.timeout_for(None)
+                if left is not None and left <= 0:
+                    return super().single_flight(key, send, deadline=deadline)  # raises the deadline's error
+                time.sleep(min(delay, lease[3] - now, math.inf if left is None else left))
+                delay = min(delay * 2, _LEASE_POLL_MAX)
+        return super().single_flight(key, send, deadline=deadline)
+
+    def _take_lease(self, key: str, holder: str, ttl: float, deadline: Deadline | None) -> Any:
+        """Take ``key``'s lease for ``ttl`` seconds unless a live holder has it.
+
+        Returns ``_MINE``, or the other holder's row, or None when the lease table cannot be used.
+        """
+        if not (self._ready and self._pid == os.getpid()) and not self._open():
+            return None
+        try:
+            conn = self._connect(readonly=False)
+        except sqlite3.Error as exc:
+            logger.debug("llmutils cache %s: no lease (%s)", self.path, exc)
+            return None
+        try:
+            # Wait for the write lock as a cache write does, but spend at most a quarter of what is
+            # left of the call's time on it: then go without a lease (and maybe send a duplicate).
+            wait = self.busy_timeout
+            if deadline is not None and deadline.bounded:
+                wait = min(wait, deadline.remaining() * _LEASE_SHARE_OF_DEADLINE)
+            conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            if not self._leases_ready:
+                conn.execute(_CREATE_LEASES)
+                self._leases_ready = True
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(_SELECT_LEASE, (key,)).fetchone()
+                now = self._clock()
+                if row is not None and row[0] != holder and row[3] > now and _holder_alive(row[1], row[2]):
+                    conn.execute("COMMIT")
+                    return row
+                conn.execute(
+                    _TAKE_LEASE,
+                    (key, holder, _HOST, os.getpid(), now + ttl),
+                )
+                conn.execute("COMMIT")
+                return _MINE
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            logger.debug("llmutils cache %s: no lease (%s)", self.path, exc)
+            return None
+        finally:
+            conn.close()
+
+    def _drop_lease(self, key: str, holder: str) -> None:
+        """Delete ``key``'s lease row if it is still ``holder``'s."""
+        try:
+            conn = self._connect(readonly=False)
+            try:
+                conn.execute(_DROP_LEASE, (key, holder))
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # the lease then ends at its expiry
+            logger.debug("llmutils cache %s: dropping a lease failed (%s)", self.path, exc)
+
+    def _look(self, key: str) -> tuple[Any, tuple[str, str, int, float] | None]:
+        """The stored value (or ``_NOTHING``) and the key's lease row, without counting a lookup."""
+        item = self._checkout()
+        if item is None:
+            return _NOTHING, None
+        try:
+            row = item[1].execute(_SELECT, (key,)).fetchone()
+            lease = item[1].execute(_SELECT_LEASE, (key,)).fetchone()
+        except sqlite3.Error:
+            self._checkin(item, keep=False)
+            return _NOTHING, None
+        self._checkin(item)
+        if row is None:
+            return _NOTHING, lease
+        try:
+            entry = json.loads(row[0])
+            expires = entry.get("expires")
+            if expires is not None and self._clock() >= expires:
+                return _NOTHING, lease
+            return entry["value"], lease
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return _NOTHING, lease
 
     # -- maintenance --------------------------------------------------------------------------
 
