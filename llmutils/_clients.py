@@ -1425,25 +1425,29 @@ class OpenAIClient:
         ``client.post(path, body=..., cast_to=httpx2.Response, stream=True, options={"timeout": ...})``,
         which keeps the SDK's auth, Azure deployment routing and typed status errors (mapped here to
         the llmutils tree, the error body read by the SDK) but skips its per-call model parsing.
-        Connecting and waiting for the headers are bounded by ``timeout`` and what is left of
-        ``deadline``; while the block runs, the deadline's watchdog shuts the socket down the moment
+        Through llmutils' transport (``call_deadline``), every wait of the attempt (connecting,
+        sending, each receive of the head, of an error body the SDK reads itself and of the body)
+        lasts at most ``timeout`` and what is left of ``deadline``. Through the SDK's default
+        transport (a proxy), connecting and each read are bounded by ``timeout`` and what was left
+        at the start; while the block runs, the deadline's watchdog shuts the socket down the moment
         the deadline passes, so a read that stalls between two bytes ends then. The response is
         closed when the block exits.
         """
         httpx2 = lazy_import("httpx2")
         openai = lazy_import("openai")
 
-        sdk_request_options = lazy_import(f"{__package__}._transport").sdk_request_options
+        transport = lazy_import(f"{__package__}._transport")
         sdk, source, key = self._sdk_and_key(settings, path)
         limit = deadline.timeout_for(timeout)
         assert limit is not None
         if limit <= 0:
             raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
-            http = sdk.post(
-                self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True,
-                options=sdk_request_options(limit, openai.Omit()),
-            )
+            with transport.call_deadline(deadline):
+                http = sdk.post(
+                    self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True,
+                    options=transport.sdk_request_options(limit, openai.Omit()),
+                )
         except openai.APIStatusError as exc:
             _scrub_sdk_error(exc, key)
             raise self._status_error(exc, source, settings) from exc
@@ -1459,6 +1463,8 @@ class OpenAIClient:
             raise _surrogate_error(params) from None
         except (TypeError, ValueError) as exc:  # e.g. a message value the SDK cannot serialise
             raise InvalidRequestError(f"the request cannot be sent: {exc}") from exc
+        except httpx2.TransportError as exc:  # reading an error body inside the SDK, which lets it through
+            raise self._read_error(exc, deadline, limit, settings) from exc
         except Exception as exc:
             if type(exc).__module__.partition(".")[0] != "httpx2":
                 raise
