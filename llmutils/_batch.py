@@ -12,15 +12,18 @@ What is kept per item and what stops the run:
 * fail fast: when the results show that every request would fail the same way, no new item is
   sent: after the first :class:`AuthenticationError`, or after ``max_connection_failures``
   connection failures in a row (no HTTP response at all: refused, DNS, TLS, timeouts) with no
-  success in between. Items already in flight finish; the others get a
-  :class:`NotAttemptedError` whose ``reason`` (also logged once, as one WARNING line) says why;
+  success in between, each failed attempt counted as it happens (the items' retries report to
+  the batch through a :class:`~llmutils._retry.RetryScope`). Items in flight then stop retrying
+  at once (a backoff sleep ends; an attempt under way finishes) and fail with the reason; the
+  others get a :class:`NotAttemptedError` whose ``reason`` (also logged once, as one WARNING
+  line) says why;
 * any other exception is a bug (in a handler, in a callback): the run stops, items not yet
   started are dropped, and the exception propagates with its traceback;
 * ``KeyboardInterrupt`` (Ctrl-C) in the calling thread stops the run at once: no new item
   starts, results already back still go to ``on_result``, and the exception is re-raised
   without waiting for the requests in flight. Workers are
   daemon threads, so a process that exits on Ctrl-C does not wait for them either; a request in
-  flight finishes (or times out) in the background and its result is dropped.
+  flight finishes (or times out) in the background, is not retried, and its result is dropped.
 
 On other processes or machines: with ``executor=`` (a ``ProcessPoolExecutor``, a Dask cluster's
 executor) the items go out in chunks; each chunk runs on threads where the executor puts it and
@@ -36,6 +39,7 @@ Workers run in a copy of the caller's :mod:`contextvars` context, so
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import pickle
@@ -44,6 +48,7 @@ import socket
 import sys
 import threading
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
@@ -58,6 +63,7 @@ from ._exceptions import (
     LLMUtilsError,
     NotAttemptedError,
 )
+from ._retry import RetryScope, retry_scope
 
 __all__ = [
     "DEFAULT_MAX_CONNECTION_FAILURES",
@@ -229,6 +235,12 @@ class FailFast:
     (a success, or an HTTP error) resets the count; a cache hit or an item that failed before
     sending leaves it as it is. ``None`` or ``0`` never stops on connection failures.
 
+    A runner that sees the attempts (``map_calls``, through a :class:`~llmutils._retry.RetryScope`)
+    reports each failed attempt with :meth:`observe_attempt`, so a dead endpoint is recognised
+    after ``max_connection_failures`` attempts, not after as many items each retried in full; the
+    item's final error is then not counted a second time by :meth:`observe`. Not thread-safe:
+    call it under one lock.
+
     >>> rule = FailFast(max_connection_failures=5)
     >>> rule.observe(result)   # True once, when the batch should stop; ``rule.reason`` says why
     """
@@ -243,6 +255,7 @@ class FailFast:
         self.max_connection_failures = max_connection_failures or None
         self.reason: str | None = None
         self._in_a_row = 0
+        self._counted: weakref.WeakSet[BaseException] = weakref.WeakSet()  # attempts observe_attempt counted
 
     def observe(self, result: BatchResult) -> bool:
         """Count one finished item; return True the first time the batch should stop."""
@@ -257,17 +270,37 @@ class FailFast:
             self.reason = f"item {result.index} failed with AuthenticationError, so every request would: {error}"
             return True
         if is_connection_failure(error):
+            if any(cause in self._counted for cause in _chain(error)):
+                return False  # its attempts were counted as they failed
             self._in_a_row += 1
-            limit = self.max_connection_failures
-            if limit is not None and self._in_a_row >= limit:
-                self.reason = (
-                    f"{self._in_a_row} connection failures in a row with no success in between "
-                    f"(last: item {result.index}: {error})"
-                )
-                return True
-        elif error.status_code is not None:
+            return self._tripped(f"item {result.index}: {error}")
+        if error.status_code is not None:
             self._in_a_row = 0
         return False
+
+    def observe_attempt(self, error: BaseException) -> bool:
+        """Count one failed attempt of an item still running; return True the first time the batch should stop.
+
+        A connection failure adds one to the count; an HTTP answer (an error status) resets it.
+        """
+        if self.reason is not None:
+            return False
+        if is_connection_failure(error):
+            with contextlib.suppress(TypeError):  # an error that cannot be weakly referenced is counted again later
+                self._counted.add(error)
+            self._in_a_row += 1
+            return self._tripped(str(error))
+        if isinstance(error, LLMUtilsError) and error.status_code is not None:
+            self._in_a_row = 0
+        return False
+
+    def _tripped(self, last: str) -> bool:
+        """Whether the count reached the limit (then ``reason`` says so)."""
+        limit = self.max_connection_failures
+        if limit is None or self._in_a_row < limit:
+            return False
+        self.reason = f"{self._in_a_row} connection failures in a row with no success in between (last: {last})"
+        return True
 
 
 def _not_attempted(index: int, item: Any, reason: str) -> BatchResult:
@@ -429,28 +462,37 @@ def map_calls(
         )
     results: list[BatchResult | None] = [None] * len(todo)
     finished: queue.SimpleQueue[tuple[int, BatchResult | None, BaseException | None]] = queue.SimpleQueue()
-    stop = threading.Event()
     lock = threading.Lock()
     taken = 0  # items handed to a worker; frozen once ``stop`` is set (both change under ``lock``, as ``rule``)
 
+    def attempt_failed(error: LLMUtilsError) -> None:
+        """Told by the retry policy of every failed attempt of the items in flight (see RetryScope)."""
+        with lock:
+            if rule.observe_attempt(error):
+                scope.stop(rule.reason)  # nothing more is sent; the items in flight stop retrying
+
+    scope = RetryScope(on_failure=attempt_failed)
+    stop = scope.stopped
+
     def work() -> None:
         nonlocal taken
-        while True:
-            with lock:
-                if stop.is_set() or taken >= len(todo):
+        with retry_scope(scope):
+            while True:
+                with lock:
+                    if stop.is_set() or taken >= len(todo):
+                        return
+                    index = taken
+                    taken += 1
+                try:
+                    result = run_item(fn, index, todo[index], client)
+                    with lock:  # judged here, before this worker takes another item: nothing more is sent
+                        if rule.observe(result):
+                            scope.stop(rule.reason)
+                    finished.put((index, result, None))
+                except BaseException as exc:  # a bug, or KeyboardInterrupt raised in a worker: stop all
+                    stop.set()
+                    finished.put((index, None, exc))
                     return
-                index = taken
-                taken += 1
-            try:
-                result = run_item(fn, index, todo[index], client)
-                with lock:  # judged here, before this worker takes another item: nothing more is sent
-                    if rule.observe(result):
-                        stop.set()
-                finished.put((index, result, None))
-            except BaseException as exc:  # a bug, or KeyboardInterrupt raised in a worker: stop all
-                stop.set()
-                finished.put((index, None, exc))
-                return
 
     def collect(result: BatchResult) -> None:
         results[result.index] = result

@@ -418,7 +418,7 @@ class BatchAPI:
             if tries > 1:
                 found = self.find_by_input_file(input_file_id)
                 if found is not None:
-                    logger.info("llmutils: batch %s of file %s was created after all; using it", found["id"], input_file_id)
+                    logger.info("batch %s of file %s was created after all; using it", found["id"], input_file_id)
                     return found
             extra: dict[str, Any] = {}
             if self.extras:
@@ -684,12 +684,12 @@ def _resume(job: BatchJob, api: BatchAPI, ledger: BatchLedger, url: str) -> tupl
         if isinstance(exc, AuthenticationError) or exc.status_code not in (400, 404):
             raise
         logger.warning(
-            "llmutils: batch %s (file %s) cannot be resumed (%s); its requests are sent anew",
+            "batch %s (file %s) cannot be resumed (%s); its requests are sent anew",
             job.batch_id, job.input_file_id, exc,
         )
         ledger.save(dataclasses.replace(job, status="lost", collected=True, updated=time.time()))
         return None
-    logger.info("llmutils: resuming batch %s (%d requests, status %s)", job.batch_id, len(job.keys), obj.get("status"))
+    logger.info("resuming batch %s (%d requests, status %s)", job.batch_id, len(job.keys), obj.get("status"))
     return job, obj
 
 
@@ -722,7 +722,7 @@ def _submit(
     job = dataclasses.replace(job, batch_id=str(obj["id"]), status=str(obj.get("status")), updated=time.time())
     ledger.save(job)
     logger.info(
-        "llmutils: submitted batch %s (%d requests, file %s); if this run stops, run it again to resume the batch",
+        "submitted batch %s (%d requests, file %s); if this run stops, run it again to resume the batch",
         job.batch_id, len(keys), file_id,
     )
     return job, obj
@@ -769,7 +769,7 @@ def _collect(
         failed += 1
         if key in wanted:
             run.errors[key] = error
-    logger.info("llmutils: batch %s %s: %d answered, %d not", batch_id, status, answered, failed)
+    logger.info("batch %s %s: %d answered, %d not", batch_id, status, answered, failed)
     # Collected: its answers are in the cache, so its keys are no longer needed to resume it.
     ledger.save(dataclasses.replace(job, keys=(), status=status, collected=True, updated=time.time()))
 
@@ -994,7 +994,7 @@ def run_items(
             results[index] = BatchResult(index, item, error=error)
     if retry_live:
         assert live is not None  # noqa: S101 - fallback="live" comes with a live client (for mypy)
-        logger.info("llmutils: sending %d requests the Batch API did not answer as live calls", len(retry_live))
+        logger.info("sending %d requests the Batch API did not answer as live calls", len(retry_live))
         sent = map_calls(
             live,
             [items[i] for i in retry_live],

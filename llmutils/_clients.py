@@ -43,7 +43,7 @@ from ._apis.responses import (
     to_chat_message,
 )
 from ._apis.stream import ChatStreamAssembler, MessageStream, ResponsesStreamAssembler, StreamReader, completion_events, response_events
-from ._config import AZURE_V1_API_VERSION, UNSET, api_key_from_env, resolve, resolved, validate
+from ._config import UNSET, api_key_from_env, is_azure_v1, resolve, resolved, validate
 from ._deadline import Deadline
 from ._exceptions import (
     AuthenticationError,
@@ -59,12 +59,12 @@ from ._exceptions import (
 )
 from ._http import (
     RETRYABLE_STATUS,
+    answer_context,
     error_fields,
     is_quota_exhausted,
     is_validation_error,
-    lower_headers,
-    request_id_from,
     retry_decision,
+    with_answer,
 )
 from ._imports import importing, lazy_import
 from ._otel import StreamSpan, call_span, start_stream_span
@@ -280,18 +280,18 @@ def _shut_down(http: Any) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def _as_events(raw: bytes, request_id: str | None) -> bytes:
+def _as_events(raw: bytes) -> bytes:
     """A whole (non-streamed) JSON answer as the SSE bytes of its stream: one event, then the end."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise NonTerminalError("a streamed request got a body that is neither SSE nor JSON", request_id=request_id) from exc
+        raise NonTerminalError("a streamed request got a body that is neither SSE nor JSON") from exc
     if isinstance(body, dict) and isinstance(body.get("choices"), list):  # chat.completion -> one chunk
         choices = [{**c, "delta": c.get("message") or {}} for c in body["choices"] if isinstance(c, dict)]
         return f"data: {json.dumps({**body, 'choices': choices})}\n\ndata: [DONE]\n\n".encode()
     if isinstance(body, dict) and body.get("object") == "response":
         return f"data: {json.dumps({'type': 'response.completed', 'response': body})}\n\n".encode()
-    raise NonTerminalError("a streamed request got a JSON body that is not an answer", request_id=request_id)
+    raise NonTerminalError("a streamed request got a JSON body that is not an answer")
 
 
 class CallInfo(NamedTuple):
@@ -439,7 +439,6 @@ class OpenAIClient:
         self._caches: dict[tuple[str, str, str, float | None, int], CacheBackend] = {}
         self._limits: dict[tuple[Any, ...], tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]] = {}
         self._inflight: dict[str, _Flight] = {}
-        self._warned_usage = False
         self._local = threading.local()
         _live_clients.add(self)
         self.usage = UsageTracker(prices=self._prices)
@@ -450,7 +449,7 @@ class OpenAIClient:
     # Built by _start() (or lazily on first use), never pickled: connections, locks, caches,
     # limiters, requests in flight, per-thread call info, counters.
     _RUNTIME = frozenset(
-        {"_lock", "_pid", "_sdk_clients", "_caches", "_limits", "_inflight", "_warned_usage", "_local", "usage"}
+        {"_lock", "_pid", "_sdk_clients", "_caches", "_limits", "_inflight", "_local", "usage"}
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -591,7 +590,7 @@ class OpenAIClient:
         came = fewer_choices(response, n)
         if came is not None:
             warning = (
-                f"llmutils: {self._display(settings)} returned {came} choice(s) for n={n} "
+                f"{self._display(settings)} returned {came} choice(s) for n={n} "
                 f"(model {params['model']!r}); returning the {came} that came (the server may ignore n)"
             )
             logger.warning(warning)
@@ -847,7 +846,7 @@ class OpenAIClient:
         if cache is not None and key is not None:
             hit = cache.get(key)
             if hit is not None:
-                logger.debug("llmutils: cache hit for a stream of %s", params.get("model"))
+                logger.debug("cache hit for a stream of %s", params.get("model"))
                 check(hit)  # also for entries stored by older versions
                 response = self._finish(kind, params, hit, cached=True)
                 span.finish(response, cached=True)
@@ -928,13 +927,17 @@ class OpenAIClient:
                 except LLMUtilsError as exc:
                     raise self._interrupted(exc, reader, deadline) from exc
                 completion = reader.assembler.result()
-                check(completion)
+                try:
+                    check(completion)
+                except LLMUtilsError as exc:
+                    with_answer(exc, reader.answer)
+                    raise
                 completed = True
             finally:
                 reader.close()
                 release()
                 if not completed:
-                    logger.debug("llmutils: a stream of %s ended early; nothing cached", params.get("model"))
+                    logger.debug("a stream of %s ended early; nothing cached", params.get("model"))
             usage = completion.get("usage")
             if isinstance(usage, Mapping) and isinstance(usage.get("total_tokens"), int):
                 reservation.reconcile(max(usage["total_tokens"], estimate))
@@ -961,6 +964,7 @@ class OpenAIClient:
             partial_text=text,
             status_code=exc.status_code,
             request_id=exc.request_id,
+            headers=exc.headers,
         )
 
     def _stream_reader(
@@ -983,14 +987,16 @@ class OpenAIClient:
         limit = deadline.timeout_for(timeout)
         stack = contextlib.ExitStack()
         http = stack.enter_context(self._open_stream(path, wire, settings, deadline, timeout))
-        request_id = http.headers.get("x-request-id")
+        answer = answer_context(http.status_code, http.headers)
         if "text/event-stream" in http.headers.get("content-type", ""):
             chunks: Iterator[bytes] = http.iter_raw()
         else:  # a server that ignored stream=true: read its one whole answer as a stream
             try:
-                chunks = iter([_as_events(self._read_body(http, deadline, timeout, settings), request_id)])
-            except BaseException:
+                chunks = iter([_as_events(self._read_body(http, deadline, timeout, settings))])
+            except BaseException as exc:
                 stack.close()
+                if isinstance(exc, LLMUtilsError):
+                    with_answer(exc, answer)
                 raise
         where = self._display(settings)
 
@@ -998,9 +1004,9 @@ class OpenAIClient:
             if deadline.expired:
                 return deadline.error(f"reading the stream from {where}")
             if isinstance(exc, httpx2.TimeoutException):
-                return NonTerminalError(f"no data for {limit:g}s from {where} while streaming", request_id=request_id)
+                return NonTerminalError(f"no data for {limit:g}s from {where} while streaming")
             if isinstance(exc, (httpx2.HTTPError, httpx2.StreamError, OSError)):
-                return NonTerminalError(f"the stream from {where} broke: {exc}", request_id=request_id)
+                return NonTerminalError(f"the stream from {where} broke: {exc}")
             return None
 
         def drain() -> None:
@@ -1010,7 +1016,9 @@ class OpenAIClient:
                 for _ in chunks:
                     pass
 
-        return StreamReader(chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain)
+        return StreamReader(
+            chunks, assembler, transport_error=transport_error, close=stack.close, drain=drain, answer=answer
+        )
 
     # -- cache ---------------------------------------------------------------------------------
 
@@ -1102,7 +1110,7 @@ class OpenAIClient:
         key = self._cache_key(kind, params, settings)
         hit = cache.get(key)
         if hit is not None:
-            logger.debug("llmutils: cache hit for %s %s", kind, params.get("model"))
+            logger.debug("cache hit for %s %s", kind, params.get("model"))
             return self._finish(kind, params, hit, cached=True)
         if cache.mode == "replay":  # even when the cache file is unusable: replay never sends
             raise CacheMissError(
@@ -1140,12 +1148,8 @@ class OpenAIClient:
         """Record usage and the thread's call info for a response about to be returned."""
         model = str(response.get("model") or params.get("model"))
         usage = response.get("usage")
-        try:
-            self.usage.record(model, usage, cached=cached)
-        except Exception as exc:  # accounting never fails a call: count the answer, tokens unknown
-            self._bad_usage(model, usage, exc)
+        if not self.usage.record(model, usage, cached=cached):  # never raises: bad usage counts as unknown
             usage = None
-            self.usage.record(model, None, cached=cached)
         if kind == _responses.KIND:
             reason = finish_reason(response)
         else:
@@ -1154,20 +1158,6 @@ class OpenAIClient:
             reason = first.get("finish_reason")
         self._local.info = CallInfo(kind, model, cached, normalize_usage(usage), finish_reason=reason)
         return response
-
-    def _bad_usage(self, model: str, usage: Any, exc: Exception) -> None:
-        """Log (once per client) a response whose ``usage`` cannot be counted."""
-        level = logging.DEBUG if self._warned_usage else logging.WARNING
-        self._warned_usage = True
-        logger.log(
-            level,
-            "llmutils: the usage of a response for %s cannot be counted (%s: %s; usage=%.200r); "
-            "its tokens are counted as unknown (0)",
-            model,
-            type(exc).__name__,
-            exc,
-            usage,
-        )
 
     def _limiters(self, settings: Mapping[str, Any]) -> tuple[RateLimiter | RedisRateLimiter, ConcurrencyLimiter]:
         """The rate and concurrency limiters for these settings: one pair per distinct limit setting.
@@ -1226,8 +1216,7 @@ class OpenAIClient:
                     f"waiting for one of the {in_flight.max_in_flight} call slots (MAX_CONCURRENT_MODEL_CALLS)"
                 )
             try:
-                response = self._post(path, params, settings, deadline, timeout)
-                check(response)
+                response = self._post(path, params, settings, deadline, timeout, check)
             except RateLimitError as exc:
                 if exc.retryable and exc.retry_after and limiter.enabled:  # hold the other threads too
                     limiter.pause(exc.retry_after)
@@ -1386,26 +1375,44 @@ class OpenAIClient:
         return sdk, source, key if isinstance(key, str) else None
 
     def _post(
-        self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float
+        self,
+        path: str,
+        params: Mapping[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        check: ResponseCheck | None = None,
     ) -> dict[str, Any]:
         """POST ``params`` to ``path`` and return the decoded JSON object (one attempt).
 
         The whole body is read in chunks through :meth:`_open_stream`, so the call's deadline
-        ends a body that trickles in, not the next read timeout.
+        ends a body that trickles in, not the next read timeout. ``check`` (the API's response
+        check) runs on the body here, so that every error made from the answer (a body that is
+        not JSON, a 200 with no choices, a wrong embedding count) carries its ``status_code``,
+        ``request_id`` and ``headers``.
         """
         with self._open_stream(path, params, settings, deadline, timeout) as http:
-            raw = self._read_body(http, deadline, timeout, settings)
-            headers = lower_headers(http.headers)
-            status = http.status_code
-        context: dict[str, Any] = {"status_code": status, "request_id": request_id_from(headers), "headers": headers}
+            context = answer_context(http.status_code, http.headers)
+            try:
+                raw = self._read_body(http, deadline, timeout, settings)
+            except LLMUtilsError as exc:
+                with_answer(exc, context)
+                raise
         try:
             body = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as exc:
+            status = context["status_code"]
             raise NonTerminalError(
                 f"HTTP {status} from {self._display(settings)} with a body that is not JSON ({exc})", **context
             ) from exc
         if not isinstance(body, dict):
             raise NonTerminalError("the response body is not a JSON object", **context)
+        if check is not None:
+            try:
+                check(body)
+            except LLMUtilsError as exc:
+                with_answer(exc, context)
+                raise
         return body
 
     @contextlib.contextmanager
@@ -1423,24 +1430,28 @@ class OpenAIClient:
         ``client.post(path, body=..., cast_to=httpx2.Response, stream=True, options={"timeout": ...})``,
         which keeps the SDK's auth, Azure deployment routing and typed status errors (mapped here to
         the llmutils tree, the error body read by the SDK) but skips its per-call model parsing.
-        Connecting and waiting for the headers are bounded by ``timeout`` and what is left of
-        ``deadline``; while the block runs, the deadline's watchdog shuts the socket down the moment
+        Through llmutils' transport (``call_deadline``), every wait of the attempt (connecting,
+        sending, each receive of the head, of an error body the SDK reads itself and of the body)
+        lasts at most ``timeout`` and what is left of ``deadline``. Through the SDK's default
+        transport (a proxy), connecting and each read are bounded by ``timeout`` and what was left
+        at the start; while the block runs, the deadline's watchdog shuts the socket down the moment
         the deadline passes, so a read that stalls between two bytes ends then. The response is
         closed when the block exits.
         """
         httpx2 = lazy_import("httpx2")
         openai = lazy_import("openai")
 
-        sdk_request_options = lazy_import(f"{__package__}._transport").sdk_request_options
+        transport = lazy_import(f"{__package__}._transport")
         sdk, source, key = self._sdk_and_key(settings, path)
         limit = deadline.timeout_for(timeout)
         if limit <= 0:
             raise deadline.error(f"before a request to {self._display(settings)} could be sent")
         try:
-            http = sdk.post(
-                self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True,
-                options=sdk_request_options(limit, openai.Omit()),
-            )
+            with transport.call_deadline(deadline):
+                http = sdk.post(
+                    self._sdk_url(sdk, path), body=params, cast_to=httpx2.Response, stream=True,
+                    options=transport.sdk_request_options(limit, openai.Omit()),
+                )
         except openai.APIStatusError as exc:
             _scrub_sdk_error(exc, key)
             raise self._status_error(exc, source, settings) from exc
@@ -1456,6 +1467,8 @@ class OpenAIClient:
             raise _surrogate_error(params) from None
         except (TypeError, ValueError) as exc:  # e.g. a message value the SDK cannot serialise
             raise InvalidRequestError(f"the request cannot be sent: {exc}") from exc
+        except httpx2.TransportError as exc:  # reading an error body inside the SDK, which lets it through
+            raise self._read_error(exc, deadline, limit, settings) from exc
         except Exception as exc:
             if type(exc).__module__.partition(".")[0] != "httpx2":
                 raise
@@ -1681,7 +1694,7 @@ class AzureClient(OpenAIClient):
     or ``DefaultAzureCredential`` (scope ``AZURE_AD_SCOPE``) when the ``azure`` extra
     (azure-identity) is installed.
 
-    ``api_version="v1"`` (or ``AZURE_API_VERSION = v1``) uses Azure's v1 API: OpenAI's paths under
+    ``api_version="v1"`` (or ``AZURE_API_VERSION = v1``; any case) uses Azure's v1 API: OpenAI's paths under
     ``{endpoint}/openai/v1/``, the deployment sent as ``model``, no ``api-version`` query.
 
     >>> AzureClient(azure_endpoint="https://my.openai.azure.com", model="my-gpt4o-deployment")
@@ -1752,7 +1765,7 @@ class AzureClient(OpenAIClient):
         openai = lazy_import("openai")
         sdk_http_options = lazy_import(f"{__package__}._transport").sdk_http_options  # imports httpx2
         api_version = self._api_version or settings["AZURE_API_VERSION"]
-        if flavor == "v1" or api_version == AZURE_V1_API_VERSION:
+        if flavor == "v1" or is_azure_v1(api_version):
             # Azure's v1 API is OpenAI's API under {endpoint}/openai/v1/ (the Responses API is served
             # only there): the plain OpenAI client, no api-version, the model is the deployment; with
             # the key, or the Entra token provider as a callable key (a fresh Bearer token per request).
@@ -1838,7 +1851,13 @@ class MockClient(OpenAIClient):
         return {}, "none (mock)"
 
     def _post(
-        self, path: str, params: Mapping[str, Any], settings: Mapping[str, Any], deadline: Deadline, timeout: float
+        self,
+        path: str,
+        params: Mapping[str, Any],
+        settings: Mapping[str, Any],
+        deadline: Deadline,
+        timeout: float,
+        check: ResponseCheck | None = None,
     ) -> dict[str, Any]:
         """Answer in-process, as the endpoint would: a chat completion, a response or embeddings."""
         if path == _responses.PATH:
@@ -1850,6 +1869,8 @@ class MockClient(OpenAIClient):
         problem = non_json(answer)
         if problem is not None:  # a scripted answer or handler result the wire could not carry
             raise InvalidRequestError(f"the mock answer is not plain JSON: answer{problem}")
+        if check is not None:
+            check(answer)
         return answer
 
     def _stream_reader(

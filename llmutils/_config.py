@@ -42,6 +42,7 @@ __all__ = [
     "config_file_path",
     "config_file_values",
     "force_default_value",
+    "is_azure_v1",
     "override_defaults",
     "reset_forced_values",
     "resolve",
@@ -72,7 +73,16 @@ DEFAULT_AZURE_AD_SCOPE = "https://cognitiveservices.azure.com/.default"
 DEFAULT_MAX_WAIT = 8.0  # openai-python's MAX_RETRY_DELAY: the cap of one backoff wait
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 AZURE_V1_API_VERSION = "v1"
-"""The ``AZURE_API_VERSION`` that selects Azure's v1 API (``{endpoint}/openai/v1/``, no ``api-version`` query)."""
+"""The ``AZURE_API_VERSION`` that selects Azure's v1 API (``{endpoint}/openai/v1/``, no ``api-version``
+query), in any case (``V1`` too): see :func:`is_azure_v1`."""
+
+
+def is_azure_v1(api_version: object) -> bool:
+    """Whether ``api_version`` (an ``AZURE_API_VERSION`` or ``api_version=`` value) selects Azure's v1 API.
+
+    ``v1`` in any case and with surrounding spaces (``V1``, ``" v1 "``) does; a dated version does not.
+    """
+    return isinstance(api_version, str) and api_version.strip().lower() == AZURE_V1_API_VERSION
 
 
 class _Unset:

@@ -168,7 +168,7 @@ class _Watchdog:
             try:
                 callback()
             except Exception:  # pragma: no cover - a callback must not kill the watchdog
-                logger.debug("llmutils: a deadline callback failed", exc_info=True)
+                logger.debug("a deadline callback failed", exc_info=True)
             finally:
                 with self._cond:
                     self._running = None

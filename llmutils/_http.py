@@ -30,7 +30,12 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeGuard
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard, TypeVar
+
+if TYPE_CHECKING:
+    from ._exceptions import LLMUtilsError
+
+E = TypeVar("E", bound="LLMUtilsError")
 
 __all__ = [
     "RETRYABLE_STATUS",
@@ -39,6 +44,7 @@ __all__ = [
     "SDK_MAX_RETRY_DELAY",
     "HttpErrorInfo",
     "RetryDecision",
+    "answer_context",
     "error_fields",
     "is_quota_exhausted",
     "is_validation_error",
@@ -51,6 +57,7 @@ __all__ = [
     "server_retry_after",
     "should_retry",
     "usable_wait",
+    "with_answer",
 ]
 
 SDK_MAX_RETRY_AFTER = 120.0
@@ -259,6 +266,31 @@ def request_id_from(headers: Mapping[str, str] | None) -> str | None:
         if value:
             return value
     return None
+
+
+def answer_context(status_code: int, headers: Mapping[str, str] | None) -> dict[str, Any]:
+    """What every error made from an HTTP answer carries: ``status_code``, ``request_id`` (as
+    :func:`request_id_from` finds it) and ``headers`` (lower-case names), as keyword arguments of
+    the error classes."""
+    lowered = lower_headers(headers)
+    return {"status_code": status_code, "request_id": request_id_from(lowered), "headers": lowered}
+
+
+def with_answer(error: E, context: Mapping[str, Any] | None) -> E:
+    """Fill an :func:`answer_context` into ``error`` (raised while the answer was read or checked:
+    a 200 with no choices, a failed Responses answer, a wrong embedding count) and return it.
+
+    Fields the error already has are kept; ``context`` None (no HTTP answer: a cache hit, the
+    mock) leaves the error as it is.
+    """
+    if context:
+        if error.status_code is None:
+            error.status_code = context.get("status_code")
+        if error.request_id is None:
+            error.request_id = context.get("request_id")
+        if not error.headers:
+            error.headers = dict(context.get("headers") or {})
+    return error
 
 
 def _text(value: Any) -> str | None:

@@ -7,15 +7,20 @@ and its variants, already judged usable: finite and in ``(0, 120]``), obeyed in 
 backoff, growing from ``waiting_time`` by ``backoff_factor`` per attempt, plus jitter, capped at
 ``max_wait``. ``total_timeout`` bounds the whole call through one
 :class:`~llmutils._deadline.Deadline`: each attempt gets it, and a wait that would end past it stops
-at once.
+at once. Calls made inside a :class:`RetryScope` (a batch) report every failed attempt to it and
+stop retrying at once when it is stopped: the one seam between a batch's fail-fast rule and the
+retries of the items it has in flight.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -24,6 +29,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
+    stop_when_event_set,
     wait_exponential,
 )
 from tenacity.stop import stop_base
@@ -33,12 +39,13 @@ from ._config import DEFAULT_MAX_WAIT, UNSET
 from ._deadline import Deadline
 from ._exceptions import (
     LLMUtilsError,
+    NotAttemptedError,
     RetriesExhaustedError,
     TotalTimeoutError,
 )
 from ._otel import current_call_span
 
-__all__ = ["POLICY_DEFAULTS", "RetryPolicy", "stop_at_deadline", "wait_retry_after"]
+__all__ = ["POLICY_DEFAULTS", "RetryPolicy", "RetryScope", "retry_scope", "stop_at_deadline", "wait_retry_after"]
 
 logger = logging.getLogger("llmutils")
 
@@ -101,11 +108,87 @@ def _log_retry(retry_state: RetryCallState) -> None:
     if span is not None:
         span.retry(retry_state.attempt_number, exc, retry_state.upcoming_sleep)
     logger.warning(
-        "llmutils: attempt %d failed (%s); retrying in %.2f s",
+        "attempt %d failed (%s); retrying in %.2f s",
         retry_state.attempt_number,
         exc,
         retry_state.upcoming_sleep,
     )
+
+
+def _carry_last(error: LLMUtilsError, last: BaseException | None) -> LLMUtilsError:
+    """Copy what the server said last (status, request id, error fields, headers) onto ``error``."""
+    if isinstance(last, LLMUtilsError):  # for callers to branch on
+        error.status_code = last.status_code
+        error.request_id = last.request_id
+        error.code, error.type, error.param = last.code, last.type, last.param
+        error.headers = last.headers
+    return error
+
+
+class RetryScope:
+    """Calls that stop retrying together: the items a batch has in flight when it stops sending.
+
+    Every :meth:`RetryPolicy.call` run inside ``with retry_scope(scope):`` (in that context, or in a
+    thread started with a copy of it) calls ``on_failure(error)`` after each failed attempt, before
+    deciding whether to retry. Once :meth:`stop` is called, no call in the scope makes another
+    attempt: a backoff sleep in progress ends at once (the policy's default ``time.sleep`` becomes a
+    wait on :attr:`stopped`; an injected ``sleep`` is called as it is), and the call raises
+    :class:`RetriesExhaustedError` naming the reason (the last error chained, its fields carried),
+    or :class:`NotAttemptedError` if it had sent nothing yet. An attempt already under way is not
+    cut short.
+
+    >>> scope = RetryScope(on_failure=rule_observes_the_attempt)
+    >>> with retry_scope(scope):
+    ...     client.send_message(messages)   # scope.stop("why") from another thread ends its retries
+    """
+
+    def __init__(self, on_failure: Callable[[LLMUtilsError], None] | None = None, *, label: str = "batch") -> None:
+        self.on_failure = on_failure
+        self.label = label
+        self.stopped = threading.Event()
+        """Set once the scope is stopped."""
+        self.reason: str | None = None
+
+    def stop(self, reason: str | None = None) -> None:
+        """Stop every call in the scope from retrying (the first reason given is kept)."""
+        if self.reason is None:
+            self.reason = reason
+        self.stopped.set()
+
+    def sleep_with(self, sleep: Callable[[float], None]) -> Callable[[float], None]:
+        """``sleep``, made to end at once when the scope stops (for the default ``time.sleep``)."""
+        if sleep is not time.sleep:
+            return sleep
+
+        def wait(seconds: float) -> None:
+            self.stopped.wait(seconds)
+
+        return wait
+
+    def error(self, attempts: int, last: BaseException | None) -> LLMUtilsError:
+        """The error of a call that the stop cut short after ``attempts`` attempts (``last`` failed last)."""
+        reason = self.reason or f"the {self.label} was stopped"
+        if attempts == 0 or last is None:
+            return NotAttemptedError(f"not attempted: the {self.label} stopped early: {reason}", reason=reason)
+        error = RetriesExhaustedError(
+            f"Gave up after {attempts} attempt(s), not retried because the {self.label} stopped early: {reason}. "
+            f"Last error: {last}",
+            attempts=attempts,
+        )
+        return _carry_last(error, last)
+
+
+_scope: contextvars.ContextVar[RetryScope | None] = contextvars.ContextVar("llmutils_retry_scope", default=None)
+
+
+@contextmanager
+def retry_scope(scope: RetryScope) -> Iterator[RetryScope]:
+    """Run the calls of this block (and of threads started with a copy of its context) in ``scope``."""
+    token = _scope.set(scope)
+    try:
+        yield scope
+    finally:
+        _scope.reset(token)
 
 
 # What an unset field means when nothing else (the configuration) gives it a value.
@@ -192,21 +275,25 @@ class RetryPolicy:
         """A new deadline for one call from now (unbounded without ``total_timeout``)."""
         return Deadline(self.resolved().total_timeout)
 
-    def retrying(self, deadline: Deadline | None = None) -> tenacity.Retrying:
-        """The tenacity ``Retrying`` object for one call bounded by ``deadline``."""
+    def retrying(self, deadline: Deadline | None = None, scope: RetryScope | None = None) -> tenacity.Retrying:
+        """The tenacity ``Retrying`` object for one call bounded by ``deadline`` (and stopped with ``scope``)."""
         policy = self.resolved()
         stop: stop_base = stop_after_attempt(max(1, policy.max_attempts))
         if deadline is None:
             deadline = self.deadline()
         if deadline.bounded:
             stop = stop | stop_at_deadline(deadline)
+        sleep = policy.sleep
+        if scope is not None:
+            stop = stop | stop_when_event_set(scope.stopped)
+            sleep = scope.sleep_with(sleep)
         backoff = wait_exponential(multiplier=policy.waiting_time, exp_base=policy.backoff_factor, max=policy.max_wait)
         return tenacity.Retrying(
             stop=stop,
             wait=wait_retry_after(_wait_jitter(backoff, policy.jitter), cap=policy.max_wait),
             retry=retry_if_exception(_is_retryable),
             before_sleep=_log_retry,
-            sleep=policy.sleep,
+            sleep=sleep,
             reraise=False,
         )
 
@@ -217,27 +304,37 @@ class RetryPolicy:
         each attempt bounds its own waits by it, and no backoff wait runs past it. Terminal errors
         (a :class:`TotalTimeoutError` raised inside an attempt included) pass through untouched;
         when the retries run out, :class:`RetriesExhaustedError` (or :class:`TotalTimeoutError`)
-        chains the last error and carries ``attempts``.
+        chains the last error and carries ``attempts``. Inside a :class:`RetryScope`, each failed
+        attempt is reported to it, and once it is stopped the call raises its error at once.
         """
         policy = self.resolved()
         if deadline is None:
             deadline = policy.deadline()
+        scope = _scope.get()
         attempts = 0
+        failed: LLMUtilsError | None = None
 
         def one_attempt() -> T:
-            nonlocal attempts
+            nonlocal attempts, failed
+            if scope is not None and scope.stopped.is_set():
+                raise scope.error(attempts, failed) from failed
             deadline.check(f"before attempt {attempts + 1} could start", attempts=attempts)
             attempts += 1
             try:
                 return attempt(deadline)
             except LLMUtilsError as exc:
                 exc.attempts = attempts
+                failed = exc
+                if scope is not None and scope.on_failure is not None:
+                    scope.on_failure(exc)
                 raise
 
         try:
-            return policy.retrying(deadline)(one_attempt)
+            return policy.retrying(deadline, scope)(one_attempt)
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()
+            if scope is not None and scope.stopped.is_set():
+                raise scope.error(attempts, last) from last
             timed_out = deadline.bounded and attempts < policy.max_attempts
             if timed_out:
                 error: RetriesExhaustedError = TotalTimeoutError(
@@ -249,9 +346,4 @@ class RetryPolicy:
                 error = RetriesExhaustedError(
                     f"Gave up after {attempts} attempt(s). Last error: {last}", attempts=attempts
                 )
-            if isinstance(last, LLMUtilsError):  # what the server said last, for callers to branch on
-                error.status_code = last.status_code
-                error.request_id = last.request_id
-                error.code, error.type, error.param = last.code, last.type, last.param
-                error.headers = last.headers
-            raise error from last
+            raise _carry_last(error, last) from last

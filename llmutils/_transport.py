@@ -19,6 +19,12 @@ What it does:
   request bodies of unknown length are sent chunked;
 - timeouts from the request's ``timeout`` extension (``connect``, ``read``, ``write``), errors as
   httpx2's (``ConnectTimeout``, ``ReadTimeout``, ``ReadError``, ``RemoteProtocolError``, ...);
+- the call's deadline: inside :func:`call_deadline` (set by the client around the SDK call), every
+  wait of the request — connecting, each send, each receive of the response head, of an error body
+  the SDK reads itself and of the body — lasts at most the smaller of its timeout and what is left
+  of the deadline, so a server that trickles its head or body one byte at a time is cut off at the
+  deadline (``ConnectTimeout`` / ``WriteTimeout`` / ``ReadTimeout``, which the SDK maps to
+  ``APITimeoutError``), not at the next per-read timeout;
 - TLS with ``httpx2.create_ssl_context()`` (the same trust store as httpx2, ``SSL_CERT_FILE`` /
   ``SSL_CERT_DIR`` honoured);
 - fork safety: a child process never reads or writes the parent's sockets (it closes its copies
@@ -31,8 +37,10 @@ What it does:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import encodings.idna  # noqa: F401 - see below
 import io
+import math
 import os
 import select
 import socket
@@ -41,7 +49,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 
@@ -56,11 +64,14 @@ from ._imports import importing
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from ._deadline import Deadline
+
 __all__ = [
     "KEEPALIVE_EXPIRY",
     "SDK_REQUEST_TELEMETRY_HEADERS",
     "SDK_TELEMETRY_HEADERS",
     "LeanTransport",
+    "call_deadline",
     "lean_http_client",
     "sdk_http_options",
     "sdk_request_options",
@@ -94,17 +105,82 @@ _MAX_LINE = 65536
 _MAX_HEADERS = 200
 _KNOWN_EXTENSIONS = frozenset({"timeout"})
 _NO_BODY_STATUS = frozenset({204, 304})
+_PAST_DEADLINE = 0.001  # a wait cut at the deadline ends this much after it, so the deadline has passed by then
+
+_the_call_deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar("llmutils_call_deadline", default=None)
+
+
+@contextlib.contextmanager
+def call_deadline(deadline: Deadline) -> Iterator[None]:
+    """Bound every wait of the requests sent inside the block by ``deadline`` (see the module doc).
+
+    The client sets it around the SDK call of one attempt; :class:`LeanTransport` reads it when a
+    request starts and keeps it for that request's whole response body, read after the block.
+    An unbounded deadline changes nothing.
+    """
+    token = _the_call_deadline.set(deadline if deadline.bounded else None)
+    try:
+        yield
+    finally:
+        _the_call_deadline.reset(token)
+
+
+def _wait_for(limit: float | None, deadline: Deadline | None) -> float | None:
+    """How long one socket wait may last: ``limit``, cut to what is left of ``deadline``.
+
+    :raises socket.timeout: the deadline has passed already (nothing is waited for).
+    """
+    if deadline is None:
+        return limit
+    left = deadline.remaining()
+    if left <= 0:
+        raise TimeoutError("the call's total_timeout ran out")
+    if left == math.inf:
+        return limit
+    left += _PAST_DEADLINE
+    return left if limit is None or left < limit else limit
+
+
+class _Receiver(io.RawIOBase):
+    """The raw side of a connection's buffered reader: each receive waits at most the read
+    timeout and what is left of the current request's deadline (both set with :meth:`arm`)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.read_timeout: float | None = None
+        self.deadline: Deadline | None = None
+        self.timeout: float | None = sock.gettimeout()  # the socket's, known without a syscall
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            self.settimeout(_wait_for(self.read_timeout, self.deadline))
+        return self.sock.recv_into(buffer)
+
+    def arm(self, read_timeout: float | None, deadline: Deadline | None) -> None:
+        """Bound each receive of the response to come by ``read_timeout`` and by ``deadline``."""
+        self.read_timeout = read_timeout
+        self.deadline = deadline
+        self.settimeout(_wait_for(read_timeout, deadline))
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Set the socket's timeout (for the next send or receive) when it differs."""
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
 
 
 class _Connection:
     """One socket to one origin, with the buffered file its responses are read from."""
 
-    __slots__ = ("idle_since", "reused", "rfile", "sock")
+    __slots__ = ("idle_since", "receiver", "reused", "rfile", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        # A BufferedReader (what makefile makes for "rb" and a buffer size; its stub says IOBase for any size).
-        self.rfile = cast(io.BufferedReader, sock.makefile("rb", buffering=_CHUNK))
+        self.receiver = _Receiver(sock)
+        self.rfile = io.BufferedReader(self.receiver, _CHUNK)
         self.idle_since = 0.0
         self.reused = False
 
@@ -281,6 +357,7 @@ class LeanTransport(httpx2.BaseTransport):
 
     def _put(self, key: tuple[str, str, int], conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
+        conn.receiver.deadline = None
         with self._lock:
             if not self._closed and self._pid == os.getpid():
                 idle = self._idle.setdefault(key, [])
@@ -289,9 +366,9 @@ class LeanTransport(httpx2.BaseTransport):
                     return
         conn.close()
 
-    def _connect(self, scheme: str, host: str, port: int, timeout: float | None) -> _Connection:
+    def _connect(self, scheme: str, host: str, port: int, timeout: float | None, deadline: Deadline | None) -> _Connection:
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=_wait_for(timeout, deadline))
         except TimeoutError as exc:
             raise httpx2.ConnectTimeout(f"timed out connecting to {host}:{port}") from exc
         except OSError as exc:
@@ -299,6 +376,7 @@ class LeanTransport(httpx2.BaseTransport):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
+                sock.settimeout(_wait_for(timeout, deadline))  # the handshake's own bound
                 sock = self._context().wrap_socket(sock, server_hostname=host)
         except TimeoutError as exc:
             sock.close()
@@ -333,16 +411,17 @@ class LeanTransport(httpx2.BaseTransport):
         connect_timeout = timeouts.get("connect")
         read_timeout = timeouts.get("read")
         write_timeout = timeouts.get("write")
+        deadline = _the_call_deadline.get()
         head, body, chunked_request = self._encode(request)
 
         conn = self._take(key)
         while True:
             fresh = conn is None
             if conn is None:
-                conn = self._connect(scheme, host, port, connect_timeout)
+                conn = self._connect(scheme, host, port, connect_timeout, deadline)
             try:
-                self._send(conn, head, body, chunked_request, write_timeout)
-                conn.sock.settimeout(read_timeout)
+                self._send(conn, head, body, chunked_request, write_timeout, deadline)
+                conn.receiver.arm(read_timeout, deadline)
                 status_line = conn.rfile.readline(_MAX_LINE)
             except TimeoutError as exc:
                 conn.close()
@@ -398,22 +477,27 @@ class LeanTransport(httpx2.BaseTransport):
         return head, body, chunked
 
     @staticmethod
-    def _send(conn: _Connection, head: bytes, body: bytes | httpx2.SyncByteStream, chunked: bool, timeout: float | None) -> None:
+    def _send(conn: _Connection, head: bytes, body: bytes | httpx2.SyncByteStream, chunked: bool,
+              timeout: float | None, deadline: Deadline | None) -> None:
         sock = conn.sock
-        sock.settimeout(timeout)
+
+        def sendall(data: bytes) -> None:  # one sendall is bounded as a whole by its timeout
+            conn.receiver.settimeout(_wait_for(timeout, deadline))
+            sock.sendall(data)
+
         try:
             if isinstance(body, bytes):
-                sock.sendall(head + body if len(body) < 1 << 20 else head)
+                sendall(head + body if len(body) < 1 << 20 else head)
                 if len(body) >= 1 << 20:
-                    sock.sendall(body)
+                    sendall(body)
                 return
-            sock.sendall(head)
+            sendall(head)
             for part in body:
                 if not part:
                     continue
-                sock.sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+                sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
             if chunked:
-                sock.sendall(b"0\r\n\r\n")
+                sendall(b"0\r\n\r\n")
         except TimeoutError as exc:
             raise _WriteTimeout() from exc
         except OSError as exc:

@@ -63,11 +63,21 @@ def get_prices() -> dict[str, Price]:
 
 
 def _count(usage: Any, *names: str) -> int:
-    """The first of ``names`` present in a usage mapping or object, as an int (0 if none)."""
+    """The first of ``names`` present in a usage mapping or object, as an int (0 if none).
+
+    :raises ValueError: the count is not a number of tokens (a string such as ``"n/a"``, a bool,
+        a negative, fractional or non-finite number, anything else); :meth:`UsageTracker.record`
+        counts such usage as unknown.
+    """
     for name in names:
         value = usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None)
-        if value is not None:
-            return int(value)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name}={value!r:.60} is not a count of tokens")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name}={value!r} is not a whole number of tokens")
+        return int(value)
     return 0
 
 
@@ -142,23 +152,36 @@ class UsageTracker:
         self._lock = threading.Lock()
         self._models: dict[str, ModelUsage] = {}
         self._unpriced_logged: set[str] = set()
+        self._warned_bad_usage = False
 
     def record(
         self, model: str, usage: Mapping[str, Any] | Any | None, *, cached: bool = False, batch: bool = False
-    ) -> None:
-        """Count one answer for ``model``.
+    ) -> bool:
+        """Count one answer for ``model``; never raises.
+
+        A usage whose counts are not numbers of tokens (``{"prompt_tokens": "n/a"}``, a negative or
+        non-finite number) counts the answer with unknown (0) tokens; the first such usage is logged
+        as a WARNING, later ones at DEBUG.
 
         :param usage: the API's usage (dict or object, chat or Responses field names) or None.
         :param cached: served from the llmutils cache (not billed).
         :param batch: billed through the Batch API (priced at its discount).
+        :returns: False when ``usage`` could not be counted (its tokens are unknown), else True.
         """
         prompt = completion = prompt_cached = reasoning = 0
+        counted = True
         if usage is not None:
-            prompt = _count(usage, "prompt_tokens", "input_tokens")
-            completion = _count(usage, "completion_tokens", "output_tokens")
-            if not cached:  # the details are billed figures: a cache hit adds none of them
+            try:
+                prompt = _count(usage, "prompt_tokens", "input_tokens")
+                completion = _count(usage, "completion_tokens", "output_tokens")
                 prompt_cached = _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens")
                 reasoning = _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens")
+                if cached:  # the details are billed figures: a cache hit adds none of them
+                    prompt_cached = reasoning = 0
+            except Exception as exc:  # accounting never fails a call: count the answer, tokens unknown
+                prompt = completion = prompt_cached = reasoning = 0
+                counted = False
+                self._bad_usage(model, usage, exc)
         with self._lock:
             totals = self._models.get(model)
             if totals is None:
@@ -178,6 +201,20 @@ class UsageTracker:
                     totals.batch_prompt_tokens += prompt
                     totals.batch_completion_tokens += completion
                     totals.batch_cached_tokens += prompt_cached
+        return counted
+
+    def _bad_usage(self, model: str, usage: Any, exc: Exception) -> None:
+        """Log (a WARNING the first time, then at DEBUG) a usage that cannot be counted."""
+        with self._lock:
+            first, self._warned_bad_usage = not self._warned_bad_usage, True
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "the usage of a response for %r cannot be counted (%s; usage=%.200r); "
+            "its tokens are counted as unknown (0)",
+            model,
+            exc,
+            usage,
+        )
 
     def snapshot(self) -> dict[str, ModelUsage]:
         """Per-model copies of the totals, each with its ``cost`` (None if unpriced)."""

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
             "OUT is written as results arrive (in input order), so a crash or a kill loses nothing\n"
             "already written; an existing OUT is overwritten and keeps its permissions.\n\n"
             "Fail fast: after an authentication error, or after --max-connection-failures connection\n"
-            "failures in a row, nothing more is sent; the other items are written as NotAttemptedError.\n\n"
+            "failures in a row (each failed attempt counts), nothing more is sent and the items in flight\n"
+            "stop retrying; the other items are written as NotAttemptedError.\n\n"
             "The cache is ON by default here: answers are stored as they arrive, so running the\n"
             "same command again (after Ctrl-C, or to retry failed items) sends only what is missing.\n"
             "A progress bar (when stderr is a terminal) and a summary line go to stderr. Exit code 0\n"
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(0),
         default=DEFAULT_MAX_CONNECTION_FAILURES,
         metavar="N",
-        help=f"stop sending after N connection failures in a row with no success "
+        help=f"stop sending after N connection failures in a row (attempts, retries included) with no success "
         f"(default: {DEFAULT_MAX_CONNECTION_FAILURES}; 0: never stop)",
     )
     spread = batch.add_mutually_exclusive_group()
@@ -1020,20 +1021,11 @@ def _cmd_cache_copy(args: argparse.Namespace) -> int:
 # -- entry point ---------------------------------------------------------------------------------
 
 
-class _Formatter(logging.Formatter):
-    """``llmutils: LEVEL: message``, without a second ``llmutils:`` when the message starts with one."""
-
-    _DOUBLED = re.compile(rf"^({PROG}: \w+: ){PROG}:?\s+")
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self._DOUBLED.sub(r"\1", super().format(record), count=1)
-
-
 @contextmanager
 def _logging(verbosity: int) -> Iterator[logging.Handler]:
     """Send llmutils' log records to stderr for this command: WARNING, or INFO (-v) / DEBUG (-vv)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))  # messages have no prefix
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)

@@ -123,6 +123,16 @@ class Fault:
         """
         return replace(self, headers={**self.headers, **headers})
 
+    def trickling(self, bytes_per_s: float) -> Fault:
+        """A copy whose body (an error body too) is sent ``bytes_per_s`` bytes per second after the head.
+
+        ``Fault.server_error(500).trickling(1)`` is a 500 whose error body takes minutes, as a
+        stalled gateway sends it: the client reads an error body before it can raise.
+        """
+        if not bytes_per_s > 0:
+            raise ValueError(f"bytes_per_s must be > 0, got {bytes_per_s!r}")
+        return replace(self, bytes_per_s=float(bytes_per_s))
+
     @classmethod
     def status(cls, code: int, body: Any = None, headers: Mapping[str, str] | None = None) -> Fault:
         """Answer with any status; ``body`` None gives an OpenAI error body named after the status."""

@@ -341,6 +341,7 @@ def test_a_response_whose_usage_is_not_numeric_is_answered_cached_and_counted_un
     with OpenAIClient(base_url=server.base_url, api_key="k", cache_api_calls=True, cache_file_name=tmp_path / "c.sqlite") as client:
         for _ in range(3):  # the first from the server, then from the cache: never a raw ValueError
             assert client.send_message(hello) == {"role": "assistant", "content": "hi"}
+            assert client.last_call is not None and client.last_call.usage is None
         totals = client.usage.totals()
     assert server.request_count == 1
     assert (totals.requests, totals.cached_requests, totals.prompt_tokens, totals.completion_tokens) == (1, 2, 0, 0)

@@ -486,6 +486,23 @@ def test_fail_fast_after_n_connection_failures_in_a_row(
     assert {r["error"]["type"] for r in records[3:]} == {"NotAttemptedError"} and len(records) == 20
 
 
+def test_a_dead_base_url_fails_the_batch_in_seconds_with_one_line_saying_why(tmp_path: Path) -> None:
+    """The review's command, default retries and 8 workers: 33 s before each failed attempt counted
+    and the items in flight left their backoff sleeps when the batch stopped."""
+    started = time.monotonic()
+    url = _closed_port_url()
+    argv = ["--base-url", url, "batch", str(EXAMPLES), "o.jsonl", "--template", "summarize", "--no-cache"]
+    done = _run(*argv, cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1 and elapsed < 12, (elapsed, done.stderr)  # start-up plus one backoff wait at most
+    records = _lines(tmp_path / "o.jsonl")
+    assert len(records) == 20 and all("error" in r for r in records)
+    types = {r["error"]["type"] for r in records}
+    assert types <= {"RetriesExhaustedError", "NotAttemptedError"} and "NotAttemptedError" in types
+    why = [line for line in done.stderr.splitlines() if line.startswith("llmutils: WARNING: batch stopped early")]
+    assert len(why) == 1 and "5 connection failures in a row" in why[0] and "not attempted" in why[0]
+
+
 def test_out_is_checked_before_the_first_request(server: OpenAITestServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
     (tmp_path / "a_directory").mkdir()

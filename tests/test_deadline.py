@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 
 from llmutils import OpenAIClient, RetryPolicy, TotalTimeoutError
 from llmutils._deadline import Deadline
 from llmutils._ratelimit import RateLimiter
+from llmutils._transport import LeanTransport, call_deadline
 from llmutils.testing import Fault, OpenAITestServer
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -129,6 +133,112 @@ def test_timeout_stays_the_limit_of_one_attempt(server: OpenAITestServer) -> Non
     with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy) as c:
         assert c.send_message(HELLO, timeout=0.3, total_timeout=10)["content"] == "echo: hello"
     assert server.request_count == 2 and waits == [0.01]
+
+
+# -- every byte of an attempt: error bodies the SDK reads itself, the head, the connect ---------
+
+
+class SilentServer:
+    """Accepts connections and reads the request, then sends ``head`` one byte every ``pace``
+    seconds, forever (an empty ``head``: nothing at all), until closed."""
+
+    def __init__(self, head: bytes = b"", pace: float = 0.2) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.head = head
+        self.pace = pace
+        self.accepted = 0
+        self.stopping = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            for i in range(len(self.head)):
+                if self.stopping.wait(self.pace):
+                    return
+                conn.sendall(self.head[i : i + 1])
+            self.stopping.wait()
+
+    def close(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone does not, on Linux)
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    raw = SilentServer()
+    yield raw
+    raw.close()
+
+
+@pytest.fixture
+def trickling_head() -> Iterator[SilentServer]:
+    raw = SilentServer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"x-padding: " + b"." * 1000 + b"\r\n\r\n{}")
+    yield raw
+    raw.close()
+
+
+def timed_call(call: Callable[[], object]) -> tuple[float, pytest.ExceptionInfo[TotalTimeoutError]]:
+    started = time.monotonic()
+    with pytest.raises(TotalTimeoutError) as info:
+        call()
+    return time.monotonic() - started, info
+
+
+@pytest.mark.parametrize("fault", [Fault.server_error(500).trickling(1), Fault.rate_limit().trickling(1)], ids=["500", "429"])
+def test_an_error_body_that_trickles_ends_at_the_deadline(client: OpenAIClient, server: OpenAITestServer, fault: Fault) -> None:
+    # The SDK reads an error body itself, before it raises: every byte of it is bounded too.
+    server.script(fault)
+    elapsed, info = timed_call(lambda: client.send_message(HELLO, timeout=2, total_timeout=1.5))
+    assert 1.4 <= elapsed < 1.5 + SLACK
+    assert server.request_count == 1 and info.value.attempts == 1
+
+
+def test_an_error_body_that_trickles_in_a_stream_call_ends_at_the_deadline(client: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.server_error(503).trickling(1))
+    elapsed, _ = timed_call(lambda: "".join(client.stream_message(HELLO, timeout=2, total_timeout=1.5)))
+    assert 1.4 <= elapsed < 1.5 + SLACK and server.request_count == 1
+
+
+def test_headers_that_never_come_end_at_the_deadline(silent: SilentServer) -> None:
+    with OpenAIClient(base_url=silent.url, api_key="k", retry=RetryPolicy(max_attempts=3, waiting_time=0.01, jitter=0)) as c:
+        elapsed, info = timed_call(lambda: c.send_message(HELLO, timeout=60, total_timeout=1))
+    assert 0.9 <= elapsed < 1 + SLACK
+    assert silent.accepted == 1 and "total_timeout=1s" in str(info.value)
+
+
+def test_a_head_that_trickles_ends_at_the_deadline_not_at_a_read_timeout(trickling_head: SilentServer) -> None:
+    # One byte of the status line and headers every 0.2 s: no read waits for timeout=2.
+    with OpenAIClient(base_url=trickling_head.url, api_key="k", retry=RetryPolicy(max_attempts=3, waiting_time=0.01, jitter=0)) as c:
+        elapsed, _ = timed_call(lambda: c.send_message(HELLO, timeout=2, total_timeout=1.5))
+    assert 1.4 <= elapsed < 1.5 + SLACK and trickling_head.accepted == 1
+
+
+def test_the_transport_bounds_each_wait_by_the_call_deadline_only_inside_call_deadline(trickling_head: SilentServer) -> None:
+    with httpx2.Client(transport=LeanTransport()) as http:
+        started = time.monotonic()
+        with call_deadline(Deadline(0.6)), pytest.raises(httpx2.ReadTimeout):
+            http.post(trickling_head.url, content=b"{}", timeout=5)
+        assert 0.6 <= time.monotonic() - started < 0.6 + SLACK
+        with call_deadline(Deadline(None)), pytest.raises(httpx2.ReadTimeout):
+            http.post(trickling_head.url, content=b"{}", timeout=0.1)  # the per-read timeout, as before
 
 
 # -- the rate limiter, the call slot, the backoff ------------------------------------------------

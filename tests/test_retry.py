@@ -93,3 +93,78 @@ def test_max_attempts_zero_in_the_configuration_is_an_error(monkeypatch: pytest.
         llmutils.MockClient().send_message(HELLO)
     with pytest.raises(ConfigError, match="MAX_ATTEMPTS"):
         llmutils.force_default_value("MAX_ATTEMPTS", 0)
+
+
+def test_log_messages_carry_no_llmutils_prefix(
+    server: OpenAITestServer, waits: list[float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The logger is named "llmutils" already: "WARNING:llmutils:attempt 1 failed", not "...:llmutils: attempt"."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="llmutils")
+    with failing_client(server, RetryPolicy(max_attempts=2, jitter=0, sleep=waits.append)) as client:
+        with pytest.raises(RetriesExhaustedError):
+            client.send_message(HELLO)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert messages and messages[0].startswith("attempt 1 failed (HTTP 500 from ")
+    assert not [m for m in messages if m.startswith("llmutils")], messages
+
+
+def test_library_log_calls_carry_no_llmutils_prefix() -> None:
+    """No log call in the library starts its message with "llmutils: " (the logger's name says it)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(llmutils.__file__).parent
+    call = re.compile(r"""(?:logger\.\w+\(|warning = \()\s*(?:logging\.\w+,\s*)?f?["']llmutils: """)
+    found = [str(p.relative_to(root)) for p in root.rglob("*.py") if call.search(p.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+def test_a_stopped_scope_ends_the_backoff_sleep_at_once() -> None:
+    """A call in a RetryScope sleeping its backoff (60 s, time.sleep) gives up as soon as the scope stops."""
+    import threading
+    import time
+
+    from llmutils._exceptions import NonTerminalError
+    from llmutils._retry import RetryScope, retry_scope
+
+    failures: list[BaseException] = []
+    failed_once = threading.Event()
+    scope = RetryScope(on_failure=lambda exc: (failures.append(exc), failed_once.set()))
+    outcome: list[BaseException] = []
+
+    def attempt(deadline: object) -> None:
+        raise NonTerminalError("connection error", request_id="req_1")
+
+    def call() -> None:
+        with retry_scope(scope):
+            try:
+                RetryPolicy(max_attempts=5, waiting_time=60, jitter=0).call(attempt)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert failed_once.wait(5)
+    started = time.monotonic()
+    scope.stop("the endpoint is down")
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 5  # not the 60 s backoff
+    [error] = outcome
+    assert isinstance(error, RetriesExhaustedError) and error.attempts == 1 and len(failures) == 1
+    assert "not retried because the batch stopped early: the endpoint is down" in str(error)
+    assert error.request_id == "req_1" and isinstance(error.__cause__, NonTerminalError)
+
+
+def test_a_call_in_a_stopped_scope_is_not_attempted() -> None:
+    from llmutils import NotAttemptedError
+    from llmutils._retry import RetryScope, retry_scope
+
+    calls: list[object] = []
+    scope = RetryScope()
+    scope.stop("why")
+    with retry_scope(scope), pytest.raises(NotAttemptedError, match="the batch stopped early: why") as caught:
+        RetryPolicy(max_attempts=3).call(calls.append)
+    assert calls == [] and caught.value.reason == "why"
+    assert RetryPolicy(max_attempts=3).call(lambda deadline: "outside the scope") == "outside the scope"

@@ -165,3 +165,38 @@ def test_snapshot_is_a_copy_and_reset_clears() -> None:
     tracker.reset()
     assert tracker.snapshot() == {}
     assert tracker.totals() == ModelUsage(cost=0.0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt_tokens": "n/a"},
+        {"prompt_tokens": 3, "completion_tokens": [1]},
+        {"input_tokens": float("nan")},
+        {"prompt_tokens": float("inf")},
+        {"prompt_tokens": -5, "completion_tokens": 2},
+        {"prompt_tokens": True},
+        {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": "lots"}},
+        SimpleNamespace(prompt_tokens="n/a", completion_tokens=1),
+    ],
+    ids=["text", "list", "nan", "inf", "negative", "bool", "detail", "object"],
+)
+def test_record_never_raises_bad_usage_counts_as_unknown(bad: object, caplog: pytest.LogCaptureFixture) -> None:
+    tracker = UsageTracker()
+    caplog.set_level(logging.DEBUG, logger="llmutils")
+    assert tracker.record("m", bad) is False
+    assert tracker.record("m", bad, cached=True) is False
+    assert tracker.record("m", usage(2, 3)) is True
+    totals = tracker.snapshot()["m"]
+    assert (totals.requests, totals.cached_requests, totals.prompt_tokens, totals.completion_tokens) == (2, 1, 2, 3)
+    assert totals.cached_prompt_tokens == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'m'" in warnings[0] and "unknown" in warnings[0]  # logged once
+
+
+def test_record_of_no_usage_is_not_bad_usage(caplog: pytest.LogCaptureFixture) -> None:
+    tracker = UsageTracker()
+    with caplog.at_level(logging.WARNING, logger="llmutils"):
+        assert tracker.record("m", None) is True
+        assert tracker.record("m", {"prompt_tokens": 4.0, "completion_tokens": None}) is True
+    assert tracker.totals().prompt_tokens == 4 and caplog.records == []

@@ -210,6 +210,58 @@ def test_retries_exhausted_carries_the_last_errors_fields(oai: OpenAIClient, ser
     assert error.request_id == server.requests[-1].request_id and "x-request-id" in error.headers
 
 
+def _carries_the_answer(error: LLMUtilsError, server: OpenAITestServer, status: int = 200) -> None:
+    assert error.status_code == status
+    assert error.request_id is not None and error.request_id == server.requests[-1].request_id
+    assert error.headers["x-request-id"] == error.request_id and "content-type" in error.headers
+
+
+def test_a_200_with_no_choices_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(*[Fault.status(200, {"id": "c", "object": "chat.completion", "choices": []})] * 3)
+    with pytest.raises(RetriesExhaustedError, match="no choices") as caught:
+        oai.send_message(HI)
+    _carries_the_answer(caught.value, server)
+    assert isinstance(caught.value.__cause__, NonTerminalError)
+    _carries_the_answer(caught.value.__cause__, server)
+
+
+def test_a_failed_responses_answer_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.response_failed("invalid_prompt", "Invalid prompt."))
+    with pytest.raises(InvalidRequestError, match="Invalid prompt") as caught:
+        oai.create_response(input="hi")
+    _carries_the_answer(caught.value, server)
+    assert caught.value.code == "invalid_prompt"
+
+
+def test_fewer_embeddings_than_inputs_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.fewer_embeddings(1).with_headers({"x-request-id": None, "x-litellm-call-id": "call-9"}))
+    with pytest.raises(llmutils.MalformedResponseError) as caught:
+        oai.get_embeddings(["a", "b"])
+    error = caught.value
+    assert (error.status_code, error.request_id, error.headers["x-litellm-call-id"]) == (200, "call-9", "call-9")
+
+
+def test_a_200_that_is_not_json_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(*[Fault.not_json()] * 3)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        oai.send_message(HI)
+    _carries_the_answer(caught.value, server)
+
+
+def test_a_stream_error_event_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.stream_error(0, "Too long.", code="context_length_exceeded"))
+    with pytest.raises(InvalidRequestError, match="Too long") as caught:
+        "".join(oai.stream_message(HI))
+    _carries_the_answer(caught.value, server)
+
+
+def test_a_stream_cut_after_content_carries_the_answer(oai: OpenAIClient, server: OpenAITestServer) -> None:
+    server.script(Fault.drop_stream(3))
+    with pytest.raises(llmutils.StreamInterruptedError) as caught:
+        "".join(oai.stream_message([{"role": "user", "content": "one two three four five six seven"}]))
+    _carries_the_answer(caught.value, server)
+
+
 def test_an_error_not_made_from_an_http_answer_has_empty_fields() -> None:
     error = LLMUtilsError("boom")
     assert (error.status_code, error.code, error.type, error.param, error.request_id) == (None,) * 5
@@ -224,6 +276,28 @@ def test_a_wrong_embedding_count_raises_at_once(oai: OpenAIClient, server: OpenA
     with pytest.raises(llmutils.MalformedResponseError, match=r"3 inputs.*1 embedding") as caught:
         oai.get_embeddings(["a", "b", "c"])
     assert server.request_count == 1 and waits == [] and caught.value.attempts == 1
+
+
+@pytest.mark.parametrize(
+    "vector", [[1, "a"], [0.5, None], [True, 0.1], [[0.1], 0.2], "AAAA"], ids=["str", "null", "bool", "nested", "text"]
+)
+def test_an_embedding_that_is_not_numbers_raises_at_once_and_is_not_cached(
+    server: OpenAITestServer, waits: list[float], tmp_path: Path, vector: object
+) -> None:
+    data = [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]},
+            {"object": "embedding", "index": 1, "embedding": vector}]
+    body = {"object": "list", "model": "text-embedding-3-small", "data": data,
+            "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+    policy = RetryPolicy(max_attempts=3, jitter=0, sleep=waits.append)
+    with OpenAIClient(base_url=server.base_url, api_key="k", retry=policy, cache_api_calls=True,
+                      cache_file_name=tmp_path / "c.sqlite") as client:
+        for _ in range(2):  # the second call is sent again: nothing was cached
+            server.script(Fault.status(200, body))
+            with pytest.raises(llmutils.MalformedResponseError, match=r"embedding 1 .*not a (list of )?num") as caught:
+                client.get_embeddings(["a", "b"])
+            assert caught.value.attempts == 1 and caught.value.status_code == 200
+        assert server.request_count == 2 and waits == []
+        assert client.get_embeddings(["a", "b"])[1] and server.request_count == 3
 
 
 def test_fewer_choices_than_n_returns_what_came_with_one_warning(
@@ -272,8 +346,10 @@ def test_model_aliases_work_for_any_client(oai: OpenAIClient, server: OpenAITest
 # -- Azure's v1 API --------------------------------------------------------------------------------
 
 
-def test_azure_v1_with_a_key(server: OpenAITestServer) -> None:
-    with AzureClient(azure_endpoint=server.azure_endpoint, api_key="k", api_version="v1", model="my-deployment") as client:
+@pytest.mark.parametrize("version", ["v1", "V1", " v1 "])
+def test_azure_v1_with_a_key(server: OpenAITestServer, version: str) -> None:
+    endpoint = server.azure_endpoint
+    with AzureClient(azure_endpoint=endpoint, api_key="k", api_version=version, model="my-deployment") as client:
         assert client.send_message(HI)["content"] == "echo: hi"
         client.get_embedding("x", model="my-embedding")
     chat, embedding = server.requests
@@ -284,7 +360,7 @@ def test_azure_v1_with_a_key(server: OpenAITestServer) -> None:
 
 def test_azure_v1_from_the_environment_with_an_entra_token_provider(server: OpenAITestServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
-    monkeypatch.setenv("OPENAI_API_VERSION", "v1")
+    monkeypatch.setenv("OPENAI_API_VERSION", "V1")  # any case, as "v1"
     tokens = iter(["token-1", "token-2"])
     with AzureClient(azure_ad_token_provider=lambda: next(tokens), model="dep") as client:
         client.send_message(HI)

@@ -191,11 +191,11 @@ def read_results(*contents: bytes | str | None) -> dict[str, LineResult]:
             try:
                 record = json.loads(raw)
             except ValueError:
-                logger.debug("llmutils: batch result line %d is not JSON; skipped", number)
+                logger.debug("batch result line %d is not JSON; skipped", number)
                 continue
             result = _line_result(record) if isinstance(record, Mapping) else None
             if result is None:
-                logger.debug("llmutils: batch result line %d has no custom_id; skipped", number)
+                logger.debug("batch result line %d has no custom_id; skipped", number)
                 continue
             known = results.get(result.custom_id)
             if known is None or (result.ok and not known.ok):

@@ -101,7 +101,7 @@ def build_chat_request(
             params.update(wanted)
         elif wanted:
             logger.debug(
-                "llmutils: %s is a reasoning model (effort %s); not sending %s", model, effort, ", ".join(wanted)
+                "%s is a reasoning model (effort %s); not sending %s", model, effort, ", ".join(wanted)
             )
     else:
         params.update(wanted)

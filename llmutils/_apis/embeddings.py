@@ -11,6 +11,7 @@ __all__ = ["KIND", "PATH", "build_embeddings_request", "check_embeddings_respons
 
 PATH = "/embeddings"
 KIND = "embedding"
+_NUMBERS = frozenset({int, float})
 
 
 def build_embeddings_request(
@@ -33,8 +34,10 @@ def build_embeddings_request(
 def check_embeddings_response(body: Mapping[str, Any], expected: int) -> None:
     """An embeddings response must hold one list of numbers per input.
 
-    No ``data`` list is retried (a proxy's error page); a wrong count raises
-    :class:`~llmutils.MalformedResponseError` at once.
+    No ``data`` list, or an item without an embedding, is retried (a proxy's error page). A wrong
+    count, or a vector holding anything but numbers (``[1, "a"]``, a base64 string) raises
+    :class:`~llmutils.MalformedResponseError` at once: the same request gets the same answer again,
+    so it is neither retried nor cached.
     """
     data = body.get("data")
     if not isinstance(data, list):
@@ -46,9 +49,21 @@ def check_embeddings_response(body: Mapping[str, Any], expected: int) -> None:
             f"{expected} inputs got {len(data)} embedding(s) back: the server's answer is malformed "
             "(not retried: it would answer the same)"
         )
-    for item in data:
-        if not isinstance(item, Mapping) or not isinstance(item.get("embedding"), list):
+    for position, item in enumerate(data):
+        vector = item.get("embedding") if isinstance(item, Mapping) else None
+        if isinstance(vector, str):  # what encoding_format="base64" gets, every time
+            raise MalformedResponseError(
+                f"embedding {position} of the response is a string (base64?), not a list of numbers: only "
+                "encoding_format='float' answers are read (not retried: it would answer the same)"
+            )
+        if not isinstance(vector, list):
             raise NonTerminalError("an item of the embeddings response has no embedding list")
+        if not _NUMBERS.issuperset(map(type, vector)):  # JSON numbers decode to int or float; bool is neither
+            index, bad = next((i, v) for i, v in enumerate(vector) if type(v) not in _NUMBERS)
+            raise MalformedResponseError(
+                f"embedding {position} holds {bad!r:.40} ({type(bad).__name__}) at index {index}, not a number: "
+                "the server's answer is malformed (not retried: it would answer the same)"
+            )
 
 
 def read_embeddings_response(response: Mapping[str, Any], expected: int) -> list[list[float]]:

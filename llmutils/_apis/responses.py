@@ -182,7 +182,7 @@ def _input_items(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
             continue
         item = {"role": role, "content": _content(message.get("content"), str(role))}
         if "name" in message:
-            logger.debug("llmutils: the Responses API has no message 'name'; messages[%d] is sent without it", i)
+            logger.debug("the Responses API has no message 'name'; messages[%d] is sent without it", i)
         items.append(item)
     return items
 
@@ -270,7 +270,7 @@ def request_from_chat(params: Mapping[str, Any]) -> dict[str, Any]:
     body.pop("stop", None)  # applied when the answer is read
     for name in _DROPPED:
         if body.pop(name, None) is not None:
-            logger.debug("llmutils: the Responses API has no %r; it is not sent", name)
+            logger.debug("the Responses API has no %r; it is not sent", name)
     messages = body.pop("messages", None)
     if messages is not None:
         messages = list(messages)

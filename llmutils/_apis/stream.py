@@ -41,6 +41,7 @@ from .._exceptions import (
     QuotaExceededError,
     RateLimitError,
 )
+from .._http import with_answer
 
 __all__ = [
     "ChatStreamAssembler",
@@ -644,7 +645,9 @@ class StreamReader:
     started (text or a tool call) or ended, returning the deltas read; :meth:`rest` yields the
     remaining ones. A body that ends before the answer is complete raises :class:`NonTerminalError`.
     ``drain`` is called after the end event, to read the rest of the body (so that the connection
-    can be reused) within a bound of its own.
+    can be reused) within a bound of its own. ``answer`` is what the HTTP answer said
+    (:func:`llmutils._http.answer_context`: status code, request id, headers): every error the
+    reader raises carries it.
     """
 
     def __init__(
@@ -655,8 +658,10 @@ class StreamReader:
         transport_error: Callable[[Exception], LLMUtilsError | None],
         close: Callable[[], None],
         drain: Callable[[], None] | None = None,
+        answer: Mapping[str, Any] | None = None,
     ) -> None:
         self.assembler = assembler
+        self.answer = answer
         self._drain = drain
         self._chunks = chunks
         self._transport_error = transport_error
@@ -695,7 +700,16 @@ class StreamReader:
         return self.assembler.done
 
     def _read(self) -> Iterator[str]:
-        """Every event's delta ("" when it carried no text); raises on errors and incomplete ends."""
+        """Every event's delta ("" when it carried no text); raises on errors and incomplete ends,
+        each error carrying the HTTP answer's fields."""
+        try:
+            yield from self._events()
+        except LLMUtilsError as exc:
+            with_answer(exc, self.answer)
+            raise
+
+    def _events(self) -> Iterator[str]:
+        """:meth:`_read` without the answer's fields."""
         assembler = self.assembler
         while not self._done():
             try:
