@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from ._exceptions import (
     AuthenticationError,
@@ -326,7 +326,7 @@ class _BarHandler(logging.Handler):
             self.handleError(record)
 
 
-def _is_console(handler: logging.Handler) -> bool:
+def _is_console(handler: logging.Handler) -> TypeGuard[logging.StreamHandler[Any]]:
     return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
 
 
@@ -342,7 +342,7 @@ def _logs_through_bar(write: Callable[..., None]) -> Iterator[None]:
     for each in (logger, logging.getLogger()):
         if any(_is_console(h) for h in each.handlers):
             saved.append((each, each.handlers))
-            each.handlers = [_BarHandler(h, write) if _is_console(h) else h for h in each.handlers]  # type: ignore[arg-type]
+            each.handlers = [_BarHandler(h, write) if _is_console(h) else h for h in each.handlers]
     last_resort = logging.lastResort
     if isinstance(last_resort, logging.StreamHandler):
         logging.lastResort = _BarHandler(last_resort, write)

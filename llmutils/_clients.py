@@ -796,7 +796,7 @@ class OpenAIClient:
         wire = {**params, "stream": True, "stream_options": stream_options or {"include_usage": True}}
         return self._message_stream(
             _chat.KIND, _chat.PATH, params, wire, ChatStreamAssembler, check_chat_response,
-            lambda response: read_chat_response(response, 1),  # type: ignore[arg-type,return-value]
+            lambda response: read_chat_response(response, 1),
             settings, policy, deadline, timeout_s,
         )
 

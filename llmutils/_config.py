@@ -384,7 +384,7 @@ def _read_file(stamp: tuple[str, int, int, int, int]) -> dict[str, Any]:
         return cached
     name = os.path.abspath(stamp[0])
     parser = configparser.ConfigParser(interpolation=None)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case: the documented idiom, a method in the stub
     try:
         parser.read(name, encoding="utf-8")
     except configparser.Error as exc:

@@ -142,8 +142,8 @@ class NonTerminalError(LLMUtilsError):
 
     retryable = True
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **context: object) -> None:
-        super().__init__(message, **context)  # type: ignore[arg-type]
+    def __init__(self, message: str, *, retry_after: float | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
         self.retry_after = retry_after
 
 
@@ -194,6 +194,6 @@ class OutputParseError(LLMUtilsError, ValueError):
 class BatchAPIError(LLMUtilsError):
     """A request sent through the Batch API got no answer: its batch failed, expired or was cancelled."""
 
-    def __init__(self, message: str, *, batch_id: str | None = None, **context: object) -> None:
-        super().__init__(message, **context)  # type: ignore[arg-type]
+    def __init__(self, message: str, *, batch_id: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
         self.batch_id = batch_id

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 from .._config import UNSET
 from .._exceptions import ContentFilterError, NonTerminalError
@@ -134,6 +134,12 @@ def check_chat_response(body: Mapping[str, Any]) -> None:
             raise NonTerminalError("a choice in the response has no message")
         if choice.get("finish_reason") == "content_filter" and not choice["message"].get("content"):
             raise ContentFilterError("The answer was withheld by the content filter (finish_reason=content_filter)")
+
+
+@overload
+def read_chat_response(response: Mapping[str, Any], n: Literal[1]) -> Message: ...
+@overload
+def read_chat_response(response: Mapping[str, Any], n: int) -> Message | list[Message]: ...
 
 
 def read_chat_response(response: Mapping[str, Any], n: int) -> Message | list[Message]:

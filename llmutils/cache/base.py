@@ -13,7 +13,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._deadline import Deadline
@@ -166,7 +166,11 @@ class CacheBase:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.close()  # type: ignore[attr-defined]
+        self.close()
+
+    if TYPE_CHECKING:  # each store defines it
+
+        def close(self) -> None: ...
 
 
 def is_cache_url(location: str | os.PathLike[str]) -> bool:
