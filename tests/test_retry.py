@@ -141,7 +141,7 @@ def test_a_stopped_scope_ends_the_backoff_sleep_at_once() -> None:
         with retry_scope(scope):
             try:
                 RetryPolicy(max_attempts=5, waiting_time=60, jitter=0).call(attempt)
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            except BaseException as exc:  # handed to the test thread
                 outcome.append(exc)
 
     thread = threading.Thread(target=call)
