@@ -536,7 +536,7 @@ def dask_client() -> Iterator[Any]:
     distributed = pytest.importorskip("distributed", reason="Dask is not installed: pip install -e '.[test]'")
     with (
         distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+            n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
