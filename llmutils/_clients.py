@@ -173,6 +173,22 @@ def _check_positive(**values: Any) -> None:
             raise InvalidRequestError(f"{name} must be > 0 (and finite), got {value!r}")
 
 
+
+def _check_call(api: str | None, messages: Any, n: int, given: tuple[Any, ...]) -> bool:
+    """The argument checks send_message, stream_message and build_request share, before anything is
+    built or sent: ``api``, the messages, the typed arguments (``given``, in ``_SEND_MESSAGE_TYPES``
+    order) and the counts and durations. Returns whether the messages hold Responses items."""
+    if api is not None and api not in ("chat", "responses"):
+        raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
+    has_items = _check_messages(messages, items=api != "chat")
+    for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
+        if value is not None and value is not UNSET:
+            _check_type(name, value, kinds)
+    timeout, total_timeout, max_attempts = given[7], given[8], given[9]
+    if n != 1 or timeout is not None or total_timeout is not None or max_attempts is not None:
+        _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+    return has_items
+
 def _shared_error(error: LLMUtilsError) -> LLMUtilsError:
     """A copy of the leader's terminal error for a waiter (no request of its own: attempts=0)."""
     clone = copy.copy(error)
@@ -536,16 +552,10 @@ class OpenAIClient:
         else ``chat``) chooses the endpoint. On ``responses`` the same arguments are mapped to the
         Responses API and the answer comes back in the same chat shape (``n`` > 1 is refused).
         """
-        if api is not None and api not in ("chat", "responses"):
-            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
-        has_items = _check_messages(messages, items=api != "chat")
-        given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
-                 max_attempts, waiting_time, exponential_backoff_factor)
-        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
-            if value is not None and value is not UNSET:
-                _check_type(name, value, kinds)
-        if n != 1 or timeout is not None or total_timeout is not None or max_attempts is not None:
-            _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        has_items = _check_call(
+            api, messages, n, (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout,
+                               total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+        )
         if more.get("stream"):
             raise InvalidRequestError(
                 "stream=True is not supported by send_message, which returns whole answers; "
@@ -744,16 +754,10 @@ class OpenAIClient:
         ...     for text in stream:
         ...         print(text, end="", flush=True)
         """
-        if api is not None and api not in ("chat", "responses"):
-            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
-        _check_messages(messages, items=api != "chat")
-        given = (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout, total_timeout,
-                 max_attempts, waiting_time, exponential_backoff_factor)
-        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
-            if value is not None and value is not UNSET:
-                _check_type(name, value, kinds)
-        if timeout is not None or total_timeout is not None or max_attempts is not None:
-            _check_positive(timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
+        _check_call(
+            api, messages, 1, (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout,
+                               total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
+        )
         if n != 1:
             raise InvalidRequestError(f"stream_message streams one answer: n must be 1, got {n!r}; use send_message(n=...)")
         if "stream" in more and not more.pop("stream"):
@@ -1591,17 +1595,10 @@ class OpenAIClient:
             value.
         :raises ConfigError: the client is not configured well enough to name its endpoint.
         """
-        if api is not None and api not in ("chat", "responses"):
-            raise InvalidRequestError(f"api must be 'chat' or 'responses', got {api!r:.60}")
-        has_items = _check_messages(messages, items=api != "chat")
-        given = (
-            model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop,
-            timeout, total_timeout, max_attempts, waiting_time, exponential_backoff_factor,
+        has_items = _check_call(
+            api, messages, n, (model, temperature, max_tokens, top_p, frequency_penalty, presence_penalty, stop, timeout,
+                               total_timeout, max_attempts, waiting_time, exponential_backoff_factor)
         )
-        for (name, kinds), value in zip(_SEND_MESSAGE_TYPES, given, strict=True):
-            if value is not None and value is not UNSET:
-                _check_type(name, value, kinds)
-        _check_positive(n=n, timeout=timeout, total_timeout=total_timeout, max_attempts=max_attempts)
         if more.get("stream"):
             raise InvalidRequestError(
                 "stream=True is not supported by build_request, which builds send_message's request; "
