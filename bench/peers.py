@@ -47,6 +47,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from _server import serve_subprocess  # bench/ is the script's folder, first on sys.path
+
 __all__ = ["main"]
 
 MODEL = "gpt-4.1-mini"
@@ -60,22 +62,9 @@ def prompt(tag: str, i: int) -> list[dict[str, str]]:
 
 @contextmanager
 def serve(latency: float) -> Iterator[str]:
-    """Run ``python -m llmutils.testing`` in a subprocess with ``latency``; yield its base URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmutils.testing", "--port", "0", "--latency", str(latency)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"serving at (\S+)", line)
-        if match is None:
-            raise RuntimeError(f"the test server did not start: {line!r}")
-        yield re.sub(r"/v1/?$", "", match.group(1).rstrip("/"))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    """Run ``python -m llmutils.testing`` in a subprocess with ``latency``; yield its base URL without ``/v1``."""
+    with serve_subprocess(latency) as (url, _pid):
+        yield re.sub(r"/v1/?$", "", url.rstrip("/"))
 
 
 class Peer:

@@ -23,10 +23,8 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +39,7 @@ from multiprocessing import get_context
 from typing import Any
 
 import openai
+from _server import serve_subprocess  # bench/ is the script's folder, first on sys.path
 
 import llmutils
 
@@ -55,27 +54,8 @@ MODEL = "gpt-4.1-mini"
 @contextmanager
 def serve(latency: float) -> Iterator[tuple[str, int]]:
     """Run llmutils' test server in a subprocess with ``latency``; yield its base URL and pid."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmutils.testing", "--port", "0", "--latency", str(latency)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"serving at (\S+)", line)
-        if match is None:
-            raise RuntimeError(f"the test server did not start: {line!r}")
-        yield match.group(1), proc.pid
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with serve_subprocess(latency) as found:
+        yield found
 
 
 @contextmanager

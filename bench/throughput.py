@@ -28,11 +28,7 @@ import argparse
 import asyncio
 import os
 import platform
-import re
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,6 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import openai
+from _server import serve_subprocess  # bench/ is the script's folder, first on sys.path
 
 import llmutils
 from llmutils.testing import OpenAITestServer
@@ -64,32 +61,13 @@ def messages(tag: str, i: int) -> list[dict[str, str]]:
 
 @contextmanager
 def serve(latency: float, mode: str) -> Iterator[str]:
-    """Run an OpenAITestServer with ``latency``; yield its base URL."""
+    """Run an OpenAITestServer with ``latency`` (in a subprocess unless ``mode`` is inprocess); yield its base URL."""
     if mode == "inprocess":
         with OpenAITestServer(latency=latency) as srv:
             yield srv.base_url
         return
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmutils.testing", "--port", "0", "--latency", str(latency)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"serving at (\S+)", line)
-        if match is None:
-            raise RuntimeError(f"the test server did not start: {line!r}")
-        yield match.group(1)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with serve_subprocess(latency) as (url, _pid):
+        yield url
 
 
 # -- part 1 and 2: request throughput ------------------------------------------------------------
