@@ -80,13 +80,14 @@ class Recorder:
 
 
 def schedule(limiters: list[RedisRateLimiter], waits: Recorder, tokens: int = 0) -> tuple[list[float], list[float]]:
-    """Acquire once from each limiter in turn; return the recorded waits and the real time elapsed before each."""
+    """Acquire once from each limiter in turn; return the recorded waits and the real time elapsed by
+    the end of each acquire (the limiter read Redis' clock somewhere before that end)."""
     start = time.monotonic()
     elapsed = []
     for limiter in limiters:
-        elapsed.append(time.monotonic() - start)
         before = len(waits.waits)
         limiter.acquire(tokens)
+        elapsed.append(time.monotonic() - start)
         if len(waits.waits) == before:
             waits.waits.append(0.0)
     return waits.waits, elapsed
